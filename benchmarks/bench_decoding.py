@@ -1,0 +1,127 @@
+"""Side-by-side decoding speed in one process: HF generate, the seed's no-cache loop, the engine.
+
+Usage:
+    python benchmarks/bench_decoding.py smollm2 --prompt-tokens 302 --new-tokens 256 \
+        --settings 8:2 32:1 128:2 --repeats 3
+
+MODEL is anything ``dllm_lit.models`` loads (the ``smollm2`` alias, an HF directory, a GGUF
+file). EOS is ignored as a stop so that every run generates exactly ``--new-tokens`` tokens;
+it still fills the blocks. Prints a Markdown table: median tok/s over ``--repeats`` runs,
+forwards, tokens per forward, speed-up over the no-cache loop, and whether the tokens equal the
+no-cache loop's (and, for exact settings, greedy ``generate``'s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from dllm_lit import generate_blocks
+from dllm_lit.models import load_model, load_tokenizer
+
+TEXT = (
+    "The history of numerical weather prediction begins in 1922, when Lewis Fry Richardson "
+    "tried to forecast the weather by hand with the equations of fluid motion. His forecast "
+    "was badly wrong, but the method was sound. Decades later, electronic computers made the "
+    "calculation fast enough to be useful, and forecasts improved year after year. "
+)
+
+
+@torch.inference_mode()
+def seed_loop(model, input_ids, *, eos: int, add_eos_length: int, refine_iter: int, new_tokens: int):
+    """The seed script's loop: no cache, no early exit, full logits, every pass over the whole sequence."""
+    seq, forwards = input_ids, 0
+    while seq.shape[1] - input_ids.shape[1] < new_tokens:
+        pre = seq.shape[1]
+        x = torch.cat([seq, torch.full((1, add_eos_length), eos, device=seq.device)], dim=1)
+        for _ in range(refine_iter):
+            block = model(x).logits[0, pre - 1 :].argmax(-1)
+            forwards += 1
+            x = torch.cat([seq, block[None, :-1]], dim=1)
+        seq = torch.cat([seq, block[None]], dim=1)
+    return seq[0, input_ids.shape[1] : input_ids.shape[1] + new_tokens].tolist(), forwards
+
+
+def timed(fn, repeats: int):
+    """Return (median seconds, last result) over ``repeats`` calls."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model alias, HF directory or GGUF file")
+    parser.add_argument("--prompt-tokens", type=int, default=302)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--settings", nargs="+", default=["8:2", "32:1", "128:2"], help="WIDTH:REFINE_ITER")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=torch.float32)
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(TEXT * (args.prompt_tokens // 40 + 2), return_tensors="pt").input_ids[:, : args.prompt_tokens]
+    n = args.new_tokens
+
+    rows = []
+    no_stop = copy.deepcopy(model.generation_config)
+    no_stop.update(eos_token_id=None, pad_token_id=eos, max_new_tokens=n, do_sample=False)
+    ar_time, ar = timed(lambda: model.generate(ids, generation_config=no_stop), args.repeats)
+    greedy = ar[0, ids.shape[1] :].tolist()
+    rows.append(("HF generate (autoregressive)", "-", n / ar_time, n, 1.0, None, "-"))
+    for setting in args.settings:
+        width, refine_iter = (int(x) for x in setting.split(":"))
+        label = f"blk{width} R{refine_iter}"
+        base_time, (base_tokens, base_forwards) = timed(
+            lambda: seed_loop(model, ids, eos=eos, add_eos_length=width - 1, refine_iter=refine_iter, new_tokens=n),
+            args.repeats,
+        )
+        rows.append((f"{label} seed no-cache loop", label, n / base_time, base_forwards, n / base_forwards, 1.0, "-"))
+        engine_time, result = timed(
+            lambda: generate_blocks(
+                model, ids, eos_token_id=eos, add_eos_length=width - 1, refine_iter=refine_iter,
+                max_new_tokens=n, ignore_eos=True,
+            ),
+            args.repeats,
+        )
+        same = result.rows[0].token_ids == base_tokens
+        exact = refine_iter >= width
+        verdict = ("yes" if same else "NO") + (
+            f", = generate: {'yes' if result.rows[0].token_ids == greedy else 'NO'}" if exact else ""
+        )
+        rows.append(
+            (f"{label} engine (prefix cache)", label, n / engine_time, result.forwards,
+             result.tokens_per_forward, base_time / engine_time, verdict)
+        )
+
+    print(f"\n`{' '.join(sys.argv)}`  ")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; prompt {ids.shape[1]} tokens, {n} new tokens, "
+        f"median of {args.repeats}\n"
+    )
+    print("| mode | tok/s | forwards | tokens/forward | speed-up vs no-cache loop | tokens identical to no-cache loop |")
+    print("|---|---|---|---|---|---|")
+    for name, _, tps, forwards, tpf, speedup, same in rows:
+        speed = "-" if speedup is None else f"{speedup:.2f}x"
+        print(f"| {name} | {tps:.1f} | {forwards} | {tpf:.2f} | {speed} | {same} |")
+
+
+if __name__ == "__main__":
+    main()

