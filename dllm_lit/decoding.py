@@ -148,8 +148,10 @@ def _build_sampler(
         warpers.append(TopKLogitsWarper(top_k))
     if top_p is not None and top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p))
-    generator = torch.Generator(device=device)
-    generator.manual_seed(0 if seed is None else seed)
+    generator = None  # None: torch's global generator (seeded by seed_everything under the CLI)
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         flat = logits.reshape(-1, logits.shape[-1]).float()
@@ -196,7 +198,7 @@ def generate_blocks(
         temperature: 0 for greedy (default, exact); above 0 samples.
         top_k: Keep only the k most likely tokens when sampling.
         top_p: Nucleus sampling threshold when sampling.
-        seed: Seed of the sampling generator.
+        seed: Seed of a private sampling generator; ``None`` samples from torch's global one.
         ignore_eos: EOS still fills blocks but no longer ends a row (``stop_token_ids`` still do);
             for benchmarks that need a fixed number of tokens.
         use_cache: Keep a prefix KV cache of committed tokens. ``False`` re-encodes the whole

@@ -1,0 +1,85 @@
+"""``dllm_lit``: the LightningCLI over :class:`BlockRefineLM` and :class:`PromptDataModule`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from dllm_lit.data import PromptDataModule
+from dllm_lit.module import BlockRefineLM
+from dllm_lit.writer import PredictionWriter
+
+# Errors of the user's making that deserve one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+class SaveFitConfig(SaveConfigCallback):
+    """Save the resolved config next to training logs only; predictions need no copy in the cwd."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
+class DllmCLI(LightningCLI):
+    """LightningCLI with the prediction writer and the data's tokenizer tied to the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(PredictionWriter, "writer")
+        parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = LightningCLI.subcommands()
+        commands["predict"] = commands["predict"] | {"return_predictions"}
+        return commands
+
+    def predict(self, **kwargs) -> None:
+        """Predictions go to the writer, batch by batch; none are kept in memory."""
+        self.trainer.predict(**kwargs, return_predictions=False)
+
+
+def quiet_libraries() -> None:
+    """Keep stderr for our diagnostics: hide transformers' load bars and Lightning's tips."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run ``dllm_lit {fit,validate,test,predict}``.
+
+    A user error prints one line and exits 2; set ``DLLM_LIT_DEBUG=1`` for the traceback.
+    """
+    quiet_libraries()
+    try:
+        DllmCLI(
+            BlockRefineLM,
+            PromptDataModule,
+            seed_everything_default=1234,
+            save_config_callback=SaveFitConfig,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"logger": False, "enable_model_summary": False},
+            parser_kwargs={"description": "Block-parallel EOS-block + refine decoding on Lightning."},
+            args=args,
+        )
+    except USER_ERRORS as error:
+        if os.environ.get("DLLM_LIT_DEBUG"):
+            raise
+        print(f"dllm_lit: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The seed's demo flags, translated onto ``dllm_lit predict``.
+
+    python -m dllm_lit.demo --model_path smollm2 --prompt "What is 2+2?" --use_chat_template
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dllm_lit import cli
+from dllm_lit.models import DEFAULT_MODEL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dllm_lit.demo",
+        description="Block-refine decoding with the seed demo's flags (a thin front for `dllm_lit predict`).",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="a single prompt")
+    source.add_argument("--prompts_file", help=".txt (one prompt a line), .jsonl or .json")
+    parser.add_argument("--model_path", default=DEFAULT_MODEL, help="HF directory, .gguf file, or 'smollm2'")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--output_file", help="write results to .jsonl or .json")
+    parser.add_argument("--max_display", type=int, default=10, help="examples printed to stdout")
+    parser.add_argument("--use_chat_template", action="store_true", help="wrap prompts with the chat template")
+    parser.add_argument("--add_eos_length", type=int, default=127, help="block width minus one")
+    parser.add_argument("--refine_iter", type=int, default=2, help="forward passes per block")
+    parser.add_argument("--max_new_tokens", type=int, default=1024)
+    parser.add_argument("--max_length", type=int, default=8192)
+    parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-true")
+    parser.add_argument("--devices", default=None, help="Lightning devices, e.g. 1 or 2")
+    return parser
+
+
+def to_cli_args(ns: argparse.Namespace) -> list[str]:
+    """The ``dllm_lit predict`` arguments that mean the same as the seed's flags."""
+    args = [
+        "predict",
+        f"--model.model_name_or_path={ns.model_path}",
+        f"--model.add_eos_length={ns.add_eos_length}",
+        f"--model.refine_iter={ns.refine_iter}",
+        f"--model.max_new_tokens={ns.max_new_tokens}",
+        f"--model.max_length={ns.max_length}",
+        f"--data.batch_size={ns.batch_size}",
+        f"--data.use_chat_template={ns.use_chat_template}",
+        f"--writer.max_display={ns.max_display}",
+    ]
+    args.append(f"--data.prompt={ns.prompt}" if ns.prompt is not None else f"--data.prompts_file={ns.prompts_file}")
+    if ns.output_file:
+        args.append(f"--writer.output_file={ns.output_file}")
+    if ns.precision:
+        args.append(f"--trainer.precision={ns.precision}")
+    if ns.devices:
+        args.append(f"--trainer.devices={ns.devices}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(to_cli_args(build_parser().parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The product as users touch it: the `dllm_lit` CLI, the demo flags, the writer and precision.
+
+Oracles: the engine called directly on the same model, one-by-one runs, one-process runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from dllm_lit import cli, demo, generate_blocks
+from dllm_lit.data import PromptDataModule
+from dllm_lit.models import load_model, load_tokenizer
+from dllm_lit.module import BlockRefineLM
+from dllm_lit.tiny import save_tiny_model
+from dllm_lit.writer import RULE
+
+PROMPTS = ["What is 2+2?", "Name a color.", "x", "A much longer prompt about the weather and the sea.", "Count: 1 2 3"]
+GEN = ["--model.add_eos_length=3", "--model.refine_iter=2", "--model.max_new_tokens=24"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), initializer_range=0.3))
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS[:2]) + "\n\n  \n" + "\n".join(PROMPTS[2:]) + "\n")
+    return path
+
+
+def run_cli(args: list[str]) -> None:
+    cli.main(args)
+
+
+def expected_response(model_dir: str, prompt: str, *, chat: bool = False, **settings) -> tuple[int, int, str]:
+    """The oracle: the engine called directly, one prompt at a time."""
+    tokenizer = load_tokenizer(model_dir)
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    row = generate_blocks(load_model(model_dir), ids, eos_token_id=tokenizer.eos_token_id, **settings).rows[0]
+    return ids.shape[1], len(row.token_ids), tokenizer.decode(row.token_ids, skip_special_tokens=True)
+
+
+def test_single_prompt_prints_the_seed_layout(tiny_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_cli(["predict", f"--model.model_name_or_path={tiny_dir}", "--data.prompt=What is 2+2?", *GEN])
+    out = capsys.readouterr().out
+    length, n_response, response = expected_response(
+        tiny_dir, "What is 2+2?", add_eos_length=3, refine_iter=2, max_new_tokens=24
+    )
+    expected = "\n".join(
+        [RULE, "Generated 1 responses", RULE, "", "--- Example 1 ---", f"Prompt ({length} tokens):", "What is 2+2?",
+         "", f"Response ({n_response} tokens):", response, "", RULE]
+    )
+    assert expected in out
+    assert not list(tmp_path.iterdir()), "predict must not litter the working directory"
+
+
+def test_prompts_file_batches_jsonl_in_input_order(tiny_dir, prompts_file, tmp_path, capsys):
+    output = tmp_path / "out" / "results.jsonl"
+    args = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts_file}",
+            "--data.batch_size=2", f"--writer.output_file={output}", "--writer.max_display=2", *GEN]
+    run_cli(args)
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(len(PROMPTS)))
+    assert [r["prompt"] for r in rows] == PROMPTS
+    for row in rows:
+        expected = expected_response(tiny_dir, row["prompt"], add_eos_length=3, refine_iter=2, max_new_tokens=24)
+        assert (row["prompt_length"], row["response_length"], row["response"]) == expected
+        assert row["stop_reason"] in ("eos", "max_new_tokens")
+        assert row["forwards"] >= 1 and row["tokens_per_forward"] > 0
+        assert row["response_length"] <= 24
+    assert "Generated 5 responses" in out and "--- Example 2 ---" in out and "--- Example 3 ---" not in out
+    assert "... and 3 more" in out
+    run_cli(args)  # a rerun into the same folder neither crashes nor duplicates
+    assert [json.loads(line) for line in output.read_text().splitlines()] == rows
+
+
+def test_json_output_is_one_array_and_extra_fields_pass_through(tiny_dir, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        json.dumps({"prompt": "1+1=", "answer": "2", "id": "a"}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "2+2="}], "answer": "4"}) + "\n"
+    )
+    output = tmp_path / "results.json"
+    run_cli(["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={source}",
+             f"--writer.output_file={output}", *GEN])
+    rows = json.loads(output.read_text())
+    assert isinstance(rows, list) and len(rows) == 2
+    assert rows[0]["answer"] == "2" and rows[0]["id"] == "a" and rows[1]["answer"] == "4"
+    assert rows[1]["prompt"] == "2+2="
+    *_, chat_response = expected_response(tiny_dir, "2+2=", chat=True, add_eos_length=3, refine_iter=2, max_new_tokens=24)
+    assert rows[1]["response"] == chat_response
+
+
+def test_chat_template_has_one_bos(tiny_dir):
+    tokenizer = load_tokenizer(tiny_dir)
+    data = PromptDataModule(prompt="Hi there", use_chat_template=True, model_name_or_path=tiny_dir)
+    data.setup("predict")
+    ids = data.dataset[0]["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer.decode(ids) == "<s><|user|>Hi there\n<|assistant|>"
+
+
+def test_chat_template_missing_is_a_clear_error(tiny_dir, tmp_path, capsys):
+    plain = tmp_path / "no_template"
+    save_tiny_model(plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["predict", f"--model.model_name_or_path={plain}", "--data.prompt=hi", "--data.use_chat_template=true"])
+    assert exit_info.value.code == 2
+    assert "has no chat template" in capsys.readouterr().err
+
+
+def test_demo_flags_equal_the_cli(tiny_dir, prompts_file, tmp_path):
+    seed_style = tmp_path / "demo.jsonl"
+    demo.main(["--model_path", tiny_dir, "--prompts_file", str(prompts_file), "--batch_size", "2",
+               "--output_file", str(seed_style), "--max_display", "1", "--use_chat_template",
+               "--add_eos_length", "5", "--refine_iter", "3", "--max_new_tokens", "20", "--max_length", "60"])
+    native = tmp_path / "native.jsonl"
+    run_cli(["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts_file}",
+             "--data.batch_size=2", f"--writer.output_file={native}", "--data.use_chat_template=true",
+             "--model.add_eos_length=5", "--model.refine_iter=3", "--model.max_new_tokens=20", "--model.max_length=60"])
+    assert seed_style.read_text() == native.read_text()
+    rows = [json.loads(line) for line in seed_style.read_text().splitlines()]
+    *_, response = expected_response(tiny_dir, PROMPTS[3], chat=True, add_eos_length=5, refine_iter=3,
+                                    max_new_tokens=20, max_length=60)
+    assert rows[3]["response"] == response
+
+
+@pytest.mark.parametrize(
+    "precision,dtype",
+    [("32-true", torch.float32), ("bf16-true", torch.bfloat16), ("16-true", torch.float16), ("bf16-mixed", torch.float32)],
+)
+def test_precision_sets_the_weight_dtype(tiny_dir, precision, dtype):
+    module = BlockRefineLM(model_name_or_path=tiny_dir, add_eos_length=3, max_new_tokens=8)
+    data = PromptDataModule(prompts=PROMPTS[:2], model_name_or_path=tiny_dir)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_progress_bar=False)
+    rows = trainer.predict(module, datamodule=data)
+    assert {p.dtype for p in module.model.parameters()} == {dtype}
+    assert sorted(r["index"] for batch in rows for r in batch) == [0, 1]
+    model = module.model
+    module.configure_model()
+    assert module.model is model, "configure_model must be idempotent"
+
+
+def cli_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_two_cpu_processes_equal_one(tiny_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS + ["one more", "and the seventh"]) + "\n")
+    common = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts}",
+              "--data.batch_size=2", "--trainer.accelerator=cpu", *GEN]
+    one = cli_subprocess([*common, f"--writer.output_file={tmp_path / 'one.jsonl'}"], tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = cli_subprocess([*common, "--trainer.devices=2", "--trainer.strategy=ddp",
+                          f"--writer.output_file={tmp_path / 'two.jsonl'}"], tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 7
+    assert two.stdout.count("Generated 7 responses") == 1

@@ -1,0 +1,24 @@
+"""End to end on the embedded SmolLM2-135M-Instruct, as a user runs it: `dllm_lit predict --config configs/demo.yaml`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_config_answers_2_plus_2():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dllm_lit.cli", "predict", "--config", "configs/demo.yaml"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "Generated 1 responses" in out and "--- Example 1 ---" in out
+    response = out.split("Response (")[1].split("\n", 1)[1]
+    assert "4" in response.split("=" * 77)[0]
+    assert "tok/s" in done.stderr and "forwards/token" in done.stderr
