@@ -26,7 +26,20 @@ class SaveFitConfig(SaveConfigCallback):
 
 
 class DllmCLI(LightningCLI):
-    """LightningCLI with the prediction writer and the data's tokenizer tied to the model."""
+    """LightningCLI over BlockRefineLM + PromptDataModule, with the prediction writer."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            BlockRefineLM,
+            PromptDataModule,
+            seed_everything_default=1234,
+            save_config_callback=SaveFitConfig,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"logger": False, "enable_model_summary": False},
+            parser_kwargs={"description": "Block-parallel EOS-block + refine decoding on Lightning."},
+            args=args,
+            run=run,
+        )
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "writer")
@@ -64,16 +77,7 @@ def main(args: list[str] | None = None) -> None:
     """
     quiet_libraries()
     try:
-        DllmCLI(
-            BlockRefineLM,
-            PromptDataModule,
-            seed_everything_default=1234,
-            save_config_callback=SaveFitConfig,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"logger": False, "enable_model_summary": False},
-            parser_kwargs={"description": "Block-parallel EOS-block + refine decoding on Lightning."},
-            args=args,
-        )
+        DllmCLI(args=args)
     except USER_ERRORS as error:
         if os.environ.get("DLLM_LIT_DEBUG"):
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize a GGUF file once into an HF directory (safetensors + tokenizer) at ``target``."""
     if (target / "config.json").is_file():
         return target
+    print(f"[dllm_lit] converting {gguf.name} once into {target} ...", file=sys.stderr, flush=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A dequantized model is a plain model; transformers refuses to save GGUF quantization info.

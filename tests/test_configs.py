@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 
 from dllm_lit.cli import DllmCLI
-from dllm_lit.data import PromptDataModule
-from dllm_lit.module import BlockRefineLM
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -31,7 +29,7 @@ def test_the_presets_exist():
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
 def test_config_parses_and_validates(config, monkeypatch):
     monkeypatch.chdir(ROOT)  # configs name example files relative to the repository root
-    cli = DllmCLI(BlockRefineLM, PromptDataModule, run=False, args=["--config", str(config)])
+    cli = DllmCLI(args=["--config", str(config)], run=False)
     hp = cli.model.hparams
     assert hp.refine_iter >= 1 and hp.add_eos_length >= 0
     assert cli.datamodule.rows(), "the config's prompts must load"

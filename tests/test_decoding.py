@@ -174,6 +174,18 @@ def test_extra_stop_tokens_end_a_row(model):
     assert (row.token_ids, row.stop_reason, row.stop_token_id) == (plain.token_ids[:first], "eos", stop)
 
 
+def test_ignore_eos_runs_to_max_new_tokens_through_the_same_tokens(model):
+    settings = dict(add_eos_length=3, refine_iter=4, max_new_tokens=40)
+    prompts = random_prompts([6] * 12, seed=5)
+    stopped = run(model, prompts, **settings).rows
+    ignored = run(model, prompts, ignore_eos=True, **settings).rows
+    assert any(r.stop_reason == "eos" for r in stopped)
+    for stop, full in zip(stopped, ignored):
+        assert (full.stop_reason, full.num_generated) == ("max_new_tokens", 40)
+        ended = [stop.stop_token_id] if stop.stop_token_id is not None else []
+        assert full.token_ids[: stop.num_generated] == stop.token_ids + ended
+
+
 def test_iterative_generate_shape_and_list_of_eos_ids(model):
     ids, mask = left_pad(PROMPTS_3)
     out = iterative_generate(model, ids, [EOS, 7], 0, max_new_tokens=12, add_eos_length=3, attention_mask=mask)
