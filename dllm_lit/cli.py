@@ -7,6 +7,9 @@ import os
 import sys
 import warnings
 
+# Lightning's own calls into jsonargparse trip its deprecation notices; they are not the user's.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from dllm_lit.data import PromptDataModule
