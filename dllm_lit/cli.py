@@ -1,4 +1,4 @@
-"""``dllm_lit``: the LightningCLI over :class:`BlockRefineLM` and :class:`PromptDataModule`."""
+"""``dllm_lit``: the LightningCLI over :class:`BlockRefineLM` and :class:`DataModule`."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 # Lightning's own calls into jsonargparse trip its deprecation notices; they are not the user's.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
+import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from dllm_lit.data import PromptDataModule
+from dllm_lit.data import DataModule
+from dllm_lit.models import DEFAULT_MODEL
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.writer import PredictionWriter
 
@@ -29,12 +32,12 @@ class SaveFitConfig(SaveConfigCallback):
 
 
 class DllmCLI(LightningCLI):
-    """LightningCLI over BlockRefineLM + PromptDataModule, with the prediction writer."""
+    """LightningCLI over BlockRefineLM + DataModule, with the prediction writer."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(
             BlockRefineLM,
-            PromptDataModule,
+            DataModule,
             seed_everything_default=1234,
             save_config_callback=SaveFitConfig,
             save_config_kwargs={"overwrite": True},
@@ -47,6 +50,21 @@ class DllmCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "writer")
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        parser.link_arguments("model.max_length", "data.max_length")
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path`` supplies weights, and the base model when ``model_name_or_path`` is left at
+        its default. Decoding settings always come from the config and the command line (Lightning's
+        own version lets the checkpoint's hyperparameters override flags the user gave)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        model = self.config[subcommand]["model"]
+        if "model_name_or_path" in hparams and model["model_name_or_path"] == DEFAULT_MODEL:
+            model["model_name_or_path"] = hparams["model_name_or_path"]
+            self.config[subcommand]["data"]["model_name_or_path"] = hparams["model_name_or_path"]
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -1,13 +1,14 @@
-"""Prompt sources -> tokenized, left-padded, indexed batches for prediction."""
+"""Data: prompt sources -> left-padded, indexed batches to decode; prompt/response rows -> SFT batches."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from dllm_lit.models import DEFAULT_MODEL, load_tokenizer
@@ -17,22 +18,39 @@ class PromptError(ValueError):
     """The prompts given cannot be used; the message says where and how to fix it."""
 
 
-def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
-    """Rows from a ``.txt`` (one prompt a line, blank lines skipped), ``.jsonl`` or ``.json`` file.
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Rows from ``.txt`` (one prompt a line, blank lines skipped), ``.jsonl``, ``.json`` or ``.parquet``.
 
-    JSON rows carry ``prompt`` (a string) or ``messages`` (chat messages); other fields pass through.
+    Each row carries ``prompt`` (a string) or ``messages`` (chat messages); other fields pass through.
     """
     path = Path(path)
     if path.is_dir():
-        raise PromptError(f"Prompts file {path} is a directory: give a .txt, .jsonl or .json file.")
+        raise PromptError(f"Prompts file {path} is a directory: give a .txt, .jsonl, .json or .parquet file.")
+    if not path.exists():
+        raise PromptError(f"Prompts file {path} does not exist.")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        rows = _parse_text_rows(path, _read_text(path))
+    if not rows:
+        raise PromptError(f"Prompts file {path} has no prompts.")
+    for number, row in enumerate(rows, start=1):
+        _check_row(row, f"{path}, row {number}")
+    return rows
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PromptError(f"Prompts file {path} does not exist.") from None
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise PromptError(f"Prompts file {path} is not UTF-8 text (byte {error.start}).") from None
     except OSError as error:
         raise PromptError(f"Prompts file {path} cannot be read: {error.strerror}.") from None
+
+
+def _parse_text_rows(path: Path, text: str) -> list[Any]:
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -41,20 +59,16 @@ def read_prompt_file(path: str | Path) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise PromptError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
-    elif path.suffix == ".json":
+        return rows
+    if path.suffix == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
             raise PromptError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
         if not isinstance(rows, list):
             raise PromptError(f"{path}: expected a JSON array of rows.")
-    else:
-        rows = [{"prompt": line} for line in text.splitlines() if line.strip()]
-    if not rows:
-        raise PromptError(f"Prompts file {path} has no prompts.")
-    for number, row in enumerate(rows, start=1):
-        _check_row(row, f"{path}, row {number}")
-    return rows
+        return rows
+    return [{"prompt": line} for line in text.splitlines() if line.strip()]
 
 
 def _check_row(row: Any, where: str) -> None:
@@ -62,7 +76,7 @@ def _check_row(row: Any, where: str) -> None:
         raise PromptError(f"{where}: each row needs a 'prompt' string or a 'messages' list.")
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not all(
+        if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages
         ):
@@ -71,8 +85,16 @@ def _check_row(row: Any, where: str) -> None:
         raise PromptError(f"{where}: 'prompt' must be a string.")
 
 
+def split_row(row: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """``(prompt part, response)``: a trailing assistant message or the ``response`` field is the response."""
+    messages = row.get("messages")
+    if messages and messages[-1]["role"] == "assistant":
+        return {"messages": messages[:-1]}, messages[-1]["content"]
+    return row, row.get("response")
+
+
 def encode_prompt(tokenizer, row: dict[str, Any], use_chat_template: bool) -> list[int]:
-    """Token ids of one row: the chat template (no double BOS) or the plain prompt."""
+    """Token ids of one row's prompt: the chat template (no double BOS) or the plain prompt."""
     if "messages" in row or use_chat_template:
         if not tokenizer.chat_template:
             raise PromptError(
@@ -85,17 +107,34 @@ def encode_prompt(tokenizer, row: dict[str, Any], use_chat_template: bool) -> li
     return tokenizer(row["prompt"]).input_ids
 
 
+def truncate(ids: list[int], max_length: int, policy: str, where: str) -> list[int]:
+    """Apply the truncation ``policy`` (``error``/``left``/``right``) to a sequence over ``max_length``."""
+    if len(ids) <= max_length:
+        return ids
+    if policy == "left":
+        return ids[len(ids) - max_length :]
+    if policy == "right":
+        return ids[:max_length]
+    raise PromptError(
+        f"{where} has {len(ids)} tokens, {len(ids) - max_length} over max_length={max_length}: "
+        "raise max_length or set truncation to 'left' or 'right'."
+    )
+
+
 class PromptDataset(Dataset):
-    """Tokenized prompts, longest first, each keeping its input index and extra fields."""
+    """Tokenized prompts to decode, longest first, each keeping its input index and extra fields."""
 
     def __init__(self, rows: list[dict[str, Any]], tokenizer, *, use_chat_template: bool, sort_by_length: bool):
         items = []
         for index, row in enumerate(rows):
-            ids = encode_prompt(tokenizer, row, use_chat_template)
+            prompt_row, response = split_row(row)
+            ids = encode_prompt(tokenizer, prompt_row, use_chat_template)
             if not ids:
                 raise PromptError(f"Prompt {index} is empty after tokenization.")
-            prompt = row["prompt"] if "prompt" in row else row["messages"][-1]["content"]
+            prompt = row["prompt"] if "prompt" in row else prompt_row["messages"][-1]["content"]
             extra = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+            if response is not None:
+                extra["response"] = response
             items.append({"index": index, "input_ids": ids, "prompt": prompt, "extra": extra})
         if sort_by_length:
             items.sort(key=lambda item: -len(item["input_ids"]))
@@ -105,6 +144,32 @@ class PromptDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+class SFTDataset(Dataset):
+    """Prompt + response + EOS token ids, with a mask of the response positions (EOS included)."""
+
+    def __init__(self, rows: list[dict[str, Any]], tokenizer, *, use_chat_template: bool, max_length: int,
+                 truncation: str, source: str):
+        self.items = []
+        for number, row in enumerate(rows, start=1):
+            prompt_row, response = split_row(row)
+            if response is None:
+                raise PromptError(f"{source}, row {number}: training rows need a 'response' (or a final assistant message).")
+            prompt = encode_prompt(tokenizer, prompt_row, use_chat_template)
+            answer = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            ids = truncate(prompt + answer, max_length, truncation, f"{source}, row {number}")
+            dropped = len(prompt) + len(answer) - len(ids)
+            prompt_left = len(prompt) - dropped if truncation == "left" else len(prompt)
+            prompt_left = min(max(prompt_left, 0), len(ids))
+            mask = [False] * prompt_left + [True] * (len(ids) - prompt_left)
+            self.items.append((ids, mask))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
         return self.items[i]
 
 
@@ -131,17 +196,41 @@ class LeftPadCollator:
         }
 
 
-class PromptDataModule(L.LightningDataModule):
-    """Prompts to decode: one ``prompt``, a ``prompts`` list, or a ``prompts_file``.
+class RightPadCollator:
+    """Stack SFT sequences right-padded with the fill (EOS) token; padding is outside the response mask."""
+
+    def __init__(self, fill_id: int):
+        self.fill_id = fill_id
+
+    def __call__(self, items: list[tuple[list[int], list[bool]]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), width), self.fill_id, dtype=torch.long)
+        response_mask = torch.zeros((len(items), width), dtype=torch.bool)
+        for row, (ids, mask) in enumerate(items):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            response_mask[row, : len(mask)] = torch.tensor(mask)
+        return {"input_ids": input_ids, "response_mask": response_mask}
+
+
+class DataModule(L.LightningDataModule):
+    """Prompts to decode (predict), prompt/response rows to train on (fit) and to score (validate/test).
 
     Args:
-        prompt: A single prompt.
-        prompts: A list of prompts.
-        prompts_file: A ``.txt`` file (one prompt a line), or ``.jsonl``/``.json`` rows with
-            ``prompt`` or ``messages``; other fields are copied to the output.
-        batch_size: Prompts decoded together.
+        prompt: A single prompt to decode.
+        prompts: A list of prompts to decode.
+        prompts_file: Prompts to decode: ``.txt`` (one a line), or ``.jsonl``/``.json``/``.parquet``
+            rows with ``prompt`` or ``messages``; other fields are copied to the output.
+        train_file: Training rows (``.jsonl``/``.parquet``/``.json``) with ``prompt`` + ``response``,
+            or ``messages`` ending with the assistant's reply.
+        val_file: Held-out rows decoded during validation; scored against ``answer`` or ``response``.
+        test_file: Rows decoded by ``dllm_lit test``; defaults to ``val_file``.
+        batch_size: Prompts decoded together, or sequences per training step.
         use_chat_template: Wrap each prompt as a user message with the tokenizer's chat template.
-        sort_by_length: Batch prompts of similar length together (output keeps input order).
+        sort_by_length: Decode prompts of similar length together (output keeps input order).
+        max_length: Longest training sequence (prompt + response + EOS), linked to the model's.
+        truncation: What to do with a longer training row: ``error``, or cut on the ``left``
+            (start of the prompt) or the ``right`` (end of the response).
+        num_workers: DataLoader worker processes.
         model_name_or_path: Whose tokenizer to use (linked to the model's by the CLI).
     """
 
@@ -150,47 +239,90 @@ class PromptDataModule(L.LightningDataModule):
         prompt: str | None = None,
         prompts: list[str] | None = None,
         prompts_file: str | None = None,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
         batch_size: int = 8,
         use_chat_template: bool = False,
         sort_by_length: bool = True,
+        max_length: int = 8192,
+        truncation: Literal["error", "left", "right"] = "error",
+        num_workers: int = 0,
         model_name_or_path: str = DEFAULT_MODEL,
     ):
         super().__init__()
-        given = [name for name, value in (("prompt", prompt), ("prompts", prompts), ("prompts_file", prompts_file)) if value is not None]
-        if len(given) != 1:
-            raise PromptError(
-                "Give exactly one of prompt, prompts or prompts_file"
-                + (f" (got {', '.join(given)})." if given else " (got none).")
-            )
         if batch_size < 1:
             raise PromptError(f"batch_size must be at least 1, got {batch_size}.")
         self.prompt, self.prompts, self.prompts_file = prompt, prompts, prompts_file
+        self.train_file, self.val_file, self.test_file = train_file, val_file, test_file or val_file
         self.batch_size = batch_size
         self.use_chat_template = use_chat_template
         self.sort_by_length = sort_by_length
+        self.max_length = max_length
+        self.truncation = truncation
+        self.num_workers = num_workers
         self.model_name_or_path = model_name_or_path
-        self.dataset: PromptDataset | None = None
+        self.datasets: dict[str, Dataset] = {}
 
-    def rows(self) -> list[dict[str, Any]]:
-        """The input rows, in input order."""
+    def prompt_rows(self) -> list[dict[str, Any]]:
+        """The rows to decode, in input order."""
+        given = [n for n, v in (("prompt", self.prompt), ("prompts", self.prompts), ("prompts_file", self.prompts_file)) if v is not None]
+        if len(given) != 1:
+            raise PromptError(
+                "Give exactly one of --data.prompt, --data.prompts or --data.prompts_file"
+                + (f" (got {' and '.join(given)})." if given else " (got none).")
+            )
         if self.prompts_file is not None:
-            return read_prompt_file(self.prompts_file)
+            return read_rows(self.prompts_file)
         texts = [self.prompt] if self.prompt is not None else list(self.prompts)
         if not texts:
             raise PromptError("The prompts list is empty.")
         return [{"prompt": text} for text in texts]
 
+    def _prompt_dataset(self, rows: list[dict[str, Any]]) -> PromptDataset:
+        return PromptDataset(rows, self.tokenizer, use_chat_template=self.use_chat_template, sort_by_length=self.sort_by_length)
+
+    def _required(self, name: str) -> str:
+        value = getattr(self, name)
+        if value is None:
+            raise PromptError(f"This command needs --data.{name}.")
+        return value
+
     def setup(self, stage: str) -> None:
-        if self.dataset is None:
-            self.tokenizer = load_tokenizer(self.model_name_or_path)
-            self.dataset = PromptDataset(
-                self.rows(), self.tokenizer, use_chat_template=self.use_chat_template, sort_by_length=self.sort_by_length
+        self.tokenizer = load_tokenizer(self.model_name_or_path)
+        if stage == "predict" and "predict" not in self.datasets:
+            self.datasets["predict"] = self._prompt_dataset(self.prompt_rows())
+        if stage == "fit" and "train" not in self.datasets:
+            path = self._required("train_file")
+            self.datasets["train"] = SFTDataset(
+                read_rows(path), self.tokenizer, use_chat_template=self.use_chat_template,
+                max_length=self.max_length, truncation=self.truncation, source=path,
             )
+        if stage in ("fit", "validate") and "val" not in self.datasets and self.val_file is not None:
+            self.datasets["val"] = self._prompt_dataset(read_rows(self.val_file))
+        if stage == "validate" and "val" not in self.datasets:
+            self._required("val_file")
+        if stage == "test" and "test" not in self.datasets:
+            self.datasets["test"] = self._prompt_dataset(read_rows(self._required("test_file")))
+
+    def _decode_loader(self, name: str) -> DataLoader:
+        dataset, sampler = self.datasets[name], None
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Lightning's default sampler pads ranks with repeats, which would count twice in metrics.
+            sampler = UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=LeftPadCollator(self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True,
+                          num_workers=self.num_workers, collate_fn=RightPadCollator(self.tokenizer.eos_token_id))
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._decode_loader("val") if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._decode_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            collate_fn=LeftPadCollator(self.tokenizer.pad_token_id),
-        )
+        return self._decode_loader("predict")

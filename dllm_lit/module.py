@@ -1,4 +1,4 @@
-"""``BlockRefineLM``: a LightningModule whose ``predict_step`` runs block-refine decoding."""
+"""``BlockRefineLM``: a LightningModule that decodes in blocks and trains models to fill them."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
+from transformers import get_cosine_schedule_with_warmup
 
-from dllm_lit.decoding import generate_blocks
+from dllm_lit.answers import is_correct
+from dllm_lit.decoding import BlockGeneration, generate_blocks
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
+from dllm_lit.training import iterative_refine_losses, weighted_total
 
 
 class BlockRefineLM(L.LightningModule):
     """A Hugging Face causal LM decoded in blocks of ``add_eos_length + 1`` tokens.
 
     Args:
-        model_name_or_path: A local HF directory, a ``.gguf`` file, or ``smollm2`` (the embedded
-            SmolLM2-135M-Instruct).
+        model_name_or_path: A local HF directory, a ``.gguf`` file, ``smollm2`` (the embedded
+            SmolLM2-135M-Instruct) or ``tiny-char`` (a fresh tiny model for toy tasks).
         add_eos_length: EOS fill tokens per block; each block is ``add_eos_length + 1`` tokens.
         refine_iter: Forward passes per block. ``>= add_eos_length + 1`` equals greedy decoding.
         max_new_tokens: At most this many generated tokens per prompt.
@@ -27,6 +31,13 @@ class BlockRefineLM(L.LightningModule):
         top_k: When sampling, keep the k most likely tokens.
         top_p: When sampling, nucleus threshold.
         use_cache: Keep a prefix KV cache (same tokens, far fewer FLOPs).
+        num_iterations: Training rounds of the iterative refine objective (1 = one noised pass).
+        noise_min: Training: lower bound of the fraction of response tokens replaced by EOS.
+        noise_max: Training: upper bound of that fraction (0 and 0 with one round = plain SFT).
+        loss_weights: Training: weight of each round's loss (default: 1 each).
+        learning_rate: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warmup steps before the cosine decay.
     """
 
     def __init__(
@@ -41,11 +52,21 @@ class BlockRefineLM(L.LightningModule):
         top_k: int | None = None,
         top_p: float | None = None,
         use_cache: bool = True,
+        num_iterations: int = 2,
+        noise_min: float = 0.0,
+        noise_max: float = 1.0,
+        loss_weights: list[float] | None = None,
+        learning_rate: float = 3e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 100,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         self.load_seconds = 0.0
+        self.accuracy = MeanMetric()
+        self.tokens_per_forward = MeanMetric()
+        self.forwards = MeanMetric()
 
     def configure_model(self) -> None:
         """Load weights under the trainer's precision context (idempotent)."""
@@ -53,10 +74,10 @@ class BlockRefineLM(L.LightningModule):
             return
         start = time.perf_counter()
         self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
-        self.model = load_model(self.hparams.model_name_or_path)
+        self.model = load_model(self.hparams.model_name_or_path).train(self.training)
         self.load_seconds = time.perf_counter() - start
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
         """Run the engine with this module's settings."""
         hp = self.hparams
         return generate_blocks(
@@ -98,3 +119,49 @@ class BlockRefineLM(L.LightningModule):
                 }
             )
         return rows
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The iterative refine loss; logs each round's loss and the weighted total."""
+        hp = self.hparams
+        losses = iterative_refine_losses(
+            self.model,
+            batch["input_ids"],
+            batch["response_mask"],
+            fill_id=self.tokenizer.eos_token_id,
+            num_iterations=hp.num_iterations,
+            noise_min=hp.noise_min,
+            noise_max=hp.noise_max,
+        )
+        for round_index, loss in enumerate(losses):
+            self.log(f"train/loss_round{round_index}", loss)
+        total = weighted_total(losses, hp.loss_weights)
+        self.log("train/loss", total, prog_bar=True)
+        return total
+
+    def _score(self, batch: dict[str, Any], prefix: str) -> None:
+        """Decode held-out prompts with the same engine as predict; log accuracy and speed."""
+        result = self.decode(batch["input_ids"], batch["attention_mask"])
+        for extra, row in zip(batch["extra"], result.rows):
+            reference = extra.get("answer", extra.get("response"))
+            response = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            self.accuracy.update(float(reference is not None and is_correct(response, str(reference))))
+            self.tokens_per_forward.update(row.tokens_per_forward)
+            self.forwards.update(row.forwards)
+        batch_size = len(result.rows)
+        for name in ("accuracy", "tokens_per_forward", "forwards"):
+            self.log(f"{prefix}/{name}", getattr(self, name), batch_size=batch_size, prog_bar=name == "accuracy")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._score(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._score(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, self.hparams.warmup_steps, max(self.trainer.estimated_stepping_batches, 1)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dllm_lit import cli, demo, generate_blocks
-from dllm_lit.data import PromptDataModule
+from dllm_lit.data import DataModule
 from dllm_lit.models import load_model, load_tokenizer
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.tiny import save_tiny_model
@@ -109,7 +109,7 @@ def test_json_output_is_one_array_and_extra_fields_pass_through(tiny_dir, tmp_pa
 
 def test_chat_template_has_one_bos(tiny_dir):
     tokenizer = load_tokenizer(tiny_dir)
-    data = PromptDataModule(prompt="Hi there", use_chat_template=True, model_name_or_path=tiny_dir)
+    data = DataModule(prompt="Hi there", use_chat_template=True, model_name_or_path=tiny_dir)
     data.setup("predict")
     ids = data.dataset[0]["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
@@ -151,7 +151,7 @@ def test_demo_flags_equal_the_cli(tiny_dir, prompts_file, tmp_path):
 )
 def test_precision_sets_the_weight_dtype(tiny_dir, precision, dtype):
     module = BlockRefineLM(model_name_or_path=tiny_dir, add_eos_length=3, max_new_tokens=8)
-    data = PromptDataModule(prompts=PROMPTS[:2], model_name_or_path=tiny_dir)
+    data = DataModule(prompts=PROMPTS[:2], model_name_or_path=tiny_dir)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_progress_bar=False)
     rows = trainer.predict(module, datamodule=data)
     assert {p.dtype for p in module.model.parameters()} == {dtype}

@@ -1,0 +1,210 @@
+"""The iterative refine objective, `dllm_lit fit`/`validate`, and checkpoint round trips."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import EOS, MODELS
+from dllm_lit.answers import extract_answer, is_correct
+from dllm_lit.data import PromptError, SFTDataset
+from dllm_lit.export import export_checkpoint
+from dllm_lit.tasks import write_task
+from dllm_lit.tiny import char_tokenizer
+from dllm_lit.training import (
+    iterative_refine_losses,
+    noise_mask,
+    noise_response,
+    response_cross_entropy,
+    trailing_fill_run,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sft_batch(seed: int = 0):
+    """Prompt of 5 tokens, response of 6 tokens, then a tail of 3 EOS, for 8 rows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (8, 14), generator=g)
+    ids[:, 11:] = EOS
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 5:] = True
+    return ids, mask
+
+
+def test_noise_touches_only_the_response_and_the_eos_tail_as_a_unit():
+    ids, mask = sft_batch()
+    ids[:, 7] = EOS  # an EOS inside the response is not part of the tail
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        noised = noise_response(ids, mask, fill_id=EOS, noise_min=0.3, noise_max=0.9, generator=g)
+        assert torch.equal(noised[:, :5], ids[:, :5])
+        changed = noised != ids
+        assert not changed[~mask].any()
+        assert (noised[changed] == EOS).all()
+    # The fraction follows t: at exactly 0.5, about half the response is replaced.
+    chosen = noise_mask(ids.repeat(200, 1), mask.repeat(200, 1), fill_id=EOS, noise_min=0.5, noise_max=0.5,
+                        generator=g)
+    assert 0.45 < chosen[:, 5:11].float().mean().item() < 0.55
+    assert noise_response(ids, mask, fill_id=EOS, noise_min=0, noise_max=0).equal(ids)
+
+
+def test_the_eos_tail_is_noised_all_or_none():
+    ids, mask = sft_batch()
+    ids[:, 7] = EOS  # an EOS inside the response is not part of the tail
+    assert torch.equal(trailing_fill_run(ids, mask, EOS)[0], torch.tensor([False] * 11 + [True] * 3))
+    g = torch.Generator().manual_seed(2)
+    outcomes = set()
+    for _ in range(30):
+        chosen = noise_mask(ids, mask, fill_id=EOS, noise_min=0.5, noise_max=0.5, generator=g)
+        for row in chosen[:, 11:]:
+            assert row.all() or not row.any()
+            outcomes.add(bool(row.all()))
+    assert outcomes == {True, False}
+
+
+def test_loss_ignores_prompt_positions():
+    ids, mask = sft_batch()
+    logits = torch.randn(8, 14, 96, requires_grad=True)
+    loss = response_cross_entropy(logits, ids, mask)
+    (grad,) = torch.autograd.grad(loss, logits)
+    # Position p predicts token p+1: positions 0..3 predict prompt tokens and get no gradient.
+    assert grad[:, :4].abs().sum() == 0
+    assert grad[:, 4:13].abs().sum(-1).gt(0).all()
+    assert grad[:, 13].abs().sum() == 0  # nothing follows the last position
+
+
+def test_every_round_has_gradients_and_later_rounds_feed_shifted_predictions():
+    model = MODELS["llama"]()
+    ids, mask = sft_batch()
+    seen_inputs = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen_inputs.append(args[0].clone()))
+    losses = iterative_refine_losses(model, ids, mask, fill_id=EOS, num_iterations=3, noise_min=0.2, noise_max=0.8,
+                                     generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    assert len(losses) == 3 and len(seen_inputs) == 3
+    for loss in losses:
+        grads = torch.autograd.grad(loss, [p for p in model.parameters()], retain_graph=True, allow_unused=True)
+        assert sum(g.abs().sum() for g in grads if g is not None) > 0
+    with torch.no_grad():
+        predicted = model(input_ids=seen_inputs[0]).logits.argmax(-1)
+    round1 = seen_inputs[1]
+    assert torch.equal(round1[:, :5], ids[:, :5])
+    assert torch.equal(round1[:, 5:], predicted[:, 4:13])
+
+
+def test_truncation_policies():
+    tokenizer = char_tokenizer()
+    rows = [{"prompt": "abcdefgh", "response": "xyz"}]  # BOS + 8 + 3 + EOS = 13 tokens
+    with pytest.raises(PromptError, match="3 over max_length=10"):
+        SFTDataset(rows, tokenizer, use_chat_template=False, max_length=10, truncation="error", source="t")
+    left = SFTDataset(rows, tokenizer, use_chat_template=False, max_length=10, truncation="left", source="t")[0]
+    right = SFTDataset(rows, tokenizer, use_chat_template=False, max_length=10, truncation="right", source="t")[0]
+    assert tokenizer.decode(left[0]) == "cdefgh" + "xyz</s>" and left[1] == [False] * 6 + [True] * 4
+    assert tokenizer.decode(right[0]) == "<s>abcdefgh" + "x" and right[1] == [False] * 9 + [True]
+
+
+@pytest.mark.parametrize(
+    "response,reference,expected",
+    [
+        ("so #### 72", "72", True),
+        ("The answer is \\boxed{\\frac{1}{2}}.", "0.5", True),
+        ("We get 1,234 apples", "1234", True),
+        ("0121", "121", False),
+        ("x = 5", "#### 6", False),
+    ],
+)
+def test_answer_matching(response, reference, expected):
+    assert is_correct(response, reference) is expected
+
+
+def test_extract_answer_prefers_gsm8k_then_boxed_then_last_number():
+    assert extract_answer("3 then 4\n#### 7") == "7"
+    assert extract_answer("\\boxed{x^{2}} and 9") == "x^{2}"
+    assert extract_answer("3 then 4") == "4"
+
+
+def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DLLM_LIT_CACHE": str(cwd / "cache")}
+    return subprocess.run([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def read_metrics(folder: Path) -> list[dict[str, str]]:
+    (path,) = folder.rglob("metrics.csv")
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short `dllm_lit fit --config configs/train_tiny.yaml` run on a small addition set."""
+    work = tmp_path_factory.mktemp("fit")
+    write_task("addition", work / "data", train=640, val=6, min_digits=3, max_digits=3)
+    done = cli(["fit", "--config", str(ROOT / "configs/train_tiny.yaml"),
+                f"--data.train_file={work / 'data/train.jsonl'}", f"--data.val_file={work / 'data/val.jsonl'}",
+                "--data.batch_size=16", "--trainer.max_steps=40", "--trainer.val_check_interval=20",
+                "--trainer.log_every_n_steps=5", "--model.warmup_steps=5", "--model.learning_rate=0.003",
+                f"--trainer.logger.init_args.save_dir={work / 'logs'}",
+                f"--trainer.callbacks.init_args.output_dir={work / 'exported'}"], work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work
+
+
+def test_fit_lowers_the_loss_and_logs_validation(trained):
+    rows = read_metrics(trained / "logs")
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) >= 4 and losses[-1] < losses[0]
+    assert all(r.get(f"train/loss_round{k}") for r in rows if r.get("train/loss") for k in (0, 1))
+    val = [r for r in rows if r.get("val/accuracy")]
+    assert len(val) == 2
+    assert all(0 <= float(r["val/accuracy"]) <= 1 and float(r["val/tokens_per_forward"]) > 0
+               and float(r["val/forwards"]) >= 1 for r in val)
+
+
+def test_checkpoint_round_trips_to_predict(trained):
+    (ckpt,) = (trained / "logs").rglob("*.ckpt")
+    export_checkpoint(ckpt, trained / "from_ckpt")
+    outputs = {}
+    for name, args in {
+        "exported": [f"--model.model_name_or_path={trained / 'exported'}"],
+        "from_ckpt": [f"--model.model_name_or_path={trained / 'from_ckpt'}"],
+        "ckpt_path": [f"--ckpt_path={ckpt}"],  # the base model (tiny-char) comes from the checkpoint
+    }.items():
+        out = trained / f"{name}.jsonl"
+        done = cli(["predict", *args, f"--data.prompts_file={trained / 'data/val.jsonl'}", "--model.add_eos_length=3",
+                    "--model.max_new_tokens=8", f"--writer.output_file={out}"], trained)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = [json.loads(line)["response"] for line in out.read_text().splitlines()]
+    assert outputs["exported"] == outputs["from_ckpt"] == outputs["ckpt_path"]
+    fresh = trained / "fresh.jsonl"
+    cli(["predict", "--model.model_name_or_path=tiny-char", f"--data.prompts_file={trained / 'data/val.jsonl'}",
+         "--model.add_eos_length=3", "--model.max_new_tokens=8", f"--writer.output_file={fresh}"], trained)
+    assert [json.loads(line)["response"] for line in fresh.read_text().splitlines()] != outputs["exported"]
+
+
+def test_validation_under_ddp_counts_each_sample_once(trained):
+    """5 rows, 2 of them answered correctly by construction: accuracy 0.4 on 1 or 2 processes."""
+    predicted = [json.loads(line) for line in (trained / "exported.jsonl").read_text().splitlines()][:5]
+    rows = [{"prompt": r["prompt"], "answer": r["response"] if i < 2 else "no such answer"}
+            for i, r in enumerate(predicted)]
+    val = trained / "val5.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for devices in ("1", "2"):
+        logs = trained / f"val_logs_{devices}"
+        done = cli(["validate", f"--model.model_name_or_path={trained / 'exported'}", f"--data.val_file={val}",
+                    "--model.add_eos_length=3", "--model.max_new_tokens=8", "--data.batch_size=2",
+                    "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+                    *(["--trainer.strategy=ddp"] if devices == "2" else []),
+                    "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={logs}"],
+                   trained)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (row,) = [r for r in read_metrics(logs) if r.get("val/accuracy")]
+        assert float(row["val/accuracy"]) == pytest.approx(0.4)
