@@ -10,7 +10,7 @@ then decodes the held-out set one prompt at a time (so tokens per forward is per
 inflated or deflated by batching) with autoregressive decoding and several block settings, and
 prints accuracy (exact final answer) and tokens per forward.
 
-    python benchmarks/train_tiny.py --steps 1500 --tasks addition reverse
+    python benchmarks/train_tiny.py --steps 800 --tasks addition reverse
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def evaluate(module: BlockRefineLM, rows: list[dict], width: int, refine_iter: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["addition", "reverse"])
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--train-rows", type=int, default=50000)
     parser.add_argument("--val-rows", type=int, default=300)
     parser.add_argument("--settings", nargs="+", default=SETTINGS, help="WIDTH:REFINE_ITER; 1:1 is autoregressive")

@@ -34,7 +34,7 @@ def reverse_row(rng: random.Random, min_digits: int, max_digits: int) -> dict[st
     return {"prompt": f"{text}>", "response": text[::-1], "answer": text[::-1]}
 
 
-def make_rows(task: str, count: int, *, seed: int, min_digits: int = 3, max_digits: int = 8) -> list[dict[str, str]]:
+def make_rows(task: str, count: int, *, seed: int, min_digits: int = 5, max_digits: int = 5) -> list[dict[str, str]]:
     """``count`` rows of ``task``, reproducible from ``seed``."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}: choose one of {', '.join(TASKS)}.")
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=20000)
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min_digits", type=int, default=3)
-    parser.add_argument("--max_digits", type=int, default=8)
+    parser.add_argument("--min_digits", type=int, default=5)
+    parser.add_argument("--max_digits", type=int, default=5)
     args = parser.parse_args(argv)
     path = write_task(args.task, args.out, train=args.train, val=args.val, seed=args.seed,
                       min_digits=args.min_digits, max_digits=args.max_digits)

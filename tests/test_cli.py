@@ -111,7 +111,7 @@ def test_chat_template_has_one_bos(tiny_dir):
     tokenizer = load_tokenizer(tiny_dir)
     data = DataModule(prompt="Hi there", use_chat_template=True, model_name_or_path=tiny_dir)
     data.setup("predict")
-    ids = data.dataset[0]["input_ids"]
+    ids = data.datasets["predict"][0]["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert tokenizer.decode(ids) == "<s><|user|>Hi there\n<|assistant|>"
 
