@@ -12,12 +12,13 @@ from pathlib import Path
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from dllm_lit.data import DataModule
 from dllm_lit.models import DEFAULT_MODEL
 from dllm_lit.module import BlockRefineLM
-from dllm_lit.writer import PredictionWriter
+from dllm_lit.writer import PredictionWriter, check_writable
 
 # Errors of the user's making that deserve one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -42,7 +43,9 @@ class DllmCLI(LightningCLI):
             save_config_callback=SaveFitConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"logger": False, "enable_model_summary": False},
-            parser_kwargs={"description": "Block-parallel EOS-block + refine decoding on Lightning."},
+            # Parse errors raise instead of printing the whole usage: main() turns them into one line.
+            parser_kwargs={"description": "Block-parallel EOS-block + refine decoding on Lightning.",
+                           "exit_on_error": False},
             args=args,
             run=run,
         )
@@ -65,6 +68,15 @@ class DllmCLI(LightningCLI):
         if "model_name_or_path" in hparams and model["model_name_or_path"] == DEFAULT_MODEL:
             model["model_name_or_path"] = hparams["model_name_or_path"]
             self.config[subcommand]["data"]["model_name_or_path"] = hparams["model_name_or_path"]
+
+    def before_predict(self) -> None:
+        """Check the prompt source and the output path before any model loads; set up ``resume``."""
+        self.datamodule.check_prompt_source()
+        for writer in self.trainer.callbacks:
+            if isinstance(writer, PredictionWriter):
+                if writer.output_file is not None:
+                    check_writable(writer.output_file)
+                self.datamodule.skip_indices = writer.completed_indices()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -99,10 +111,14 @@ def main(args: list[str] | None = None) -> None:
     quiet_libraries()
     try:
         DllmCLI(args=args)
+    except ArgumentError as error:
+        message = " ".join(str(error).split())
+        print(f"dllm_lit: error: {message} (see dllm_lit --help, or dllm_lit SUBCOMMAND --help)", file=sys.stderr)
+        sys.exit(2)
     except USER_ERRORS as error:
         if os.environ.get("DLLM_LIT_DEBUG"):
             raise
-        print(f"dllm_lit: error: {error}", file=sys.stderr)
+        print(f"dllm_lit: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dllm_lit.models import DEFAULT_MODEL, load_tokenizer
 
@@ -122,20 +122,39 @@ def truncate(ids: list[int], max_length: int, policy: str, where: str) -> list[i
 
 
 class PromptDataset(Dataset):
-    """Tokenized prompts to decode, longest first, each keeping its input index and extra fields."""
+    """Tokenized prompts to decode, longest first, each keeping its input index and extra fields.
 
-    def __init__(self, rows: list[dict[str, Any]], tokenizer, *, use_chat_template: bool, sort_by_length: bool):
-        items = []
+    Prompts whose index is in ``skip`` are left out (already done). A prompt that leaves no room
+    under ``max_length`` is an error, or is left out with a note when ``skip_long_prompts``.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], tokenizer, *, use_chat_template: bool, sort_by_length: bool,
+                 max_length: int, skip_long_prompts: bool = False, skip: set[int] = frozenset()):
+        items, too_long = [], []
         for index, row in enumerate(rows):
+            if index in skip:
+                continue
             prompt_row, response = split_row(row)
             ids = encode_prompt(tokenizer, prompt_row, use_chat_template)
             if not ids:
                 raise PromptError(f"Prompt {index} is empty after tokenization.")
+            if len(ids) >= max_length:
+                if not skip_long_prompts:
+                    raise PromptError(
+                        f"Prompt {index} has {len(ids)} tokens, {len(ids) - max_length + 1} too many for "
+                        f"max_length={max_length} (which includes at least one new token): shorten it, raise "
+                        "--model.max_length, or pass --data.skip_long_prompts true to skip such prompts."
+                    )
+                too_long.append(index)
+                continue
             prompt = row["prompt"] if "prompt" in row else prompt_row["messages"][-1]["content"]
             extra = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
             if response is not None:
                 extra["response"] = response
             items.append({"index": index, "input_ids": ids, "prompt": prompt, "extra": extra})
+        if too_long:
+            print(f"[dllm_lit] skipped {len(too_long)} prompts longer than max_length={max_length}: "
+                  f"indices {too_long[:20]}{' ...' if len(too_long) > 20 else ''}", file=sys.stderr)
         if sort_by_length:
             items.sort(key=lambda item: -len(item["input_ids"]))
         self.items = items
@@ -212,6 +231,24 @@ class RightPadCollator:
         return {"input_ids": input_ids, "response_mask": response_mask}
 
 
+class StridedSampler(DistributedSampler):
+    """Rank ``r`` of ``n`` takes items ``r, r + n, ...``: no padding repeats, and a rank may get none.
+
+    Lightning keeps a ``DistributedSampler`` it is given; its own unrepeated sampler refuses ranks
+    without samples, and its default one repeats samples to even out ranks.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class DataModule(L.LightningDataModule):
     """Prompts to decode (predict), prompt/response rows to train on (fit) and to score (validate/test).
 
@@ -230,6 +267,8 @@ class DataModule(L.LightningDataModule):
         max_length: Longest training sequence (prompt + response + EOS), linked to the model's.
         truncation: What to do with a longer training row: ``error``, or cut on the ``left``
             (start of the prompt) or the ``right`` (end of the response).
+        skip_long_prompts: Skip prompts to decode that leave no room under ``max_length`` (with a
+            note on stderr) instead of stopping with an error.
         num_workers: DataLoader worker processes.
         model_name_or_path: Whose tokenizer to use (linked to the model's by the CLI).
     """
@@ -247,6 +286,7 @@ class DataModule(L.LightningDataModule):
         sort_by_length: bool = True,
         max_length: int = 8192,
         truncation: Literal["error", "left", "right"] = "error",
+        skip_long_prompts: bool = False,
         num_workers: int = 0,
         model_name_or_path: str = DEFAULT_MODEL,
     ):
@@ -260,18 +300,26 @@ class DataModule(L.LightningDataModule):
         self.sort_by_length = sort_by_length
         self.max_length = max_length
         self.truncation = truncation
+        self.skip_long_prompts = skip_long_prompts
+        self.skip_indices: set[int] = set()  # prompts already done (resume), set by the CLI
         self.num_workers = num_workers
         self.model_name_or_path = model_name_or_path
         self.datasets: dict[str, Dataset] = {}
+        # With fewer prompts than processes a rank may get none; it then just waits for the others.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
-    def prompt_rows(self) -> list[dict[str, Any]]:
-        """The rows to decode, in input order."""
+    def check_prompt_source(self) -> None:
+        """Exactly one of prompt, prompts or prompts_file must be given."""
         given = [n for n, v in (("prompt", self.prompt), ("prompts", self.prompts), ("prompts_file", self.prompts_file)) if v is not None]
         if len(given) != 1:
             raise PromptError(
                 "Give exactly one of --data.prompt, --data.prompts or --data.prompts_file"
                 + (f" (got {' and '.join(given)})." if given else " (got none).")
             )
+
+    def prompt_rows(self) -> list[dict[str, Any]]:
+        """The rows to decode, in input order."""
+        self.check_prompt_source()
         if self.prompts_file is not None:
             return read_rows(self.prompts_file)
         texts = [self.prompt] if self.prompt is not None else list(self.prompts)
@@ -279,8 +327,10 @@ class DataModule(L.LightningDataModule):
             raise PromptError("The prompts list is empty.")
         return [{"prompt": text} for text in texts]
 
-    def _prompt_dataset(self, rows: list[dict[str, Any]]) -> PromptDataset:
-        return PromptDataset(rows, self.tokenizer, use_chat_template=self.use_chat_template, sort_by_length=self.sort_by_length)
+    def _prompt_dataset(self, rows: list[dict[str, Any]], skip: set[int] = frozenset()) -> PromptDataset:
+        return PromptDataset(rows, self.tokenizer, use_chat_template=self.use_chat_template,
+                             sort_by_length=self.sort_by_length, max_length=self.max_length,
+                             skip_long_prompts=self.skip_long_prompts, skip=skip)
 
     def _required(self, name: str) -> str:
         value = getattr(self, name)
@@ -291,7 +341,7 @@ class DataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.tokenizer = load_tokenizer(self.model_name_or_path)
         if stage == "predict" and "predict" not in self.datasets:
-            self.datasets["predict"] = self._prompt_dataset(self.prompt_rows())
+            self.datasets["predict"] = self._prompt_dataset(self.prompt_rows(), skip=self.skip_indices)
         if stage == "fit" and "train" not in self.datasets:
             path = self._required("train_file")
             self.datasets["train"] = SFTDataset(
@@ -310,7 +360,7 @@ class DataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             # Lightning's default sampler pads ranks with repeats, which would count twice in metrics.
-            sampler = UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=False)
+            sampler = StridedSampler(dataset, trainer.world_size, trainer.global_rank)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=LeftPadCollator(self.tokenizer.pad_token_id))
 

@@ -162,6 +162,15 @@ def _build_sampler(
     return pick
 
 
+def _first_stop_and_kept(block: torch.Tensor, stop_ids: torch.Tensor, room: torch.Tensor):
+    """Per row: the position of the first stop token (or the width), and how many tokens the row
+    keeps from this block (through that stop token, at most ``room``)."""
+    width = block.shape[1]
+    is_stop = torch.isin(block, stop_ids)
+    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), width)
+    return first_stop, torch.minimum(first_stop + 1, room.clamp(max=width))
+
+
 @torch.inference_mode()
 def generate_blocks(
     model: torch.nn.Module,
@@ -270,6 +279,8 @@ def generate_blocks(
         block_width = min(width, int((budget[active] - generated).max()))
         fill_block = torch.full((active.numel(), block_width - 1), fill, device=device, dtype=committed.dtype)
         block = pick(forward(fill_block, predict=block_width))
+        room = budget[active] - generated
+        positions = torch.arange(block_width, device=device)
         refine_passes = 0
         fixed_point = False
         for _refine_pass in range(2, refine_iter + 1):
@@ -278,7 +289,10 @@ def generate_blocks(
             refined = block.clone()
             refined[:, 1:] = pick(forward(block[:, :-1], predict=block_width - 1))
             refine_passes += 1
-            fixed_point = bool(torch.equal(refined, block))
+            # Only the tokens a row keeps (up to its first stop token, within its room) must settle;
+            # by causality, later tokens cannot change them. A row that keeps them all continues.
+            _, kept = _first_stop_and_kept(refined, stop_ids, room)
+            fixed_point = bool(((refined == block) | (positions >= kept[:, None])).all())
             block = refined
             if fixed_point and early_exit:
                 break
@@ -288,9 +302,7 @@ def generate_blocks(
         out.refine_passes_per_block.append(refine_passes)
 
         # Commit the block; each row stops at its first stop token or its budget.
-        room = budget[active] - generated
-        is_stop = torch.isin(block, stop_ids)
-        first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), block_width)
+        first_stop, _ = _first_stop_and_kept(block, stop_ids, room)
         hit_stop = first_stop < torch.clamp(room, max=block_width)
         finished = hit_stop | (room <= block_width)
         keep_len = torch.minimum(torch.clamp(room, max=block_width), first_stop)

@@ -109,7 +109,11 @@ def resolve(model_name_or_path: str) -> Path:
 
 def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer, left-padding, with ``pad_token`` set to EOS when it has none."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve(model_name_or_path), local_files_only=True)
+    path = resolve(model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelLoadError(f"Could not load a tokenizer from {path}: {error}") from None
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(f"The tokenizer of {model_name_or_path!r} has no EOS token, which is the fill token.")
     tokenizer.padding_side = "left"

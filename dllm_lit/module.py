@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
@@ -14,6 +15,14 @@ from dllm_lit.answers import is_correct
 from dllm_lit.decoding import BlockGeneration, generate_blocks
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
 from dllm_lit.training import iterative_refine_losses, weighted_total
+
+
+def check_decoding_settings(*, add_eos_length: int, refine_iter: int, max_new_tokens: int, max_length: int) -> None:
+    """Reject impossible settings before any model is loaded."""
+    for name, value, least in (("refine_iter", refine_iter, 1), ("add_eos_length", add_eos_length, 0),
+                               ("max_new_tokens", max_new_tokens, 1), ("max_length", max_length, 2)):
+        if value < least:
+            raise ValueError(f"--model.{name} must be at least {least}, got {value}.")
 
 
 class BlockRefineLM(L.LightningModule):
@@ -61,6 +70,8 @@ class BlockRefineLM(L.LightningModule):
         warmup_steps: int = 100,
     ):
         super().__init__()
+        check_decoding_settings(add_eos_length=add_eos_length, refine_iter=refine_iter,
+                                max_new_tokens=max_new_tokens, max_length=max_length)
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         self.load_seconds = 0.0
@@ -96,9 +107,29 @@ class BlockRefineLM(L.LightningModule):
             use_cache=hp.use_cache,
         )
 
+    def decode_splitting_on_oom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
+        """:meth:`decode`, retrying a batch that runs out of memory as two halves (down to one prompt)."""
+        try:
+            return self.decode(input_ids, attention_mask)
+        except torch.OutOfMemoryError:
+            rows = input_ids.shape[0]
+            if rows == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = rows // 2
+            rank_zero_warn(f"Out of memory decoding {rows} prompts at once; retrying as {half} + {rows - half}.")
+            first = self.decode_splitting_on_oom(input_ids[:half], attention_mask[:half])
+            second = self.decode_splitting_on_oom(input_ids[half:], attention_mask[half:])
+            return BlockGeneration(
+                rows=first.rows + second.rows,
+                forwards=first.forwards + second.forwards,
+                refine_passes_per_block=first.refine_passes_per_block + second.refine_passes_per_block,
+            )
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Decode one batch; return one plain row per prompt."""
-        result = self.decode(batch["input_ids"], batch["attention_mask"])
+        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"])
         self.last_batch_stats = {"forwards": result.forwards, "generated_tokens": result.generated_tokens}
         lengths = batch["attention_mask"].sum(1).tolist()
         rows = []
@@ -140,7 +171,7 @@ class BlockRefineLM(L.LightningModule):
 
     def _score(self, batch: dict[str, Any], prefix: str) -> None:
         """Decode held-out prompts with the same engine as predict; log accuracy and speed."""
-        result = self.decode(batch["input_ids"], batch["attention_mask"])
+        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"])
         for extra, row in zip(batch["extra"], result.rows):
             reference = extra.get("answer", extra.get("response"))
             response = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)

@@ -1,4 +1,9 @@
-"""Prediction writer: per-rank part files written batch by batch, merged by index on rank 0."""
+"""Prediction writer: per-rank part files written batch by batch, merged by index on rank 0.
+
+Every batch is appended to ``.<output>.parts/rank<r>-<run>.jsonl`` and fsync'ed, so a killed run
+loses at most the batch in flight. The final file is written (atomically) when the run ends, or when
+it is interrupted; ``resume`` keeps what earlier runs finished and decodes only the rest.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -42,31 +47,28 @@ def format_console_view(rows: list[dict[str, Any]], total: int, max_display: int
     return "\n".join(lines)
 
 
-def write_rows(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write ``.json`` (one array) or anything else as JSON Lines, atomically."""
-    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with partial.open("w", encoding="utf-8") as f:
-        if path.suffix == ".json":
-            json.dump(list(rows), f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        else:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    partial.replace(path)
-
-
 def check_writable(path: Path) -> None:
     """Fail before any compute if ``path``'s directory cannot be created or written."""
     if path.is_dir():
         raise OutputError(f"Output file {path} is a directory: give a file name ending in .jsonl or .json.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
     except OSError as error:
-        raise OutputError(f"Cannot create the output directory {path.parent}: {error.strerror}.") from None
-    if not os.access(path.parent, os.W_OK):
-        raise OutputError(f"Cannot write to the output directory {path.parent}: permission denied.")
+        raise OutputError(f"Cannot write the output file {path}: {error.strerror} ({error.filename}).") from None
+
+
+def _jsonl_offsets(path: Path) -> Iterator[tuple[int, int]]:
+    """``(index, byte offset)`` of each complete row of a JSON Lines file (a torn last line is skipped)."""
+    with path.open("rb") as f:
+        offset = 0
+        for line in f:
+            try:
+                yield json.loads(line)["index"], offset
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+            offset += len(line)
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -75,45 +77,86 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         output_file: ``.jsonl`` (one object a line) or ``.json`` (one array). ``None`` prints only.
         max_display: How many examples to print to stdout.
+        resume: Keep the rows already in ``output_file`` (or left by an interrupted run) and
+            decode only the missing prompts. Needs the same prompts, in the same order.
     """
 
-    def __init__(self, output_file: str | None = None, max_display: int = 10):
+    def __init__(self, output_file: str | None = None, max_display: int = 10, resume: bool = False):
         super().__init__(write_interval="batch")
         self.output_file = Path(output_file) if output_file else None
         self.max_display = max_display
+        self.resume = resume
         self._part = None
+
+    @property
+    def parts_dir(self) -> Path | None:
+        """Where ranks write their part files; derived from the output file, so runs never collide."""
+        if self.output_file is None:
+            return getattr(self, "_temp_parts", None)
+        return self.output_file.with_name(f".{self.output_file.name}.parts")
+
+    def completed_indices(self) -> set[int]:
+        """Indices already saved by earlier runs (output file and leftover parts)."""
+        if not self.resume or self.output_file is None:
+            return set()
+        return {index for index, _, _ in self._saved_rows()}
+
+    def _saved_rows(self) -> Iterator[tuple[int, Path, int]]:
+        """``(index, file, offset)`` of every saved row: the output file first, then part files."""
+        sources = []
+        if self.resume and self.output_file is not None and self.output_file.is_file():
+            sources.append(self.output_file)
+        if self.parts_dir is not None and self.parts_dir.is_dir():
+            sources += sorted(self.parts_dir.glob("rank*.jsonl"))
+        for source in sources:
+            if source.suffix == ".json":
+                try:
+                    rows = json.loads(source.read_text(encoding="utf-8"))
+                except json.JSONDecodeError:
+                    continue
+                for position, row in enumerate(rows):
+                    yield row["index"], source, position
+            else:
+                for index, offset in _jsonl_offsets(source):
+                    yield index, source, offset
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
         if self.output_file is not None:
             check_writable(self.output_file)
-            parts = self.output_file.with_name(f".{self.output_file.name}.parts")
-            if trainer.is_global_zero:
-                shutil.rmtree(parts, ignore_errors=True)
+            if trainer.is_global_zero and not self.resume:
+                shutil.rmtree(self.parts_dir, ignore_errors=True)
         else:
-            parts = Path(tempfile.mkdtemp(prefix="dllm_lit-parts-")) if trainer.is_global_zero else None
-        self.parts_dir = Path(trainer.strategy.broadcast(str(parts) if parts else None))
+            temp = tempfile.mkdtemp(prefix="dllm_lit-parts-") if trainer.is_global_zero else None
+            self._temp_parts = Path(trainer.strategy.broadcast(temp))
+        run_id = trainer.strategy.broadcast(f"{int(time.time())}-{os.getpid()}")
         trainer.strategy.barrier()
         self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self._part_path = self.parts_dir / f"rank{trainer.global_rank}-{run_id}.jsonl"
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._part = (self.parts_dir / f"rank{trainer.global_rank}.jsonl").open("w", encoding="utf-8")
         self._started = time.perf_counter()
         self._forwards = 0
         self._tokens = 0
 
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._part = self._part_path.open("a", encoding="utf-8")
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        for row in prediction:
-            self._part.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._part.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in prediction))
         self._part.flush()
         os.fsync(self._part.fileno())
         stats = pl_module.last_batch_stats
         self._forwards += stats["forwards"]
         self._tokens += stats["generated_tokens"]
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._part.close()
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Merge once every rank is done. Runs on every rank, even one that got no prompts
+        (Lightning skips the predict hooks of a rank without batches)."""
+        if stage != "predict":
+            return
+        if self._part is not None:
+            self._part.close()
         totals = trainer.strategy.reduce(
             torch.tensor([self._forwards, self._tokens], dtype=torch.float64, device=pl_module.device),
             reduce_op="sum",
@@ -121,22 +164,71 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
             return
-        rows = self._merge()
-        if self.output_file is not None:
-            write_rows(self.output_file, rows)
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
-        print(format_console_view(rows, len(rows), self.max_display), flush=True)
+        total, shown = self._merge()
+        print(format_console_view(shown, total, self.max_display), flush=True)
         forwards, tokens = (float(x) for x in totals)
-        self._print_summary(pl_module, len(rows), forwards, tokens, time.perf_counter() - self._started)
+        self._print_summary(pl_module, total, forwards, tokens, time.perf_counter() - self._started)
 
-    def _merge(self) -> list[dict[str, Any]]:
-        by_index: dict[int, dict[str, Any]] = {}
-        for part in sorted(self.parts_dir.glob("rank*.jsonl")):
-            with part.open(encoding="utf-8") as f:
-                for line in f:
-                    row = json.loads(line)
-                    by_index[row["index"]] = row  # a sampler's padded duplicate replaces its twin
-        return [by_index[i] for i in sorted(by_index)]
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Keep what is finished: merge it into the output file and say how to resume."""
+        if self._part is not None:
+            self._part.close()
+        if not trainer.is_global_zero or not hasattr(self, "_part_path"):
+            return
+        if self.output_file is None:
+            print("dllm_lit: stopped; nothing was saved (no --writer.output_file).", file=sys.stderr)
+            return
+        total, _ = self._merge()
+        cause = "interrupted" if isinstance(exception, KeyboardInterrupt) else "stopped by an error"
+        print(
+            f"dllm_lit: {cause}; {total} finished responses are saved in {self.output_file}. "
+            "To finish the rest, rerun the same command with --writer.resume true.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _merge(self) -> tuple[int, list[dict[str, Any]]]:
+        """Write all saved rows, once each, in index order; return the count and the first rows."""
+        located: dict[int, tuple[Path, int]] = {}
+        for index, source, offset in self._saved_rows():
+            located.setdefault(index, (source, offset))  # a duplicate (repeat or resume) keeps the first
+        shown: list[dict[str, Any]] = []
+        rows = (self._read_row(*located[index]) for index in sorted(located))
+        if self.output_file is not None:
+            self._write_atomically(rows, shown)
+        else:
+            for row in rows:
+                if len(shown) >= self.max_display:
+                    break
+                shown.append(row)
+        if self.parts_dir is not None:
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
+        return len(located), shown
+
+    def _read_row(self, source: Path, offset: int) -> dict[str, Any]:
+        if source.suffix == ".json":  # only an earlier output in .json form: parse it once
+            if getattr(self, "_json_source", None) != source:
+                self._json_source, self._json_rows = source, json.loads(source.read_text(encoding="utf-8"))
+            return self._json_rows[offset]
+        with source.open("rb") as f:
+            f.seek(offset)
+            return json.loads(f.readline())
+
+    def _write_atomically(self, rows: Iterator[dict[str, Any]], shown: list[dict[str, Any]]) -> None:
+        path = self.output_file
+        partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        as_array = path.suffix == ".json"
+        with partial.open("w", encoding="utf-8") as f:
+            f.write("[\n" if as_array else "")
+            for number, row in enumerate(rows):
+                if len(shown) < self.max_display:
+                    shown.append(row)
+                text = json.dumps(row, ensure_ascii=False)
+                f.write((",\n" if number else "") + "  " + text if as_array else text + "\n")
+            f.write("\n]\n" if as_array else "")
+            f.flush()
+            os.fsync(f.fileno())
+        partial.replace(path)
 
     def _print_summary(self, pl_module, prompts: int, forwards: float, tokens: float, seconds: float) -> None:
         if torch.cuda.is_available() and pl_module.device.type == "cuda":

@@ -26,11 +26,6 @@ PROMPTS = ["What is 2+2?", "Name a color.", "x", "A much longer prompt about the
 GEN = ["--model.add_eos_length=3", "--model.refine_iter=2", "--model.max_new_tokens=24"]
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> str:
-    return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), initializer_range=0.3))
-
-
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
     path = tmp_path / "prompts.txt"

@@ -1,0 +1,247 @@
+"""Bad input, interrupted runs and several processes, through the real `dllm_lit` command.
+
+Every bad input must give one line on stderr, exit code 2, no traceback and no output file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dllm_lit.module import BlockRefineLM
+
+FAST = ["--model.add_eos_length=3", "--model.refine_iter=2", "--model.max_new_tokens=12"]
+
+
+def dllm_lit(args: list[str], cwd: Path, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600, **popen)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("dllm_lit: error:")]
+    assert len(errors) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+    return errors[0]
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+@pytest.fixture
+def messy(tmp_path) -> Path:
+    """A folder of bad prompt files."""
+    write(tmp_path / "latin1.txt", "caf\xe9\n".encode("latin-1"))
+    write(tmp_path / "empty.txt", "")
+    write(tmp_path / "blank.txt", "\n  \n\t\n")
+    write(tmp_path / "broken.jsonl", '{"prompt": "a"}\n{"prompt": "b"\n')
+    write(tmp_path / "noprompt.jsonl", '{"prompt": "a"}\n{"question": "b"}\n')
+    write(tmp_path / "badmessages.jsonl", '{"messages": [{"role": "user"}]}\n')
+    write(tmp_path / "long.txt", "short\n" + "x" * 300 + "\nalso short\n")
+    write(tmp_path / "bad.yaml", "model: [unclosed\n")
+    write(tmp_path / "unknown.yaml", "model:\n  refine_iterations: 2\n")
+    (tmp_path / "a_dir").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--data.prompts_file=missing.txt"], ["Prompts file missing.txt does not exist."]),
+        (["--data.prompts_file=/proc/self/mem"], ["/proc/self/mem cannot be read"]),
+        (["--data.prompts_file=a_dir"], ["a_dir is a directory"]),
+        (["--data.prompts_file=latin1.txt"], ["latin1.txt is not UTF-8 text"]),
+        (["--data.prompts_file=empty.txt"], ["empty.txt has no prompts."]),
+        (["--data.prompts_file=blank.txt"], ["blank.txt has no prompts."]),
+        (["--data.prompts_file=broken.jsonl"], ["broken.jsonl, line 2: not valid JSON"]),
+        (["--data.prompts_file=noprompt.jsonl"], ["noprompt.jsonl, row 2: each row needs a 'prompt'"]),
+        (["--data.prompts_file=badmessages.jsonl"], ["row 1: 'messages' must be a list of"]),
+        (["--data.prompts_file=long.txt", "--model.max_length=100"],
+         ["Prompt 1 has 301 tokens, 202 too many for max_length=100", "--data.skip_long_prompts true"]),
+        (["--data.prompt=hi", "--model.refine_iter=0"], ["--model.refine_iter must be at least 1, got 0."]),
+        (["--data.prompt=hi", "--model.refine_iter=-3"], ["--model.refine_iter must be at least 1, got -3."]),
+        (["--data.prompt=hi", "--model.add_eos_length=-1"], ["--model.add_eos_length must be at least 0"]),
+        (["--data.prompt=hi", "--model.max_new_tokens=0"], ["--model.max_new_tokens must be at least 1"]),
+        (["--data.prompt=hi", "--model.max_length=1"], ["--model.max_length must be at least 2"]),
+        (["--data.prompt=hi", "--config=unknown.yaml"], ["does not accept option 'model.refine_iterations'"]),
+        (["--data.prompt=hi", "--config=bad.yaml"], ["Problems parsing config"]),
+        (["--data.prompt=hi", "--data.prompts_file=x.txt"], ["Give exactly one of", "got prompt and prompts_file"]),
+        ([], ["Give exactly one of", "(got none)"]),
+        (["--data.prompt=hi", "--writer.output_file=a_dir"], ["Output file a_dir is a directory"]),
+        (["--data.prompt=hi", "--writer.output_file=empty.txt/out.jsonl"], ["Cannot write the output file"]),
+        (["--data.prompt=hi", "--writer.output_file=/proc/out.jsonl"], ["Cannot write the output file"]),
+    ],
+)
+def test_bad_input_gives_one_line(tiny_dir, messy, args, fragments):
+    done = dllm_lit(["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, *args], messy)
+    assert_one_line_error(done, *fragments)
+    assert not list(messy.glob("*.jsonl.parts")) and not (messy / "out.jsonl").exists()
+
+
+def test_skip_long_prompts_keeps_the_rest(tiny_dir, messy):
+    out = messy / "out.jsonl"
+    done = dllm_lit(["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, "--data.prompts_file=long.txt",
+                     "--model.max_length=100", "--data.skip_long_prompts=true", f"--writer.output_file={out}"], messy)
+    assert done.returncode == 0, done.stderr
+    assert "skipped 1 prompts longer than max_length=100: indices [1]" in done.stderr
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 2]
+
+
+@pytest.fixture
+def broken_models(tmp_path, tiny_dir) -> Path:
+    import shutil
+
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    no_eos = tmp_path / "no_eos"
+    shutil.copytree(tiny_dir, no_eos)
+    config = json.loads((no_eos / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "empty_dir").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "model,extra,fragments",
+    [
+        ("does/not/exist", [], ["Model path 'does/not/exist' does not exist"]),
+        ("empty_dir", [], ["has no config.json"]),
+        ("no_weights", [], ["Could not load model weights from"]),
+        ("no_eos", [], ["has no EOS token"]),
+    ],
+)
+def test_bad_models_give_one_line(broken_models, model, extra, fragments):
+    done = dllm_lit(["predict", f"--model.model_name_or_path={model}", "--data.prompt=hi", *FAST, *extra],
+                    broken_models)
+    assert_one_line_error(done, *fragments)
+
+
+def start_run(tiny_dir: str, cwd: Path, out: Path, prompts: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts}",
+            "--data.batch_size=2", "--data.sort_by_length=false", "--model.add_eos_length=0",
+            "--model.max_new_tokens=48", "--model.stop_token_ids=[]", f"--writer.output_file={out}", *extra]
+    return subprocess.Popen([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(parts: Path, at_least: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = sum(len(p.read_text().splitlines()) for p in parts.glob("*.jsonl")) if parts.is_dir() else 0
+        if lines >= at_least:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the run never wrote rows")
+
+
+@pytest.fixture
+def forty_prompts(tmp_path) -> Path:
+    return write(tmp_path / "p.txt", "".join(f"prompt number {i} {'x' * (i % 7)}\n" for i in range(40)))
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path, forty_prompts):
+    reference = tmp_path / "reference.jsonl"
+    done = start_run(tiny_dir, tmp_path, reference, forty_prompts)
+    assert done.wait() == 0
+    out = tmp_path / "out.jsonl"
+    parts = tmp_path / ".out.jsonl.parts"
+    run = start_run(tiny_dir, tmp_path, out, forty_prompts)
+    wait_for_rows(parts, 6)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    saved = [json.loads(line) for p in parts.glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert 6 <= len(saved) < 40  # every line is complete JSON; what was finished is there
+    resumed = start_run(tiny_dir, tmp_path, out, forty_prompts, "--writer.resume=true")
+    stdout, stderr = resumed.communicate()
+    assert resumed.returncode == 0, stderr
+    assert out.read_text() == reference.read_text()
+    assert not parts.exists()
+
+
+def test_ctrl_c_saves_what_is_done_and_says_how_to_resume(tiny_dir, tmp_path, forty_prompts):
+    out = tmp_path / "out.jsonl"
+    run = start_run(tiny_dir, tmp_path, out, forty_prompts)
+    wait_for_rows(tmp_path / ".out.jsonl.parts", 4)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode != 0
+    assert "rerun the same command with --writer.resume true" in stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 4 <= len(rows) < 40
+    assert [r["index"] for r in rows] == sorted(r["index"] for r in rows)
+    resumed = start_run(tiny_dir, tmp_path, out, forty_prompts, "--writer.resume=true")
+    assert resumed.wait() == 0
+    final = {json.loads(line)["index"]: json.loads(line) for line in out.read_text().splitlines()}
+    assert sorted(final) == list(range(40)) and len(out.read_text().splitlines()) == 40
+    assert all(final[row["index"]] == row for row in rows)
+
+
+@pytest.mark.parametrize("count,batch", [(7, 2), (1, 2), (3, 16)], ids=["uneven", "one-rank-empty", "big-batch"])
+def test_two_processes_match_one(tiny_dir, tmp_path, count, batch):
+    prompts = write(tmp_path / "p.txt", "".join(f"q{i} {'y' * i}\n" for i in range(count)))
+    outputs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"out{devices}.jsonl"
+        done = dllm_lit(["predict", f"--model.model_name_or_path={tiny_dir}", *FAST,
+                         f"--data.prompts_file={prompts}", f"--data.batch_size={batch}",
+                         "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
+                         *(["--trainer.strategy=ddp"] if devices == 2 else []), f"--writer.output_file={out}"],
+                        tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[devices] = out.read_text()
+    assert outputs[1] == outputs[2]
+    assert [json.loads(line)["index"] for line in outputs[2].splitlines()] == list(range(count))
+
+
+def test_concurrent_runs_with_different_outputs_do_not_collide(tiny_dir, tmp_path, forty_prompts):
+    runs = [start_run(tiny_dir, tmp_path, tmp_path / f"run{i}.jsonl", forty_prompts) for i in range(2)]
+    assert [run.wait() for run in runs] == [0, 0]
+    first, second = ((tmp_path / f"run{i}.jsonl").read_text().splitlines() for i in range(2))
+    assert len(first) == 40 and first == second
+
+
+def test_out_of_memory_splits_the_batch(tiny_dir, monkeypatch):
+    module = BlockRefineLM(model_name_or_path=tiny_dir, add_eos_length=3, max_new_tokens=10)
+    module.configure_model()
+    from dllm_lit.data import LeftPadCollator
+
+    tokenizer = module.tokenizer
+    items = [{"index": i, "input_ids": tokenizer(p).input_ids, "prompt": p, "extra": {}}
+             for i, p in enumerate(["a", "bb", "ccc d", "e", "fgh"])]
+    batch = LeftPadCollator(tokenizer.pad_token_id)(items)
+    expected = [module.decode(batch["input_ids"][i : i + 1, -len(it["input_ids"]) :],
+                              batch["attention_mask"][i : i + 1, -len(it["input_ids"]) :]).rows[0].token_ids
+                for i, it in enumerate(items)]
+    real_decode, sizes = module.decode, []
+
+    def decode_with_a_small_memory(input_ids, attention_mask):
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_decode(input_ids, attention_mask)
+
+    monkeypatch.setattr(module, "decode", decode_with_a_small_memory)
+    with pytest.warns(UserWarning, match="retrying as 2 \\+ 3"):
+        rows = module.predict_step(batch, 0)
+    assert [r["response"] for r in rows] == [tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+    assert sizes == [5, 2, 3, 1, 2]
+    monkeypatch.setattr(module, "decode", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("always")))
+    with pytest.raises(torch.OutOfMemoryError):
+        module.decode_splitting_on_oom(batch["input_ids"][:1], batch["attention_mask"][:1])
