@@ -148,9 +148,11 @@ class PromptDataset(Dataset):
                 too_long.append(index)
                 continue
             prompt = row["prompt"] if "prompt" in row else prompt_row["messages"][-1]["content"]
-            extra = {k: v for k, v in row.items() if k not in ("prompt", "messages")}
+            # An input response (or final assistant message) is the reference: kept as "reference",
+            # since "response" in the output is the generated one.
+            extra = {k: v for k, v in row.items() if k not in ("prompt", "messages", "response")}
             if response is not None:
-                extra["response"] = response
+                extra["reference"] = response
             items.append({"index": index, "input_ids": ids, "prompt": prompt, "extra": extra})
         if too_long:
             print(f"[dllm_lit] skipped {len(too_long)} prompts longer than max_length={max_length}: "

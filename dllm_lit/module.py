@@ -173,7 +173,7 @@ class BlockRefineLM(L.LightningModule):
         """Decode held-out prompts with the same engine as predict; log accuracy and speed."""
         result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"])
         for extra, row in zip(batch["extra"], result.rows):
-            reference = extra.get("answer", extra.get("response"))
+            reference = extra.get("answer", extra.get("reference"))
             response = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
             self.accuracy.update(float(reference is not None and is_correct(response, str(reference))))
             self.tokens_per_forward.update(row.tokens_per_forward)
