@@ -276,10 +276,10 @@ def generate_blocks(
     while active.numel() > 0:
         # The last block shrinks to what the roomiest row may still add: by causality the
         # tokens before the cut are the same as with the full width.
-        block_width = min(width, int((budget[active] - generated).max()))
+        room = budget[active] - generated  # tokens each active row may still add
+        block_width = min(width, int(room.max()))
         fill_block = torch.full((active.numel(), block_width - 1), fill, device=device, dtype=committed.dtype)
         block = pick(forward(fill_block, predict=block_width))
-        room = budget[active] - generated
         positions = torch.arange(block_width, device=device)
         refine_passes = 0
         fixed_point = False
@@ -289,8 +289,8 @@ def generate_blocks(
             refined = block.clone()
             refined[:, 1:] = pick(forward(block[:, :-1], predict=block_width - 1))
             refine_passes += 1
-            # Only the tokens a row keeps (up to its first stop token, within its room) must settle;
-            # by causality, later tokens cannot change them. A row that keeps them all continues.
+            # Only the tokens a row keeps (through its first stop token, within its room) must
+            # settle: by causality the tokens after them cannot change them, and are dropped.
             _, kept = _first_stop_and_kept(refined, stop_ids, room)
             fixed_point = bool(((refined == block) | (positions >= kept[:, None])).all())
             block = refined
@@ -306,8 +306,7 @@ def generate_blocks(
         hit_stop = first_stop < torch.clamp(room, max=block_width)
         finished = hit_stop | (room <= block_width)
         keep_len = torch.minimum(torch.clamp(room, max=block_width), first_stop)
-        for i, row, stop, done, n, ids in zip(
-            range(active.numel()),
+        for row, stop, done, n, ids in zip(
             active.tolist(),
             hit_stop.tolist(),
             finished.tolist(),
