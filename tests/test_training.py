@@ -208,3 +208,19 @@ def test_validation_under_ddp_counts_each_sample_once(trained):
         assert done.returncode == 0, done.stderr[-3000:]
         (row,) = [r for r in read_metrics(logs) if r.get("val/accuracy")]
         assert float(row["val/accuracy"]) == pytest.approx(0.4)
+
+
+def test_parquet_and_chat_rows_train_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dllm_lit.data import read_rows
+
+    rows = [{"prompt": "12+34=", "response": "46"}, {"prompt": "5+5=", "response": "01"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    assert read_rows(tmp_path / "train.parquet") == rows
+    tokenizer = char_tokenizer()
+    chat = [{"messages": [{"role": "user", "content": "12+34="}, {"role": "assistant", "content": "46"}]}]
+    (ids, mask), = SFTDataset(chat, tokenizer, use_chat_template=False, max_length=64, truncation="error", source="t")
+    assert tokenizer.decode(ids) == "<s><|user|>12+34=\n<|assistant|>46</s>"
+    assert [tokenizer.decode([t]) for t, m in zip(ids, mask) if m] == ["4", "6", "</s>"]
