@@ -42,7 +42,7 @@ class DllmCLI(LightningCLI):
             seed_everything_default=1234,
             save_config_callback=SaveFitConfig,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"logger": False, "enable_model_summary": False},
+            trainer_defaults={"enable_model_summary": False},
             # Parse errors raise instead of printing the whole usage: main() turns them into one line.
             parser_kwargs={"description": "Block-parallel EOS-block + refine decoding on Lightning.",
                            "exit_on_error": False},
@@ -68,6 +68,11 @@ class DllmCLI(LightningCLI):
         if "model_name_or_path" in hparams and model["model_name_or_path"] == DEFAULT_MODEL:
             model["model_name_or_path"] = hparams["model_name_or_path"]
             self.config[subcommand]["data"]["model_name_or_path"] = hparams["model_name_or_path"]
+
+    def before_instantiate_classes(self) -> None:
+        """Prediction logs nothing by default (fit/validate/test keep Lightning's default logger)."""
+        if self.subcommand == "predict" and self.config.predict.trainer.logger in (None, True):
+            self.config.predict.trainer.logger = False
 
     def before_predict(self) -> None:
         """Check the prompt source and the output path before any model loads; set up ``resume``."""
