@@ -95,6 +95,14 @@ def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
     return [int(i) for i in ids]
 
 
+def check_settings(*, add_eos_length: int, refine_iter: int, max_new_tokens: int, max_length: int) -> None:
+    """Reject impossible decoding settings with one sentence (before any model work)."""
+    for name, value, least in (("refine_iter", refine_iter, 1), ("add_eos_length", add_eos_length, 0),
+                               ("max_new_tokens", max_new_tokens, 1), ("max_length", max_length, 2)):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}.")
+
+
 def _check_arguments(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -107,12 +115,8 @@ def _check_arguments(
 ) -> None:
     if not eos_ids:
         raise ValueError("eos_token_id is required: it is the fill token and the stop token.")
-    if refine_iter < 1:
-        raise ValueError(f"refine_iter must be at least 1, got {refine_iter}.")
-    if add_eos_length < 0:
-        raise ValueError(f"add_eos_length must be 0 or more, got {add_eos_length}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    check_settings(add_eos_length=add_eos_length, refine_iter=refine_iter, max_new_tokens=max_new_tokens,
+                   max_length=max_length)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
     if attention_mask.shape != input_ids.shape:

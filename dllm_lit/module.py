@@ -12,17 +12,9 @@ from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
 from dllm_lit.answers import is_correct
-from dllm_lit.decoding import BlockGeneration, generate_blocks
+from dllm_lit.decoding import BlockGeneration, check_settings, generate_blocks
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
 from dllm_lit.training import iterative_refine_losses, weighted_total
-
-
-def check_decoding_settings(*, add_eos_length: int, refine_iter: int, max_new_tokens: int, max_length: int) -> None:
-    """Reject impossible settings before any model is loaded."""
-    for name, value, least in (("refine_iter", refine_iter, 1), ("add_eos_length", add_eos_length, 0),
-                               ("max_new_tokens", max_new_tokens, 1), ("max_length", max_length, 2)):
-        if value < least:
-            raise ValueError(f"--model.{name} must be at least {least}, got {value}.")
 
 
 class BlockRefineLM(L.LightningModule):
@@ -70,8 +62,11 @@ class BlockRefineLM(L.LightningModule):
         warmup_steps: int = 100,
     ):
         super().__init__()
-        check_decoding_settings(add_eos_length=add_eos_length, refine_iter=refine_iter,
-                                max_new_tokens=max_new_tokens, max_length=max_length)
+        try:  # fail before any model loads, naming the flag
+            check_settings(add_eos_length=add_eos_length, refine_iter=refine_iter,
+                           max_new_tokens=max_new_tokens, max_length=max_length)
+        except ValueError as error:
+            raise ValueError(f"--model.{error}") from None
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
         self.load_seconds = 0.0

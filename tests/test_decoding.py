@@ -202,7 +202,7 @@ def test_iterative_generate_shape_and_list_of_eos_ids(model):
     "change,message",
     [
         (dict(refine_iter=0), "refine_iter must be at least 1"),
-        (dict(add_eos_length=-1), "add_eos_length must be 0 or more"),
+        (dict(add_eos_length=-1), "add_eos_length must be at least 0, got -1."),
         (dict(max_new_tokens=0), "max_new_tokens must be at least 1"),
         (dict(eos_token_id=None), "eos_token_id is required"),
         (dict(max_length=5), "leaves no room under max_length=5"),
