@@ -284,7 +284,7 @@ def generate_blocks(
         block_width = min(width, int(room.max()))
         fill_block = torch.full((active.numel(), block_width - 1), fill, device=device, dtype=committed.dtype)
         block = pick(forward(fill_block, predict=block_width))
-        positions = torch.arange(block_width, device=device)
+        block_positions = torch.arange(block_width, device=device)
         refine_passes = 0
         fixed_point = False
         for _refine_pass in range(2, refine_iter + 1):
@@ -296,7 +296,7 @@ def generate_blocks(
             # Only the tokens a row keeps (through its first stop token, within its room) must
             # settle: by causality the tokens after them cannot change them, and are dropped.
             _, kept = _first_stop_and_kept(refined, stop_ids, room)
-            fixed_point = bool(((refined == block) | (positions >= kept[:, None])).all())
+            fixed_point = bool(((refined == block) | (block_positions >= kept[:, None])).all())
             block = refined
             if fixed_point and early_exit:
                 break

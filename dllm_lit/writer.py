@@ -87,12 +87,13 @@ class PredictionWriter(BasePredictionWriter):
         self.max_display = max_display
         self.resume = resume
         self._part = None
+        self._temp_parts: Path | None = None  # parts folder when there is no output file
 
     @property
     def parts_dir(self) -> Path | None:
         """Where ranks write their part files; derived from the output file, so runs never collide."""
         if self.output_file is None:
-            return getattr(self, "_temp_parts", None)
+            return self._temp_parts
         return self.output_file.with_name(f".{self.output_file.name}.parts")
 
     def completed_indices(self) -> set[int]:
