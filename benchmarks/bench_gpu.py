@@ -4,12 +4,14 @@
     python benchmarks/bench_gpu.py --shape tiny --device cpu --dtype float32   # smoke test anywhere
 
 Builds the model directly on the device (no download), then times, on the same inputs:
-HF ``generate`` (autoregressive), the seed's no-cache loop, and the eager engine
-(``generate_blocks``). Prints tok/s, forwards, ms per forward against the roofline floor
-``max(2 * params * tokens / peak_flops, weight_bytes / bandwidth)``, and the share of tokens that
-match the eager engine (for HF generate this is 100 % only at exact settings,
-``refine_iter >= width``). EOS is ignored as a stop so every run makes the same number of tokens.
-The compiled engine (static cache + CUDA graphs) is not built yet; its column will join here.
+HF ``generate`` (autoregressive, once per input shape), the seed's no-cache loop, the eager engine
+(``generate_blocks``) and the compiled engine (``generate_blocks(compile=True)``: static cache,
+CUDA graphs). Prints tok/s, forwards, ms per forward against the roofline floor
+``max(2 * params * tokens / peak_flops, weight_bytes / bandwidth)`` of one block-wide forward,
+and the share of tokens that match the eager engine (random bf16 weights give near-tied logits,
+so one rounding difference changes all later tokens: the fp32 check printed first is the
+correctness evidence). EOS is ignored as a stop so every run makes the same number of tokens.
+After the table, the compiled engine's graphs are replayed alone: ms per forward by input width.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dllm_lit import generate_blocks
+from dllm_lit.static import _GRAPHS_BY_MODEL
 
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -46,15 +50,67 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int):
+def timed(fn, device: torch.device, repeats: int, budget_s: float = 20.0):
+    """Median wall time of up to ``repeats`` runs (fewer once ``budget_s`` is spent)."""
     times, result = [], None
-    for _ in range(repeats):
+    while len(times) < repeats and sum(times) < budget_s:
         sync(device)
         start = time.perf_counter()
         result = fn()
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def build(shape: dict, device: torch.device, dtype: torch.dtype, **extra) -> LlamaForCausalLM:
+    config = LlamaConfig(**shape, max_position_embeddings=8192, eos_token_id=2, bos_token_id=1,
+                         tie_word_embeddings=False, **extra)
+    torch.set_default_dtype(dtype)  # build the weights directly in the dtype on the device
+    with torch.device(device):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def check_fp32(device: torch.device) -> str:
+    """Compiled == eager tokens and forwards on a tiny fp32 model with well-separated logits."""
+    model = build(SHAPES["tiny"], device, torch.float32, initializer_range=0.3)
+    torch.manual_seed(1)
+    lengths = [5, 40, 17]
+    ids = torch.zeros(3, max(lengths), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, 512, (n,))
+        mask[row, -n:] = 1
+    verdicts = []
+    for width, refine_iter, max_new in [(1, 1, 20), (8, 2, 61), (16, 4, 50), (32, 1, 64), (8, 8, 40)]:
+        kwargs = dict(eos_token_id=2, attention_mask=mask, add_eos_length=width - 1, refine_iter=refine_iter,
+                      max_new_tokens=max_new)
+        eager = generate_blocks(model, ids, **kwargs)
+        compiled = generate_blocks(model, ids, compile=True, **kwargs)
+        same = [r.token_ids for r in eager.rows] == [r.token_ids for r in compiled.rows]
+        verdicts.append(f"blk{width} R{refine_iter}: tokens {'equal' if same else 'DIFFER'}, "
+                        f"forwards {eager.forwards}/{compiled.forwards}")
+    return "; ".join(verdicts)
+
+
+def replay_ms(model, device: torch.device, repeats: int = 20) -> dict:
+    """Median ms of one replay of each captured graph of the compiled engine, by input width."""
+    static = _GRAPHS_BY_MODEL.get(model)
+    if static is None or not static.graphs:
+        return {}
+    result = {}
+    for (width, _keep), (graph, _ids, _logits) in sorted(static.graphs.items()):
+        times = []
+        for _ in range(repeats):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        result[width] = statistics.median(times)
+    return result
 
 
 @torch.inference_mode()
@@ -83,44 +139,59 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak (H100/H200 ~790)")
-    parser.add_argument("--bandwidth-tbs", type=float, default=4.3, help="HBM bandwidth (H200 4.8, H100 3.35)")
+    parser.add_argument("--bandwidth-tbs", type=float,
+                        help="HBM bandwidth; default: 3.0 on an H100, 4.3 otherwise (copies measured here)")
     parser.add_argument("--skip-seed-loop", action="store_true", help="the seed loop is slow on long runs")
     parser.add_argument("--workloads", type=int, nargs="*", help="indices into the workload list")
     args = parser.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    fp32_check = check_fp32(device)
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=8192, eos_token_id=2, bos_token_id=1,
-                         tie_word_embeddings=False)
-    torch.set_default_dtype(dtype)  # build the weights directly in bf16 on the device: no fp32 copy
-    with torch.device(device):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
+    model = build(SHAPES[args.shape], device, dtype)
+    config = model.config
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    if args.bandwidth_tbs is None:
+        args.bandwidth_tbs = 3.0 if "H100" in name else 4.3
     print(f"\n`{' '.join(sys.argv)}`  \ndevice: {name}; shape {args.shape} ({params / 1e9:.2f}B params), "
-          f"{args.dtype}, torch {torch.__version__}, median of {args.repeats}\n")
+          f"{args.dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"median of up to {args.repeats}; floor at {args.peak_tflops} TFLOP/s, {args.bandwidth_tbs} TB/s\n")
+    print(f"fp32 check on {args.device} (tiny model, 3 left-padded rows), eager vs compiled: {fp32_check}\n")
     print("| workload | mode | tok/s | forwards | ms/forward | floor ms (block fwd) | tokens = eager |")
     print("|---|---|---|---|---|---|---|")
     chosen = [WORKLOADS[i] for i in args.workloads] if args.workloads else WORKLOADS
     warm = torch.randint(3, config.vocab_size, (1, 16), device=device)  # kernels, allocator, autotuning
     generate_blocks(model, warm, eos_token_id=2, add_eos_length=7, max_new_tokens=16)
     model.generate(warm, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    hf_runs: dict = {}  # HF generate does not depend on the block settings: once per input shape
+    graph_ms: dict = {}
     for batch, prompt_len, new, width, refine_iter in chosen:
-        ids = torch.randint(3, config.vocab_size, (batch, prompt_len), device=device)
+        ids = torch.randint(3, config.vocab_size, (batch, prompt_len), device=device,
+                            generator=torch.Generator(device).manual_seed(batch * 100003 + prompt_len))
         label = f"b{batch} {prompt_len}+{new} blk{width} R{refine_iter}"
         floor = floor_ms(params, weight_bytes, batch * width, args.peak_tflops, args.bandwidth_tbs)
-        eager_time, eager = timed(lambda: generate_blocks(model, ids, eos_token_id=2, add_eos_length=width - 1,
-                                                          refine_iter=refine_iter, max_new_tokens=new,
-                                                          max_length=prompt_len + new, ignore_eos=True),
-                                  device, args.repeats)
+        settings = dict(eos_token_id=2, add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=new,
+                        max_length=prompt_len + new, ignore_eos=True)
+        eager_time, eager = timed(lambda: generate_blocks(model, ids, **settings), device, args.repeats)
         eager_tokens = torch.tensor([row.token_ids for row in eager.rows], device=device)
         total = batch * new
         rows = [("eager engine", eager_time, eager.forwards, 1.0)]
-        no_stop = copy.deepcopy(model.generation_config)
-        no_stop.update(eos_token_id=None, pad_token_id=0, max_new_tokens=new, do_sample=False)
-        ar_time, ar = timed(lambda: model.generate(ids, generation_config=no_stop), device, 1)
+        generate_blocks(model, ids, compile=True, **settings)  # capture the graphs of this shape
+        compiled_time, compiled = timed(lambda: generate_blocks(model, ids, compile=True, **settings), device,
+                                        args.repeats)
+        compiled_tokens = torch.tensor([row.token_ids for row in compiled.rows], device=device)
+        rows.append(("compiled engine", compiled_time, compiled.forwards,
+                     (compiled_tokens == eager_tokens).float().mean().item()))
+        if device.type == "cuda":
+            graph_ms[label] = replay_ms(model, device)
+        shape_key = (batch, prompt_len, new)
+        if shape_key not in hf_runs:
+            no_stop = copy.deepcopy(model.generation_config)
+            no_stop.update(eos_token_id=None, pad_token_id=0, max_new_tokens=new, do_sample=False)
+            hf_runs[shape_key] = timed(lambda: model.generate(ids, generation_config=no_stop), device, 1)
+        ar_time, ar = hf_runs[shape_key]
         rows.append(("HF generate", ar_time, new, (ar[:, prompt_len:] == eager_tokens).float().mean().item()))
         if not args.skip_seed_loop:
             seed_time, (seed_tokens, seed_forwards) = timed(
@@ -131,6 +202,13 @@ def main() -> None:
             share = "-" if same is None else f"{100 * same:.1f} %"
             print(f"| {label} | {mode} | {total / seconds:.1f} | {forwards} | {1e3 * seconds / forwards:.2f} | "
                   f"{floor:.2f} | {share} |", flush=True)
+    if graph_ms:
+        print("\nCompiled engine, one CUDA-graph replay (median of 20), ms by input width (floor in brackets):\n")
+        for label, by_width in graph_ms.items():
+            batch = int(label.split()[0][1:])
+            cells = [f"{width} tok: {ms:.2f} ({floor_ms(params, weight_bytes, batch * width, args.peak_tflops, args.bandwidth_tbs):.2f})"
+                     for width, ms in by_width.items()]
+            print(f"- {label}: " + ", ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from dllm_lit.static import StaticForward
+
 StopReason = Literal["eos", "max_new_tokens", "max_length"]
 
 
@@ -194,6 +196,7 @@ def generate_blocks(
     ignore_eos: bool = False,
     use_cache: bool = True,
     early_exit: bool = True,
+    compile: bool = False,
 ) -> BlockGeneration:
     """Decode a left-padded batch block by block; return per-row tokens and call statistics.
 
@@ -218,6 +221,8 @@ def generate_blocks(
             sequence each pass (the reference, and the fallback for models without a cache).
         early_exit: Stop refining a block once a pass leaves it unchanged. Never changes the
             tokens; turning it off is only for tests and benchmarks.
+        compile: Decode with a static KV cache and fixed block shapes, each forward replayed as a
+            CUDA graph on a GPU (the fast path there; on CPU it runs eagerly). Same greedy tokens.
     """
     eos_ids = _as_id_list(eos_token_id)
     if attention_mask is None:
@@ -231,6 +236,8 @@ def generate_blocks(
         refine_iter=refine_iter,
         max_length=max_length,
     )
+    if compile and not use_cache:
+        raise ValueError("compile=True decodes with a static KV cache: it needs use_cache=True.")
     device = next(model.parameters()).device
     fill = eos_ids[0]
     stop_set = set(_as_id_list(list(stop_token_ids))) | (set() if ignore_eos else set(eos_ids))
@@ -254,6 +261,30 @@ def generate_blocks(
     width = add_eos_length + 1
     out = BlockGeneration(rows=[None] * batch)  # type: ignore[list-item]
     token_lists: list[list[int]] = [[] for _ in range(batch)]
+
+    def commit(rows: list[int], block: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+        """Append each row's kept tokens (up to its first stop token, within its room); record the
+        rows that finish; return which did. The one device-to-host copy of a block."""
+        first_stop, keep_len = _first_stop_and_kept(block, stop_ids, room)
+        hit_stop = first_stop < keep_len
+        finished = hit_stop | (room <= block.shape[1])
+        keep_len = keep_len - hit_stop.long()  # the stop token is reported apart from the tokens
+        for row, stop, done, n, ids in zip(rows, hit_stop.tolist(), finished.tolist(), keep_len.tolist(),
+                                           block.tolist()):
+            token_lists[row].extend(ids[:n])
+            if done:
+                out.rows[row] = RowResult(
+                    token_ids=token_lists[row],
+                    stop_reason="eos" if stop else length_reason[row],
+                    stop_token_id=ids[n] if stop else None,
+                    forwards=out.forwards,
+                )
+        return finished
+
+    if compile:
+        _decode_static(model, committed, mask, width=width, refine_iter=refine_iter, budget=budget,
+                       fill=fill, stop_ids=stop_ids, pick=pick, early_exit=early_exit, out=out, commit=commit)
+        return out
 
     def forward(block_inputs: torch.Tensor, predict: int) -> torch.Tensor:
         """Run ``committed + block_inputs``; return logits of the last ``predict`` positions."""
@@ -305,26 +336,7 @@ def generate_blocks(
             cached = committed.shape[1] + block_width - 1
         out.refine_passes_per_block.append(refine_passes)
 
-        # Commit the block; each row stops at its first stop token or its budget.
-        first_stop, _ = _first_stop_and_kept(block, stop_ids, room)
-        hit_stop = first_stop < torch.clamp(room, max=block_width)
-        finished = hit_stop | (room <= block_width)
-        keep_len = torch.minimum(torch.clamp(room, max=block_width), first_stop)
-        for row, stop, done, n, ids in zip(
-            active.tolist(),
-            hit_stop.tolist(),
-            finished.tolist(),
-            keep_len.tolist(),
-            block.tolist(),
-        ):
-            token_lists[row].extend(ids[:n])
-            if done:
-                out.rows[row] = RowResult(
-                    token_ids=token_lists[row],
-                    stop_reason="eos" if stop else length_reason[row],
-                    stop_token_id=ids[n] if stop else None,
-                    forwards=out.forwards,
-                )
+        finished = commit(active.tolist(), block, room)
         committed = torch.cat([committed, block], dim=1)
         mask = torch.cat([mask, torch.ones_like(block)], dim=1)
         generated += block_width
@@ -335,6 +347,90 @@ def generate_blocks(
             if cache is not None and still.numel() > 0:
                 cache.batch_select_indices(still)
     return out
+
+
+def _decode_static(model, prompt_ids, prompt_mask, *, width, refine_iter, budget, fill, stop_ids, pick,
+                   early_exit, out, commit) -> None:
+    """The compiled path: every pass has one of three fixed shapes over a static cache.
+
+    All rows stay in the batch until the last one finishes (finished rows have no room, so they
+    never block a fixed point). Inside a block the host never waits on the GPU: the fixed-point
+    test runs on device and freezes the block, and on CUDA the host reads the flag one pass late,
+    so a block that settles costs at most one extra pass. The block is read once, at its commit.
+    """
+    batch, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    budgets = budget.tolist()
+    blocks = -(-max(budgets) // width)
+    cache_len = -(-(prompt_len + blocks * width) // 64) * 64  # round up: reuse graphs across calls
+    forward = StaticForward.for_model(model, batch, cache_len)
+    forward.reset(prompt_mask)
+    fills = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    positions = torch.arange(width, device=device)
+    alive = list(range(batch))
+    alive_mask = torch.ones(batch, dtype=torch.bool, device=device)
+    lag = device.type == "cuda"
+    block, settled = None, False
+    for index in range(blocks):
+        start = prompt_len + index * width  # cache slot of the block's first token
+        room = torch.where(alive_mask, budget - index * width, 0)
+        if block is None:  # the prefill: prompt + fills, run eagerly (its width varies per call)
+            logits = forward(torch.cat([prompt_ids, fills], 1), 0, width, graph=False)
+        elif settled:  # the last pass fed exactly block[:-1]: its K/V are final
+            logits = forward(torch.cat([block[:, -1:], fills], 1), start - 1, width)
+        else:  # re-feed the whole committed block
+            logits = forward(torch.cat([block, fills], 1), start - width, width)
+        block = pick(logits)
+        out.forwards += 1
+        frozen = torch.zeros((), dtype=torch.bool, device=device)
+        passes, pending = 0, None
+        # As in the eager loop, a block whose rows may add one more token at most has nothing to
+        # refine: that token depends on committed tokens alone.
+        most_room = max(budgets[row] for row in alive) - index * width
+        for _refine_pass in range(2, refine_iter + 1):
+            if min(width, most_room) == 1:
+                break
+            refined = torch.cat([block[:, :1], pick(forward(block[:, :-1], start, width - 1))], 1)
+            out.forwards += 1
+            passes += 1
+            _, kept = _first_stop_and_kept(refined, stop_ids, room)
+            fixed = ((refined == block) | (positions >= kept[:, None])).all()
+            block = torch.where(frozen, block, refined)
+            frozen |= fixed
+            if not early_exit:
+                continue
+            if not lag:
+                if bool(frozen):
+                    break
+            elif pending is not None and pending.query_and_read():
+                break
+            else:
+                pending = _HostFlag(frozen)
+        out.refine_passes_per_block.append(passes)
+        settled = passes > 0 and bool(frozen)
+        rows = torch.tensor(alive, device=device)
+        finished = commit(alive, block[rows], room[rows]).tolist()
+        for row, done in zip(list(alive), finished):
+            if done:
+                alive.remove(row)
+                alive_mask[row] = False
+        if not alive:
+            return
+
+
+class _HostFlag:
+    """A device bool copied to pinned host memory without waiting; read once its copy is done."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.host.copy_(flag, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def query_and_read(self) -> bool:
+        """Wait for the copy (queued one pass ago, so the GPU stays busy) and return the flag."""
+        self.done.synchronize()
+        return bool(self.host)
 
 
 def iterative_generate(

@@ -32,6 +32,8 @@ class BlockRefineLM(L.LightningModule):
         top_k: When sampling, keep the k most likely tokens.
         top_p: When sampling, nucleus threshold.
         use_cache: Keep a prefix KV cache (same tokens, far fewer FLOPs).
+        compile: Static KV cache and fixed block shapes, each forward replayed as a CUDA graph:
+            the fast path on a GPU (same greedy tokens; on CPU it runs eagerly).
         num_iterations: Training rounds of the iterative refine objective (1 = one noised pass).
         noise_min: Training: lower bound of the fraction of response tokens replaced by EOS.
         noise_max: Training: upper bound of that fraction (0 and 0 with one round = plain SFT).
@@ -53,6 +55,7 @@ class BlockRefineLM(L.LightningModule):
         top_k: int | None = None,
         top_p: float | None = None,
         use_cache: bool = True,
+        compile: bool = False,
         num_iterations: int = 2,
         noise_min: float = 0.0,
         noise_max: float = 1.0,
@@ -100,6 +103,7 @@ class BlockRefineLM(L.LightningModule):
             top_k=hp.top_k,
             top_p=hp.top_p,
             use_cache=hp.use_cache,
+            compile=hp.compile,
         )
 
     def decode_splitting_on_oom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
