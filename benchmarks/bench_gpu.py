@@ -6,7 +6,7 @@
 Builds the model directly on the device (no download), then times, on the same inputs:
 HF ``generate`` (autoregressive, once per input shape), the seed's no-cache loop, the eager engine
 (``generate_blocks``) and the compiled engine (``generate_blocks(compile=True)``: static cache,
-CUDA graphs). Prints tok/s, forwards, ms per forward against the roofline floor
+CUDA graphs; ``--modes ... inductor`` adds ``compile="inductor"``). Prints tok/s, forwards, ms per forward against the roofline floor
 ``max(2 * params * tokens / peak_flops, weight_bytes / bandwidth)`` of one block-wide forward,
 and the share of tokens that match the eager engine (random bf16 weights give near-tied logits,
 so one rounding difference changes all later tokens: the fp32 check printed first is the
@@ -72,7 +72,7 @@ def build(shape: dict, device: torch.device, dtype: torch.dtype, **extra) -> Lla
     return model
 
 
-def check_fp32(device: torch.device) -> str:
+def check_fp32(device: torch.device, inductor: bool) -> str:
     """Compiled == eager tokens and forwards on a tiny fp32 model with well-separated logits."""
     model = build(SHAPES["tiny"], device, torch.float32, initializer_range=0.3)
     torch.manual_seed(1)
@@ -87,10 +87,11 @@ def check_fp32(device: torch.device) -> str:
         kwargs = dict(eos_token_id=2, attention_mask=mask, add_eos_length=width - 1, refine_iter=refine_iter,
                       max_new_tokens=max_new)
         eager = generate_blocks(model, ids, **kwargs)
-        compiled = generate_blocks(model, ids, compile=True, **kwargs)
-        same = [r.token_ids for r in eager.rows] == [r.token_ids for r in compiled.rows]
-        verdicts.append(f"blk{width} R{refine_iter}: tokens {'equal' if same else 'DIFFER'}, "
-                        f"forwards {eager.forwards}/{compiled.forwards}")
+        for compile in (True, "inductor") if inductor and width == 8 else (True,):
+            compiled = generate_blocks(model, ids, compile=compile, **kwargs)
+            same = [r.token_ids for r in eager.rows] == [r.token_ids for r in compiled.rows]
+            verdicts.append(f"blk{width} R{refine_iter}{' inductor' if compile == 'inductor' else ''}: tokens "
+                            f"{'equal' if same else 'DIFFER'}, forwards {eager.forwards}/{compiled.forwards}")
     return "; ".join(verdicts)
 
 
@@ -143,12 +144,15 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak (H100/H200 ~790)")
     parser.add_argument("--bandwidth-tbs", type=float,
                         help="HBM bandwidth; default: 3.0 on an H100, 4.3 otherwise (copies measured here)")
-    parser.add_argument("--skip-seed-loop", action="store_true", help="the seed loop is slow on long runs")
+    parser.add_argument("--modes", nargs="+", default=["compiled", "hf", "seed"],
+                        choices=["compiled", "inductor", "hf", "seed"],
+                        help="what to time beside the eager engine (inductor: compile=\"inductor\", "
+                             "about 40 s of compiling per batch size and width on an H200)")
     parser.add_argument("--workloads", type=int, nargs="*", help="indices into the workload list")
     args = parser.parse_args()
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    fp32_check = check_fp32(device)
+    fp32_check = check_fp32(device, "inductor" in args.modes)
     torch.manual_seed(0)
     model = build(SHAPES[args.shape], device, dtype)
     config = model.config
@@ -180,22 +184,25 @@ def main() -> None:
         eager_tokens = torch.tensor([row.token_ids for row in eager.rows], device=device)
         total = batch * new
         rows = [("eager engine", eager_time, eager.forwards, 1.0)]
-        generate_blocks(model, ids, compile=True, **settings)  # capture the graphs of this shape
-        compiled_time, compiled = timed(lambda: generate_blocks(model, ids, compile=True, **settings), device,
-                                        args.repeats)
-        compiled_tokens = torch.tensor([row.token_ids for row in compiled.rows], device=device)
-        rows.append(("compiled engine", compiled_time, compiled.forwards,
-                     (compiled_tokens == eager_tokens).float().mean().item()))
-        if device.type == "cuda":
-            graph_ms[label] = replay_ms(model, device)
+        for mode, compile in (("compiled", True), ("inductor", "inductor")):
+            if mode not in args.modes:
+                continue
+            generate_blocks(model, ids, compile=compile, **settings)  # capture (and compile) this shape
+            seconds, result = timed(lambda: generate_blocks(model, ids, compile=compile, **settings), device,
+                                    args.repeats)
+            same = (torch.tensor([row.token_ids for row in result.rows], device=device) == eager_tokens)
+            rows.append((f"{mode} engine", seconds, result.forwards, same.float().mean().item()))
+            if device.type == "cuda" and mode == "compiled":
+                graph_ms[label] = replay_ms(model, device)
         shape_key = (batch, prompt_len, new)
-        if shape_key not in hf_runs:
+        if "hf" in args.modes and shape_key not in hf_runs:
             no_stop = copy.deepcopy(model.generation_config)
             no_stop.update(eos_token_id=None, pad_token_id=0, max_new_tokens=new, do_sample=False)
             hf_runs[shape_key] = timed(lambda: model.generate(ids, generation_config=no_stop), device, 1)
-        ar_time, ar = hf_runs[shape_key]
-        rows.append(("HF generate", ar_time, new, (ar[:, prompt_len:] == eager_tokens).float().mean().item()))
-        if not args.skip_seed_loop:
+        if shape_key in hf_runs:
+            ar_time, ar = hf_runs[shape_key]
+            rows.append(("HF generate", ar_time, new, (ar[:, prompt_len:] == eager_tokens).float().mean().item()))
+        if "seed" in args.modes:
             seed_time, (seed_tokens, seed_forwards) = timed(
                 lambda: seed_loop(model, ids, eos=2, width=width, refine_iter=refine_iter, new_tokens=new), device, 1)
             rows.append(("seed no-cache loop", seed_time, seed_forwards,

@@ -1,0 +1,82 @@
+"""How much kernel fusion would add to the compiled engine: one fixed-shape forward, three ways.
+
+    python benchmarks/bench_fusion.py                     # on one H100/H200, 8B shape, bf16
+    python benchmarks/bench_fusion.py --shape tiny --device cpu --dtype float32 --widths 7
+
+Times one forward of the compiled engine's ``StaticForward`` (static cache, explicit slots) at
+each input width: eager, replayed as a CUDA graph (what ``compile=True`` runs), and compiled by
+``torch.compile(mode="reduce-overhead")`` (inductor fuses the elementwise kernels, then CUDA
+graphs). Prints the median ms, the roofline floor and the compile time. A measurement for the
+next step, not a decoding path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from bench_gpu import SHAPES, build, floor_ms, sync
+from dllm_lit.static import StaticForward
+
+
+def median_ms(fn, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--cache-len", type=int, default=1664)
+    parser.add_argument("--widths", type=int, nargs="+", default=[127, 255])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model = build(SHAPES[args.shape], device, getattr(torch, args.dtype))
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = 3.0 if device.type == "cuda" and "H100" in torch.cuda.get_device_name(device) else 4.3
+    static = StaticForward(model, args.batch, args.cache_len)
+    static.reset(torch.ones(args.batch, 512, dtype=torch.long, device=device))
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, 512), device=device)
+    static(ids, 0, 1, graph=False)  # the prefill allocates the cache
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"\n`{' '.join(sys.argv)}`  \n{name}, torch {torch.__version__}, batch {args.batch}, "
+          f"cache {args.cache_len} slots\n")
+    print("| width | eager ms | CUDA graph ms | inductor + graphs ms | compile s | floor ms |")
+    print("|---|---|---|---|---|---|")
+    for width in args.widths:
+        block = torch.randint(3, model.config.vocab_size, (args.batch, width), device=device)
+        eager = median_ms(lambda: static(block, 512, width, graph=False), device, args.repeats)
+        graphed = "-"
+        if device.type == "cuda":
+            graphed = f"{median_ms(lambda: static(block, 512, width), device, args.repeats):.2f}"
+        fused = torch.compile(static._run, mode="reduce-overhead" if device.type == "cuda" else "default",
+                              dynamic=False)
+        static.start.fill_(512)
+        begin = time.perf_counter()
+        for _ in range(3):  # compile, record, replay
+            fused(block, width)
+        sync(device)
+        compile_s = time.perf_counter() - begin
+        inductor = median_ms(lambda: fused(block, width), device, args.repeats)
+        floor = floor_ms(params, weight_bytes, args.batch * width, 790.0, bandwidth)
+        print(f"| {width} | {eager:.2f} | {graphed} | {inductor:.2f} | {compile_s:.0f} | {floor:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
