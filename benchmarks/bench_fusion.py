@@ -50,10 +50,11 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = 3.0 if device.type == "cuda" and "H100" in torch.cuda.get_device_name(device) else 4.3
-    static = StaticForward(model, args.batch, args.cache_len)
-    static.reset(torch.ones(args.batch, 512, dtype=torch.long, device=device))
     ids = torch.randint(3, model.config.vocab_size, (args.batch, 512), device=device)
-    static(ids, 0, 1, graph=False)  # the prefill allocates the cache
+    static, fused = (StaticForward(model, args.batch, args.cache_len, inductor=flag) for flag in (False, True))
+    for forward in static, fused:
+        forward.reset(torch.ones(args.batch, 512, dtype=torch.long, device=device))
+        forward(ids, 0, 1, graph=False)  # the prefill allocates the cache
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\n`{' '.join(sys.argv)}`  \n{name}, torch {torch.__version__}, batch {args.batch}, "
           f"cache {args.cache_len} slots\n")
@@ -65,15 +66,12 @@ def main() -> None:
         graphed = "-"
         if device.type == "cuda":
             graphed = f"{median_ms(lambda: static(block, 512, width), device, args.repeats):.2f}"
-        fused = torch.compile(static._run, mode="reduce-overhead" if device.type == "cuda" else "default",
-                              dynamic=False)
-        static.start.fill_(512)
         begin = time.perf_counter()
         for _ in range(3):  # compile, record, replay
-            fused(block, width)
+            fused(block, 512, width)
         sync(device)
         compile_s = time.perf_counter() - begin
-        inductor = median_ms(lambda: fused(block, width), device, args.repeats)
+        inductor = median_ms(lambda: fused(block, 512, width), device, args.repeats)
         floor = floor_ms(params, weight_bytes, args.batch * width, 790.0, bandwidth)
         print(f"| {width} | {eager:.2f} | {graphed} | {inductor:.2f} | {compile_s:.0f} | {floor:.2f} |", flush=True)
 

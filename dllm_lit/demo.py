@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refine_iter", type=int, default=2, help="forward passes per block")
     parser.add_argument("--max_new_tokens", type=int, default=1024)
     parser.add_argument("--max_length", type=int, default=8192)
+    parser.add_argument("--compile", nargs="?", const="true", default="false", choices=["false", "true", "inductor"],
+                        help="static cache + CUDA graphs (the fast GPU path); 'inductor' also fuses kernels")
     parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-true")
     parser.add_argument("--devices", default=None, help="Lightning devices, e.g. 1 or 2")
     return parser
@@ -42,6 +44,7 @@ def to_cli_args(ns: argparse.Namespace) -> list[str]:
         f"--model.refine_iter={ns.refine_iter}",
         f"--model.max_new_tokens={ns.max_new_tokens}",
         f"--model.max_length={ns.max_length}",
+        f"--model.compile={ns.compile}",
         f"--data.batch_size={ns.batch_size}",
         f"--data.use_chat_template={ns.use_chat_template}",
         f"--writer.max_display={ns.max_display}",

@@ -30,8 +30,9 @@ class StaticForward:
     ``start ..``, for a batch of ``batch`` rows and a cache of ``cache_len`` slots."""
 
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
-        self.model = model
+        self.model = weakref.ref(model)  # the cache is keyed by the model: do not keep it alive
         parameter = next(model.parameters())
+        self.weights = parameter.data_ptr()  # graphs read the weights where they were at capture
         self.device, self.dtype = parameter.device, parameter.dtype
         self.batch, self.cache_len = batch, cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
@@ -51,7 +52,8 @@ class StaticForward:
     def for_model(cls, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False) -> "StaticForward":
         """Reuse the model's cache and graphs when the settings match; otherwise build new ones."""
         current = _GRAPHS_BY_MODEL.get(model)
-        if current is None or (current.batch, current.cache_len, current.inductor) != (batch, cache_len, inductor):
+        settings = (batch, cache_len, inductor, next(model.parameters()).data_ptr())
+        if current is None or (current.batch, current.cache_len, current.inductor, current.weights) != settings:
             _GRAPHS_BY_MODEL.pop(model, None)  # free the old cache before allocating the new one
             current = cls(model, batch, cache_len, inductor)
             _GRAPHS_BY_MODEL[model] = current
@@ -63,7 +65,7 @@ class StaticForward:
         self.valid[:, : prompt_mask.shape[1]] = prompt_mask.bool()
         self.pad.copy_((prompt_mask == 0).sum(1, keepdim=True))
 
-    def _run(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    def _run(self, model: torch.nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
         cols = self.start + self.slots[: ids.shape[1]]  # the cache slot of each fed token
         causal = self.slots <= cols[:, None]
         see = (causal & self.valid[:, None, :]) | (self.slots == cols[:, None])  # a pad query sees itself
@@ -71,7 +73,7 @@ class StaticForward:
         bias.masked_fill_(~see, torch.finfo(self.dtype).min)
         for layer in self.cache.layers:  # StaticLayer writes at cumulative_length onwards
             layer.cumulative_length.copy_(self.start)
-        return self.model(
+        return model(
             input_ids=ids,
             attention_mask=bias[:, None],
             position_ids=(cols - self.pad).clamp(min=0),
@@ -84,33 +86,34 @@ class StaticForward:
         """Logits ``[batch, keep, vocab]``. ``graph=False`` always runs eagerly (the prefill). A
         graph's logits are overwritten by its next replay: use them before the next call."""
         self.start.fill_(start)
+        model = self.model()
         if not (graph and self.cache.is_initialized):
-            return self._run(ids, keep)
+            return self._run(model, ids, keep)
         if self.inductor:  # fused kernels; on CUDA also replayed as graphs (cudagraph trees)
             if self.fused is None:
                 mode = "reduce-overhead" if self.use_graphs else "default"
                 self.fused = torch.compile(self._run, mode=mode, dynamic=False)
-            return self.fused(ids, keep)
+            return self.fused(model, ids, keep)
         if not self.use_graphs:
-            return self._run(ids, keep)
+            return self._run(model, ids, keep)
         key = (ids.shape[1], keep)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(ids, keep)
+            self.graphs[key] = self._capture(model, ids, keep)
         cuda_graph, ids_in, logits = self.graphs[key]
         ids_in.copy_(ids)
         cuda_graph.replay()
         return logits
 
-    def _capture(self, ids: torch.Tensor, keep: int):
+    def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int):
         """Warm up on a side stream, then capture; both run the real pass (same slots, same inputs)."""
         ids_in = ids.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._run(ids_in, keep)
+                self._run(model, ids_in, keep)
         torch.cuda.current_stream(self.device).wait_stream(side)
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):
-            logits = self._run(ids_in, keep)
+            logits = self._run(model, ids_in, keep)
         return cuda_graph, ids_in, logits

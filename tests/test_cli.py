@@ -125,14 +125,17 @@ def test_chat_template_missing_is_a_clear_error(tiny_dir, tmp_path, capsys):
 
 
 def test_demo_flags_equal_the_cli(tiny_dir, prompts_file, tmp_path):
+    """Both sides use the compiled path; the oracle is the eager engine."""
     seed_style = tmp_path / "demo.jsonl"
     demo.main(["--model_path", tiny_dir, "--prompts_file", str(prompts_file), "--batch_size", "2",
                "--output_file", str(seed_style), "--max_display", "1", "--use_chat_template",
-               "--add_eos_length", "5", "--refine_iter", "3", "--max_new_tokens", "20", "--max_length", "60"])
+               "--add_eos_length", "5", "--refine_iter", "3", "--max_new_tokens", "20", "--max_length", "60",
+               "--compile"])
     native = tmp_path / "native.jsonl"
     run_cli(["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts_file}",
              "--data.batch_size=2", f"--writer.output_file={native}", "--data.use_chat_template=true",
-             "--model.add_eos_length=5", "--model.refine_iter=3", "--model.max_new_tokens=20", "--model.max_length=60"])
+             "--model.add_eos_length=5", "--model.refine_iter=3", "--model.max_new_tokens=20", "--model.max_length=60",
+             "--model.compile=true"])
     assert seed_style.read_text() == native.read_text()
     rows = [json.loads(line) for line in seed_style.read_text().splitlines()]
     *_, response = expected_response(tiny_dir, PROMPTS[3], chat=True, add_eos_length=5, refine_iter=3,

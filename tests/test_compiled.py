@@ -1,0 +1,98 @@
+"""The compiled path (static cache, fixed shapes; CUDA graphs on a GPU) gives the eager tokens."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from conftest import EOS, left_pad, random_prompts, tiny_llama  # noqa: F401 (model fixture)
+from dllm_lit import generate_blocks
+from dllm_lit.static import _GRAPHS_BY_MODEL
+
+PROMPTS = random_prompts([5, 11, 2], seed=1)
+
+
+def run(model, prompts, **kwargs):
+    ids, mask = left_pad(prompts)
+    return generate_blocks(model, ids, attention_mask=mask, eos_token_id=EOS, **kwargs)
+
+
+def summary(result):
+    rows = [(r.token_ids, r.stop_reason, r.stop_token_id, r.forwards) for r in result.rows]
+    return rows, result.forwards, result.refine_passes_per_block
+
+
+@pytest.mark.parametrize("width", [1, 2, 8, 33])
+@pytest.mark.parametrize("refine_iter", [1, 2, 4])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_equals_eager(model, width, refine_iter, batch):
+    settings = dict(add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=45)
+    assert summary(run(model, PROMPTS[:batch], compile=True, **settings)) == summary(
+        run(model, PROMPTS[:batch], **settings))
+
+
+def test_rows_that_stop_at_different_times(model):
+    """EOS inside prompts, rows stopping by EOS at different blocks, extra stop ids, length cuts."""
+    prompts = [p[:3] + [EOS] + p[3:] for p in random_prompts([6, 9, 2, 14, 7, 3], seed=3)]
+    for settings in (dict(add_eos_length=3, refine_iter=2, max_new_tokens=40),
+                     dict(add_eos_length=5, refine_iter=3, max_new_tokens=100, max_length=24),
+                     dict(add_eos_length=7, refine_iter=8, max_new_tokens=30, stop_token_ids=[11, 12]),
+                     dict(add_eos_length=3, refine_iter=2, max_new_tokens=21, ignore_eos=True)):
+        eager = run(model, prompts, **settings)
+        assert summary(run(model, prompts, compile=True, **settings)) == summary(eager)
+    assert {r.stop_reason for r in eager.rows} == {"max_new_tokens"}
+    mixed = run(model, prompts, add_eos_length=3, refine_iter=2, max_new_tokens=40)
+    assert {r.stop_reason for r in mixed.rows} == {"eos", "max_new_tokens"}, "the fixture needs both kinds"
+
+
+def test_exact_settings_equal_greedy_generate(model):
+    ids, mask = left_pad(PROMPTS)
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=EOS,
+                              pad_token_id=0)[:, ids.shape[1]:].tolist()
+    for row, hf in zip(run(model, PROMPTS, add_eos_length=7, refine_iter=8, max_new_tokens=30,
+                           compile=True).rows, expected):
+        ours = row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else [])
+        assert ours == hf[: len(ours)]
+
+
+def test_cache_is_reused_for_the_same_shapes_and_rebuilt_for_others():
+    model = tiny_llama()
+    settings = dict(add_eos_length=7, refine_iter=2, max_new_tokens=20, compile=True)
+    first = summary(run(model, PROMPTS, **settings))
+    static = _GRAPHS_BY_MODEL[model]
+    assert summary(run(model, PROMPTS, **settings)) == first and _GRAPHS_BY_MODEL[model] is static
+    alone = summary(run(model, PROMPTS[1:2], **settings))  # batch 1: a new cache
+    assert _GRAPHS_BY_MODEL[model] is not static
+    assert alone[0][0][:3] == first[0][1][:3]
+    assert summary(run(model, PROMPTS, **settings)) == first
+    alive = weakref.ref(model)
+    del model, static
+    gc.collect()
+    assert alive() is None, "the cache must not keep the model alive"
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(model):
+    settings = dict(add_eos_length=7, refine_iter=3, max_new_tokens=24, compile=True)
+    greedy = summary(run(model, PROMPTS, **settings))
+    assert summary(run(model, PROMPTS, temperature=0.7, top_k=1, seed=3, **settings)) == greedy
+    first = summary(run(model, PROMPTS, temperature=1.5, top_p=0.95, seed=11, **settings))
+    assert summary(run(model, PROMPTS, temperature=1.5, top_p=0.95, seed=11, **settings)) == first
+
+
+def test_inductor_equals_eager():
+    """torch.compile runs on CPU too: the fused forwards give the eager tokens (one shape set)."""
+    model = tiny_llama()
+    settings = dict(add_eos_length=7, refine_iter=3, max_new_tokens=24)
+    assert summary(run(model, PROMPTS, compile="inductor", **settings)) == summary(run(model, PROMPTS, **settings))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(compile=True, use_cache=False), "needs use_cache=True"),
+    (dict(compile="graphs"), "compile must be false, true or 'inductor'"),
+])
+def test_bad_compile_settings_raise_one_sentence(change, message):
+    with pytest.raises(ValueError, match=message):
+        run(tiny_llama(), PROMPTS[:1], max_new_tokens=4, **change)
