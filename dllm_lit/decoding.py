@@ -12,7 +12,8 @@ loop in :func:`generate_blocks` is the algorithm:
 
 With ``use_cache=True`` (the default) committed positions live in a prefix KV cache:
 a pass feeds only the not-yet-cached committed tokens plus the block, and the cache
-is cropped back to the committed length afterwards.
+is cropped back to the committed length afterwards. ``compile=True`` runs the same algorithm
+with fixed shapes over a static cache (:func:`_decode_static`, :mod:`dllm_lit.static`).
 """
 
 from __future__ import annotations
@@ -286,8 +287,9 @@ def generate_blocks(
         return finished
 
     if compile:
-        _decode_static(model, committed, mask, inductor=compile == "inductor", width=width, refine_iter=refine_iter, budget=budget,
-                       fill=fill, stop_ids=stop_ids, pick=pick, early_exit=early_exit, out=out, commit=commit)
+        _decode_static(model, committed, mask, inductor=compile == "inductor", width=width, refine_iter=refine_iter,
+                       budget=budget, fill=fill, stop_ids=stop_ids, pick=pick, early_exit=early_exit, out=out,
+                       commit=commit)
         return out
 
     def forward(block_inputs: torch.Tensor, predict: int) -> torch.Tensor:

@@ -49,14 +49,14 @@ class StaticForward:
         self.graphs: dict[tuple[int, int], tuple] = {}  # (width, keep) -> (graph, ids input, logits)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False) -> "StaticForward":
+    def for_model(cls, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
         """Reuse the model's cache and graphs when the settings match; otherwise build new ones."""
-        current = _GRAPHS_BY_MODEL.get(model)
+        current = _GRAPHS_BY_MODEL.pop(model, None)
         settings = (batch, cache_len, inductor, next(model.parameters()).data_ptr())
         if current is None or (current.batch, current.cache_len, current.inductor, current.weights) != settings:
-            _GRAPHS_BY_MODEL.pop(model, None)  # free the old cache before allocating the new one
+            current = None  # free the old cache and graphs before allocating new ones
             current = cls(model, batch, cache_len, inductor)
-            _GRAPHS_BY_MODEL[model] = current
+        _GRAPHS_BY_MODEL[model] = current
         return current
 
     def reset(self, prompt_mask: torch.Tensor) -> None:
@@ -107,13 +107,17 @@ class StaticForward:
     def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int):
         """Warm up on a side stream, then capture; both run the real pass (same slots, same inputs)."""
         ids_in = ids.clone()
+        # Under autocast (bf16-mixed), cached weight casts would be freed when the context exits:
+        # capture with the cache off so the casts are part of the graph.
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False,
+                                  enabled=torch.is_autocast_enabled("cuda"))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), autocast:
             for _ in range(2):
                 self._run(model, ids_in, keep)
         torch.cuda.current_stream(self.device).wait_stream(side)
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
+        with torch.cuda.graph(cuda_graph), autocast:
             logits = self._run(model, ids_in, keep)
         return cuda_graph, ids_in, logits
