@@ -225,7 +225,7 @@ def generate_blocks(
         compile: ``True``: decode with a static KV cache and fixed block shapes, each forward
             replayed as a CUDA graph on a GPU (the fast path there; on CPU it runs eagerly).
             ``"inductor"``: the same through ``torch.compile`` (fused kernels): faster still, after
-            a compile of tens of seconds per batch size and width. Same greedy tokens.
+            a compile of tens of seconds per batch size and width. Same greedy tokens in fp32.
     """
     eos_ids = _as_id_list(eos_token_id)
     if attention_mask is None:

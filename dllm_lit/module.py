@@ -32,10 +32,10 @@ class BlockRefineLM(L.LightningModule):
         top_k: When sampling, keep the k most likely tokens.
         top_p: When sampling, nucleus threshold.
         use_cache: Keep a prefix KV cache (same tokens, far fewer FLOPs).
-        compile: ``true``: static KV cache and fixed block shapes, each forward replayed as a CUDA
-            graph: the fast path on a GPU (same greedy tokens; on CPU it runs eagerly).
-            ``inductor``: the same through torch.compile, faster per pass after a compile of tens
-            of seconds per batch size and block width (pays off on long runs).
+        compile: true: static KV cache and fixed block shapes, each forward replayed as a CUDA
+            graph, the fast path on a GPU (the default path's greedy tokens in fp32; on CPU it
+            runs eagerly). inductor: the same through torch.compile, faster per pass after a
+            compile of tens of seconds per batch size and block width (pays off on long runs).
         num_iterations: Training rounds of the iterative refine objective (1 = one noised pass).
         noise_min: Training: lower bound of the fraction of response tokens replaced by EOS.
         noise_max: Training: upper bound of that fraction (0 and 0 with one round = plain SFT).
