@@ -13,33 +13,24 @@ next step, not a decoding path.
 from __future__ import annotations
 
 import argparse
-import statistics
+import math
 import sys
 import time
 
 import torch
 
-from bench_gpu import SHAPES, build, floor_ms, sync
+from bench_gpu import SHAPES, add_model_arguments, build, device_name, roofline, sync, timed
 from dllm_lit.static import StaticForward
 
 
 def median_ms(fn, device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return 1e3 * timed(fn, device, repeats, budget_s=math.inf)[0]
 
 
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16")
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--cache-len", type=int, default=1664)
     parser.add_argument("--widths", type=int, nargs="+", default=[127, 255])
@@ -47,16 +38,13 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     model = build(SHAPES[args.shape], device, getattr(torch, args.dtype))
-    params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = 3.0 if device.type == "cuda" and "H100" in torch.cuda.get_device_name(device) else 4.3
+    _params, floor_of = roofline(model, args)
     ids = torch.randint(3, model.config.vocab_size, (args.batch, 512), device=device)
     static, fused = (StaticForward(model, args.batch, args.cache_len, inductor=flag) for flag in (False, True))
     for forward in static, fused:
         forward.reset(torch.ones(args.batch, 512, dtype=torch.long, device=device))
         forward(ids, 0, 1, graph=False)  # the prefill allocates the cache
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"\n`{' '.join(sys.argv)}`  \n{name}, torch {torch.__version__}, batch {args.batch}, "
+    print(f"\n`{' '.join(sys.argv)}`  \n{device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
           f"cache {args.cache_len} slots\n")
     print("| width | eager ms | CUDA graph ms | inductor + graphs ms | compile s | floor ms |")
     print("|---|---|---|---|---|---|")
@@ -72,8 +60,8 @@ def main() -> None:
         sync(device)
         compile_s = time.perf_counter() - begin
         inductor = median_ms(lambda: fused(block, 512, width), device, args.repeats)
-        floor = floor_ms(params, weight_bytes, args.batch * width, 790.0, bandwidth)
-        print(f"| {width} | {eager:.2f} | {graphed} | {inductor:.2f} | {compile_s:.0f} | {floor:.2f} |", flush=True)
+        print(f"| {width} | {eager:.2f} | {graphed} | {inductor:.2f} | {compile_s:.0f} | "
+              f"{floor_of(args.batch * width):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -135,15 +135,33 @@ def floor_ms(params: int, weight_bytes: int, tokens: int, peak_tflops: float, ba
     return 1e3 * max(2 * params * tokens / (peak_tflops * 1e12), weight_bytes / (bandwidth_tbs * 1e12))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, device and roofline flags shared by the GPU benchmarks."""
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="dense bf16 peak (H100/H200 ~790)")
     parser.add_argument("--bandwidth-tbs", type=float,
                         help="HBM bandwidth; default: 3.0 on an H100, 4.3 otherwise (copies measured here)")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
+def roofline(model: torch.nn.Module, args: argparse.Namespace):
+    """``(params, floor(tokens) -> ms)`` for this model on ``args.device``; fills in the bandwidth."""
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if args.bandwidth_tbs is None:
+        args.bandwidth_tbs = 3.0 if "H100" in device_name(torch.device(args.device)) else 4.3
+    return params, lambda tokens: floor_ms(params, weight_bytes, tokens, args.peak_tflops, args.bandwidth_tbs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["compiled", "hf", "seed"],
                         choices=["compiled", "inductor", "hf", "seed"],
                         help="what to time beside the eager engine (inductor: compile=\"inductor\", "
@@ -156,11 +174,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = build(SHAPES[args.shape], device, dtype)
     config = model.config
-    params = sum(p.numel() for p in model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    if args.bandwidth_tbs is None:
-        args.bandwidth_tbs = 3.0 if "H100" in name else 4.3
+    params, floor_of = roofline(model, args)
+    name = device_name(device)
     print(f"\n`{' '.join(sys.argv)}`  \ndevice: {name}; shape {args.shape} ({params / 1e9:.2f}B params), "
           f"{args.dtype}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"median of up to {args.repeats}; floor at {args.peak_tflops} TFLOP/s, {args.bandwidth_tbs} TB/s\n")
@@ -177,7 +192,7 @@ def main() -> None:
         ids = torch.randint(3, config.vocab_size, (batch, prompt_len), device=device,
                             generator=torch.Generator(device).manual_seed(batch * 100003 + prompt_len))
         label = f"b{batch} {prompt_len}+{new} blk{width} R{refine_iter}"
-        floor = floor_ms(params, weight_bytes, batch * width, args.peak_tflops, args.bandwidth_tbs)
+        floor = floor_of(batch * width)
         settings = dict(eos_token_id=2, add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=new,
                         max_length=prompt_len + new, ignore_eos=True)
         eager_time, eager = timed(lambda: generate_blocks(model, ids, **settings), device, args.repeats)
@@ -215,7 +230,7 @@ def main() -> None:
         print("\nCompiled engine, one CUDA-graph replay (median of 20), ms by input width (floor in brackets):\n")
         for label, by_width in graph_ms.items():
             batch = int(label.split()[0][1:])
-            cells = [f"{width} tok: {ms:.2f} ({floor_ms(params, weight_bytes, batch * width, args.peak_tflops, args.bandwidth_tbs):.2f})"
+            cells = [f"{width} tok: {ms:.2f} ({floor_of(batch * width):.2f})"
                      for width, ms in by_width.items()]
             print(f"- {label}: " + ", ".join(cells), flush=True)
 

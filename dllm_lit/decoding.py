@@ -178,6 +178,15 @@ def _first_stop_and_kept(block: torch.Tensor, stop_ids: torch.Tensor, room: torc
     return first_stop, torch.minimum(first_stop + 1, room.clamp(max=width))
 
 
+def _is_fixed_point(refined: torch.Tensor, block: torch.Tensor, stop_ids: torch.Tensor, room: torch.Tensor):
+    """A device bool: the refine pass changed none of the tokens any row keeps. Only those (through
+    each row's first stop token, within its room) must settle: by causality the tokens after them
+    cannot change them, and are dropped."""
+    _, kept = _first_stop_and_kept(refined, stop_ids, room)
+    positions = torch.arange(block.shape[1], device=block.device)
+    return ((refined == block) | (positions >= kept[:, None])).all()
+
+
 @torch.inference_mode()
 def generate_blocks(
     model: torch.nn.Module,
@@ -321,7 +330,6 @@ def generate_blocks(
         block_width = min(width, int(room.max()))
         fill_block = torch.full((active.numel(), block_width - 1), fill, device=device, dtype=committed.dtype)
         block = pick(forward(fill_block, predict=block_width))
-        block_positions = torch.arange(block_width, device=device)
         refine_passes = 0
         fixed_point = False
         for _refine_pass in range(2, refine_iter + 1):
@@ -330,10 +338,7 @@ def generate_blocks(
             refined = block.clone()
             refined[:, 1:] = pick(forward(block[:, :-1], predict=block_width - 1))
             refine_passes += 1
-            # Only the tokens a row keeps (through its first stop token, within its room) must
-            # settle: by causality the tokens after them cannot change them, and are dropped.
-            _, kept = _first_stop_and_kept(refined, stop_ids, room)
-            fixed_point = bool(((refined == block) | (block_positions >= kept[:, None])).all())
+            fixed_point = bool(_is_fixed_point(refined, block, stop_ids, room))
             block = refined
             if fixed_point and early_exit:
                 break
@@ -372,7 +377,6 @@ def _decode_static(model, prompt_ids, prompt_mask, *, inductor, width, refine_it
     forward = StaticForward.for_model(model, batch, cache_len, inductor)
     forward.reset(prompt_mask)
     fills = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
-    positions = torch.arange(width, device=device)
     alive = list(range(batch))
     alive_mask = torch.ones(batch, dtype=torch.bool, device=device)
     lag = device.type == "cuda"
@@ -399,8 +403,7 @@ def _decode_static(model, prompt_ids, prompt_mask, *, inductor, width, refine_it
             refined = torch.cat([block[:, :1], pick(forward(block[:, :-1], start, width - 1))], 1)
             out.forwards += 1
             passes += 1
-            _, kept = _first_stop_and_kept(refined, stop_ids, room)
-            fixed = ((refined == block) | (positions >= kept[:, None])).all()
+            fixed = _is_fixed_point(refined, block, stop_ids, room)
             block = torch.where(frozen, block, refined)
             frozen |= fixed
             if not early_exit:
