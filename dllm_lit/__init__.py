@@ -1,6 +1,8 @@
 """dllm_lit: block-parallel "EOS block + refine" decoding for Hugging Face causal LMs."""
 
-from dllm_lit.decoding import BlockGeneration, RowResult, generate_blocks, iterative_generate
+from dllm_lit.decoding import generate_blocks, iterative_generate
+from dllm_lit.ledger import BlockGeneration, RowResult
+from dllm_lit.settings import DecodeSettings
 
-__all__ = ["BlockGeneration", "RowResult", "generate_blocks", "iterative_generate"]
+__all__ = ["BlockGeneration", "DecodeSettings", "RowResult", "generate_blocks", "iterative_generate"]
 __version__ = "0.1.0"

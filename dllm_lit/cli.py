@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from dllm_lit.data import DataModule
 from dllm_lit.models import DEFAULT_MODEL
 from dllm_lit.module import BlockRefineLM
+from dllm_lit.summary import PredictionSummary
 from dllm_lit.writer import PredictionWriter, check_writable
 
 # Errors of the user's making that deserve one line, not a traceback.
@@ -33,7 +34,7 @@ class SaveFitConfig(SaveConfigCallback):
 
 
 class DllmCLI(LightningCLI):
-    """LightningCLI over BlockRefineLM + DataModule, with the prediction writer."""
+    """LightningCLI over BlockRefineLM + DataModule, with the prediction writer and summary."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(
@@ -52,6 +53,7 @@ class DllmCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "writer")
+        parser.add_lightning_class_args(PredictionSummary, "summary")
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.max_length", "data.max_length")
 

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dllm_lit.models import DEFAULT_MODEL, load_tokenizer
+from dllm_lit.settings import DEFAULTS
 
 
 class PromptError(ValueError):
@@ -286,7 +287,7 @@ class DataModule(L.LightningDataModule):
         batch_size: int = 8,
         use_chat_template: bool = False,
         sort_by_length: bool = True,
-        max_length: int = 8192,
+        max_length: int = DEFAULTS.max_length,
         truncation: Literal["error", "left", "right"] = "error",
         skip_long_prompts: bool = False,
         num_workers: int = 0,

@@ -1,4 +1,4 @@
-"""The seed's demo flags, translated onto ``dllm_lit predict``.
+"""The legacy front end: the original script's demo flags, translated onto ``dllm_lit predict``.
 
     python -m dllm_lit.demo --model_path smollm2 --prompt "What is 2+2?" --use_chat_template
 """
@@ -9,12 +9,13 @@ import argparse
 
 from dllm_lit import cli
 from dllm_lit.models import DEFAULT_MODEL
+from dllm_lit.settings import BACKENDS, DEFAULTS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dllm_lit.demo",
-        description="Block-refine decoding with the seed demo's flags (a thin front for `dllm_lit predict`).",
+        description="Block-refine decoding with the legacy demo flags (a thin front for `dllm_lit predict`).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="a single prompt")
@@ -24,19 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_file", help="write results to .jsonl or .json")
     parser.add_argument("--max_display", type=int, default=10, help="examples printed to stdout")
     parser.add_argument("--use_chat_template", action="store_true", help="wrap prompts with the chat template")
-    parser.add_argument("--add_eos_length", type=int, default=127, help="block width minus one")
-    parser.add_argument("--refine_iter", type=int, default=2, help="forward passes per block")
-    parser.add_argument("--max_new_tokens", type=int, default=1024)
-    parser.add_argument("--max_length", type=int, default=8192)
-    parser.add_argument("--compile", nargs="?", const="true", default="false", choices=["false", "true", "inductor"],
-                        help="static cache + CUDA graphs (the fast GPU path); 'inductor' also fuses kernels")
+    parser.add_argument("--add_eos_length", type=int, default=DEFAULTS.add_eos_length, help="block width minus one")
+    parser.add_argument("--refine_iter", type=int, default=DEFAULTS.refine_iter, help="forward passes per block")
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens)
+    parser.add_argument("--max_length", type=int, default=DEFAULTS.max_length)
+    parser.add_argument("--backend", default=DEFAULTS.backend, choices=BACKENDS,
+                        help="cuda_graph: static cache + CUDA graphs (the fast GPU path); inductor: also fuses kernels")
     parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-true")
     parser.add_argument("--devices", default=None, help="Lightning devices, e.g. 1 or 2")
     return parser
 
 
 def to_cli_args(ns: argparse.Namespace) -> list[str]:
-    """The ``dllm_lit predict`` arguments that mean the same as the seed's flags."""
+    """The ``dllm_lit predict`` arguments that mean the same as the legacy flags."""
     args = [
         "predict",
         f"--model.model_name_or_path={ns.model_path}",
@@ -44,10 +45,10 @@ def to_cli_args(ns: argparse.Namespace) -> list[str]:
         f"--model.refine_iter={ns.refine_iter}",
         f"--model.max_new_tokens={ns.max_new_tokens}",
         f"--model.max_length={ns.max_length}",
-        f"--model.compile={ns.compile}",
+        f"--model.backend={ns.backend}",
         f"--data.batch_size={ns.batch_size}",
         f"--data.use_chat_template={ns.use_chat_template}",
-        f"--writer.max_display={ns.max_display}",
+        f"--summary.max_display={ns.max_display}",
     ]
     args.append(f"--data.prompt={ns.prompt}" if ns.prompt is not None else f"--data.prompts_file={ns.prompts_file}")
     if ns.output_file:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -12,9 +12,26 @@ from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
 from dllm_lit.answers import is_correct
-from dllm_lit.decoding import BlockGeneration, check_settings, generate_blocks
+from dllm_lit.decoding import generate_blocks
+from dllm_lit.ledger import BlockGeneration
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
+from dllm_lit.settings import DecodeSettings
 from dllm_lit.training import iterative_refine_losses, weighted_total
+
+
+@dataclass
+class PredictedBatch:
+    """What ``predict_step`` returns: the output rows and the batch's decoding statistics.
+
+    Attributes:
+        rows: One plain dict per prompt (``index``, ``prompt``, ``response``, ...), ready to write.
+        forwards: Forward passes the batch took.
+        generated_tokens: Tokens generated over all rows, stop tokens included.
+    """
+
+    rows: list[dict[str, Any]]
+    forwards: int
+    generated_tokens: int
 
 
 class BlockRefineLM(L.LightningModule):
@@ -23,19 +40,6 @@ class BlockRefineLM(L.LightningModule):
     Args:
         model_name_or_path: A local HF directory, a ``.gguf`` file, ``smollm2`` (the embedded
             SmolLM2-135M-Instruct) or ``tiny-char`` (a fresh tiny model for toy tasks).
-        add_eos_length: EOS fill tokens per block; each block is ``add_eos_length + 1`` tokens.
-        refine_iter: Forward passes per block. ``>= add_eos_length + 1`` equals greedy decoding.
-        max_new_tokens: At most this many generated tokens per prompt.
-        max_length: At most this many tokens per prompt, prompt included.
-        stop_token_ids: Extra token ids that end a response, like EOS.
-        temperature: 0 decodes greedily (exact, the default); above 0 samples.
-        top_k: When sampling, keep the k most likely tokens.
-        top_p: When sampling, nucleus threshold.
-        use_cache: Keep a prefix KV cache (same tokens, far fewer FLOPs).
-        compile: true: static KV cache and fixed block shapes, each forward replayed as a CUDA
-            graph, the fast path on a GPU (the default path's greedy tokens in fp32; on CPU it
-            runs eagerly). inductor: the same through torch.compile, faster per pass after a
-            compile of tens of seconds per batch size and block width (pays off on long runs).
         num_iterations: Training rounds of the iterative refine objective (1 = one noised pass).
         noise_min: Training: lower bound of the fraction of response tokens replaced by EOS.
         noise_max: Training: upper bound of that fraction (0 and 0 with one round = plain SFT).
@@ -43,21 +47,13 @@ class BlockRefineLM(L.LightningModule):
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warmup steps before the cosine decay.
+        **decoding: Decoding settings, every field of :class:`~dllm_lit.settings.DecodeSettings`
+            (``add_eos_length``, ``refine_iter``, ``max_new_tokens``, ...).
     """
 
     def __init__(
         self,
         model_name_or_path: str = DEFAULT_MODEL,
-        add_eos_length: int = 127,
-        refine_iter: int = 2,
-        max_new_tokens: int = 1024,
-        max_length: int = 8192,
-        stop_token_ids: list[int] | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        use_cache: bool = True,
-        compile: bool | Literal["inductor"] = False,
         num_iterations: int = 2,
         noise_min: float = 0.0,
         noise_max: float = 1.0,
@@ -65,16 +61,16 @@ class BlockRefineLM(L.LightningModule):
         learning_rate: float = 3e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
+        **decoding: Any,
     ):
         super().__init__()
         try:  # fail before any model loads, naming the flag
-            check_settings(add_eos_length=add_eos_length, refine_iter=refine_iter,
-                           max_new_tokens=max_new_tokens, max_length=max_length)
+            self.decoding = DecodeSettings(**decoding)
         except ValueError as error:
             raise ValueError(f"--model.{error}") from None
         self.save_hyperparameters()
         self.model: torch.nn.Module | None = None
-        self.load_seconds = 0.0
+        self.tokenizer = None
         self.accuracy = MeanMetric()
         self.tokens_per_forward = MeanMetric()
         self.forwards = MeanMetric()
@@ -83,30 +79,13 @@ class BlockRefineLM(L.LightningModule):
         """Load weights under the trainer's precision context (idempotent)."""
         if self.model is not None:
             return
-        start = time.perf_counter()
         self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
         self.model = load_model(self.hparams.model_name_or_path).train(self.training)
-        self.load_seconds = time.perf_counter() - start
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
         """Run the engine with this module's settings."""
-        hp = self.hparams
-        return generate_blocks(
-            self.model,
-            input_ids,
-            attention_mask=attention_mask,
-            eos_token_id=self.tokenizer.eos_token_id,
-            max_new_tokens=hp.max_new_tokens,
-            add_eos_length=hp.add_eos_length,
-            refine_iter=hp.refine_iter,
-            max_length=hp.max_length,
-            stop_token_ids=hp.stop_token_ids or (),
-            temperature=hp.temperature,
-            top_k=hp.top_k,
-            top_p=hp.top_p,
-            use_cache=hp.use_cache,
-            compile=hp.compile,
-        )
+        return generate_blocks(self.model, input_ids, self.decoding, attention_mask=attention_mask,
+                               eos_token_id=self.tokenizer.eos_token_id)
 
     def decode_splitting_on_oom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
         """:meth:`decode`, retrying a batch that runs out of memory as two halves (down to one prompt)."""
@@ -122,16 +101,11 @@ class BlockRefineLM(L.LightningModule):
             rank_zero_warn(f"Out of memory decoding {rows} prompts at once; retrying as {half} + {rows - half}.")
             first = self.decode_splitting_on_oom(input_ids[:half], attention_mask[:half])
             second = self.decode_splitting_on_oom(input_ids[half:], attention_mask[half:])
-            return BlockGeneration(
-                rows=first.rows + second.rows,
-                forwards=first.forwards + second.forwards,
-                refine_passes_per_block=first.refine_passes_per_block + second.refine_passes_per_block,
-            )
+            return BlockGeneration.concat([first, second])
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Decode one batch; return one plain row per prompt."""
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> PredictedBatch:
+        """Decode one batch; return one plain row per prompt and the batch statistics."""
         result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"])
-        self.last_batch_stats = {"forwards": result.forwards, "generated_tokens": result.generated_tokens}
         lengths = batch["attention_mask"].sum(1).tolist()
         rows = []
         for index, prompt, extra, length, row in zip(
@@ -150,7 +124,7 @@ class BlockRefineLM(L.LightningModule):
                     "tokens_per_forward": round(row.tokens_per_forward, 4),
                 }
             )
-        return rows
+        return PredictedBatch(rows=rows, forwards=result.forwards, generated_tokens=result.generated_tokens)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The iterative refine loss; logs each round's loss and the weighted total."""

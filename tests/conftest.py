@@ -1,4 +1,4 @@
-"""Tiny random causal LMs in fp32 for CPU logic tests."""
+"""Shared test helpers: tiny random models in fp32, padded prompts, and the `dllm_lit` command runner."""
 
 from __future__ import annotations
 
@@ -7,52 +7,25 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from dllm_lit.tiny import tiny_gpt2, tiny_llama
 
 VOCAB = 96
 EOS = 2
+ROOT = Path(__file__).resolve().parents[1]
 
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer Llama (RoPE) with a wide init so argmaxes are far from ties."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,
-        eos_token_id=EOS,
-        bos_token_id=1,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    """A 2-layer GPT-2 (learned absolute positions) with a wide init."""
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        n_positions=512,
-        initializer_range=0.3,
-        eos_token_id=EOS,
-        bos_token_id=1,
-        pad_token_id=0,
-    )
-    return GPT2LMHeadModel(config).eval()
-
-
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+MODELS = {
+    # 2 layers, a wide init so argmaxes are far from ties; the Llama has RoPE and grouped K/V heads.
+    "llama": lambda seed=0: tiny_llama(VOCAB, intermediate_size=128, kv_heads=2, max_positions=512,
+                                       initializer_range=0.3, seed=seed),
+    "gpt2": lambda seed=0: tiny_gpt2(VOCAB, initializer_range=0.3, seed=seed),
+}
 
 
 @pytest.fixture(params=sorted(MODELS), scope="module")
@@ -82,3 +55,24 @@ def tiny_dir(tmp_path_factory) -> str:
     from dllm_lit.tiny import save_tiny_model
 
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), initializer_range=0.3))
+
+
+def run_dllm_lit(args: list[str], cwd: Path, *, env: dict[str, str] | None = None,
+                 module: str = "dllm_lit.cli", timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m dllm_lit.cli ARGS`` (or another ``module``) offline as a user would."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_dllm_lit(args: list[str], cwd: Path) -> subprocess.Popen:
+    """Start ``python -m dllm_lit.cli ARGS`` in the background (to interrupt it)."""
+    return subprocess.Popen([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="session")
+def dllm_lit():
+    """The `dllm_lit` command as a subprocess: ``dllm_lit(args, cwd, env=...)``."""
+    return run_dllm_lit

@@ -6,9 +6,6 @@ Oracles: the engine called directly on the same model, one-by-one runs, one-proc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +17,7 @@ from dllm_lit.data import DataModule
 from dllm_lit.models import load_model, load_tokenizer
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.tiny import save_tiny_model
-from dllm_lit.writer import RULE
+from dllm_lit.summary import RULE
 
 PROMPTS = ["What is 2+2?", "Name a color.", "x", "A much longer prompt about the weather and the sea.", "Count: 1 2 3"]
 GEN = ["--model.add_eos_length=3", "--model.refine_iter=2", "--model.max_new_tokens=24"]
@@ -49,7 +46,7 @@ def expected_response(model_dir: str, prompt: str, *, chat: bool = False, **sett
     return ids.shape[1], len(row.token_ids), tokenizer.decode(row.token_ids, skip_special_tokens=True)
 
 
-def test_single_prompt_prints_the_seed_layout(tiny_dir, capsys, tmp_path, monkeypatch):
+def test_single_prompt_prints_the_legacy_layout(tiny_dir, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_cli(["predict", f"--model.model_name_or_path={tiny_dir}", "--data.prompt=What is 2+2?", *GEN])
     out = capsys.readouterr().out
@@ -67,7 +64,7 @@ def test_single_prompt_prints_the_seed_layout(tiny_dir, capsys, tmp_path, monkey
 def test_prompts_file_batches_jsonl_in_input_order(tiny_dir, prompts_file, tmp_path, capsys):
     output = tmp_path / "out" / "results.jsonl"
     args = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts_file}",
-            "--data.batch_size=2", f"--writer.output_file={output}", "--writer.max_display=2", *GEN]
+            "--data.batch_size=2", f"--writer.output_file={output}", "--summary.max_display=2", *GEN]
     run_cli(args)
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in output.read_text().splitlines()]
@@ -126,18 +123,18 @@ def test_chat_template_missing_is_a_clear_error(tiny_dir, tmp_path, capsys):
 
 def test_demo_flags_equal_the_cli(tiny_dir, prompts_file, tmp_path):
     """Both sides use the compiled path; the oracle is the eager engine."""
-    seed_style = tmp_path / "demo.jsonl"
+    legacy = tmp_path / "demo.jsonl"
     demo.main(["--model_path", tiny_dir, "--prompts_file", str(prompts_file), "--batch_size", "2",
-               "--output_file", str(seed_style), "--max_display", "1", "--use_chat_template",
+               "--output_file", str(legacy), "--max_display", "1", "--use_chat_template",
                "--add_eos_length", "5", "--refine_iter", "3", "--max_new_tokens", "20", "--max_length", "60",
-               "--compile"])
+               "--backend", "cuda_graph"])
     native = tmp_path / "native.jsonl"
     run_cli(["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts_file}",
              "--data.batch_size=2", f"--writer.output_file={native}", "--data.use_chat_template=true",
              "--model.add_eos_length=5", "--model.refine_iter=3", "--model.max_new_tokens=20", "--model.max_length=60",
-             "--model.compile=true"])
-    assert seed_style.read_text() == native.read_text()
-    rows = [json.loads(line) for line in seed_style.read_text().splitlines()]
+             "--model.backend=cuda_graph"])
+    assert legacy.read_text() == native.read_text()
+    rows = [json.loads(line) for line in legacy.read_text().splitlines()]
     *_, response = expected_response(tiny_dir, PROMPTS[3], chat=True, add_eos_length=5, refine_iter=3,
                                     max_new_tokens=20, max_length=60)
     assert rows[3]["response"] == response
@@ -153,26 +150,21 @@ def test_precision_sets_the_weight_dtype(tiny_dir, precision, dtype):
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False, enable_progress_bar=False)
     rows = trainer.predict(module, datamodule=data)
     assert {p.dtype for p in module.model.parameters()} == {dtype}
-    assert sorted(r["index"] for batch in rows for r in batch) == [0, 1]
+    assert sorted(r["index"] for batch in rows for r in batch.rows) == [0, 1]
     model = module.model
     module.configure_model()
     assert module.model is model, "configure_model must be idempotent"
 
 
-def cli_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def test_two_cpu_processes_equal_one(tiny_dir, tmp_path):
+@pytest.mark.slow
+def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, dllm_lit):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS + ["one more", "and the seventh"]) + "\n")
     common = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts}",
               "--data.batch_size=2", "--trainer.accelerator=cpu", *GEN]
-    one = cli_subprocess([*common, f"--writer.output_file={tmp_path / 'one.jsonl'}"], tmp_path)
+    one = dllm_lit([*common, f"--writer.output_file={tmp_path / 'one.jsonl'}"], tmp_path)
     assert one.returncode == 0, one.stderr
-    two = cli_subprocess([*common, "--trainer.devices=2", "--trainer.strategy=ddp",
+    two = dllm_lit([*common, "--trainer.devices=2", "--trainer.strategy=ddp",
                           f"--writer.output_file={tmp_path / 'two.jsonl'}"], tmp_path)
     assert two.returncode == 0, two.stderr
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()

@@ -8,9 +8,11 @@ import weakref
 import pytest
 import torch
 
-from conftest import EOS, left_pad, random_prompts, tiny_llama  # noqa: F401 (model fixture)
+from conftest import EOS, MODELS, left_pad, random_prompts
 from dllm_lit import generate_blocks
-from dllm_lit.static import _GRAPHS_BY_MODEL
+from dllm_lit.compiled import cached_forward
+
+tiny_llama = MODELS["llama"]
 
 PROMPTS = random_prompts([5, 11, 2], seed=1)
 
@@ -30,7 +32,7 @@ def summary(result):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_compiled_equals_eager(model, width, refine_iter, batch):
     settings = dict(add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=45)
-    assert summary(run(model, PROMPTS[:batch], compile=True, **settings)) == summary(
+    assert summary(run(model, PROMPTS[:batch], backend="cuda_graph", **settings)) == summary(
         run(model, PROMPTS[:batch], **settings))
 
 
@@ -42,7 +44,7 @@ def test_rows_that_stop_at_different_times(model):
                      dict(add_eos_length=7, refine_iter=8, max_new_tokens=30, stop_token_ids=[11, 12]),
                      dict(add_eos_length=3, refine_iter=2, max_new_tokens=21, ignore_eos=True)):
         eager = run(model, prompts, **settings)
-        assert summary(run(model, prompts, compile=True, **settings)) == summary(eager)
+        assert summary(run(model, prompts, backend="cuda_graph", **settings)) == summary(eager)
     assert {r.stop_reason for r in eager.rows} == {"max_new_tokens"}
     mixed = run(model, prompts, add_eos_length=3, refine_iter=2, max_new_tokens=40)
     assert {r.stop_reason for r in mixed.rows} == {"eos", "max_new_tokens"}, "the fixture needs both kinds"
@@ -53,19 +55,19 @@ def test_exact_settings_equal_greedy_generate(model):
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=EOS,
                               pad_token_id=0)[:, ids.shape[1]:].tolist()
     for row, hf in zip(run(model, PROMPTS, add_eos_length=7, refine_iter=8, max_new_tokens=30,
-                           compile=True).rows, expected):
+                           backend="cuda_graph").rows, expected):
         ours = row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else [])
         assert ours == hf[: len(ours)]
 
 
 def test_cache_is_reused_for_the_same_shapes_and_rebuilt_for_others():
     model = tiny_llama()
-    settings = dict(add_eos_length=7, refine_iter=2, max_new_tokens=20, compile=True)
+    settings = dict(add_eos_length=7, refine_iter=2, max_new_tokens=20, backend="cuda_graph")
     first = summary(run(model, PROMPTS, **settings))
-    static = _GRAPHS_BY_MODEL[model]
-    assert summary(run(model, PROMPTS, **settings)) == first and _GRAPHS_BY_MODEL[model] is static
+    static = cached_forward(model)
+    assert summary(run(model, PROMPTS, **settings)) == first and cached_forward(model) is static
     alone = summary(run(model, PROMPTS[1:2], **settings))  # batch 1: a new cache
-    assert _GRAPHS_BY_MODEL[model] is not static
+    assert cached_forward(model) is not static
     assert alone[0][0][:3] == first[0][1][:3]
     assert summary(run(model, PROMPTS, **settings)) == first
     alive = weakref.ref(model)
@@ -75,7 +77,7 @@ def test_cache_is_reused_for_the_same_shapes_and_rebuilt_for_others():
 
 
 def test_seeded_sampling_repeats_and_top_k_1_is_greedy(model):
-    settings = dict(add_eos_length=7, refine_iter=3, max_new_tokens=24, compile=True)
+    settings = dict(add_eos_length=7, refine_iter=3, max_new_tokens=24, backend="cuda_graph")
     greedy = summary(run(model, PROMPTS, **settings))
     assert summary(run(model, PROMPTS, temperature=0.7, top_k=1, seed=3, **settings)) == greedy
     first = summary(run(model, PROMPTS, temperature=1.5, top_p=0.95, seed=11, **settings))
@@ -86,13 +88,24 @@ def test_inductor_equals_eager():
     """torch.compile runs on CPU too: the fused forwards give the eager tokens (one shape set)."""
     model = tiny_llama()
     settings = dict(add_eos_length=7, refine_iter=3, max_new_tokens=24)
-    assert summary(run(model, PROMPTS, compile="inductor", **settings)) == summary(run(model, PROMPTS, **settings))
+    assert summary(run(model, PROMPTS, backend="inductor", **settings)) == summary(run(model, PROMPTS, **settings))
+
+
+def test_the_deprecated_compile_flag_still_selects_the_backend():
+    model = tiny_llama()
+    settings = dict(add_eos_length=7, refine_iter=3, max_new_tokens=24)
+    for compile, backend in ((True, "cuda_graph"), (False, "eager")):
+        with pytest.warns(DeprecationWarning, match="compile= is deprecated"):
+            legacy = summary(run(model, PROMPTS, compile=compile, **settings))
+        assert legacy == summary(run(model, PROMPTS, backend=backend, **settings))
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(compile=True, use_cache=False), "needs use_cache=True"),
+    (dict(backend="cuda_graph", use_cache=False), "needs use_cache=True"),
+    (dict(backend="graphs"), "backend must be one of eager, cuda_graph, inductor"),
     (dict(compile="graphs"), "compile must be false, true or 'inductor'"),
 ])
-def test_bad_compile_settings_raise_one_sentence(change, message):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_bad_backend_settings_raise_one_sentence(change, message):
     with pytest.raises(ValueError, match=message):
         run(tiny_llama(), PROMPTS[:1], max_new_tokens=4, **change)

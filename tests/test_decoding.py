@@ -7,6 +7,7 @@ import torch
 
 from conftest import EOS, MODELS, left_pad, random_prompts
 from dllm_lit import generate_blocks, iterative_generate
+from dllm_lit.reference import reference_generate
 
 PROMPTS_3 = random_prompts([5, 11, 2], seed=1)
 
@@ -119,30 +120,14 @@ def test_early_exit(model, width, refine_iter, use_cache):
     assert fast.forwards <= slow.forwards
 
 
-# 7. The seed's loop, re-implemented plainly (batch 1, no cache, no early exit).
-def seed_loop(model, prompt, *, eos, add_eos_length, refine_iter, max_new_tokens):
-    seq = torch.tensor([prompt])
-    start = seq.shape[1]
-    while seq.shape[1] - start < max_new_tokens:
-        pre = seq.shape[1]
-        x = torch.cat([seq, torch.full((1, add_eos_length), eos)], dim=1)
-        for _ in range(refine_iter):
-            block = model(x).logits[0, pre - 1 :].argmax(-1)
-            x = torch.cat([seq, block[None, :-1]], dim=1)
-        seq = torch.cat([seq, block[None]], dim=1)
-        hits = (block == eos).nonzero()
-        if len(hits):
-            return seq[0, start : pre + int(hits[0])].tolist(), "eos"
-    return seq[0, start : start + max_new_tokens].tolist(), "max_new_tokens"
-
-
+# 7. The reference loop (the original script's: no cache, no early exit).
 @pytest.mark.parametrize("width,refine_iter", [(1, 1), (4, 2), (8, 1), (8, 3), (16, 2)])
-def test_matches_the_seed_loop(model, width, refine_iter):
+def test_matches_the_reference_loop(model, width, refine_iter):
     for prompt in PROMPTS_3:
-        with torch.no_grad():
-            expected = seed_loop(
-                model, prompt, eos=EOS, add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=30
-            )
+        (expected,), _ = reference_generate(
+            model, torch.tensor([prompt]), eos=EOS, add_eos_length=width - 1, refine_iter=refine_iter,
+            max_new_tokens=30,
+        )
         row = run(model, [prompt], add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=30).rows[0]
         assert (row.token_ids, row.stop_reason) == expected
 

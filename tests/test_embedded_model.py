@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
-def test_demo_config_answers_2_plus_2():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "dllm_lit.cli", "predict", "--config", "configs/demo.yaml"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
+@pytest.mark.slow
+def test_demo_config_answers_2_plus_2(dllm_lit):
+    done = dllm_lit(["predict", "--config", "configs/demo.yaml"], ROOT)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "Generated 1 responses" in out and "--- Example 1 ---" in out

@@ -6,25 +6,18 @@ Every bad input must give one line on stderr, exit code 2, no traceback and no o
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import start_dllm_lit
 from dllm_lit.module import BlockRefineLM
 
 FAST = ["--model.add_eos_length=3", "--model.refine_iter=2", "--model.max_new_tokens=12"]
-
-
-def dllm_lit(args: list[str], cwd: Path, **popen) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600, **popen)
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -86,13 +79,15 @@ def messy(tmp_path) -> Path:
         (["--data.prompt=hi", "--writer.output_file=/proc/out.jsonl"], ["Cannot write the output file"]),
     ],
 )
-def test_bad_input_gives_one_line(tiny_dir, messy, args, fragments):
+@pytest.mark.slow
+def test_bad_input_gives_one_line(tiny_dir, messy, args, fragments, dllm_lit):
     done = dllm_lit(["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, *args], messy)
     assert_one_line_error(done, *fragments)
     assert not list(messy.glob("*.jsonl.parts")) and not (messy / "out.jsonl").exists()
 
 
-def test_skip_long_prompts_keeps_the_rest(tiny_dir, messy):
+@pytest.mark.slow
+def test_skip_long_prompts_keeps_the_rest(tiny_dir, messy, dllm_lit):
     out = messy / "out.jsonl"
     done = dllm_lit(["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, "--data.prompts_file=long.txt",
                      "--model.max_length=100", "--data.skip_long_prompts=true", f"--writer.output_file={out}"], messy)
@@ -126,19 +121,18 @@ def broken_models(tmp_path, tiny_dir) -> Path:
         ("no_eos", [], ["has no EOS token"]),
     ],
 )
-def test_bad_models_give_one_line(broken_models, model, extra, fragments):
+@pytest.mark.slow
+def test_bad_models_give_one_line(broken_models, model, extra, fragments, dllm_lit):
     done = dllm_lit(["predict", f"--model.model_name_or_path={model}", "--data.prompt=hi", *FAST, *extra],
                     broken_models)
     assert_one_line_error(done, *fragments)
 
 
 def start_run(tiny_dir: str, cwd: Path, out: Path, prompts: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     args = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts}",
             "--data.batch_size=2", "--data.sort_by_length=false", "--model.add_eos_length=0",
             "--model.max_new_tokens=48", "--model.stop_token_ids=[]", f"--writer.output_file={out}", *extra]
-    return subprocess.Popen([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_dllm_lit(args, cwd)
 
 
 def wait_for_rows(parts: Path, at_least: int, timeout: float = 300) -> None:
@@ -156,6 +150,7 @@ def forty_prompts(tmp_path) -> Path:
     return write(tmp_path / "p.txt", "".join(f"prompt number {i} {'x' * (i % 7)}\n" for i in range(40)))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path, forty_prompts):
     reference = tmp_path / "reference.jsonl"
     done = start_run(tiny_dir, tmp_path, reference, forty_prompts)
@@ -175,6 +170,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path, fort
     assert not parts.exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_what_is_done_and_says_how_to_resume(tiny_dir, tmp_path, forty_prompts):
     out = tmp_path / "out.jsonl"
     run = start_run(tiny_dir, tmp_path, out, forty_prompts)
@@ -194,7 +190,8 @@ def test_ctrl_c_saves_what_is_done_and_says_how_to_resume(tiny_dir, tmp_path, fo
 
 
 @pytest.mark.parametrize("count,batch", [(7, 2), (1, 2), (3, 16)], ids=["uneven", "one-rank-empty", "big-batch"])
-def test_two_processes_match_one(tiny_dir, tmp_path, count, batch):
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_dir, tmp_path, count, batch, dllm_lit):
     prompts = write(tmp_path / "p.txt", "".join(f"q{i} {'y' * i}\n" for i in range(count)))
     outputs = {}
     for devices in (1, 2):
@@ -210,6 +207,7 @@ def test_two_processes_match_one(tiny_dir, tmp_path, count, batch):
     assert [json.loads(line)["index"] for line in outputs[2].splitlines()] == list(range(count))
 
 
+@pytest.mark.slow
 def test_concurrent_runs_with_different_outputs_do_not_collide(tiny_dir, tmp_path, forty_prompts):
     runs = [start_run(tiny_dir, tmp_path, tmp_path / f"run{i}.jsonl", forty_prompts) for i in range(2)]
     assert [run.wait() for run in runs] == [0, 0]
@@ -239,7 +237,7 @@ def test_out_of_memory_splits_the_batch(tiny_dir, monkeypatch):
 
     monkeypatch.setattr(module, "decode", decode_with_a_small_memory)
     with pytest.warns(UserWarning, match="retrying as 2 \\+ 3"):
-        rows = module.predict_step(batch, 0)
+        rows = module.predict_step(batch, 0).rows
     assert [r["response"] for r in rows] == [tokenizer.decode(e, skip_special_tokens=True) for e in expected]
     assert sizes == [5, 2, 3, 1, 2]
     monkeypatch.setattr(module, "decode", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("always")))

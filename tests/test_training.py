@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import EOS, MODELS
+from conftest import EOS, MODELS, ROOT, run_dllm_lit
 from dllm_lit.answers import extract_answer, is_correct
 from dllm_lit.data import PromptError, SFTDataset
 from dllm_lit.export import export_checkpoint
@@ -25,8 +22,6 @@ from dllm_lit.training import (
     response_cross_entropy,
     trailing_fill_run,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def sft_batch(seed: int = 0):
@@ -131,10 +126,8 @@ def test_extract_answer_prefers_gsm8k_then_boxed_then_last_number():
     assert extract_answer("3 then 4") == "4"
 
 
-def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DLLM_LIT_CACHE": str(cwd / "cache")}
-    return subprocess.run([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+def cli(args: list[str], cwd: Path):
+    return run_dllm_lit(args, cwd, env={"DLLM_LIT_CACHE": str(cwd / "cache")})
 
 
 def read_metrics(folder: Path) -> list[dict[str, str]]:
@@ -158,6 +151,7 @@ def trained(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_fit_lowers_the_loss_and_logs_validation(trained):
     rows = read_metrics(trained / "logs")
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
@@ -169,6 +163,7 @@ def test_fit_lowers_the_loss_and_logs_validation(trained):
                and float(r["val/forwards"]) >= 1 for r in val)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trips_to_predict(trained):
     (ckpt,) = (trained / "logs").rglob("*.ckpt")
     export_checkpoint(ckpt, trained / "from_ckpt")
@@ -190,6 +185,7 @@ def test_checkpoint_round_trips_to_predict(trained):
     assert [json.loads(line)["response"] for line in fresh.read_text().splitlines()] != outputs["exported"]
 
 
+@pytest.mark.slow
 def test_validation_under_ddp_counts_each_sample_once(trained):
     """5 rows, 2 of them answered correctly by construction: accuracy 0.4 on 1 or 2 processes."""
     predicted = [json.loads(line) for line in (trained / "exported.jsonl").read_text().splitlines()][:5]

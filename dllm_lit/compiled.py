@@ -1,6 +1,7 @@
-"""Fixed-shape forward passes over a preallocated KV cache, replayed as CUDA graphs on a GPU.
+"""The compiled decoding path: fixed-shape forwards over a preallocated KV cache, CUDA graphs on a GPU.
 
-The compiled decoding path (``generate_blocks(..., compile=True)``) feeds the model only a few
+``backend="cuda_graph"`` (or ``"inductor"``) runs the block-refine algorithm with :func:`decode_static`,
+which feeds the model only a few
 input widths (block refine, block draft, and the one-off prompt prefill), always writing K/V at
 explicit cache slots. Each pass may overwrite the slots of draft tokens: a slot is only ever read
 by queries at later or equal slots, and every pass writes a contiguous run starting at the first
@@ -9,7 +10,7 @@ slot whose K/V are not final, so stale or garbage entries beyond it are never se
 On CUDA each width is captured once as a ``torch.cuda.CUDAGraph`` (the attention mask, positions
 and cache offset are computed inside the graph from a zero-dimensional ``start`` tensor), so a pass is
 one graph launch instead of hundreds of kernel launches. On CPU the same program runs eagerly.
-With ``inductor=True`` the fixed-shape forwards go through ``torch.compile`` instead (fused
+With ``backend="inductor"`` the fixed-shape forwards go through ``torch.compile`` instead (fused
 elementwise kernels, and CUDA graphs through ``mode="reduce-overhead"`` on a GPU): faster per
 pass, at a compile of tens of seconds per batch size and block width.
 """
@@ -22,7 +23,17 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-_GRAPHS_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+from dllm_lit.ledger import RowLedger
+from dllm_lit.sampling import Picker, build_picker
+from dllm_lit.settings import DecodeSettings
+
+_FORWARD_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_forward(model: torch.nn.Module) -> StaticForward | None:
+    """The :class:`StaticForward` (static cache and captured graphs) the compiled path keeps for
+    ``model`` between calls, or ``None``."""
+    return _FORWARD_BY_MODEL.get(model)
 
 
 class StaticForward:
@@ -37,8 +48,8 @@ class StaticForward:
         self.batch, self.cache_len = batch, cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
         if any(type(layer) is not StaticLayer for layer in self.cache.layers):
-            raise ValueError("compile=True supports models whose layers all use full attention "
-                             "(no sliding-window or hybrid layers); use compile=False for this model.")
+            raise ValueError("The compiled backends support models whose layers all use full attention "
+                             "(no sliding-window or hybrid layers); use backend='eager' for this model.")
         self.slots = torch.arange(cache_len, device=self.device)
         self.valid = torch.ones(batch, cache_len, dtype=torch.bool, device=self.device)
         self.pad = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -51,12 +62,12 @@ class StaticForward:
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
         """Reuse the model's cache and graphs when the settings match; otherwise build new ones."""
-        current = _GRAPHS_BY_MODEL.pop(model, None)
+        current = _FORWARD_BY_MODEL.pop(model, None)
         settings = (batch, cache_len, inductor, next(model.parameters()).data_ptr())
         if current is None or (current.batch, current.cache_len, current.inductor, current.weights) != settings:
             current = None  # free the old cache and graphs before allocating new ones
             current = cls(model, batch, cache_len, inductor)
-        _GRAPHS_BY_MODEL[model] = current
+        _FORWARD_BY_MODEL[model] = current
         return current
 
     def reset(self, prompt_mask: torch.Tensor) -> None:
@@ -121,3 +132,90 @@ class StaticForward:
         with torch.cuda.graph(cuda_graph), autocast:
             logits = self._run(model, ids_in, keep)
         return cuda_graph, ids_in, logits
+
+
+def decode_static(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  settings: DecodeSettings, ledger: RowLedger, *, fill: int) -> None:
+    """Decode left-padded prompts into ``ledger``; every pass has one of three fixed shapes.
+
+    All rows stay in the batch until the last one finishes (finished rows have no room, so they
+    never block a fixed point). The block is read by the host once, at its commit.
+    """
+    batch, prompt_len = prompt_ids.shape
+    device, width = prompt_ids.device, settings.width
+    budgets = ledger.budget.tolist()
+    blocks = -(-max(budgets) // width)
+    cache_len = -(-(prompt_len + blocks * width) // 64) * 64  # round up: reuse graphs across calls
+    forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
+    forward.reset(prompt_mask)
+    pick = build_picker(settings, device)
+    fills = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    alive = list(range(batch))
+    alive_mask = torch.ones(batch, dtype=torch.bool, device=device)
+    block, settled = None, False
+    for index in range(blocks):
+        start = prompt_len + index * width  # cache slot of the block's first token
+        room = torch.where(alive_mask, ledger.budget - index * width, 0)
+        if block is None:  # the prefill: prompt + fills, run eagerly (its width varies per call)
+            logits = forward(torch.cat([prompt_ids, fills], 1), 0, width, graph=False)
+        elif settled:  # the last pass fed exactly block[:-1]: its K/V are final
+            logits = forward(torch.cat([block[:, -1:], fills], 1), start - 1, width)
+        else:  # re-feed the whole committed block
+            logits = forward(torch.cat([block, fills], 1), start - width, width)
+        block = pick(logits)
+        ledger.count_forward()
+        # As in the eager loop, a block whose rows may add one more token at most has nothing to
+        # refine: that token depends on committed tokens alone.
+        refinable = min(width, max(budgets[row] for row in alive) - index * width) > 1
+        block, settled = refine_static(forward, pick, ledger, settings, block, room, start, refinable)
+        rows = torch.tensor(alive, device=device)
+        finished = ledger.commit(alive, block[rows], room[rows]).tolist()
+        for row, done in zip(list(alive), finished):
+            if done:
+                alive.remove(row)
+                alive_mask[row] = False
+        if not alive:
+            return
+
+
+def refine_static(forward: StaticForward, pick: Picker, ledger: RowLedger, settings: DecodeSettings,
+                  block: torch.Tensor, room: torch.Tensor, start: int, refinable: bool) -> tuple[torch.Tensor, bool]:
+    """Refine passes without a host wait: the fixed-point test runs on device and freezes the block;
+    on CUDA the host reads the flag one pass late, so a block that settles costs at most one extra
+    pass (same tokens). Returns the block and whether it settled after at least one refine pass."""
+    frozen = torch.zeros((), dtype=torch.bool, device=block.device)
+    lag = block.device.type == "cuda"
+    passes, pending = 0, None
+    for _refine_pass in range(2, settings.refine_iter + 1 if refinable else 2):
+        refined = torch.cat([block[:, :1], pick(forward(block[:, :-1], start, block.shape[1] - 1))], 1)
+        ledger.count_forward()
+        passes += 1
+        fixed = ledger.is_fixed_point(refined, block, room)
+        block = torch.where(frozen, block, refined)
+        frozen |= fixed
+        if not settings.early_exit:
+            continue
+        if not lag:
+            if bool(frozen):
+                break
+        elif pending is not None and pending.query_and_read():
+            break
+        else:
+            pending = _HostFlag(frozen)
+    ledger.end_block(passes)
+    return block, passes > 0 and bool(frozen)
+
+
+class _HostFlag:
+    """A device bool copied to pinned host memory without waiting; read once its copy is done."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.host.copy_(flag, non_blocking=True)
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def query_and_read(self) -> bool:
+        """Wait for the copy (queued one pass ago, so the GPU stays busy) and return the flag."""
+        self.done.synchronize()
+        return bool(self.host)

@@ -1,0 +1,154 @@
+"""The row ledger: what each prompt of a decoding call has produced, and the rules every loop shares.
+
+Both decoding loops (:mod:`dllm_lit.eager`, :mod:`dllm_lit.compiled`) draft and refine blocks; the
+:class:`RowLedger` owns everything per row: its token budget, the tokens it kept, why it stopped
+and how many forwards it took. The block rules (first stop token, kept tokens, fixed point) live here
+once, below both loops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from dllm_lit.settings import DecodeSettings
+
+StopReason = Literal["eos", "max_new_tokens", "max_length"]
+
+
+@dataclass
+class RowResult:
+    """What one prompt produced.
+
+    Attributes:
+        token_ids: Generated ids, without the prompt, padding or the stop token.
+        stop_reason: ``"eos"`` (a stop token), ``"max_new_tokens"`` or ``"max_length"``.
+        stop_token_id: The stop token that ended the row, or ``None``.
+        forwards: Forward passes run while this row was in the active batch.
+    """
+
+    token_ids: list[int]
+    stop_reason: StopReason
+    stop_token_id: int | None
+    forwards: int
+
+    @property
+    def num_generated(self) -> int:
+        """Generated tokens, counting the stop token."""
+        return len(self.token_ids) + (self.stop_token_id is not None)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.num_generated / max(self.forwards, 1)
+
+
+@dataclass
+class BlockGeneration:
+    """The result of one :func:`~dllm_lit.decoding.generate_blocks` call.
+
+    Attributes:
+        rows: One :class:`RowResult` per input row, in input order.
+        forwards: Model forward passes for the whole batch.
+        refine_passes_per_block: Refine passes (after the draft pass) each block used.
+    """
+
+    rows: list[RowResult]
+    forwards: int = 0
+    refine_passes_per_block: list[int] = field(default_factory=list)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.refine_passes_per_block)
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(row.num_generated for row in self.rows)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens over all rows per forward pass of the batch."""
+        return self.generated_tokens / max(self.forwards, 1)
+
+    @classmethod
+    def concat(cls, parts: list[BlockGeneration]) -> BlockGeneration:
+        """One result for row batches decoded one after the other."""
+        return cls(rows=[row for part in parts for row in part.rows],
+                   forwards=sum(part.forwards for part in parts),
+                   refine_passes_per_block=[n for part in parts for n in part.refine_passes_per_block])
+
+
+def first_stop_and_kept(block: torch.Tensor, stop_ids: torch.Tensor, room: torch.Tensor):
+    """Per row: the position of the first stop token (or the width), and how many tokens the row
+    keeps from this block (through that stop token, at most ``room``)."""
+    width = block.shape[1]
+    is_stop = torch.isin(block, stop_ids)
+    first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), width)
+    return first_stop, torch.minimum(first_stop + 1, room.clamp(max=width))
+
+
+def is_fixed_point(refined: torch.Tensor, block: torch.Tensor, stop_ids: torch.Tensor, room: torch.Tensor):
+    """A device bool: the refine pass changed none of the tokens any row keeps. Only those (through
+    each row's first stop token, within its room) must settle: by causality the tokens after them
+    cannot change them, and are dropped."""
+    _, kept = first_stop_and_kept(refined, stop_ids, room)
+    positions = torch.arange(block.shape[1], device=block.device)
+    return ((refined == block) | (positions >= kept[:, None])).all()
+
+
+class RowLedger:
+    """Per-row budgets, kept tokens, stop reasons and forwards of one decoding call.
+
+    Args:
+        prompt_mask: ``[batch, prompt_len]`` attention mask of the left-padded prompts.
+        settings: The call's decoding settings (limits and stop tokens).
+        eos_ids: The model's EOS ids; they stop rows unless ``settings.ignore_eos``.
+    """
+
+    def __init__(self, prompt_mask: torch.Tensor, settings: DecodeSettings, eos_ids: list[int]):
+        device = prompt_mask.device
+        stops = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(eos_ids))
+        self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device)
+        room_by_length = settings.max_length - prompt_mask.sum(1)
+        self.budget = torch.clamp(room_by_length, max=settings.max_new_tokens)  # tokens each row may add
+        self.length_reason: list[StopReason] = [
+            "max_new_tokens" if settings.max_new_tokens <= int(r) else "max_length" for r in room_by_length
+        ]
+        batch = prompt_mask.shape[0]
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.rows: list[RowResult | None] = [None] * batch
+        self.forwards = 0
+        self.refine_passes_per_block: list[int] = []
+
+    def count_forward(self) -> None:
+        self.forwards += 1
+
+    def end_block(self, refine_passes: int) -> None:
+        self.refine_passes_per_block.append(refine_passes)
+
+    def is_fixed_point(self, refined: torch.Tensor, block: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+        return is_fixed_point(refined, block, self.stop_ids, room)
+
+    def commit(self, rows: list[int], block: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+        """Append each row's kept tokens (up to its first stop token, within its room); record the
+        rows that finish; return which did. The one device-to-host copy of a block."""
+        first_stop, keep_len = first_stop_and_kept(block, self.stop_ids, room)
+        hit_stop = first_stop < keep_len
+        finished = hit_stop | (room <= block.shape[1])
+        keep_len = keep_len - hit_stop.long()  # the stop token is reported apart from the tokens
+        for row, stop, done, n, ids in zip(rows, hit_stop.tolist(), finished.tolist(), keep_len.tolist(),
+                                           block.tolist()):
+            self.tokens[row].extend(ids[:n])
+            if done:
+                self.rows[row] = RowResult(
+                    token_ids=self.tokens[row],
+                    stop_reason="eos" if stop else self.length_reason[row],
+                    stop_token_id=ids[n] if stop else None,
+                    forwards=self.forwards,
+                )
+        return finished
+
+    def result(self) -> BlockGeneration:
+        return BlockGeneration(rows=list(self.rows), forwards=self.forwards,
+                               refine_passes_per_block=self.refine_passes_per_block)

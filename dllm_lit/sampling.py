@@ -1,0 +1,41 @@
+"""Picking tokens from logits: argmax, or transformers' warpers followed by sampling."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from dllm_lit.settings import DecodeSettings
+
+Picker = Callable[[torch.Tensor], torch.Tensor]
+
+
+def build_picker(settings: DecodeSettings, device: torch.device) -> Picker:
+    """Return ``pick(logits [A, k, V]) -> ids [A, k]``: argmax when ``temperature`` is 0, else
+    temperature / top-k / top-p warpers and a multinomial draw."""
+    if settings.temperature <= 0:
+        return lambda logits: logits.argmax(-1)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
+    if settings.top_k:
+        warpers.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p is not None and settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(settings.top_p))
+    generator = None  # None: torch's global generator (seeded by seed_everything under the CLI)
+    if settings.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(settings.seed)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        # The warpers used here read only the scores, never the ids.
+        probs = torch.softmax(warpers(None, flat), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+
+    return pick

@@ -1,0 +1,102 @@
+"""``DecodeSettings``: the one home of every decoding setting, its default, its documentation and its check.
+
+Python calls (``generate_blocks(..., refine_iter=2)``), the CLI's flat flags (``--model.refine_iter``)
+and YAML configs are all built from this dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Backend = Literal["eager", "cuda_graph", "inductor"]
+BACKENDS: tuple[str, ...] = ("eager", "cuda_graph", "inductor")
+
+_LEGACY_COMPILE = {False: "eager", True: "cuda_graph", "inductor": "inductor"}
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How to decode: block shape, length limits, stop tokens, sampling and the execution backend.
+
+    Attributes:
+        add_eos_length: EOS fill tokens appended per block; the block width is ``add_eos_length + 1``.
+        refine_iter: Forward passes per block (draft + refinements). ``>= add_eos_length + 1`` gives
+            exactly the greedy autoregressive output.
+        max_new_tokens: At most this many generated tokens per prompt, the stop token included.
+        max_length: At most this many tokens per prompt, the prompt (without padding) included.
+        stop_token_ids: Extra token ids that end a response, like EOS.
+        temperature: 0 decodes greedily (exact, the default); above 0 samples.
+        top_k: When sampling, keep only the k most likely tokens.
+        top_p: When sampling, the nucleus threshold (0 < top_p <= 1).
+        seed: Seed of a private sampling generator; None samples from torch's global generator
+            (seeded by ``--seed_everything`` under the CLI).
+        ignore_eos: EOS still fills blocks but no longer ends a row (``stop_token_ids`` still do);
+            for benchmarks that need a fixed number of tokens.
+        use_cache: Keep a prefix KV cache of committed tokens (same tokens, far fewer FLOPs). False
+            re-encodes the whole sequence every pass (the reference, and the fallback for models
+            without a cache).
+        early_exit: Stop refining a block once a pass leaves it unchanged. Never changes the tokens;
+            turning it off is for tests and benchmarks.
+        backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
+            fixed block shapes, each forward replayed as a CUDA graph (the fast path on a GPU; on
+            CPU it runs eagerly). ``inductor``: the same through torch.compile, faster per pass after
+            a compile of tens of seconds per batch size and block width. All give the same greedy
+            tokens in fp32.
+    """
+
+    add_eos_length: int = 127
+    refine_iter: int = 2
+    max_new_tokens: int = 1024
+    max_length: int = 8192
+    stop_token_ids: tuple[int, ...] = ()
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    use_cache: bool = True
+    early_exit: bool = True
+    backend: Backend = "eager"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids or ()))
+        for name, least in (("refine_iter", 1), ("add_eos_length", 0), ("max_new_tokens", 1), ("max_length", 2)):
+            value = getattr(self, name)
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}.")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be 0 (greedy) or above, got {self.temperature}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be above 0 and at most 1, got {self.top_p}.")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be at least 0 (0: no limit), got {self.top_k}.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
+        if self.backend != "eager" and not self.use_cache:
+            raise ValueError(f"backend={self.backend!r} decodes with a static KV cache: it needs use_cache=True.")
+
+    @property
+    def width(self) -> int:
+        """The block width, ``add_eos_length + 1``."""
+        return self.add_eos_length + 1
+
+    def replace(self, **overrides: Any) -> DecodeSettings:
+        """A copy with ``overrides``; accepts the deprecated ``compile=`` (use ``backend=``)."""
+        if "compile" in overrides:
+            compile = overrides.pop("compile")
+            warnings.warn("compile= is deprecated: use backend='eager', 'cuda_graph' or 'inductor'.",
+                          DeprecationWarning, stacklevel=3)
+            if compile not in _LEGACY_COMPILE:
+                raise ValueError(f"compile must be false, true or 'inductor', got {compile!r}.")
+            overrides.setdefault("backend", _LEGACY_COMPILE[compile])
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"Unknown decoding setting(s): {', '.join(unknown)}.")
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+
+DEFAULTS = DecodeSettings()
+"""The default settings (every default above, in one object)."""
