@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-fast lint format
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -20,5 +20,18 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/dllm_lit predict --config configs/demo.yaml
 
+# Everything, the slow subprocess / multi-process / training / embedded-model tests included.
 test: setup
 	$(BIN)/python -m pytest
+
+# The edit loop: the unit tests on tiny models (about half a minute).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .

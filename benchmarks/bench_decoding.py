@@ -1,4 +1,4 @@
-"""Side-by-side decoding speed in one process: HF generate, the seed's no-cache loop, the engine.
+"""Side-by-side decoding speed in one process: HF generate, the reference no-cache loop, the engine.
 
 Usage:
     python benchmarks/bench_decoding.py smollm2 --prompt-tokens 302 --new-tokens 256 \
@@ -17,16 +17,16 @@ import argparse
 import copy
 import os
 import platform
-import statistics
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from timing import timed
 
 from dllm_lit import generate_blocks
 from dllm_lit.models import load_model, load_tokenizer
+from dllm_lit.reference import reference_generate
 
 TEXT = (
     "The history of numerical weather prediction begins in 1922, when Lewis Fry Richardson "
@@ -34,31 +34,6 @@ TEXT = (
     "was badly wrong, but the method was sound. Decades later, electronic computers made the "
     "calculation fast enough to be useful, and forecasts improved year after year. "
 )
-
-
-@torch.inference_mode()
-def seed_loop(model, input_ids, *, eos: int, add_eos_length: int, refine_iter: int, new_tokens: int):
-    """The seed script's loop: no cache, no early exit, full logits, every pass over the whole sequence."""
-    seq, forwards = input_ids, 0
-    while seq.shape[1] - input_ids.shape[1] < new_tokens:
-        pre = seq.shape[1]
-        x = torch.cat([seq, torch.full((1, add_eos_length), eos, device=seq.device)], dim=1)
-        for _ in range(refine_iter):
-            block = model(x).logits[0, pre - 1 :].argmax(-1)
-            forwards += 1
-            x = torch.cat([seq, block[None, :-1]], dim=1)
-        seq = torch.cat([seq, block[None]], dim=1)
-    return seq[0, input_ids.shape[1] : input_ids.shape[1] + new_tokens].tolist(), forwards
-
-
-def timed(fn, repeats: int):
-    """Return (median seconds, last result) over ``repeats`` calls."""
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
 
 
 def main() -> None:
@@ -88,26 +63,48 @@ def main() -> None:
     for setting in args.settings:
         width, refine_iter = (int(x) for x in setting.split(":"))
         label = f"blk{width} R{refine_iter}"
-        base_time, (base_tokens, base_forwards) = timed(
-            lambda: seed_loop(model, ids, eos=eos, add_eos_length=width - 1, refine_iter=refine_iter, new_tokens=n),
-            args.repeats,
-        )
-        rows.append((f"{label} seed no-cache loop", label, n / base_time, base_forwards, n / base_forwards, 1.0, "-"))
-        engine_time, result = timed(
-            lambda: generate_blocks(
-                model, ids, eos_token_id=eos, add_eos_length=width - 1, refine_iter=refine_iter,
-                max_new_tokens=n, ignore_eos=True,
+        base_time, (base_rows, base_forwards) = timed(
+            lambda: reference_generate(
+                model,
+                ids,
+                eos=eos,
+                add_eos_length=width - 1,
+                refine_iter=refine_iter,
+                max_new_tokens=n,
+                stop_at_eos=False,
             ),
             args.repeats,
         )
-        same = result.rows[0].token_ids == base_tokens
+        rows.append(
+            (f"{label} reference no-cache loop", label, n / base_time, base_forwards, n / base_forwards, 1.0, "-")
+        )
+        engine_time, result = timed(
+            lambda: generate_blocks(
+                model,
+                ids,
+                eos_token_id=eos,
+                add_eos_length=width - 1,
+                refine_iter=refine_iter,
+                max_new_tokens=n,
+                ignore_eos=True,
+            ),
+            args.repeats,
+        )
+        same = result.rows[0].token_ids == base_rows[0][0]
         exact = refine_iter >= width
         verdict = ("yes" if same else "NO") + (
             f", = generate: {'yes' if result.rows[0].token_ids == greedy else 'NO'}" if exact else ""
         )
         rows.append(
-            (f"{label} engine (prefix cache)", label, n / engine_time, result.forwards,
-             result.tokens_per_forward, base_time / engine_time, verdict)
+            (
+                f"{label} engine (prefix cache)",
+                label,
+                n / engine_time,
+                result.forwards,
+                result.tokens_per_forward,
+                base_time / engine_time,
+                verdict,
+            )
         )
 
     print(f"\n`{' '.join(sys.argv)}`  ")
@@ -116,7 +113,9 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; prompt {ids.shape[1]} tokens, {n} new tokens, "
         f"median of {args.repeats}\n"
     )
-    print("| mode | tok/s | forwards | tokens/forward | speed-up vs no-cache loop | tokens identical to no-cache loop |")
+    print(
+        "| mode | tok/s | forwards | tokens/forward | speed-up vs no-cache loop | tokens identical to no-cache loop |"
+    )
     print("|---|---|---|---|---|---|")
     for name, _, tps, forwards, tpf, speedup, same in rows:
         speed = "-" if speedup is None else f"{speedup:.2f}x"

@@ -4,7 +4,7 @@
     python benchmarks/bench_fusion.py --shape tiny --device cpu --dtype float32 --widths 7
 
 Times one forward of the compiled engine's ``StaticForward`` (static cache, explicit slots) at
-each input width: eager, replayed as a CUDA graph (what ``compile=True`` runs), and compiled by
+each input width: eager, replayed as a CUDA graph (what ``backend="cuda_graph"`` runs), and compiled by
 ``torch.compile(mode="reduce-overhead")`` (inductor fuses the elementwise kernels, then CUDA
 graphs). Prints the median ms, the roofline floor and the compile time. A measurement for the
 next step, not a decoding path.
@@ -13,18 +13,18 @@ next step, not a decoding path.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import torch
+from bench_gpu import SHAPES, add_model_arguments, build, device_name, roofline
+from timing import sync, timed
 
-from bench_gpu import SHAPES, add_model_arguments, build, device_name, roofline, sync, timed
-from dllm_lit.static import StaticForward
+from dllm_lit.compiled import StaticForward
 
 
 def median_ms(fn, device: torch.device, repeats: int) -> float:
-    return 1e3 * timed(fn, device, repeats, budget_s=math.inf)[0]
+    return 1e3 * timed(fn, repeats, device=device)[0]
 
 
 @torch.inference_mode()
@@ -44,8 +44,10 @@ def main() -> None:
     for forward in static, fused:
         forward.reset(torch.ones(args.batch, 512, dtype=torch.long, device=device))
         forward(ids, 0, 1, graph=False)  # the prefill allocates the cache
-    print(f"\n`{' '.join(sys.argv)}`  \n{device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
-          f"cache {args.cache_len} slots\n")
+    print(
+        f"\n`{' '.join(sys.argv)}`  \n{device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
+        f"cache {args.cache_len} slots\n"
+    )
     print("| width | eager ms | CUDA graph ms | inductor + graphs ms | compile s | floor ms |")
     print("|---|---|---|---|---|---|")
     for width in args.widths:
@@ -60,8 +62,11 @@ def main() -> None:
         sync(device)
         compile_s = time.perf_counter() - begin
         inductor = median_ms(lambda: fused(block, 512, width), device, args.repeats)
-        print(f"| {width} | {eager:.2f} | {graphed} | {inductor:.2f} | {compile_s:.0f} | "
-              f"{floor_of(args.batch * width):.2f} |", flush=True)
+        print(
+            f"| {width} | {eager:.2f} | {graphed} | {inductor:.2f} | {compile_s:.0f} | "
+            f"{floor_of(args.batch * width):.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

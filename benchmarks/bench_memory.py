@@ -31,11 +31,23 @@ def main() -> None:
             prompts.write_text("".join(f"{i}+{i * 7}=\n" for i in range(count)))
             out = Path(tmp, f"out{count}.jsonl")
             done = subprocess.run(
-                [sys.executable, "-m", "dllm_lit.cli", "predict", f"--model.model_name_or_path={args.model}",
-                 f"--data.prompts_file={prompts}", "--data.batch_size=16", "--model.add_eos_length=7",
-                 "--model.max_new_tokens=8", f"--writer.output_file={out}", "--writer.max_display=0",
-                 "--trainer.enable_progress_bar=false"],
-                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                [
+                    sys.executable,
+                    "-m",
+                    "dllm_lit.cli",
+                    "predict",
+                    f"--model.model_name_or_path={args.model}",
+                    f"--data.prompts_file={prompts}",
+                    "--data.batch_size=16",
+                    "--model.add_eos_length=7",
+                    "--model.max_new_tokens=8",
+                    f"--writer.output_file={out}",
+                    "--writer.max_display=0",
+                    "--trainer.enable_progress_bar=false",
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
             )
             if done.returncode:
                 sys.exit(done.stderr)

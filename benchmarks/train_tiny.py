@@ -43,12 +43,19 @@ SETTINGS = ["1:1", "4:1", "4:2", "8:1", "8:2", "16:1", "16:2", "16:3", "16:16"]
 
 def train(variant: dict, train_file: str, args) -> tuple[BlockRefineLM, float]:
     L.seed_everything(args.seed, verbose=False)
-    module = BlockRefineLM(model_name_or_path=TINY_MODEL, max_length=64, learning_rate=args.lr,
-                           warmup_steps=args.steps // 20, **variant)
-    data = DataModule(train_file=train_file, batch_size=args.batch_size, max_length=64,
-                      model_name_or_path=TINY_MODEL)
-    trainer = L.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
+    module = BlockRefineLM(
+        model_name_or_path=TINY_MODEL, max_length=64, learning_rate=args.lr, warmup_steps=args.steps // 20, **variant
+    )
+    data = DataModule(train_file=train_file, batch_size=args.batch_size, max_length=64, model_name_or_path=TINY_MODEL)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return module.eval(), time.perf_counter() - start
@@ -59,8 +66,14 @@ def evaluate(module: BlockRefineLM, rows: list[dict], width: int, refine_iter: i
     tokenizer, correct, tpf = module.tokenizer, 0, 0.0
     for row in rows:
         ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
-        out = generate_blocks(module.model, ids, eos_token_id=tokenizer.eos_token_id, add_eos_length=width - 1,
-                              refine_iter=refine_iter, max_new_tokens=16).rows[0]
+        out = generate_blocks(
+            module.model,
+            ids,
+            eos_token_id=tokenizer.eos_token_id,
+            add_eos_length=width - 1,
+            refine_iter=refine_iter,
+            max_new_tokens=16,
+        ).rows[0]
         correct += is_correct(tokenizer.decode(out.token_ids, skip_special_tokens=True), row["answer"])
         tpf += out.tokens_per_forward
     return 100 * correct / len(rows), tpf / len(rows)
@@ -81,12 +94,21 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"\n`{' '.join(sys.argv)}`  ")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
-            folder = write_task(task, os.path.join(tmp, task), train=args.train_rows, val=args.val_rows, seed=args.seed,
-                                min_digits=args.min_digits, max_digits=args.max_digits)
+            folder = write_task(
+                task,
+                os.path.join(tmp, task),
+                train=args.train_rows,
+                val=args.val_rows,
+                seed=args.seed,
+                min_digits=args.min_digits,
+                max_digits=args.max_digits,
+            )
             val_rows = read_rows(folder / "val.jsonl")
             results = {}
             for name, variant in VARIANTS.items():

@@ -45,8 +45,10 @@ class DllmCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"enable_model_summary": False},
             # Parse errors raise instead of printing the whole usage: main() turns them into one line.
-            parser_kwargs={"description": "Block-parallel EOS-block + refine decoding on Lightning.",
-                           "exit_on_error": False},
+            parser_kwargs={
+                "description": "Block-parallel EOS-block + refine decoding on Lightning.",
+                "exit_on_error": False,
+            },
             args=args,
             run=run,
         )

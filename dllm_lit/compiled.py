@@ -48,8 +48,10 @@ class StaticForward:
         self.batch, self.cache_len = batch, cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
         if any(type(layer) is not StaticLayer for layer in self.cache.layers):
-            raise ValueError("The compiled backends support models whose layers all use full attention "
-                             "(no sliding-window or hybrid layers); use backend='eager' for this model.")
+            raise ValueError(
+                "The compiled backends support models whose layers all use full attention "
+                "(no sliding-window or hybrid layers); use backend='eager' for this model."
+            )
         self.slots = torch.arange(cache_len, device=self.device)
         self.valid = torch.ones(batch, cache_len, dtype=torch.bool, device=self.device)
         self.pad = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -120,8 +122,12 @@ class StaticForward:
         ids_in = ids.clone()
         # Under autocast (bf16-mixed), cached weight casts would be freed when the context exits:
         # capture with the cache off so the casts are part of the graph.
-        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False,
-                                  enabled=torch.is_autocast_enabled("cuda"))
+        autocast = torch.autocast(
+            "cuda",
+            dtype=torch.get_autocast_dtype("cuda"),
+            cache_enabled=False,
+            enabled=torch.is_autocast_enabled("cuda"),
+        )
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), autocast:
@@ -134,8 +140,15 @@ class StaticForward:
         return cuda_graph, ids_in, logits
 
 
-def decode_static(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                  settings: DecodeSettings, ledger: RowLedger, *, fill: int) -> None:
+def decode_static(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: DecodeSettings,
+    ledger: RowLedger,
+    *,
+    fill: int,
+) -> None:
     """Decode left-padded prompts into ``ledger``; every pass has one of three fixed shapes.
 
     All rows stay in the batch until the last one finishes (finished rows have no room, so they
@@ -178,8 +191,16 @@ def decode_static(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask:
             return
 
 
-def refine_static(forward: StaticForward, pick: Picker, ledger: RowLedger, settings: DecodeSettings,
-                  block: torch.Tensor, room: torch.Tensor, start: int, refinable: bool) -> tuple[torch.Tensor, bool]:
+def refine_static(
+    forward: StaticForward,
+    pick: Picker,
+    ledger: RowLedger,
+    settings: DecodeSettings,
+    block: torch.Tensor,
+    room: torch.Tensor,
+    start: int,
+    refinable: bool,
+) -> tuple[torch.Tensor, bool]:
     """Refine passes without a host wait: the fixed-point test runs on device and freezes the block;
     on CUDA the host reads the flag one pass late, so a block that settles costs at most one extra
     pass (same tokens). Returns the block and whether it settled after at least one refine pass."""

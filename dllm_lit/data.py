@@ -77,9 +77,13 @@ def _check_row(row: Any, where: str) -> None:
         raise PromptError(f"{where}: each row needs a 'prompt' string or a 'messages' list.")
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
         ):
             raise PromptError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}} objects.")
     elif not isinstance(row["prompt"], str):
@@ -129,8 +133,17 @@ class PromptDataset(Dataset):
     under ``max_length`` is an error, or is left out with a note when ``skip_long_prompts``.
     """
 
-    def __init__(self, rows: list[dict[str, Any]], tokenizer, *, use_chat_template: bool, sort_by_length: bool,
-                 max_length: int, skip_long_prompts: bool = False, skip: set[int] = frozenset()):
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        tokenizer,
+        *,
+        use_chat_template: bool,
+        sort_by_length: bool,
+        max_length: int,
+        skip_long_prompts: bool = False,
+        skip: set[int] = frozenset(),
+    ):
         items, too_long = [], []
         for index, row in enumerate(rows):
             if index in skip:
@@ -156,8 +169,11 @@ class PromptDataset(Dataset):
                 extra["reference"] = response
             items.append({"index": index, "input_ids": ids, "prompt": prompt, "extra": extra})
         if too_long:
-            print(f"[dllm_lit] skipped {len(too_long)} prompts longer than max_length={max_length}: "
-                  f"indices {too_long[:20]}{' ...' if len(too_long) > 20 else ''}", file=sys.stderr)
+            print(
+                f"[dllm_lit] skipped {len(too_long)} prompts longer than max_length={max_length}: "
+                f"indices {too_long[:20]}{' ...' if len(too_long) > 20 else ''}",
+                file=sys.stderr,
+            )
         if sort_by_length:
             items.sort(key=lambda item: -len(item["input_ids"]))
         self.items = items
@@ -172,13 +188,23 @@ class PromptDataset(Dataset):
 class SFTDataset(Dataset):
     """Prompt + response + EOS token ids, with a mask of the response positions (EOS included)."""
 
-    def __init__(self, rows: list[dict[str, Any]], tokenizer, *, use_chat_template: bool, max_length: int,
-                 truncation: str, source: str):
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        tokenizer,
+        *,
+        use_chat_template: bool,
+        max_length: int,
+        truncation: str,
+        source: str,
+    ):
         self.items = []
         for number, row in enumerate(rows, start=1):
             prompt_row, response = split_row(row)
             if response is None:
-                raise PromptError(f"{source}, row {number}: training rows need a 'response' (or a final assistant message).")
+                raise PromptError(
+                    f"{source}, row {number}: training rows need a 'response' (or a final assistant message)."
+                )
             prompt = encode_prompt(tokenizer, prompt_row, use_chat_template)
             answer = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             ids = truncate(prompt + answer, max_length, truncation, f"{source}, row {number}")
@@ -313,7 +339,11 @@ class DataModule(L.LightningDataModule):
 
     def check_prompt_source(self) -> None:
         """Exactly one of prompt, prompts or prompts_file must be given."""
-        given = [n for n, v in (("prompt", self.prompt), ("prompts", self.prompts), ("prompts_file", self.prompts_file)) if v is not None]
+        given = [
+            n
+            for n, v in (("prompt", self.prompt), ("prompts", self.prompts), ("prompts_file", self.prompts_file))
+            if v is not None
+        ]
         if len(given) != 1:
             raise PromptError(
                 "Give exactly one of --data.prompt, --data.prompts or --data.prompts_file"
@@ -331,9 +361,15 @@ class DataModule(L.LightningDataModule):
         return [{"prompt": text} for text in texts]
 
     def _prompt_dataset(self, rows: list[dict[str, Any]], skip: set[int] = frozenset()) -> PromptDataset:
-        return PromptDataset(rows, self.tokenizer, use_chat_template=self.use_chat_template,
-                             sort_by_length=self.sort_by_length, max_length=self.max_length,
-                             skip_long_prompts=self.skip_long_prompts, skip=skip)
+        return PromptDataset(
+            rows,
+            self.tokenizer,
+            use_chat_template=self.use_chat_template,
+            sort_by_length=self.sort_by_length,
+            max_length=self.max_length,
+            skip_long_prompts=self.skip_long_prompts,
+            skip=skip,
+        )
 
     def _required(self, name: str) -> str:
         value = getattr(self, name)
@@ -348,8 +384,12 @@ class DataModule(L.LightningDataModule):
         if stage == "fit" and "train" not in self.datasets:
             path = self._required("train_file")
             self.datasets["train"] = SFTDataset(
-                read_rows(path), self.tokenizer, use_chat_template=self.use_chat_template,
-                max_length=self.max_length, truncation=self.truncation, source=path,
+                read_rows(path),
+                self.tokenizer,
+                use_chat_template=self.use_chat_template,
+                max_length=self.max_length,
+                truncation=self.truncation,
+                source=path,
             )
         if stage in ("fit", "validate") and "val" not in self.datasets and self.val_file is not None:
             self.datasets["val"] = self._prompt_dataset(read_rows(self.val_file))
@@ -364,12 +404,22 @@ class DataModule(L.LightningDataModule):
         if trainer is not None and trainer.world_size > 1:
             # Lightning's default sampler pads ranks with repeats, which would count twice in metrics.
             sampler = StridedSampler(dataset, trainer.world_size, trainer.global_rank)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=LeftPadCollator(self.tokenizer.pad_token_id))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=LeftPadCollator(self.tokenizer.pad_token_id),
+        )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, collate_fn=RightPadCollator(self.tokenizer.eos_token_id))
+        return DataLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=RightPadCollator(self.tokenizer.eos_token_id),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._decode_loader("val") if "val" in self.datasets else []

@@ -16,7 +16,8 @@ signature:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -34,8 +35,9 @@ def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
     return [int(i) for i in ids]
 
 
-def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_ids: list[int],
-                 settings: DecodeSettings) -> None:
+def check_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_ids: list[int], settings: DecodeSettings
+) -> None:
     """Reject inputs the engine cannot decode, with one sentence (before any model work)."""
     if not eos_ids:
         raise ValueError("eos_token_id is required: it is the fill token and the stop token.")

@@ -1,6 +1,6 @@
 """The legacy front end: the original script's demo flags, translated onto ``dllm_lit predict``.
 
-    python -m dllm_lit.demo --model_path smollm2 --prompt "What is 2+2?" --use_chat_template
+python -m dllm_lit.demo --model_path smollm2 --prompt "What is 2+2?" --use_chat_template
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--refine_iter", type=int, default=DEFAULTS.refine_iter, help="forward passes per block")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens)
     parser.add_argument("--max_length", type=int, default=DEFAULTS.max_length)
-    parser.add_argument("--backend", default=DEFAULTS.backend, choices=BACKENDS,
-                        help="cuda_graph: static cache + CUDA graphs (the fast GPU path); inductor: also fuses kernels")
+    parser.add_argument(
+        "--backend",
+        default=DEFAULTS.backend,
+        choices=BACKENDS,
+        help="cuda_graph: static cache + CUDA graphs (the fast GPU path); inductor: also fuses kernels",
+    )
     parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-true")
     parser.add_argument("--devices", default=None, help="Lightning devices, e.g. 1 or 2")
     return parser

@@ -64,8 +64,15 @@ class CommittedBatch:
             self.cache.batch_select_indices(still)
 
 
-def decode_eager(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 settings: DecodeSettings, ledger: RowLedger, *, fill: int) -> None:
+def decode_eager(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: DecodeSettings,
+    ledger: RowLedger,
+    *,
+    fill: int,
+) -> None:
     """Decode left-padded prompts block by block into ``ledger``."""
     pick = build_picker(settings, prompt_ids.device)
     batch = CommittedBatch(model, prompt_ids, prompt_mask, settings.use_cache)
@@ -86,8 +93,15 @@ def decode_eager(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
             batch.keep_rows(still)
 
 
-def draft_and_refine(batch: CommittedBatch, pick: Picker, ledger: RowLedger, settings: DecodeSettings,
-                     room: torch.Tensor, block_width: int, fill: int) -> tuple[torch.Tensor, bool]:
+def draft_and_refine(
+    batch: CommittedBatch,
+    pick: Picker,
+    ledger: RowLedger,
+    settings: DecodeSettings,
+    room: torch.Tensor,
+    block_width: int,
+    fill: int,
+) -> tuple[torch.Tensor, bool]:
     """One block: the draft pass, then refine passes until ``refine_iter`` or a fixed point.
     Returns the block and whether the last refine pass was a fixed point."""
     fills = torch.full((batch.ids.shape[0], block_width - 1), fill, device=batch.ids.device, dtype=batch.ids.dtype)

@@ -1,6 +1,6 @@
 """Export trained weights as a Hugging Face directory that `dllm_lit predict` (or transformers) loads.
 
-    python -m dllm_lit.export path/to/last.ckpt path/to/hf_dir
+python -m dllm_lit.export path/to/last.ckpt path/to/hf_dir
 """
 
 from __future__ import annotations

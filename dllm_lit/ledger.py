@@ -74,9 +74,11 @@ class BlockGeneration:
     @classmethod
     def concat(cls, parts: list[BlockGeneration]) -> BlockGeneration:
         """One result for row batches decoded one after the other."""
-        return cls(rows=[row for part in parts for row in part.rows],
-                   forwards=sum(part.forwards for part in parts),
-                   refine_passes_per_block=[n for part in parts for n in part.refine_passes_per_block])
+        return cls(
+            rows=[row for part in parts for row in part.rows],
+            forwards=sum(part.forwards for part in parts),
+            refine_passes_per_block=[n for part in parts for n in part.refine_passes_per_block],
+        )
 
 
 def first_stop_and_kept(block: torch.Tensor, stop_ids: torch.Tensor, room: torch.Tensor):
@@ -137,8 +139,9 @@ class RowLedger:
         hit_stop = first_stop < keep_len
         finished = hit_stop | (room <= block.shape[1])
         keep_len = keep_len - hit_stop.long()  # the stop token is reported apart from the tokens
-        for row, stop, done, n, ids in zip(rows, hit_stop.tolist(), finished.tolist(), keep_len.tolist(),
-                                           block.tolist()):
+        for row, stop, done, n, ids in zip(
+            rows, hit_stop.tolist(), finished.tolist(), keep_len.tolist(), block.tolist()
+        ):
             self.tokens[row].extend(ids[:n])
             if done:
                 self.rows[row] = RowResult(
@@ -150,5 +153,6 @@ class RowLedger:
         return finished
 
     def result(self) -> BlockGeneration:
-        return BlockGeneration(rows=list(self.rows), forwards=self.forwards,
-                               refine_passes_per_block=self.refine_passes_per_block)
+        return BlockGeneration(
+            rows=list(self.rows), forwards=self.forwards, refine_passes_per_block=self.refine_passes_per_block
+        )

@@ -29,7 +29,9 @@ class ModelLoadError(ValueError):
 
 def cache_dir() -> Path:
     """Where converted models are kept: ``$DLLM_LIT_CACHE`` or ``~/.cache/dllm_lit``."""
-    root = os.environ.get("DLLM_LIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dllm_lit"
+    root = (
+        os.environ.get("DLLM_LIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dllm_lit"
+    )
     return Path(root)
 
 

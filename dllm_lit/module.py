@@ -84,8 +84,13 @@ class BlockRefineLM(L.LightningModule):
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
         """Run the engine with this module's settings."""
-        return generate_blocks(self.model, input_ids, self.decoding, attention_mask=attention_mask,
-                               eos_token_id=self.tokenizer.eos_token_id)
+        return generate_blocks(
+            self.model,
+            input_ids,
+            self.decoding,
+            attention_mask=attention_mask,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
 
     def decode_splitting_on_oom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
         """:meth:`decode`, retrying a batch that runs out of memory as two halves (down to one prompt)."""

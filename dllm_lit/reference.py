@@ -12,9 +12,16 @@ from dllm_lit.ledger import StopReason
 
 
 @torch.inference_mode()
-def reference_generate(model: torch.nn.Module, input_ids: torch.Tensor, *, eos: int, add_eos_length: int,
-                       refine_iter: int, max_new_tokens: int, stop_at_eos: bool = True
-                       ) -> tuple[list[tuple[list[int], StopReason]], int]:
+def reference_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    eos: int,
+    add_eos_length: int,
+    refine_iter: int,
+    max_new_tokens: int,
+    stop_at_eos: bool = True,
+) -> tuple[list[tuple[list[int], StopReason]], int]:
     """Decode ``input_ids`` (``[batch, prompt_len]``, no padding) block by block.
 
     Returns, per row, the generated ids before its first EOS with ``"eos"`` (or the first
@@ -40,4 +47,3 @@ def _cut(generated: list[int], eos: int, max_new_tokens: int, stop_at_eos: bool)
     if stop_at_eos and eos in generated[:max_new_tokens]:
         return generated[: generated.index(eos)], "eos"
     return generated[:max_new_tokens], "max_new_tokens"
-

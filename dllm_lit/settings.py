@@ -87,8 +87,11 @@ class DecodeSettings:
         """A copy with ``overrides``; accepts the deprecated ``compile=`` (use ``backend=``)."""
         if "compile" in overrides:
             compile = overrides.pop("compile")
-            warnings.warn("compile= is deprecated: use backend='eager', 'cuda_graph' or 'inductor'.",
-                          DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "compile= is deprecated: use backend='eager', 'cuda_graph' or 'inductor'.",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             if compile not in _LEGACY_COMPILE:
                 raise ValueError(f"compile must be false, true or 'inductor', got {compile!r}.")
             overrides.setdefault("backend", _LEGACY_COMPILE[compile])

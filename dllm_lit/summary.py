@@ -94,8 +94,9 @@ class PredictionSummary(L.Callback):
         ranks = _gather(trainer, (self.first_rows, self.totals))
         if not trainer.is_global_zero:
             return
-        rows = heapq.nsmallest(self.max_display, (row for first, _ in ranks for row in first),
-                               key=lambda row: row["index"])
+        rows = heapq.nsmallest(
+            self.max_display, (row for first, _ in ranks for row in first), key=lambda row: row["index"]
+        )
         totals = {name: sum(t[name] for _, t in ranks) for name in self.totals}
         print(format_console_view(rows, totals["prompts"], self.max_display), flush=True)
         print(self.performance_line(totals, seconds, pl_module.device), file=sys.stderr, flush=True)

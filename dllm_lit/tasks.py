@@ -55,8 +55,9 @@ def write_task(task: str, out: str | Path, *, train: int, val: int, seed: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dllm_lit.tasks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m dllm_lit.tasks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--out", required=True, help="directory for train.jsonl and val.jsonl")
     parser.add_argument("--train", type=int, default=20000)
@@ -65,8 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min_digits", type=int, default=5)
     parser.add_argument("--max_digits", type=int, default=5)
     args = parser.parse_args(argv)
-    path = write_task(args.task, args.out, train=args.train, val=args.val, seed=args.seed,
-                      min_digits=args.min_digits, max_digits=args.max_digits)
+    path = write_task(
+        args.task,
+        args.out,
+        train=args.train,
+        val=args.val,
+        seed=args.seed,
+        min_digits=args.min_digits,
+        max_digits=args.max_digits,
+    )
     print(f"wrote {path / 'train.jsonl'} and {path / 'val.jsonl'}")
 
 

@@ -76,13 +76,29 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gpt2(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 512,
-              initializer_range: float = 0.02, seed: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(
+    vocab_size: int,
+    *,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 512,
+    initializer_range: float = 0.02,
+    seed: int = 0,
+) -> GPT2LMHeadModel:
     """A small random GPT-2 (learned absolute positions) in eval mode, same special ids as :func:`tiny_llama`."""
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=layers, n_head=heads,
-                        n_positions=max_positions, initializer_range=initializer_range,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden_size,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=max_positions,
+        initializer_range=initializer_range,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return GPT2LMHeadModel(config).eval()
 
 

@@ -14,11 +14,13 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+
 
 class OutputError(ValueError):
     """The output file cannot be written; the message says why."""

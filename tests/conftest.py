@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {
     # 2 layers, a wide init so argmaxes are far from ties; the Llama has RoPE and grouped K/V heads.
-    "llama": lambda seed=0: tiny_llama(VOCAB, intermediate_size=128, kv_heads=2, max_positions=512,
-                                       initializer_range=0.3, seed=seed),
+    "llama": lambda seed=0: tiny_llama(
+        VOCAB, intermediate_size=128, kv_heads=2, max_positions=512, initializer_range=0.3, seed=seed
+    ),
     "gpt2": lambda seed=0: tiny_gpt2(VOCAB, initializer_range=0.3, seed=seed),
 }
 
@@ -44,8 +45,8 @@ def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torc
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
@@ -57,19 +58,30 @@ def tiny_dir(tmp_path_factory) -> str:
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), initializer_range=0.3))
 
 
-def run_dllm_lit(args: list[str], cwd: Path, *, env: dict[str, str] | None = None,
-                 module: str = "dllm_lit.cli", timeout: float = 900) -> subprocess.CompletedProcess:
+def run_dllm_lit(
+    args: list[str], cwd: Path, *, env: dict[str, str] | None = None, module: str = "dllm_lit.cli", timeout: float = 900
+) -> subprocess.CompletedProcess:
     """Run ``python -m dllm_lit.cli ARGS`` (or another ``module``) offline as a user would."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_dllm_lit(args: list[str], cwd: Path) -> subprocess.Popen:
     """Start ``python -m dllm_lit.cli ARGS`` in the background (to interrupt it)."""
-    return subprocess.Popen([sys.executable, "-m", "dllm_lit.cli", *args], cwd=cwd,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dllm_lit.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ from dllm_lit import cli, demo, generate_blocks
 from dllm_lit.data import DataModule
 from dllm_lit.models import load_model, load_tokenizer
 from dllm_lit.module import BlockRefineLM
-from dllm_lit.tiny import save_tiny_model
 from dllm_lit.summary import RULE
+from dllm_lit.tiny import save_tiny_model
 
 PROMPTS = ["What is 2+2?", "Name a color.", "x", "A much longer prompt about the weather and the sea.", "Count: 1 2 3"]
 GEN = ["--model.add_eos_length=3", "--model.refine_iter=2", "--model.max_new_tokens=24"]
@@ -38,7 +38,9 @@ def expected_response(model_dir: str, prompt: str, *, chat: bool = False, **sett
     """The oracle: the engine called directly, one prompt at a time."""
     tokenizer = load_tokenizer(model_dir)
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     else:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -54,8 +56,20 @@ def test_single_prompt_prints_the_legacy_layout(tiny_dir, capsys, tmp_path, monk
         tiny_dir, "What is 2+2?", add_eos_length=3, refine_iter=2, max_new_tokens=24
     )
     expected = "\n".join(
-        [RULE, "Generated 1 responses", RULE, "", "--- Example 1 ---", f"Prompt ({length} tokens):", "What is 2+2?",
-         "", f"Response ({n_response} tokens):", response, "", RULE]
+        [
+            RULE,
+            "Generated 1 responses",
+            RULE,
+            "",
+            "--- Example 1 ---",
+            f"Prompt ({length} tokens):",
+            "What is 2+2?",
+            "",
+            f"Response ({n_response} tokens):",
+            response,
+            "",
+            RULE,
+        ]
     )
     assert expected in out
     assert not list(tmp_path.iterdir()), "predict must not litter the working directory"
@@ -63,8 +77,15 @@ def test_single_prompt_prints_the_legacy_layout(tiny_dir, capsys, tmp_path, monk
 
 def test_prompts_file_batches_jsonl_in_input_order(tiny_dir, prompts_file, tmp_path, capsys):
     output = tmp_path / "out" / "results.jsonl"
-    args = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts_file}",
-            "--data.batch_size=2", f"--writer.output_file={output}", "--summary.max_display=2", *GEN]
+    args = [
+        "predict",
+        f"--model.model_name_or_path={tiny_dir}",
+        f"--data.prompts_file={prompts_file}",
+        "--data.batch_size=2",
+        f"--writer.output_file={output}",
+        "--summary.max_display=2",
+        *GEN,
+    ]
     run_cli(args)
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in output.read_text().splitlines()]
@@ -85,17 +106,28 @@ def test_prompts_file_batches_jsonl_in_input_order(tiny_dir, prompts_file, tmp_p
 def test_json_output_is_one_array_and_extra_fields_pass_through(tiny_dir, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text(
-        json.dumps({"prompt": "1+1=", "answer": "2", "id": "a"}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "2+2="}], "answer": "4"}) + "\n"
+        json.dumps({"prompt": "1+1=", "answer": "2", "id": "a"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "2+2="}], "answer": "4"})
+        + "\n"
     )
     output = tmp_path / "results.json"
-    run_cli(["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={source}",
-             f"--writer.output_file={output}", *GEN])
+    run_cli(
+        [
+            "predict",
+            f"--model.model_name_or_path={tiny_dir}",
+            f"--data.prompts_file={source}",
+            f"--writer.output_file={output}",
+            *GEN,
+        ]
+    )
     rows = json.loads(output.read_text())
     assert isinstance(rows, list) and len(rows) == 2
     assert rows[0]["answer"] == "2" and rows[0]["id"] == "a" and rows[1]["answer"] == "4"
     assert rows[1]["prompt"] == "2+2="
-    *_, chat_response = expected_response(tiny_dir, "2+2=", chat=True, add_eos_length=3, refine_iter=2, max_new_tokens=24)
+    *_, chat_response = expected_response(
+        tiny_dir, "2+2=", chat=True, add_eos_length=3, refine_iter=2, max_new_tokens=24
+    )
     assert rows[1]["response"] == chat_response
 
 
@@ -124,25 +156,63 @@ def test_chat_template_missing_is_a_clear_error(tiny_dir, tmp_path, capsys):
 def test_demo_flags_equal_the_cli(tiny_dir, prompts_file, tmp_path):
     """Both sides use the compiled path; the oracle is the eager engine."""
     legacy = tmp_path / "demo.jsonl"
-    demo.main(["--model_path", tiny_dir, "--prompts_file", str(prompts_file), "--batch_size", "2",
-               "--output_file", str(legacy), "--max_display", "1", "--use_chat_template",
-               "--add_eos_length", "5", "--refine_iter", "3", "--max_new_tokens", "20", "--max_length", "60",
-               "--backend", "cuda_graph"])
+    demo.main(
+        [
+            "--model_path",
+            tiny_dir,
+            "--prompts_file",
+            str(prompts_file),
+            "--batch_size",
+            "2",
+            "--output_file",
+            str(legacy),
+            "--max_display",
+            "1",
+            "--use_chat_template",
+            "--add_eos_length",
+            "5",
+            "--refine_iter",
+            "3",
+            "--max_new_tokens",
+            "20",
+            "--max_length",
+            "60",
+            "--backend",
+            "cuda_graph",
+        ]
+    )
     native = tmp_path / "native.jsonl"
-    run_cli(["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts_file}",
-             "--data.batch_size=2", f"--writer.output_file={native}", "--data.use_chat_template=true",
-             "--model.add_eos_length=5", "--model.refine_iter=3", "--model.max_new_tokens=20", "--model.max_length=60",
-             "--model.backend=cuda_graph"])
+    run_cli(
+        [
+            "predict",
+            f"--model.model_name_or_path={tiny_dir}",
+            f"--data.prompts_file={prompts_file}",
+            "--data.batch_size=2",
+            f"--writer.output_file={native}",
+            "--data.use_chat_template=true",
+            "--model.add_eos_length=5",
+            "--model.refine_iter=3",
+            "--model.max_new_tokens=20",
+            "--model.max_length=60",
+            "--model.backend=cuda_graph",
+        ]
+    )
     assert legacy.read_text() == native.read_text()
     rows = [json.loads(line) for line in legacy.read_text().splitlines()]
-    *_, response = expected_response(tiny_dir, PROMPTS[3], chat=True, add_eos_length=5, refine_iter=3,
-                                    max_new_tokens=20, max_length=60)
+    *_, response = expected_response(
+        tiny_dir, PROMPTS[3], chat=True, add_eos_length=5, refine_iter=3, max_new_tokens=20, max_length=60
+    )
     assert rows[3]["response"] == response
 
 
 @pytest.mark.parametrize(
     "precision,dtype",
-    [("32-true", torch.float32), ("bf16-true", torch.bfloat16), ("16-true", torch.float16), ("bf16-mixed", torch.float32)],
+    [
+        ("32-true", torch.float32),
+        ("bf16-true", torch.bfloat16),
+        ("16-true", torch.float16),
+        ("bf16-mixed", torch.float32),
+    ],
 )
 def test_precision_sets_the_weight_dtype(tiny_dir, precision, dtype):
     module = BlockRefineLM(model_name_or_path=tiny_dir, add_eos_length=3, max_new_tokens=8)
@@ -160,12 +230,20 @@ def test_precision_sets_the_weight_dtype(tiny_dir, precision, dtype):
 def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, dllm_lit):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS + ["one more", "and the seventh"]) + "\n")
-    common = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts}",
-              "--data.batch_size=2", "--trainer.accelerator=cpu", *GEN]
+    common = [
+        "predict",
+        f"--model.model_name_or_path={tiny_dir}",
+        f"--data.prompts_file={prompts}",
+        "--data.batch_size=2",
+        "--trainer.accelerator=cpu",
+        *GEN,
+    ]
     one = dllm_lit([*common, f"--writer.output_file={tmp_path / 'one.jsonl'}"], tmp_path)
     assert one.returncode == 0, one.stderr
-    two = dllm_lit([*common, "--trainer.devices=2", "--trainer.strategy=ddp",
-                          f"--writer.output_file={tmp_path / 'two.jsonl'}"], tmp_path)
+    two = dllm_lit(
+        [*common, "--trainer.devices=2", "--trainer.strategy=ddp", f"--writer.output_file={tmp_path / 'two.jsonl'}"],
+        tmp_path,
+    )
     assert two.returncode == 0, two.stderr
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 7

@@ -6,7 +6,6 @@ import gc
 import weakref
 
 import pytest
-import torch
 
 from conftest import EOS, MODELS, left_pad, random_prompts
 from dllm_lit import generate_blocks
@@ -33,16 +32,19 @@ def summary(result):
 def test_compiled_equals_eager(model, width, refine_iter, batch):
     settings = dict(add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=45)
     assert summary(run(model, PROMPTS[:batch], backend="cuda_graph", **settings)) == summary(
-        run(model, PROMPTS[:batch], **settings))
+        run(model, PROMPTS[:batch], **settings)
+    )
 
 
 def test_rows_that_stop_at_different_times(model):
     """EOS inside prompts, rows stopping by EOS at different blocks, extra stop ids, length cuts."""
     prompts = [p[:3] + [EOS] + p[3:] for p in random_prompts([6, 9, 2, 14, 7, 3], seed=3)]
-    for settings in (dict(add_eos_length=3, refine_iter=2, max_new_tokens=40),
-                     dict(add_eos_length=5, refine_iter=3, max_new_tokens=100, max_length=24),
-                     dict(add_eos_length=7, refine_iter=8, max_new_tokens=30, stop_token_ids=[11, 12]),
-                     dict(add_eos_length=3, refine_iter=2, max_new_tokens=21, ignore_eos=True)):
+    for settings in (
+        dict(add_eos_length=3, refine_iter=2, max_new_tokens=40),
+        dict(add_eos_length=5, refine_iter=3, max_new_tokens=100, max_length=24),
+        dict(add_eos_length=7, refine_iter=8, max_new_tokens=30, stop_token_ids=[11, 12]),
+        dict(add_eos_length=3, refine_iter=2, max_new_tokens=21, ignore_eos=True),
+    ):
         eager = run(model, prompts, **settings)
         assert summary(run(model, prompts, backend="cuda_graph", **settings)) == summary(eager)
     assert {r.stop_reason for r in eager.rows} == {"max_new_tokens"}
@@ -52,10 +54,12 @@ def test_rows_that_stop_at_different_times(model):
 
 def test_exact_settings_equal_greedy_generate(model):
     ids, mask = left_pad(PROMPTS)
-    expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=EOS,
-                              pad_token_id=0)[:, ids.shape[1]:].tolist()
-    for row, hf in zip(run(model, PROMPTS, add_eos_length=7, refine_iter=8, max_new_tokens=30,
-                           backend="cuda_graph").rows, expected):
+    expected = model.generate(
+        ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=EOS, pad_token_id=0
+    )[:, ids.shape[1] :].tolist()
+    for row, hf in zip(
+        run(model, PROMPTS, add_eos_length=7, refine_iter=8, max_new_tokens=30, backend="cuda_graph").rows, expected
+    ):
         ours = row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else [])
         assert ours == hf[: len(ours)]
 
@@ -100,11 +104,14 @@ def test_the_deprecated_compile_flag_still_selects_the_backend():
         assert legacy == summary(run(model, PROMPTS, backend=backend, **settings))
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(backend="cuda_graph", use_cache=False), "needs use_cache=True"),
-    (dict(backend="graphs"), "backend must be one of eager, cuda_graph, inductor"),
-    (dict(compile="graphs"), "compile must be false, true or 'inductor'"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(backend="cuda_graph", use_cache=False), "needs use_cache=True"),
+        (dict(backend="graphs"), "backend must be one of eager, cuda_graph, inductor"),
+        (dict(compile="graphs"), "compile must be false, true or 'inductor'"),
+    ],
+)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_bad_backend_settings_raise_one_sentence(change, message):
     with pytest.raises(ValueError, match=message):

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import ROOT
 from dllm_lit.cli import DllmCLI
+
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 # The original script's recommended presets (README, "Presets"): add_eos_length, refine_iter, max_new_tokens.

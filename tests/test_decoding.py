@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import EOS, MODELS, left_pad, random_prompts
-from dllm_lit import generate_blocks, iterative_generate
+from dllm_lit import DecodeSettings, generate_blocks, iterative_generate
 from dllm_lit.reference import reference_generate
 
 PROMPTS_3 = random_prompts([5, 11, 2], seed=1)
@@ -43,7 +43,7 @@ def test_exact_settings_equal_greedy_generate(model, width, refine_iter, prompts
     ids, mask = left_pad(prompts)
     expected = model.generate(
         ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=EOS, pad_token_id=0
-    )[:, ids.shape[1]:]
+    )[:, ids.shape[1] :]
     result = run(model, prompts, add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=40)
     for row, hf in zip(result.rows, expected.tolist()):
         ours = row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else [])
@@ -78,7 +78,7 @@ def test_one_rows_eos_does_not_stop_the_others(model):
 
     out = iterative_generate(model, ids, EOS, None, attention_mask=mask, **settings)
     assert torch.equal(out[:, : ids.shape[1]], ids)  # the prompt, EOS inside it included, is intact
-    row = out[1, ids.shape[1]:].tolist()
+    row = out[1, ids.shape[1] :].tolist()
     stop_at = len(result.rows[1].token_ids)
     assert row[: stop_at + 1] == result.rows[1].token_ids + [EOS]
     assert set(row[stop_at:]) == {EOS}  # pad_token_id=None falls back to EOS
@@ -125,7 +125,11 @@ def test_early_exit(model, width, refine_iter, use_cache):
 def test_matches_the_reference_loop(model, width, refine_iter):
     for prompt in PROMPTS_3:
         (expected,), _ = reference_generate(
-            model, torch.tensor([prompt]), eos=EOS, add_eos_length=width - 1, refine_iter=refine_iter,
+            model,
+            torch.tensor([prompt]),
+            eos=EOS,
+            add_eos_length=width - 1,
+            refine_iter=refine_iter,
             max_new_tokens=30,
         )
         row = run(model, [prompt], add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=30).rows[0]
@@ -174,10 +178,12 @@ def test_ignore_eos_runs_to_max_new_tokens_through_the_same_tokens(model):
 def test_iterative_generate_shape_and_list_of_eos_ids(model):
     ids, mask = left_pad(PROMPTS_3)
     out = iterative_generate(model, ids, [EOS, 7], 0, max_new_tokens=12, add_eos_length=3, attention_mask=mask)
-    result = generate_blocks(model, ids, eos_token_id=[EOS, 7], attention_mask=mask, max_new_tokens=12, add_eos_length=3)
+    result = generate_blocks(
+        model, ids, eos_token_id=[EOS, 7], attention_mask=mask, max_new_tokens=12, add_eos_length=3
+    )
     assert out.dtype == torch.long and out.shape[0] == 3
     for row, full in zip(result.rows, out.tolist()):
-        gen = full[ids.shape[1]:]
+        gen = full[ids.shape[1] :]
         n = row.num_generated
         assert gen[: len(row.token_ids)] == row.token_ids
         assert all(t == 0 for t in gen[n:])
@@ -203,3 +209,28 @@ def test_bad_arguments_raise_one_clear_sentence(change, message):
     kwargs.update(change)
     with pytest.raises(ValueError, match=message):
         generate_blocks(model, **kwargs)
+
+
+def test_a_settings_object_equals_flat_keywords_and_keywords_override_it(model):
+    flat = run(model, PROMPTS_3, add_eos_length=5, refine_iter=3, max_new_tokens=20)
+    settings = DecodeSettings(add_eos_length=5, refine_iter=3, max_new_tokens=20)
+    ids, mask = left_pad(PROMPTS_3)
+    assert tokens(generate_blocks(model, ids, settings, attention_mask=mask, eos_token_id=EOS)) == tokens(flat)
+    overridden = generate_blocks(model, ids, settings.replace(refine_iter=1), attention_mask=mask, eos_token_id=EOS)
+    assert tokens(overridden) == tokens(run(model, PROMPTS_3, add_eos_length=5, refine_iter=1, max_new_tokens=20))
+    assert settings.refine_iter == 3, "settings are not changed by a call"
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(temperature=-0.5), ValueError, "temperature must be 0 \\(greedy\\) or above, got -0.5."),
+        (dict(top_p=1.5), ValueError, "top_p must be above 0 and at most 1, got 1.5."),
+        (dict(top_p=0.0), ValueError, "top_p must be above 0"),
+        (dict(top_k=-1), ValueError, "top_k must be at least 0"),
+        (dict(refine_iters=2), TypeError, "Unknown decoding setting\\(s\\): refine_iters."),
+    ],
+)
+def test_bad_settings_raise_one_sentence(change, error, message):
+    with pytest.raises(error, match=message):
+        DecodeSettings().replace(**change)

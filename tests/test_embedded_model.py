@@ -1,4 +1,5 @@
-"""End to end on the embedded SmolLM2-135M-Instruct, as a user runs it: `dllm_lit predict --config configs/demo.yaml`."""
+"""End to end on the embedded SmolLM2-135M-Instruct, as a user runs it: `dllm_lit predict --config
+configs/demo.yaml`."""
 
 from __future__ import annotations
 

@@ -63,8 +63,10 @@ def messy(tmp_path) -> Path:
         (["--data.prompts_file=broken.jsonl"], ["broken.jsonl, line 2: not valid JSON"]),
         (["--data.prompts_file=noprompt.jsonl"], ["noprompt.jsonl, row 2: each row needs a 'prompt'"]),
         (["--data.prompts_file=badmessages.jsonl"], ["row 1: 'messages' must be a list of"]),
-        (["--data.prompts_file=long.txt", "--model.max_length=100"],
-         ["Prompt 1 has 301 tokens, 202 too many for max_length=100", "--data.skip_long_prompts true"]),
+        (
+            ["--data.prompts_file=long.txt", "--model.max_length=100"],
+            ["Prompt 1 has 301 tokens, 202 too many for max_length=100", "--data.skip_long_prompts true"],
+        ),
         (["--data.prompt=hi", "--model.refine_iter=0"], ["--model.refine_iter must be at least 1, got 0."]),
         (["--data.prompt=hi", "--model.refine_iter=-3"], ["--model.refine_iter must be at least 1, got -3."]),
         (["--data.prompt=hi", "--model.add_eos_length=-1"], ["--model.add_eos_length must be at least 0"]),
@@ -89,8 +91,18 @@ def test_bad_input_gives_one_line(tiny_dir, messy, args, fragments, dllm_lit):
 @pytest.mark.slow
 def test_skip_long_prompts_keeps_the_rest(tiny_dir, messy, dllm_lit):
     out = messy / "out.jsonl"
-    done = dllm_lit(["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, "--data.prompts_file=long.txt",
-                     "--model.max_length=100", "--data.skip_long_prompts=true", f"--writer.output_file={out}"], messy)
+    done = dllm_lit(
+        [
+            "predict",
+            f"--model.model_name_or_path={tiny_dir}",
+            *FAST,
+            "--data.prompts_file=long.txt",
+            "--model.max_length=100",
+            "--data.skip_long_prompts=true",
+            f"--writer.output_file={out}",
+        ],
+        messy,
+    )
     assert done.returncode == 0, done.stderr
     assert "skipped 1 prompts longer than max_length=100: indices [1]" in done.stderr
     assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 2]
@@ -123,15 +135,25 @@ def broken_models(tmp_path, tiny_dir) -> Path:
 )
 @pytest.mark.slow
 def test_bad_models_give_one_line(broken_models, model, extra, fragments, dllm_lit):
-    done = dllm_lit(["predict", f"--model.model_name_or_path={model}", "--data.prompt=hi", *FAST, *extra],
-                    broken_models)
+    done = dllm_lit(
+        ["predict", f"--model.model_name_or_path={model}", "--data.prompt=hi", *FAST, *extra], broken_models
+    )
     assert_one_line_error(done, *fragments)
 
 
 def start_run(tiny_dir: str, cwd: Path, out: Path, prompts: Path, *extra: str) -> subprocess.Popen:
-    args = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts_file={prompts}",
-            "--data.batch_size=2", "--data.sort_by_length=false", "--model.add_eos_length=0",
-            "--model.max_new_tokens=48", "--model.stop_token_ids=[]", f"--writer.output_file={out}", *extra]
+    args = [
+        "predict",
+        f"--model.model_name_or_path={tiny_dir}",
+        f"--data.prompts_file={prompts}",
+        "--data.batch_size=2",
+        "--data.sort_by_length=false",
+        "--model.add_eos_length=0",
+        "--model.max_new_tokens=48",
+        "--model.stop_token_ids=[]",
+        f"--writer.output_file={out}",
+        *extra,
+    ]
     return start_dllm_lit(args, cwd)
 
 
@@ -196,11 +218,20 @@ def test_two_processes_match_one(tiny_dir, tmp_path, count, batch, dllm_lit):
     outputs = {}
     for devices in (1, 2):
         out = tmp_path / f"out{devices}.jsonl"
-        done = dllm_lit(["predict", f"--model.model_name_or_path={tiny_dir}", *FAST,
-                         f"--data.prompts_file={prompts}", f"--data.batch_size={batch}",
-                         "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
-                         *(["--trainer.strategy=ddp"] if devices == 2 else []), f"--writer.output_file={out}"],
-                        tmp_path)
+        done = dllm_lit(
+            [
+                "predict",
+                f"--model.model_name_or_path={tiny_dir}",
+                *FAST,
+                f"--data.prompts_file={prompts}",
+                f"--data.batch_size={batch}",
+                "--trainer.accelerator=cpu",
+                f"--trainer.devices={devices}",
+                *(["--trainer.strategy=ddp"] if devices == 2 else []),
+                f"--writer.output_file={out}",
+            ],
+            tmp_path,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         outputs[devices] = out.read_text()
     assert outputs[1] == outputs[2]
@@ -221,12 +252,20 @@ def test_out_of_memory_splits_the_batch(tiny_dir, monkeypatch):
     from dllm_lit.data import LeftPadCollator
 
     tokenizer = module.tokenizer
-    items = [{"index": i, "input_ids": tokenizer(p).input_ids, "prompt": p, "extra": {}}
-             for i, p in enumerate(["a", "bb", "ccc d", "e", "fgh"])]
+    items = [
+        {"index": i, "input_ids": tokenizer(p).input_ids, "prompt": p, "extra": {}}
+        for i, p in enumerate(["a", "bb", "ccc d", "e", "fgh"])
+    ]
     batch = LeftPadCollator(tokenizer.pad_token_id)(items)
-    expected = [module.decode(batch["input_ids"][i : i + 1, -len(it["input_ids"]) :],
-                              batch["attention_mask"][i : i + 1, -len(it["input_ids"]) :]).rows[0].token_ids
-                for i, it in enumerate(items)]
+    expected = [
+        module.decode(
+            batch["input_ids"][i : i + 1, -len(it["input_ids"]) :],
+            batch["attention_mask"][i : i + 1, -len(it["input_ids"]) :],
+        )
+        .rows[0]
+        .token_ids
+        for i, it in enumerate(items)
+    ]
     real_decode, sizes = module.decode, []
 
     def decode_with_a_small_memory(input_ids, attention_mask):

@@ -45,8 +45,7 @@ def test_noise_touches_only_the_response_and_the_eos_tail_as_a_unit():
         assert not changed[~mask].any()
         assert (noised[changed] == EOS).all()
     # The fraction follows t: at exactly 0.5, about half the response is replaced.
-    chosen = noise_mask(ids.repeat(200, 1), mask.repeat(200, 1), fill_id=EOS, noise_min=0.5, noise_max=0.5,
-                        generator=g)
+    chosen = noise_mask(ids.repeat(200, 1), mask.repeat(200, 1), fill_id=EOS, noise_min=0.5, noise_max=0.5, generator=g)
     assert 0.45 < chosen[:, 5:11].float().mean().item() < 0.55
     assert noise_response(ids, mask, fill_id=EOS, noise_min=0, noise_max=0).equal(ids)
 
@@ -81,8 +80,16 @@ def test_every_round_has_gradients_and_later_rounds_feed_shifted_predictions():
     ids, mask = sft_batch()
     seen_inputs = []
     hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen_inputs.append(args[0].clone()))
-    losses = iterative_refine_losses(model, ids, mask, fill_id=EOS, num_iterations=3, noise_min=0.2, noise_max=0.8,
-                                     generator=torch.Generator().manual_seed(0))
+    losses = iterative_refine_losses(
+        model,
+        ids,
+        mask,
+        fill_id=EOS,
+        num_iterations=3,
+        noise_min=0.2,
+        noise_max=0.8,
+        generator=torch.Generator().manual_seed(0),
+    )
     hook.remove()
     assert len(losses) == 3 and len(seen_inputs) == 3
     for loss in losses:
@@ -141,12 +148,24 @@ def trained(tmp_path_factory):
     """A short `dllm_lit fit --config configs/train_tiny.yaml` run on a small addition set."""
     work = tmp_path_factory.mktemp("fit")
     write_task("addition", work / "data", train=640, val=6, min_digits=3, max_digits=3)
-    done = cli(["fit", "--config", str(ROOT / "configs/train_tiny.yaml"),
-                f"--data.train_file={work / 'data/train.jsonl'}", f"--data.val_file={work / 'data/val.jsonl'}",
-                "--data.batch_size=16", "--trainer.max_steps=40", "--trainer.val_check_interval=20",
-                "--trainer.log_every_n_steps=5", "--model.warmup_steps=5", "--model.learning_rate=0.003",
-                f"--trainer.logger.init_args.save_dir={work / 'logs'}",
-                f"--trainer.callbacks.init_args.output_dir={work / 'exported'}"], work)
+    done = cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/train_tiny.yaml"),
+            f"--data.train_file={work / 'data/train.jsonl'}",
+            f"--data.val_file={work / 'data/val.jsonl'}",
+            "--data.batch_size=16",
+            "--trainer.max_steps=40",
+            "--trainer.val_check_interval=20",
+            "--trainer.log_every_n_steps=5",
+            "--model.warmup_steps=5",
+            "--model.learning_rate=0.003",
+            f"--trainer.logger.init_args.save_dir={work / 'logs'}",
+            f"--trainer.callbacks.init_args.output_dir={work / 'exported'}",
+        ],
+        work,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return work
 
@@ -159,8 +178,10 @@ def test_fit_lowers_the_loss_and_logs_validation(trained):
     assert all(r.get(f"train/loss_round{k}") for r in rows if r.get("train/loss") for k in (0, 1))
     val = [r for r in rows if r.get("val/accuracy")]
     assert len(val) == 2
-    assert all(0 <= float(r["val/accuracy"]) <= 1 and float(r["val/tokens_per_forward"]) > 0
-               and float(r["val/forwards"]) >= 1 for r in val)
+    assert all(
+        0 <= float(r["val/accuracy"]) <= 1 and float(r["val/tokens_per_forward"]) > 0 and float(r["val/forwards"]) >= 1
+        for r in val
+    )
 
 
 @pytest.mark.slow
@@ -174,14 +195,32 @@ def test_checkpoint_round_trips_to_predict(trained):
         "ckpt_path": [f"--ckpt_path={ckpt}"],  # the base model (tiny-char) comes from the checkpoint
     }.items():
         out = trained / f"{name}.jsonl"
-        done = cli(["predict", *args, f"--data.prompts_file={trained / 'data/val.jsonl'}", "--model.add_eos_length=3",
-                    "--model.max_new_tokens=8", f"--writer.output_file={out}"], trained)
+        done = cli(
+            [
+                "predict",
+                *args,
+                f"--data.prompts_file={trained / 'data/val.jsonl'}",
+                "--model.add_eos_length=3",
+                "--model.max_new_tokens=8",
+                f"--writer.output_file={out}",
+            ],
+            trained,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         outputs[name] = [json.loads(line)["response"] for line in out.read_text().splitlines()]
     assert outputs["exported"] == outputs["from_ckpt"] == outputs["ckpt_path"]
     fresh = trained / "fresh.jsonl"
-    cli(["predict", "--model.model_name_or_path=tiny-char", f"--data.prompts_file={trained / 'data/val.jsonl'}",
-         "--model.add_eos_length=3", "--model.max_new_tokens=8", f"--writer.output_file={fresh}"], trained)
+    cli(
+        [
+            "predict",
+            "--model.model_name_or_path=tiny-char",
+            f"--data.prompts_file={trained / 'data/val.jsonl'}",
+            "--model.add_eos_length=3",
+            "--model.max_new_tokens=8",
+            f"--writer.output_file={fresh}",
+        ],
+        trained,
+    )
     assert [json.loads(line)["response"] for line in fresh.read_text().splitlines()] != outputs["exported"]
 
 
@@ -189,18 +228,29 @@ def test_checkpoint_round_trips_to_predict(trained):
 def test_validation_under_ddp_counts_each_sample_once(trained):
     """5 rows, 2 of them answered correctly by construction: accuracy 0.4 on 1 or 2 processes."""
     predicted = [json.loads(line) for line in (trained / "exported.jsonl").read_text().splitlines()][:5]
-    rows = [{"prompt": r["prompt"], "answer": r["response"] if i < 2 else "no such answer"}
-            for i, r in enumerate(predicted)]
+    rows = [
+        {"prompt": r["prompt"], "answer": r["response"] if i < 2 else "no such answer"} for i, r in enumerate(predicted)
+    ]
     val = trained / "val5.jsonl"
     val.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for devices in ("1", "2"):
         logs = trained / f"val_logs_{devices}"
-        done = cli(["validate", f"--model.model_name_or_path={trained / 'exported'}", f"--data.val_file={val}",
-                    "--model.add_eos_length=3", "--model.max_new_tokens=8", "--data.batch_size=2",
-                    "--trainer.accelerator=cpu", f"--trainer.devices={devices}",
-                    *(["--trainer.strategy=ddp"] if devices == "2" else []),
-                    "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={logs}"],
-                   trained)
+        done = cli(
+            [
+                "validate",
+                f"--model.model_name_or_path={trained / 'exported'}",
+                f"--data.val_file={val}",
+                "--model.add_eos_length=3",
+                "--model.max_new_tokens=8",
+                "--data.batch_size=2",
+                "--trainer.accelerator=cpu",
+                f"--trainer.devices={devices}",
+                *(["--trainer.strategy=ddp"] if devices == "2" else []),
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                f"--trainer.logger.save_dir={logs}",
+            ],
+            trained,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         (row,) = [r for r in read_metrics(logs) if r.get("val/accuracy")]
         assert float(row["val/accuracy"]) == pytest.approx(0.4)
@@ -217,6 +267,6 @@ def test_parquet_and_chat_rows_train_like_jsonl(tmp_path):
     assert read_rows(tmp_path / "train.parquet") == rows
     tokenizer = char_tokenizer()
     chat = [{"messages": [{"role": "user", "content": "12+34="}, {"role": "assistant", "content": "46"}]}]
-    (ids, mask), = SFTDataset(chat, tokenizer, use_chat_template=False, max_length=64, truncation="error", source="t")
+    ((ids, mask),) = SFTDataset(chat, tokenizer, use_chat_template=False, max_length=64, truncation="error", source="t")
     assert tokenizer.decode(ids) == "<s><|user|>12+34=\n<|assistant|>46</s>"
     assert [tokenizer.decode([t]) for t, m in zip(ids, mask) if m] == ["4", "6", "</s>"]
