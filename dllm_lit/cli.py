@@ -4,33 +4,49 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 # Lightning's own calls into jsonargparse trip its deprecation notices; they are not the user's.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
-import torch
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from dllm_lit.checkpoints import load_checkpoint
 from dllm_lit.data import DataModule
-from dllm_lit.models import DEFAULT_MODEL
+from dllm_lit.models import DEFAULT_MODEL, resolve
 from dllm_lit.module import BlockRefineLM
+from dllm_lit.outputs import model_identity, run_fingerprint
 from dllm_lit.summary import PredictionSummary
-from dllm_lit.writer import PredictionWriter, check_writable
+from dllm_lit.writer import PredictionWriter
 
 # Errors of the user's making that deserve one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, MisconfigurationException)
 
 
 class SaveFitConfig(SaveConfigCallback):
-    """Save the resolved config next to training logs only; predictions need no copy in the cwd."""
+    """Save the resolved ``fit`` config in the run's log folder (a new ``version_N``), or without a
+    logger in its checkpoint folder; never in the working directory, never over an existing file."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
+        if stage != "fit" or self.already_saved:
+            return
+        if trainer.loggers:
             super().setup(trainer, pl_module, stage)
+            return
+        checkpoints = trainer.checkpoint_callback
+        if checkpoints is None:
+            return
+        folder = Path(checkpoints.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        if trainer.is_global_zero and not (folder / self.config_filename).exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, multifile=False)
+        self.already_saved = True
 
 
 class DllmCLI(LightningCLI):
@@ -62,12 +78,15 @@ class DllmCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path`` supplies weights, and the base model when ``model_name_or_path`` is left at
         its default. Decoding settings always come from the config and the command line (Lightning's
-        own version lets the checkpoint's hyperparameters override flags the user gave)."""
+        own version lets the checkpoint's hyperparameters override flags the user gave). Only local
+        files are read, with ``weights_only=True`` (:mod:`dllm_lit.checkpoints`)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams = load_checkpoint(ckpt_path).get("hyper_parameters", {})
+        if "weights_only" in self.config[subcommand]:
+            self.config[subcommand]["weights_only"] = True
         model = self.config[subcommand]["model"]
         if "model_name_or_path" in hparams and model["model_name_or_path"] == DEFAULT_MODEL:
             model["model_name_or_path"] = hparams["model_name_or_path"]
@@ -79,13 +98,33 @@ class DllmCLI(LightningCLI):
             self.config.predict.trainer.logger = False
 
     def before_predict(self) -> None:
-        """Check the prompt source and the output path before any model loads; set up ``resume``."""
+        """Check the prompt source and the output before any model loads; set up ``resume``; let
+        SIGTERM stop the run as Ctrl-C does (finished rows kept, resume hint, non-zero exit)."""
         self.datamodule.check_prompt_source()
         for writer in self.trainer.callbacks:
             if isinstance(writer, PredictionWriter):
-                if writer.output_file is not None:
-                    check_writable(writer.output_file)
-                self.datamodule.skip_indices = writer.completed_indices()
+                writer.check()
+                self.datamodule.skip_indices = writer.completed_indices(self._fingerprint())
+        signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+    def _fingerprint(self) -> dict:
+        """What resume compares: the prompts, the settings that change outputs, the model's identity."""
+        data, model, subcommand = self.datamodule, self.model, self.config[self.subcommand]
+        name = model.hparams.model_name_or_path
+        return run_fingerprint(
+            data.prompt_rows(),
+            data={
+                "use_chat_template": data.use_chat_template,
+                "max_length": data.max_length,
+                "skip_long_prompts": data.skip_long_prompts,
+            },
+            decoding={
+                **asdict(model.decoding),
+                "precision": str(self.trainer.precision),
+                "seed_everything": subcommand.get("seed_everything"),
+            },
+            model={**model_identity(name, resolve(name)), "ckpt_path": subcommand.get("ckpt_path")},
+        )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -95,7 +134,11 @@ class DllmCLI(LightningCLI):
 
     def predict(self, **kwargs) -> None:
         """Predictions go to the writer, batch by batch; none are kept in memory."""
-        self.trainer.predict(**kwargs, return_predictions=False)
+        self.trainer.predict(**{**kwargs, "weights_only": True}, return_predictions=False)
+
+
+def _interrupt_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def quiet_libraries() -> None:

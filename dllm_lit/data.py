@@ -19,22 +19,28 @@ class PromptError(ValueError):
     """The prompts given cannot be used; the message says where and how to fix it."""
 
 
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".tsv")
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows from ``.txt`` (one prompt a line, blank lines skipped), ``.jsonl``, ``.json`` or ``.parquet``.
+    """Rows from ``.txt`` (one prompt a line, blank lines skipped), ``.jsonl``, ``.json``, ``.parquet``,
+    or ``.csv``/``.tsv`` (a header row naming the columns).
 
     Each row carries ``prompt`` (a string) or ``messages`` (chat messages); other fields pass through.
     """
     path = Path(path)
+    kinds = ", ".join(SUFFIXES)
     if path.is_dir():
-        raise PromptError(f"Prompts file {path} is a directory: give a .txt, .jsonl, .json or .parquet file.")
+        raise PromptError(f"Prompts file {path} is a directory: give a {kinds} file.")
     if not path.exists():
         raise PromptError(f"Prompts file {path} does not exist.")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise PromptError(f"Prompts file {path} has an unknown kind ({suffix or 'no suffix'}): give a {kinds} file.")
+    if suffix in (".parquet", ".csv", ".tsv"):
+        rows = _read_table(path, suffix)
     else:
-        rows = _parse_text_rows(path, _read_text(path))
+        rows = _parse_text_rows(path, suffix, _read_text(path))
     if not rows:
         raise PromptError(f"Prompts file {path} has no prompts.")
     for number, row in enumerate(rows, start=1):
@@ -42,17 +48,36 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_table(path: Path, suffix: str) -> list[dict[str, Any]]:
+    import pyarrow
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    try:
+        if suffix == ".parquet":
+            return pyarrow.parquet.read_table(path).to_pylist()
+        options = pyarrow.csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+        # Every column as text: a prompt such as "12" stays the string it was written as.
+        table = pyarrow.csv.read_csv(path, parse_options=options)
+        convert = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(table.column_names, pyarrow.string()))
+        return pyarrow.csv.read_csv(path, parse_options=options, convert_options=convert).to_pylist()
+    except (pyarrow.ArrowException, OSError) as error:
+        raise PromptError(
+            f"Prompts file {path} cannot be read as {suffix[1:]}: {' '.join(str(error).split())}"
+        ) from None
+
+
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not part of the text
     except UnicodeDecodeError as error:
         raise PromptError(f"Prompts file {path} is not UTF-8 text (byte {error.start}).") from None
     except OSError as error:
         raise PromptError(f"Prompts file {path} cannot be read: {error.strerror}.") from None
 
 
-def _parse_text_rows(path: Path, text: str) -> list[Any]:
-    if path.suffix == ".jsonl":
+def _parse_text_rows(path: Path, suffix: str, text: str) -> list[Any]:
+    if suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -61,7 +86,7 @@ def _parse_text_rows(path: Path, text: str) -> list[Any]:
                 except json.JSONDecodeError as error:
                     raise PromptError(f"{path}, line {number}: not valid JSON ({error.msg}).") from None
         return rows
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
@@ -86,8 +111,20 @@ def _check_row(row: Any, where: str) -> None:
             )
         ):
             raise PromptError(f"{where}: 'messages' must be a list of {{'role': str, 'content': str}} objects.")
+        if messages[-1]["role"] == "assistant" and len(messages) == 1:
+            raise PromptError(f"{where}: 'messages' holds only the assistant's reply; add the user turn before it.")
     elif not isinstance(row["prompt"], str):
         raise PromptError(f"{where}: 'prompt' must be a string.")
+    for name, value in row.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError) as error:
+            kind = (
+                "is not valid Unicode (a lone surrogate)"
+                if isinstance(error, UnicodeEncodeError)
+                else (f"cannot be written as JSON ({type(value).__name__}); convert it to a string")
+            )
+            raise PromptError(f"{where}: field {name!r} {kind}.") from None
 
 
 def split_row(row: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -211,6 +248,11 @@ class SFTDataset(Dataset):
             dropped = len(prompt) + len(answer) - len(ids)
             prompt_left = len(prompt) - dropped if truncation == "left" else len(prompt)
             prompt_left = min(max(prompt_left, 0), len(ids))
+            if prompt_left >= len(ids):
+                raise PromptError(
+                    f"{source}, row {number}: truncation={truncation!r} to max_length={max_length} leaves no "
+                    "response tokens to train on: raise max_length or shorten the prompt."
+                )
             mask = [False] * prompt_left + [True] * (len(ids) - prompt_left)
             self.items.append((ids, mask))
 
@@ -358,7 +400,10 @@ class DataModule(L.LightningDataModule):
         texts = [self.prompt] if self.prompt is not None else list(self.prompts)
         if not texts:
             raise PromptError("The prompts list is empty.")
-        return [{"prompt": text} for text in texts]
+        rows = [{"prompt": text} for text in texts]
+        for number, row in enumerate(rows, start=1):
+            _check_row(row, f"prompt {number}")
+        return rows
 
     def _prompt_dataset(self, rows: list[dict[str, Any]], skip: set[int] = frozenset()) -> PromptDataset:
         return PromptDataset(

@@ -6,11 +6,14 @@ python -m dllm_lit.export path/to/last.ckpt path/to/hf_dir
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import lightning as L
 
+from dllm_lit.checkpoints import CheckpointError, load_checkpoint
 from dllm_lit.module import BlockRefineLM
+from dllm_lit.settings import LEGACY_COMPILE
 
 
 def save_hf(module: BlockRefineLM, output_dir: str | Path) -> Path:
@@ -22,9 +25,24 @@ def save_hf(module: BlockRefineLM, output_dir: str | Path) -> Path:
 
 
 def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path) -> Path:
-    """Load a Lightning checkpoint of :class:`BlockRefineLM` and save it as an HF directory."""
-    module = BlockRefineLM.load_from_checkpoint(ckpt_path, map_location="cpu")
-    return save_hf(module, output_dir)
+    """Load a local Lightning checkpoint of :class:`BlockRefineLM` (weights and plain values only) and
+    save it as an HF directory. ``output_dir`` must be a new or empty directory."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"Export target {output_dir} is a file: give a new or empty directory.")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        raise CheckpointError(f"Export target {output_dir} is not empty: give a new or empty directory.")
+    checkpoint = load_checkpoint(ckpt_path)  # refuses remote, missing, corrupt and code-carrying files
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    if "compile" in hparams:  # written before `backend` replaced it
+        hparams["backend"] = LEGACY_COMPILE.get(hparams.pop("compile"), "eager")
+    module = BlockRefineLM(**hparams)
+    module.configure_model()
+    module.load_state_dict(checkpoint["state_dict"])
+    try:
+        return save_hf(module, output_dir)
+    except OSError as error:
+        raise CheckpointError(f"Cannot write the export to {output_dir}: {error.strerror}.") from None
 
 
 class HFExport(L.Callback):
@@ -43,11 +61,16 @@ class HFExport(L.Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dllm_lit.export", description=__doc__)
-    parser.add_argument("ckpt_path")
-    parser.add_argument("output_dir")
+    """Export, printing the target; a bad checkpoint or target is one line on stderr and exit 2."""
+    parser = argparse.ArgumentParser(prog="python -m dllm_lit.export", description=__doc__, allow_abbrev=False)
+    parser.add_argument("ckpt_path", help="a local .ckpt file written by `dllm_lit fit`")
+    parser.add_argument("output_dir", help="a new or empty directory for the HF model")
     args = parser.parse_args(argv)
-    print(export_checkpoint(args.ckpt_path, args.output_dir))
+    try:
+        print(export_checkpoint(args.ckpt_path, args.output_dir))
+    except CheckpointError as error:
+        print(f"dllm_lit.export: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,18 @@ class PredictedBatch:
     generated_tokens: int
 
 
+def check_training(num_iterations: int, noise_min: float, noise_max: float, loss_weights: list[float] | None) -> None:
+    """Reject training settings that cannot work, with one sentence naming the setting."""
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be at least 1, got {num_iterations}.")
+    if not 0 <= noise_min <= noise_max <= 1:
+        raise ValueError(
+            f"noise_min and noise_max must satisfy 0 <= noise_min <= noise_max <= 1, got {noise_min} and {noise_max}."
+        )
+    if loss_weights is not None and len(loss_weights) != num_iterations:
+        raise ValueError(f"loss_weights has {len(loss_weights)} entries but num_iterations is {num_iterations}.")
+
+
 class BlockRefineLM(L.LightningModule):
     """A Hugging Face causal LM decoded in blocks of ``add_eos_length + 1`` tokens.
 
@@ -66,6 +78,7 @@ class BlockRefineLM(L.LightningModule):
         super().__init__()
         try:  # fail before any model loads, naming the flag
             self.decoding = DecodeSettings(**decoding)
+            check_training(num_iterations, noise_min, noise_max, loss_weights)
         except ValueError as error:
             raise ValueError(f"--model.{error}") from None
         self.save_hyperparameters()

@@ -14,7 +14,7 @@ from typing import Any, Literal
 Backend = Literal["eager", "cuda_graph", "inductor"]
 BACKENDS: tuple[str, ...] = ("eager", "cuda_graph", "inductor")
 
-_LEGACY_COMPILE = {False: "eager", True: "cuda_graph", "inductor": "inductor"}
+LEGACY_COMPILE = {False: "eager", True: "cuda_graph", "inductor": "inductor"}
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,9 @@ class DecodeSettings:
                 DeprecationWarning,
                 stacklevel=3,
             )
-            if compile not in _LEGACY_COMPILE:
+            if compile not in LEGACY_COMPILE:
                 raise ValueError(f"compile must be false, true or 'inductor', got {compile!r}.")
-            overrides.setdefault("backend", _LEGACY_COMPILE[compile])
+            overrides.setdefault("backend", LEGACY_COMPILE[compile])
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise TypeError(f"Unknown decoding setting(s): {', '.join(unknown)}.")

@@ -63,7 +63,7 @@ class PredictionSummary(L.Callback):
     def __init__(self, max_display: int = 10):
         self.max_display = max_display
         self.first_rows: list[dict[str, Any]] = []
-        self.totals = {"prompts": 0, "forwards": 0, "tokens": 0}
+        self.totals = {"prompts": 0, "forwards": 0, "tokens": 0, "row_forwards": 0}
         self.setup_at = 0.0
         self.decode_at = 0.0
         self.load_seconds = 0.0
@@ -84,6 +84,7 @@ class PredictionSummary(L.Callback):
         self.totals["prompts"] += len(rows)
         self.totals["forwards"] += outputs.forwards
         self.totals["tokens"] += outputs.generated_tokens
+        self.totals["row_forwards"] += outputs.forwards * len(rows)  # each row sat in every batch forward
         self.first_rows = heapq.nsmallest(self.max_display, self.first_rows + rows, key=lambda row: row["index"])
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -102,10 +103,12 @@ class PredictionSummary(L.Callback):
         print(self.performance_line(totals, seconds, pl_module.device), file=sys.stderr, flush=True)
 
     def performance_line(self, totals: dict[str, int], seconds: float, device: torch.device) -> str:
-        tokens, forwards = totals["tokens"], totals["forwards"]
+        """Tokens per forward is per row: generated tokens / (batch forwards x rows in the batch), the
+        number that says how many tokens one sequence gains per pass, whatever the batch size."""
+        tokens, row_forwards = totals["tokens"], totals["row_forwards"]
         return (
             f"[dllm_lit] {totals['prompts']} prompts | model load {self.load_seconds:.1f}s | "
             f"{tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.1f} tok/s) | "
-            f"{forwards / max(tokens, 1):.3f} forwards/token ({tokens / max(forwards, 1):.2f} tokens/forward) | "
-            f"{_memory(device)}"
+            f"{totals['forwards']} forwards | per row: {tokens / max(row_forwards, 1):.2f} tokens/forward "
+            f"({row_forwards / max(tokens, 1):.3f} forwards/token) | {_memory(device)}"
         )

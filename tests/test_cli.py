@@ -99,7 +99,10 @@ def test_prompts_file_batches_jsonl_in_input_order(tiny_dir, prompts_file, tmp_p
         assert row["response_length"] <= 24
     assert "Generated 5 responses" in out and "--- Example 2 ---" in out and "--- Example 3 ---" not in out
     assert "... and 3 more" in out
-    run_cli(args)  # a rerun into the same folder neither crashes nor duplicates
+    with pytest.raises(SystemExit):  # an existing output is never replaced unless asked
+        run_cli(args)
+    assert "--writer.overwrite true" in capsys.readouterr().err
+    run_cli([*args, "--writer.overwrite=true"])  # a rerun replaces it, without duplicates
     assert [json.loads(line) for line in output.read_text().splitlines()] == rows
 
 
