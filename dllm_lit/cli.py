@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -13,8 +14,10 @@ from pathlib import Path
 # Lightning's own calls into jsonargparse trip its deprecation notices; they are not the user's.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
+import lightning as L
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from dllm_lit.checkpoints import load_checkpoint
@@ -24,6 +27,8 @@ from dllm_lit.module import BlockRefineLM
 from dllm_lit.outputs import model_identity, run_fingerprint
 from dllm_lit.summary import PredictionSummary
 from dllm_lit.writer import PredictionWriter
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 # Errors of the user's making that deserve one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, MisconfigurationException)
@@ -74,6 +79,7 @@ class DllmCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionSummary, "summary")
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.max_length", "data.max_length")
+        parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path`` supplies weights, and the base model when ``model_name_or_path`` is left at
@@ -126,6 +132,14 @@ class DllmCLI(LightningCLI):
             model={**model_identity(name, resolve(name)), "ckpt_path": subcommand.get("ckpt_path")},
         )
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """Lightning's trainer, with its default progress bar drawn on stderr (stdout is for results)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for position, callback in enumerate(trainer.callbacks):
+            if type(callback) is RichProgressBar and not callback._console_kwargs:
+                trainer.callbacks[position] = RichProgressBar(console_kwargs={"stderr": True})
+        return trainer
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = LightningCLI.subcommands()
@@ -168,10 +182,19 @@ def main(args: list[str] | None = None) -> None:
         print(f"dllm_lit: error: {message} (see dllm_lit --help, or dllm_lit SUBCOMMAND --help)", file=sys.stderr)
         sys.exit(2)
     except USER_ERRORS as error:
-        if os.environ.get("DLLM_LIT_DEBUG"):
+        fail(error)
+    except OSError as error:
+        if error.errno not in FULL_DISK:
             raise
-        print(f"dllm_lit: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"No space left on the device while writing {error.filename or 'the output'}: free some space.")
+
+
+def fail(error: BaseException | str) -> None:
+    """Print ``dllm_lit: error: <one line>`` and exit 2 (re-raise instead under ``DLLM_LIT_DEBUG``)."""
+    if os.environ.get("DLLM_LIT_DEBUG") and isinstance(error, BaseException):
+        raise error
+    print(f"dllm_lit: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -342,6 +342,7 @@ class DataModule(L.LightningDataModule):
             note on stderr) instead of stopping with an error.
         num_workers: DataLoader worker processes.
         model_name_or_path: Whose tokenizer to use (linked to the model's by the CLI).
+        trust_remote_code: Run the tokenizer code in the model directory (linked to the model's).
     """
 
     def __init__(
@@ -360,6 +361,7 @@ class DataModule(L.LightningDataModule):
         skip_long_prompts: bool = False,
         num_workers: int = 0,
         model_name_or_path: str = DEFAULT_MODEL,
+        trust_remote_code: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -375,6 +377,7 @@ class DataModule(L.LightningDataModule):
         self.skip_indices: set[int] = set()  # prompts already done (resume), set by the CLI
         self.num_workers = num_workers
         self.model_name_or_path = model_name_or_path
+        self.trust_remote_code = trust_remote_code
         self.datasets: dict[str, Dataset] = {}
         # With fewer prompts than processes a rank may get none; it then just waits for the others.
         self.allow_zero_length_dataloader_with_multiple_devices = True
@@ -423,7 +426,7 @@ class DataModule(L.LightningDataModule):
         return value
 
     def setup(self, stage: str) -> None:
-        self.tokenizer = load_tokenizer(self.model_name_or_path)
+        self.tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
         if stage == "predict" and "predict" not in self.datasets:
             self.datasets["predict"] = self._prompt_dataset(self.prompt_rows(), skip=self.skip_indices)
         if stage == "fit" and "train" not in self.datasets:

@@ -36,11 +36,21 @@ def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
 
 
 def check_inputs(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_ids: list[int], settings: DecodeSettings
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    eos_ids: list[int],
+    settings: DecodeSettings,
+    vocab_size: int | None = None,
 ) -> None:
     """Reject inputs the engine cannot decode, with one sentence (before any model work)."""
     if not eos_ids:
         raise ValueError("eos_token_id is required: it is the fill token and the stop token.")
+    if vocab_size is not None:
+        outside = sorted(i for i in {*eos_ids, *settings.stop_token_ids} if not 0 <= i < vocab_size)
+        if outside:
+            raise ValueError(
+                f"Stop or EOS token ids {outside} are outside the model's vocabulary (0..{vocab_size - 1})."
+            )
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
     if attention_mask.shape != input_ids.shape:
@@ -86,7 +96,9 @@ def generate_blocks(
     eos_ids = _as_id_list(eos_token_id)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    check_inputs(input_ids, attention_mask, eos_ids, settings)
+    check_inputs(
+        input_ids, attention_mask, eos_ids, settings, getattr(getattr(model, "config", None), "vocab_size", None)
+    )
     device = next(model.parameters()).device
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)

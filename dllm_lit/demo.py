@@ -6,6 +6,8 @@ python -m dllm_lit.demo --model_path smollm2 --prompt "What is 2+2?" --use_chat_
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from dllm_lit import cli
 from dllm_lit.models import DEFAULT_MODEL
@@ -16,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dllm_lit.demo",
         description="Block-refine decoding with the legacy demo flags (a thin front for `dllm_lit predict`).",
+        allow_abbrev=False,  # --device must never be taken for --devices
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="a single prompt")
@@ -37,7 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-true")
     parser.add_argument("--devices", default=None, help="Lightning devices, e.g. 1 or 2")
+    parser.add_argument("--device", default=None, help="as the original script: cpu, cuda or cuda:N")
+    parser.add_argument("--trust_remote_code", action="store_true", help="run the model directory's own code")
     return parser
+
+
+def device_args(device: str) -> list[str]:
+    """``--device cpu|cuda|cuda:N`` as Lightning trainer flags."""
+    kind, _, number = device.partition(":")
+    if kind not in ("cpu", "cuda") or (number and not number.isdigit()) or (kind == "cpu" and number):
+        raise SystemExit(f"python -m dllm_lit.demo: error: --device must be cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cpu":
+        return ["--trainer.accelerator=cpu"]
+    return ["--trainer.accelerator=gpu", f"--trainer.devices=[{number}]" if number else "--trainer.devices=1"]
 
 
 def to_cli_args(ns: argparse.Namespace) -> list[str]:
@@ -53,19 +68,30 @@ def to_cli_args(ns: argparse.Namespace) -> list[str]:
         f"--data.batch_size={ns.batch_size}",
         f"--data.use_chat_template={ns.use_chat_template}",
         f"--summary.max_display={ns.max_display}",
+        f"--model.trust_remote_code={ns.trust_remote_code}",
+        "--model.full_text=true",
     ]
-    args.append(f"--data.prompt={ns.prompt}" if ns.prompt is not None else f"--data.prompts_file={ns.prompts_file}")
+    # A list of one JSON string: the text is kept as written (a bare "null" or "~" would parse as None).
+    args.append(
+        f"--data.prompts={json.dumps([ns.prompt])}"
+        if ns.prompt is not None
+        else f"--data.prompts_file={ns.prompts_file}"
+    )
     if ns.output_file:
         args.append(f"--writer.output_file={ns.output_file}")
     if ns.precision:
         args.append(f"--trainer.precision={ns.precision}")
     if ns.devices:
         args.append(f"--trainer.devices={ns.devices}")
+    if ns.device:
+        args += device_args(ns.device)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(to_cli_args(build_parser().parse_args(argv)))
+    args = to_cli_args(build_parser().parse_args(argv))
+    sys.argv = sys.argv[:1]  # the flags are translated: LightningCLI must read only `args`
+    cli.main(args)
 
 
 if __name__ == "__main__":

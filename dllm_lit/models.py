@@ -9,9 +9,11 @@ import importlib.util
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2"
@@ -109,11 +111,11 @@ def resolve(model_name_or_path: str) -> Path:
     return path
 
 
-def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer, left-padding, with ``pad_token`` set to EOS when it has none."""
     path = resolve(model_name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
         raise ModelLoadError(f"Could not load a tokenizer from {path}: {error}") from None
     if tokenizer.eos_token_id is None:
@@ -124,13 +126,21 @@ def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(model_name_or_path: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load the causal LM in eval mode, in ``dtype`` (default: the current default dtype)."""
+def load_model(
+    model_name_or_path: str, dtype: torch.dtype | None = None, *, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Load the causal LM in eval mode, in ``dtype`` (default: the current default dtype).
+
+    ``trust_remote_code`` runs the Python files of a local model directory (off by default; only
+    for models whose code you trust)."""
     path = resolve(model_name_or_path)
+    if trust_remote_code:
+        warnings.warn(f"trust_remote_code is on: the Python code in {path} will run.", stacklevel=2)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.get_default_dtype(), local_files_only=True
+            path, dtype=dtype or torch.get_default_dtype(), local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except OSError as error:
-        raise ModelLoadError(f"Could not load model weights from {path}: {error}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise ModelLoadError(f"Could not load model weights from {path}: {reason}") from None
     return model.eval()

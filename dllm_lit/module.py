@@ -52,6 +52,10 @@ class BlockRefineLM(L.LightningModule):
     Args:
         model_name_or_path: A local HF directory, a ``.gguf`` file, ``smollm2`` (the embedded
             SmolLM2-135M-Instruct) or ``tiny-char`` (a fresh tiny model for toy tasks).
+        trust_remote_code: Run the Python code shipped in the model directory (off by default; only
+            for models whose code you trust).
+        full_text: Also write ``full_text`` (prompt and response decoded as one text) and
+            ``total_length`` (prompt + response tokens) per row, as the original script did.
         num_iterations: Training rounds of the iterative refine objective (1 = one noised pass).
         noise_min: Training: lower bound of the fraction of response tokens replaced by EOS.
         noise_max: Training: upper bound of that fraction (0 and 0 with one round = plain SFT).
@@ -66,6 +70,8 @@ class BlockRefineLM(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = DEFAULT_MODEL,
+        trust_remote_code: bool = False,
+        full_text: bool = False,
         num_iterations: int = 2,
         noise_min: float = 0.0,
         noise_max: float = 1.0,
@@ -92,8 +98,9 @@ class BlockRefineLM(L.LightningModule):
         """Load weights under the trainer's precision context (idempotent)."""
         if self.model is not None:
             return
-        self.tokenizer = load_tokenizer(self.hparams.model_name_or_path)
-        self.model = load_model(self.hparams.model_name_or_path).train(self.training)
+        name, trust = self.hparams.model_name_or_path, self.hparams.trust_remote_code
+        self.tokenizer = load_tokenizer(name, trust_remote_code=trust)
+        self.model = load_model(name, trust_remote_code=trust).train(self.training)
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
         """Run the engine with this module's settings."""
@@ -126,8 +133,8 @@ class BlockRefineLM(L.LightningModule):
         result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"])
         lengths = batch["attention_mask"].sum(1).tolist()
         rows = []
-        for index, prompt, extra, length, row in zip(
-            batch["index"], batch["prompt"], batch["extra"], lengths, result.rows
+        for position, (index, prompt, extra, length, row) in enumerate(
+            zip(batch["index"], batch["prompt"], batch["extra"], lengths, result.rows)
         ):
             rows.append(
                 {
@@ -142,6 +149,10 @@ class BlockRefineLM(L.LightningModule):
                     "tokens_per_forward": round(row.tokens_per_forward, 4),
                 }
             )
+            if self.hparams.full_text:
+                prompt_ids = batch["input_ids"][position, batch["input_ids"].shape[1] - length :].tolist()
+                rows[-1]["full_text"] = self.tokenizer.decode(prompt_ids + row.token_ids, skip_special_tokens=True)
+                rows[-1]["total_length"] = length + len(row.token_ids)
         return PredictedBatch(rows=rows, forwards=result.forwards, generated_tokens=result.generated_tokens)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -84,7 +84,7 @@ class PredictionSummary(L.Callback):
         self.totals["prompts"] += len(rows)
         self.totals["forwards"] += outputs.forwards
         self.totals["tokens"] += outputs.generated_tokens
-        self.totals["row_forwards"] += outputs.forwards * len(rows)  # each row sat in every batch forward
+        self.totals["row_forwards"] += sum(row["forwards"] for row in rows)  # forwards while each row was active
         self.first_rows = heapq.nsmallest(self.max_display, self.first_rows + rows, key=lambda row: row["index"])
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -103,8 +103,8 @@ class PredictionSummary(L.Callback):
         print(self.performance_line(totals, seconds, pl_module.device), file=sys.stderr, flush=True)
 
     def performance_line(self, totals: dict[str, int], seconds: float, device: torch.device) -> str:
-        """Tokens per forward is per row: generated tokens / (batch forwards x rows in the batch), the
-        number that says how many tokens one sequence gains per pass, whatever the batch size."""
+        """Tokens per forward is per row: generated tokens over the sum of each row's forwards (the
+        passes run while it was active), what one sequence gains per pass whatever the batch size."""
         tokens, row_forwards = totals["tokens"], totals["row_forwards"]
         return (
             f"[dllm_lit] {totals['prompts']} prompts | model load {self.load_seconds:.1f}s | "

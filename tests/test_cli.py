@@ -200,12 +200,16 @@ def test_demo_flags_equal_the_cli(tiny_dir, prompts_file, tmp_path):
             "--model.backend=cuda_graph",
         ]
     )
-    assert legacy.read_text() == native.read_text()
     rows = [json.loads(line) for line in legacy.read_text().splitlines()]
+    legacy_only = [(row.pop("full_text"), row.pop("total_length")) for row in rows]  # the original's fields
+    assert rows == [json.loads(line) for line in native.read_text().splitlines()]
     *_, response = expected_response(
         tiny_dir, PROMPTS[3], chat=True, add_eos_length=5, refine_iter=3, max_new_tokens=20, max_length=60
     )
     assert rows[3]["response"] == response
+    for row, (full_text, total_length) in zip(rows, legacy_only):
+        assert total_length == row["prompt_length"] + row["response_length"]
+        assert full_text.startswith(row["prompt"]) and full_text.endswith(row["response"])
 
 
 @pytest.mark.parametrize(
