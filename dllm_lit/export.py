@@ -38,7 +38,12 @@ def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path) -> Path:
         hparams["backend"] = LEGACY_COMPILE.get(hparams.pop("compile"), "eager")
     module = BlockRefineLM(**hparams)
     module.configure_model()
-    module.load_state_dict(checkpoint["state_dict"])
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError:
+        raise CheckpointError(
+            f"Checkpoint {ckpt_path} does not match its model {module.hparams.model_name_or_path!r}."
+        ) from None
     try:
         return save_hf(module, output_dir)
     except OSError as error:
@@ -68,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         print(export_checkpoint(args.ckpt_path, args.output_dir))
-    except CheckpointError as error:
-        print(f"dllm_lit.export: error: {error}", file=sys.stderr)
+    except ValueError as error:  # CheckpointError, ModelLoadError: one sentence each
+        print(f"dllm_lit.export: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,7 +1,8 @@
 """What guards an output file: the checks before a run, the lock during it, the fingerprint of a run.
 
-* :func:`check_output` refuses, before any model loads, a path that cannot be written, an existing
-  file that would be replaced without ``--writer.overwrite``, and unfinished rows that would be lost.
+* :func:`check_writable` and :func:`check_replaceable` refuse, before any model loads, a path that
+  cannot be written, an existing file that would be replaced without ``--writer.overwrite``, and
+  unfinished rows that would be lost.
 * :class:`OutputLock` is an exclusive OS lock (``flock``) on ``.<output>.lock``: one run per output
   file; the OS releases it when the process dies.
 * :func:`run_fingerprint` names what makes two runs' rows interchangeable (the prompts, the decoding
@@ -29,10 +30,20 @@ def parts_dir(output_file: Path) -> Path:
     return output_file.with_name(f".{output_file.name}.parts")
 
 
-def check_output(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Fail before any compute if ``path`` cannot be written or its current content would be lost."""
+def check_writable(path: Path) -> None:
+    """Fail before any compute if ``path``'s directory cannot be created or written."""
     if path.is_dir():
         raise OutputError(f"Output file {path} is a directory: give a file name ending in .jsonl or .json.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.resolve().parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as error:
+        raise OutputError(f"Cannot write the output file {path}: {error.strerror} ({error.filename}).") from None
+
+
+def check_replaceable(path: Path, *, resume: bool, overwrite: bool) -> None:
+    """Fail if this run would replace a finished file or drop unfinished rows the user did not give up."""
     unfinished = parts_dir(path).is_dir()
     if resume and not unfinished and path.is_file():
         raise OutputError(
@@ -45,12 +56,6 @@ def check_output(path: Path, *, resume: bool, overwrite: bool) -> None:
             f"Output file {path} {what}: pass --writer.resume true to finish that run, or "
             "--writer.overwrite true to replace it when this run finishes."
         )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.resolve().parent, prefix=f".{path.name}.probe-"):
-            pass
-    except OSError as error:
-        raise OutputError(f"Cannot write the output file {path}: {error.strerror} ({error.filename}).") from None
 
 
 class OutputLock:
@@ -105,12 +110,13 @@ def run_fingerprint(
     rows: list[dict[str, Any]], *, data: dict[str, Any], decoding: dict[str, Any], model: dict[str, Any]
 ) -> dict[str, Any]:
     """What makes rows of two runs interchangeable: per-row prompt hashes, the settings, the model."""
-    return {
+    fingerprint = {
         "prompt_hashes": [_sha256(row)[:16] for row in rows],
         "data": data,
         "decoding": decoding,
         "model": model,
     }
+    return json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk (tuples -> lists)
 
 
 def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:

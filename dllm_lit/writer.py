@@ -23,7 +23,14 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from dllm_lit.outputs import OutputError, OutputLock, check_output, fingerprint_difference, parts_dir
+from dllm_lit.outputs import (
+    OutputError,
+    OutputLock,
+    check_replaceable,
+    check_writable,
+    fingerprint_difference,
+    parts_dir,
+)
 
 FINGERPRINT = "run.json"
 
@@ -68,8 +75,9 @@ class PredictionWriter(BasePredictionWriter):
         """Before any model loads: fail with one sentence if the output cannot be written, would be
         replaced without ``overwrite``, would lose unfinished rows, or is locked by another run."""
         if self.output_file is not None:
-            check_output(self.output_file, resume=self.resume, overwrite=self.overwrite)
+            check_writable(self.output_file)
             self.lock.probe()
+            check_replaceable(self.output_file, resume=self.resume, overwrite=self.overwrite)
 
     def completed_indices(self, fingerprint: dict[str, Any] | None = None) -> set[int]:
         """Remember this run's ``fingerprint``; with ``resume``, check it against the unfinished run's

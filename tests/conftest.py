@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,51 @@ def start_dllm_lit(args: list[str], cwd: Path) -> subprocess.Popen:
 def dllm_lit():
     """The `dllm_lit` command as a subprocess: ``dllm_lit(args, cwd, env=...)``."""
     return run_dllm_lit
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str, prefix: str = "dllm_lit: error:") -> str:
+    """Exit status 2, no traceback, exactly one error line on stderr, holding every fragment."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith(prefix)]
+    assert len(errors) == 1, done.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+    return errors[0]
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def predict_args(model_dir: str, out: Path, prompts: Path, *extra: str) -> list[str]:
+    """A slow-enough greedy run over ``prompts`` (one token per forward, 48 tokens per prompt)."""
+    return [
+        "predict",
+        f"--model.model_name_or_path={model_dir}",
+        f"--data.prompts_file={prompts}",
+        "--data.batch_size=2",
+        "--data.sort_by_length=false",
+        "--model.add_eos_length=0",
+        "--model.max_new_tokens=48",
+        "--model.stop_token_ids=[]",
+        f"--writer.output_file={out}",
+        *extra,
+    ]
+
+
+def wait_for_rows(parts: Path, at_least: int, timeout: float = 300) -> None:
+    """Wait until the part files under ``parts`` hold ``at_least`` rows."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = sum(len(p.read_text().splitlines()) for p in parts.glob("*.jsonl")) if parts.is_dir() else 0
+        if lines >= at_least:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the run never wrote rows")
+
+
+@pytest.fixture
+def forty_prompts(tmp_path) -> Path:
+    return write(tmp_path / "p.txt", "".join(f"prompt number {i} {'x' * (i % 7)}\n" for i in range(40)))

@@ -1,4 +1,4 @@
-"""Bad input, interrupted runs and several processes, through the real `dllm_lit` command.
+"""Bad input through the real `dllm_lit` command, and running out of memory.
 
 Every bad input must give one line on stderr, exit code 2, no traceback and no output file.
 """
@@ -6,33 +6,15 @@ Every bad input must give one line on stderr, exit code 2, no traceback and no o
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import start_dllm_lit
+from conftest import assert_one_line_error, write
 from dllm_lit.module import BlockRefineLM
 
 FAST = ["--model.add_eos_length=3", "--model.refine_iter=2", "--model.max_new_tokens=12"]
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("dllm_lit: error:")]
-    assert len(errors) == 1, done.stderr
-    for fragment in fragments:
-        assert fragment in errors[0]
-    return errors[0]
-
-
-def write(path: Path, content: str | bytes) -> Path:
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return path
 
 
 @pytest.fixture
@@ -139,111 +121,6 @@ def test_bad_models_give_one_line(broken_models, model, extra, fragments, dllm_l
         ["predict", f"--model.model_name_or_path={model}", "--data.prompt=hi", *FAST, *extra], broken_models
     )
     assert_one_line_error(done, *fragments)
-
-
-def start_run(tiny_dir: str, cwd: Path, out: Path, prompts: Path, *extra: str) -> subprocess.Popen:
-    args = [
-        "predict",
-        f"--model.model_name_or_path={tiny_dir}",
-        f"--data.prompts_file={prompts}",
-        "--data.batch_size=2",
-        "--data.sort_by_length=false",
-        "--model.add_eos_length=0",
-        "--model.max_new_tokens=48",
-        "--model.stop_token_ids=[]",
-        f"--writer.output_file={out}",
-        *extra,
-    ]
-    return start_dllm_lit(args, cwd)
-
-
-def wait_for_rows(parts: Path, at_least: int, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        lines = sum(len(p.read_text().splitlines()) for p in parts.glob("*.jsonl")) if parts.is_dir() else 0
-        if lines >= at_least:
-            return
-        time.sleep(0.02)
-    raise AssertionError("the run never wrote rows")
-
-
-@pytest.fixture
-def forty_prompts(tmp_path) -> Path:
-    return write(tmp_path / "p.txt", "".join(f"prompt number {i} {'x' * (i % 7)}\n" for i in range(40)))
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path, forty_prompts):
-    reference = tmp_path / "reference.jsonl"
-    done = start_run(tiny_dir, tmp_path, reference, forty_prompts)
-    assert done.wait() == 0
-    out = tmp_path / "out.jsonl"
-    parts = tmp_path / ".out.jsonl.parts"
-    run = start_run(tiny_dir, tmp_path, out, forty_prompts)
-    wait_for_rows(parts, 6)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    saved = [json.loads(line) for p in parts.glob("*.jsonl") for line in p.read_text().splitlines()]
-    assert 6 <= len(saved) < 40  # every line is complete JSON; what was finished is there
-    resumed = start_run(tiny_dir, tmp_path, out, forty_prompts, "--writer.resume=true")
-    stdout, stderr = resumed.communicate()
-    assert resumed.returncode == 0, stderr
-    assert out.read_text() == reference.read_text()
-    assert not parts.exists()
-
-
-@pytest.mark.slow
-def test_ctrl_c_saves_what_is_done_and_says_how_to_resume(tiny_dir, tmp_path, forty_prompts):
-    out = tmp_path / "out.jsonl"
-    run = start_run(tiny_dir, tmp_path, out, forty_prompts)
-    wait_for_rows(tmp_path / ".out.jsonl.parts", 4)
-    run.send_signal(signal.SIGINT)
-    _, stderr = run.communicate(timeout=300)
-    assert run.returncode != 0
-    assert "rerun the same command with --writer.resume true" in stderr
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert 4 <= len(rows) < 40
-    assert [r["index"] for r in rows] == sorted(r["index"] for r in rows)
-    resumed = start_run(tiny_dir, tmp_path, out, forty_prompts, "--writer.resume=true")
-    assert resumed.wait() == 0
-    final = {json.loads(line)["index"]: json.loads(line) for line in out.read_text().splitlines()}
-    assert sorted(final) == list(range(40)) and len(out.read_text().splitlines()) == 40
-    assert all(final[row["index"]] == row for row in rows)
-
-
-@pytest.mark.parametrize("count,batch", [(7, 2), (1, 2), (3, 16)], ids=["uneven", "one-rank-empty", "big-batch"])
-@pytest.mark.slow
-def test_two_processes_match_one(tiny_dir, tmp_path, count, batch, dllm_lit):
-    prompts = write(tmp_path / "p.txt", "".join(f"q{i} {'y' * i}\n" for i in range(count)))
-    outputs = {}
-    for devices in (1, 2):
-        out = tmp_path / f"out{devices}.jsonl"
-        done = dllm_lit(
-            [
-                "predict",
-                f"--model.model_name_or_path={tiny_dir}",
-                *FAST,
-                f"--data.prompts_file={prompts}",
-                f"--data.batch_size={batch}",
-                "--trainer.accelerator=cpu",
-                f"--trainer.devices={devices}",
-                *(["--trainer.strategy=ddp"] if devices == 2 else []),
-                f"--writer.output_file={out}",
-            ],
-            tmp_path,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        outputs[devices] = out.read_text()
-    assert outputs[1] == outputs[2]
-    assert [json.loads(line)["index"] for line in outputs[2].splitlines()] == list(range(count))
-
-
-@pytest.mark.slow
-def test_concurrent_runs_with_different_outputs_do_not_collide(tiny_dir, tmp_path, forty_prompts):
-    runs = [start_run(tiny_dir, tmp_path, tmp_path / f"run{i}.jsonl", forty_prompts) for i in range(2)]
-    assert [run.wait() for run in runs] == [0, 0]
-    first, second = ((tmp_path / f"run{i}.jsonl").read_text().splitlines() for i in range(2))
-    assert len(first) == 40 and first == second
 
 
 def test_out_of_memory_splits_the_batch(tiny_dir, monkeypatch):
