@@ -35,8 +35,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise PromptError(f"Prompts file {path} does not exist.")
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise PromptError(f"Prompts file {path} has an unknown kind ({suffix or 'no suffix'}): give a {kinds} file.")
+    if suffix and suffix not in SUFFIXES:  # a file without a suffix is read as text lines
+        raise PromptError(f"Prompts file {path} has an unknown kind ({suffix}): give a {kinds} file.")
     if suffix in (".parquet", ".csv", ".tsv"):
         rows = _read_table(path, suffix)
     else:

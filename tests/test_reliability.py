@@ -5,9 +5,12 @@ Every bad input must give one line on stderr, exit code 2, no traceback and no o
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
+import pyarrow
+import pyarrow.parquet
 import pytest
 import torch
 
@@ -29,6 +32,13 @@ def messy(tmp_path) -> Path:
     write(tmp_path / "long.txt", "short\n" + "x" * 300 + "\nalso short\n")
     write(tmp_path / "bad.yaml", "model: [unclosed\n")
     write(tmp_path / "unknown.yaml", "model:\n  refine_iterations: 2\n")
+    write(tmp_path / "assistant_only.jsonl", '{"messages": [{"role": "assistant", "content": "hi"}]}\n')
+    write(tmp_path / "surrogate.jsonl", '{"prompt": "a\\ud800b"}\n')
+    write(tmp_path / "prompts.xlsx", b"PK")
+    write(tmp_path / "no_prompt.csv", "question,answer\nhi,1\n")
+    write(tmp_path / "garbage.ckpt", b"not a checkpoint")
+    for name, column in (("timestamps", [datetime.datetime(2026, 1, 1)]), ("bytes", [b"\x00"])):
+        pyarrow.parquet.write_table(pyarrow.table({"prompt": ["hi"], "extra": column}), tmp_path / f"{name}.parquet")
     (tmp_path / "a_dir").mkdir()
     return tmp_path
 
@@ -61,11 +71,30 @@ def messy(tmp_path) -> Path:
         (["--data.prompt=hi", "--writer.output_file=a_dir"], ["Output file a_dir is a directory"]),
         (["--data.prompt=hi", "--writer.output_file=empty.txt/out.jsonl"], ["Cannot write the output file"]),
         (["--data.prompt=hi", "--writer.output_file=/proc/out.jsonl"], ["Cannot write the output file"]),
+        (["--data.prompts_file=assistant_only.jsonl"], ["row 1: 'messages' holds only the assistant's reply"]),
+        (["--data.prompts_file=surrogate.jsonl"], ["row 1: field 'prompt' is not valid Unicode"]),
+        (["--data.prompts_file=timestamps.parquet"], ["row 1: field 'extra' cannot be written as JSON (datetime)"]),
+        (["--data.prompts_file=bytes.parquet"], ["row 1: field 'extra' cannot be written as JSON (bytes)"]),
+        (["--data.prompts_file=prompts.xlsx"], ["has an unknown kind (.xlsx)", ".csv"]),
+        (["--data.prompts_file=no_prompt.csv"], ["no_prompt.csv, row 1: each row needs a 'prompt'"]),
+        (["--data.prompt=hi", "--trainer.devices=0"], ["value is not a valid input"]),
+        (["--data.prompt=hi", "--trainer.accelerator=gpu"], ["No supported gpu backend found"]),
+        (["--data.prompt=hi", "--model.num_iterations=0"], ["--model.num_iterations must be at least 1"]),
+        (["--data.prompt=hi", "--model.noise_min=0.8", "--model.noise_max=0.2"], ["0 <= noise_min <= noise_max"]),
+        (["--data.prompt=hi", "--model.temperature=-1"], ["--model.temperature must be 0 (greedy) or above"]),
+        (["--data.prompt=hi", "--model.top_p=1.5"], ["--model.top_p must be above 0 and at most 1, got 1.5."]),
+        (["--data.prompt=hi", "--model.stop_token_ids=[100000]"], ["[100000] are outside the model's vocabulary"]),
+        (["--data.prompt=hi", "--ckpt_path=a_dir"], ["Checkpoint a_dir is a directory"]),
+        (["--data.prompt=hi", "--ckpt_path=garbage.ckpt"], ["is not a PyTorch file of weights"]),
+        (["--data.prompt=hi", "--ckpt_path=http://127.0.0.1:9/x.ckpt"], ["is remote"]),
     ],
 )
 @pytest.mark.slow
 def test_bad_input_gives_one_line(tiny_dir, messy, args, fragments, dllm_lit):
-    done = dllm_lit(["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, *args], messy)
+    """A run that fails, before or after the model loads, leaves no output file and no parts."""
+    done = dllm_lit(
+        ["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, "--writer.output_file=out.jsonl", *args], messy
+    )
     assert_one_line_error(done, *fragments)
     assert not list(messy.glob("*.jsonl.parts")) and not (messy / "out.jsonl").exists()
 
@@ -103,12 +132,16 @@ def broken_models(tmp_path, tiny_dir) -> Path:
     config["eos_token"] = None
     (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "empty_dir").mkdir()
+    corrupt = tmp_path / "corrupt_weights"
+    shutil.copytree(tiny_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     return tmp_path
 
 
 @pytest.mark.parametrize(
     "model,extra,fragments",
     [
+        ("corrupt_weights", [], ["Could not load model weights from"]),
         ("does/not/exist", [], ["Model path 'does/not/exist' does not exist"]),
         ("empty_dir", [], ["has no config.json"]),
         ("no_weights", [], ["Could not load model weights from"]),
