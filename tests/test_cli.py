@@ -255,3 +255,134 @@ def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, dllm_lit):
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 7
     assert two.stdout.count("Generated 7 responses") == 1
+
+
+def test_json_suffix_in_capitals_writes_an_array(tiny_dir, tmp_path):
+    output = tmp_path / "results.JSON"
+    run_cli(
+        [
+            "predict",
+            f"--model.model_name_or_path={tiny_dir}",
+            "--data.prompts=[a, b]",
+            f"--writer.output_file={output}",
+            *GEN,
+        ]
+    )
+    assert [row["prompt"] for row in json.loads(output.read_text())] == ["a", "b"]
+
+
+def test_text_with_a_byte_order_mark_and_csv_rows_read_as_written(tiny_dir, tmp_path):
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufefffirst prompt\nsecond\n".encode())
+    table = tmp_path / "rows.csv"
+    table.write_text('prompt,id\n"Hello, world",007\nplain,8\n')
+    for source, prompts, extra in ((bom, ["first prompt", "second"], None), (table, ["Hello, world", "plain"], "id")):
+        out = tmp_path / f"{source.stem}.jsonl"
+        run_cli(
+            [
+                "predict",
+                f"--model.model_name_or_path={tiny_dir}",
+                f"--data.prompts_file={source}",
+                f"--writer.output_file={out}",
+                *GEN,
+            ]
+        )
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [row["prompt"] for row in rows] == prompts
+        if extra:
+            assert [row[extra] for row in rows] == ["007", "8"]  # text stays text
+    first = json.loads((tmp_path / "bom.jsonl").read_text().splitlines()[0])
+    no_bom = expected_response(tiny_dir, "first prompt", add_eos_length=3, refine_iter=2, max_new_tokens=24)
+    assert (first["prompt_length"], first["response_length"], first["response"]) == no_bom
+
+
+def test_tokens_per_forward_in_the_summary_is_per_row(tiny_dir, tmp_path, capsys):
+    """Width 1 gives every row exactly one token per forward: 1.00 whatever the batch size."""
+    for batch_size in (1, 4):
+        run_cli(
+            [
+                "predict",
+                f"--model.model_name_or_path={tiny_dir}",
+                f"--data.prompts={PROMPTS[:4]}",
+                f"--data.batch_size={batch_size}",
+                "--model.add_eos_length=0",
+                "--model.max_new_tokens=9",
+            ]
+        )
+        assert "per row: 1.00 tokens/forward" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tiny_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from dllm_lit import writer
+
+    output = tmp_path / "out.jsonl"
+    output.write_text("earlier\n")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device", str(output))
+
+    monkeypatch.setattr(writer.os, "fsync", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(
+            [
+                "predict",
+                f"--model.model_name_or_path={tiny_dir}",
+                "--data.prompt=hi",
+                *GEN,
+                f"--writer.output_file={output}",
+                "--writer.overwrite=true",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert f"No space left on the device while writing {output}" in capsys.readouterr().err
+    assert output.read_text() == "earlier\n"
+
+
+def test_legacy_flags_keep_prompts_as_written_and_take_device(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "legacy.jsonl"
+    for prompt in ("null", "~"):
+        demo.main(
+            [
+                "--model_path",
+                tiny_dir,
+                "--prompt",
+                prompt,
+                "--device",
+                "cpu",
+                "--output_file",
+                str(out),
+                "--add_eos_length",
+                "3",
+                "--max_new_tokens",
+                "8",
+                *(["--trust_remote_code"] if prompt == "~" else []),
+            ]
+        )
+        (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert row["prompt"] == prompt and row["total_length"] == row["prompt_length"] + row["response_length"]
+        out.unlink()
+    with pytest.raises(SystemExit):
+        demo.main(["--model_path", tiny_dir, "--prompt", "x", "--dev", "2"])  # no abbreviations
+    assert "unrecognized arguments: --dev" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--device must be cpu, cuda or cuda:N"):
+        demo.main(["--model_path", tiny_dir, "--prompt", "x", "--device", "tpu"])
+
+
+@pytest.mark.slow
+def test_the_legacy_front_end_keeps_stdout_for_results(tiny_dir, tmp_path, dllm_lit):
+    done = dllm_lit(
+        ["--model_path", tiny_dir, "--prompt", "hi", "--add_eos_length", "3", "--max_new_tokens", "8"],
+        tmp_path,
+        module="dllm_lit.demo",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(RULE) and "Predicting" not in done.stdout
+    assert "warn" not in done.stderr.lower(), done.stderr
+    trusted = dllm_lit(
+        ["--model_path", tiny_dir, "--prompt", "hi", "--max_new_tokens", "4", "--trust_remote_code"],
+        tmp_path,
+        module="dllm_lit.demo",
+    )
+    assert trusted.returncode == 0 and trusted.stderr.count("trust_remote_code is on") == 1

@@ -111,6 +111,8 @@ def test_truncation_policies():
     right = SFTDataset(rows, tokenizer, use_chat_template=False, max_length=10, truncation="right", source="t")[0]
     assert tokenizer.decode(left[0]) == "cdefgh" + "xyz</s>" and left[1] == [False] * 6 + [True] * 4
     assert tokenizer.decode(right[0]) == "<s>abcdefgh" + "x" and right[1] == [False] * 9 + [True]
+    with pytest.raises(PromptError, match="row 1: truncation='right' to max_length=9 leaves no response tokens"):
+        SFTDataset(rows, tokenizer, use_chat_template=False, max_length=9, truncation="right", source="t")
 
 
 @pytest.mark.parametrize(
