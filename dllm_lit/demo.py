@@ -77,8 +77,8 @@ def to_cli_args(ns: argparse.Namespace) -> list[str]:
         if ns.prompt is not None
         else f"--data.prompts_file={ns.prompts_file}"
     )
-    if ns.output_file:
-        args.append(f"--writer.output_file={ns.output_file}")
+    if ns.output_file:  # as the original: an existing file is replaced (here only once the run finishes)
+        args += [f"--writer.output_file={ns.output_file}", "--writer.overwrite=true"]
     if ns.precision:
         args.append(f"--trainer.precision={ns.precision}")
     if ns.devices:
