@@ -33,7 +33,8 @@ def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path) -> Path:
     if output_dir.is_dir() and any(output_dir.iterdir()):
         raise CheckpointError(f"Export target {output_dir} is not empty: give a new or empty directory.")
     checkpoint = load_checkpoint(ckpt_path)  # refuses remote, missing, corrupt and code-carrying files
-    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    # LightningCLI stores how it built the module (`_instantiator`, `_class_path`): not module arguments.
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     if "compile" in hparams:  # written before `backend` replaced it
         hparams["backend"] = LEGACY_COMPILE.get(hparams.pop("compile"), "eager")
     module = BlockRefineLM(**hparams)
