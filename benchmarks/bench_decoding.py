@@ -42,6 +42,14 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=302)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--settings", nargs="+", default=["8:2", "32:1", "128:2"], help="WIDTH:REFINE_ITER")
+    parser.add_argument(
+        "--lossless",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="WIDTH",
+        help="also time lossless mode at these window widths (compared with HF generate)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -104,6 +112,32 @@ def main() -> None:
                 result.tokens_per_forward,
                 base_time / engine_time,
                 verdict,
+            )
+        )
+
+    for width in args.lossless:
+        lossless_time, result = timed(
+            lambda: generate_blocks(
+                model,
+                ids,
+                eos_token_id=eos,
+                add_eos_length=width - 1,
+                max_new_tokens=n,
+                ignore_eos=True,
+                lossless=True,
+            ),
+            args.repeats,
+        )
+        same = "= generate: " + ("yes" if result.rows[0].token_ids == greedy else "NO")
+        rows.append(
+            (
+                f"lossless W{width}",
+                "-",
+                n / lossless_time,
+                result.forwards,
+                result.tokens_per_forward,
+                None,
+                f"{same} ({ar_time / lossless_time:.2f}x generate's speed)",
             )
         )
 

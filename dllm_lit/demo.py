@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use_chat_template", action="store_true", help="wrap prompts with the chat template")
     parser.add_argument("--add_eos_length", type=int, default=DEFAULTS.add_eos_length, help="block width minus one")
     parser.add_argument("--refine_iter", type=int, default=DEFAULTS.refine_iter, help="forward passes per block")
+    parser.add_argument("--lossless", action="store_true", help="exactly the model's own output, >= 1 token/forward")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULTS.max_new_tokens)
     parser.add_argument("--max_length", type=int, default=DEFAULTS.max_length)
     parser.add_argument(
@@ -62,6 +63,7 @@ def to_cli_args(ns: argparse.Namespace) -> list[str]:
         f"--model.model_name_or_path={ns.model_path}",
         f"--model.add_eos_length={ns.add_eos_length}",
         f"--model.refine_iter={ns.refine_iter}",
+        f"--model.lossless={ns.lossless}",
         f"--model.max_new_tokens={ns.max_new_tokens}",
         f"--model.max_length={ns.max_length}",
         f"--model.backend={ns.backend}",

@@ -51,12 +51,14 @@ class BlockGeneration:
     Attributes:
         rows: One :class:`RowResult` per input row, in input order.
         forwards: Model forward passes for the whole batch.
-        refine_passes_per_block: Refine passes (after the draft pass) each block used.
+        refine_passes_per_block: Refine passes (after the draft pass) each block used (block mode).
+        accepted_per_pass: Lossless mode: per forward pass, the tokens each active row accepted.
     """
 
     rows: list[RowResult]
     forwards: int = 0
     refine_passes_per_block: list[int] = field(default_factory=list)
+    accepted_per_pass: list[list[int]] = field(default_factory=list)
 
     @property
     def blocks(self) -> int:
@@ -78,6 +80,7 @@ class BlockGeneration:
             rows=[row for part in parts for row in part.rows],
             forwards=sum(part.forwards for part in parts),
             refine_passes_per_block=[n for part in parts for n in part.refine_passes_per_block],
+            accepted_per_pass=[n for part in parts for n in part.accepted_per_pass],
         )
 
 
@@ -122,6 +125,7 @@ class RowLedger:
         self.rows: list[RowResult | None] = [None] * batch
         self.forwards = 0
         self.refine_passes_per_block: list[int] = []
+        self.accepted_per_pass: list[list[int]] = []
 
     def count_forward(self) -> None:
         self.forwards += 1
@@ -129,15 +133,22 @@ class RowLedger:
     def end_block(self, refine_passes: int) -> None:
         self.refine_passes_per_block.append(refine_passes)
 
+    def end_pass(self, accepted: torch.Tensor) -> None:
+        self.accepted_per_pass.append(accepted.tolist())
+
     def is_fixed_point(self, refined: torch.Tensor, block: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
         return is_fixed_point(refined, block, self.stop_ids, room)
 
-    def commit(self, rows: list[int], block: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
-        """Append each row's kept tokens (up to its first stop token, within its room); record the
-        rows that finish; return which did. The one device-to-host copy of a block."""
-        first_stop, keep_len = first_stop_and_kept(block, self.stop_ids, room)
+    def commit(
+        self, rows: list[int], block: torch.Tensor, room: torch.Tensor, limit: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Append each row's kept tokens (up to its first stop token, within its room and its
+        ``limit``, default the block width); record the rows that finish; return which did. The one
+        device-to-host copy of a block."""
+        limit = torch.full_like(room, block.shape[1]) if limit is None else limit
+        first_stop, keep_len = first_stop_and_kept(block, self.stop_ids, torch.minimum(room, limit))
         hit_stop = first_stop < keep_len
-        finished = hit_stop | (room <= block.shape[1])
+        finished = hit_stop | (room <= limit)
         keep_len = keep_len - hit_stop.long()  # the stop token is reported apart from the tokens
         for row, stop, done, n, ids in zip(
             rows, hit_stop.tolist(), finished.tolist(), keep_len.tolist(), block.tolist()
@@ -154,5 +165,8 @@ class RowLedger:
 
     def result(self) -> BlockGeneration:
         return BlockGeneration(
-            rows=list(self.rows), forwards=self.forwards, refine_passes_per_block=self.refine_passes_per_block
+            rows=list(self.rows),
+            forwards=self.forwards,
+            refine_passes_per_block=self.refine_passes_per_block,
+            accepted_per_pass=self.accepted_per_pass,
         )

@@ -17,20 +17,27 @@ from dllm_lit.settings import DecodeSettings
 Picker = Callable[[torch.Tensor], torch.Tensor]
 
 
-def build_picker(settings: DecodeSettings, device: torch.device) -> Picker:
-    """Return ``pick(logits [A, k, V]) -> ids [A, k]``: argmax when ``temperature`` is 0, else
-    temperature / top-k / top-p warpers and a multinomial draw."""
-    if settings.temperature <= 0:
-        return lambda logits: logits.argmax(-1)
+def build_warpers(settings: DecodeSettings, device: torch.device) -> tuple[LogitsProcessorList, torch.Generator | None]:
+    """Transformers' temperature / top-k / top-p warpers for ``settings``, and the sampling generator
+    (seeded by ``settings.seed``; ``None``: torch's global one, seeded by seed_everything under the CLI)."""
     warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
     if settings.top_k:
         warpers.append(TopKLogitsWarper(settings.top_k))
     if settings.top_p is not None and settings.top_p < 1.0:
         warpers.append(TopPLogitsWarper(settings.top_p))
-    generator = None  # None: torch's global generator (seeded by seed_everything under the CLI)
+    generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(settings.seed)
+    return warpers, generator
+
+
+def build_picker(settings: DecodeSettings, device: torch.device) -> Picker:
+    """Return ``pick(logits [A, k, V]) -> ids [A, k]``: argmax when ``temperature`` is 0, else
+    the warpers and a multinomial draw."""
+    if settings.temperature <= 0:
+        return lambda logits: logits.argmax(-1)
+    warpers, generator = build_warpers(settings, device)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         flat = logits.reshape(-1, logits.shape[-1]).float()

@@ -40,6 +40,10 @@ class DecodeSettings:
             without a cache).
         early_exit: Stop refining a block once a pass leaves it unchanged. Never changes the tokens;
             turning it off is for tests and benchmarks.
+        lossless: Lossless mode: a sliding window of ``add_eos_length + 1`` tokens whose drafts are
+            verified, so the output is exactly the model's own autoregressive output (greedy, or the
+            same sampling distribution) at one token per forward or more. ``refine_iter`` is
+            ignored in this mode.
         backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
             fixed block shapes, each forward replayed as a CUDA graph (the fast path on a GPU; on
             CPU it runs eagerly). ``inductor``: the same through torch.compile, faster per pass after
@@ -59,6 +63,7 @@ class DecodeSettings:
     ignore_eos: bool = False
     use_cache: bool = True
     early_exit: bool = True
+    lossless: bool = False
     backend: Backend = "eager"
 
     def __post_init__(self) -> None:
@@ -75,6 +80,10 @@ class DecodeSettings:
             raise ValueError(f"top_k must be at least 0 (0: no limit), got {self.top_k}.")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
+        if self.lossless and not self.use_cache:
+            raise ValueError("lossless=True needs use_cache=True: it verifies drafts on top of a KV cache.")
+        if self.lossless and self.backend != "eager":
+            raise ValueError("lossless=True runs on the eager backend for now: use backend='eager'.")
         if self.backend != "eager" and not self.use_cache:
             raise ValueError(f"backend={self.backend!r} decodes with a static KV cache: it needs use_cache=True.")
 

@@ -1,0 +1,151 @@
+"""Lossless decoding: self-speculative verification over a sliding window of ``W`` tokens.
+
+Per row, the cache holds the K/V of accepted tokens; ``last`` is the last accepted token (not cached
+yet) and ``draft`` holds ``W - 1`` guesses for the tokens after it (fill tokens where there is none).
+One pass feeds ``[last] + draft`` and predicts ``p_0 .. p_{W-1}``; ``p_0`` is accepted, and ``p_i``
+while every draft token before it was right (``draft_i == p_{i-1}``): those predictions saw only
+correct inputs, so with greedy picking they are exactly the autoregressive tokens. At least one
+token is accepted per pass. The rest of the predictions become the next draft.
+
+With sampling, draft token ``d_i`` is accepted with probability ``q_{i-1}(d_i)`` and a rejection
+samples from ``q_{i-1}`` without ``d_i``: the speculative-sampling rule for a deterministic draft,
+which keeps the autoregressive distribution of the same warpers.
+
+Rows accept different counts: rejected draft positions stay in the shared cache, masked out for
+that row (``valid``); positions are counted over valid tokens only, so a row's output never depends
+on its batch. The cache is cropped to the longest row after every pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+from dllm_lit.ledger import RowLedger
+from dllm_lit.sampling import build_warpers
+from dllm_lit.settings import DecodeSettings
+
+
+class RaggedBatch:
+    """Rows of different lengths over one ``DynamicCache``: ``valid`` marks, per row, the cached
+    columns whose K/V are final; ``pending`` are the tokens to feed before the draft (the prompt at
+    first, then the last accepted token)."""
+
+    def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        self.model = model
+        self.cache = DynamicCache()
+        self.valid = prompt_mask[:, :0]  # [rows, cached columns]
+        self.pending, self.pending_mask = prompt_ids, prompt_mask
+        self.keep_kwarg = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def forward(self, draft: torch.Tensor) -> torch.Tensor:
+        """Logits ``[rows, W, vocab]`` of ``pending[-1] + draft`` on top of the cache."""
+        width = draft.shape[1] + 1
+        tokens = torch.cat([self.pending, draft], dim=1)
+        mask = torch.cat([self.valid, self.pending_mask, torch.ones_like(draft)], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, self.valid.shape[1] :]
+        kwargs = {"logits_to_keep": width} if self.keep_kwarg else {}
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            **kwargs,
+        )
+        return out.logits[:, -width:]
+
+    def accept(self, accepted: torch.Tensor, last: torch.Tensor) -> None:
+        """Keep the K/V of the pending tokens and of each row's ``accepted - 1`` right draft tokens;
+        ``last`` (``[rows]``) is the new pending token."""
+        drafted = self.cache.get_seq_length() - self.valid.shape[1] - self.pending.shape[1]
+        slots = torch.arange(1, drafted + 1, device=accepted.device)
+        right = (slots[None, :] < accepted[:, None]).long()
+        valid = torch.cat([self.valid, self.pending_mask, right], dim=1)
+        keep = valid.shape[1] - drafted + int(accepted.max()) - 1  # the longest row's last final column
+        self.cache.crop(keep - self.cache.get_seq_length())  # drop the columns no row keeps
+        self.valid = valid[:, :keep]
+        self.pending = last[:, None]
+        self.pending_mask = torch.ones_like(self.pending)
+
+    def keep_rows(self, still: torch.Tensor) -> None:
+        self.valid, self.pending, self.pending_mask = self.valid[still], self.pending[still], self.pending_mask[still]
+        if still.numel() > 0:
+            self.cache.batch_select_indices(still)
+
+
+def verify_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tokens [rows, W], accepted [rows], guesses [rows, W])``: argmax predictions; accepted
+    counts the leading predictions whose inputs were all right."""
+    predicted = logits.argmax(-1)
+    right = (draft == predicted[:, :-1]).long()
+    accepted = 1 + right.cumprod(1).sum(1)
+    return predicted, accepted, predicted
+
+
+def verify_sampled(logits: torch.Tensor, draft: torch.Tensor, warp, generator) -> tuple[torch.Tensor, ...]:
+    """The speculative-sampling rule for a deterministic draft: accept ``d_i`` with probability
+    ``q_{i-1}(d_i)``; at the first rejection sample from ``q_{i-1}`` without ``d_i``; after ``W - 1``
+    acceptances sample ``q_{W-1}``. Guesses for the next draft are the argmaxes of ``q``."""
+    rows, width, vocab = logits.shape
+    probs = torch.softmax(warp(None, logits.reshape(-1, vocab).float()), dim=-1).view(rows, width, vocab)
+    draft_probs = probs[:, :-1].gather(2, draft[:, :, None]).squeeze(2)
+    coins = torch.rand(draft_probs.shape, generator=generator, device=logits.device)
+    accepted = 1 + (coins < draft_probs).long().cumprod(1).sum(1)
+    final = probs[torch.arange(rows, device=logits.device), accepted - 1]  # q of the token to sample
+    rejected = accepted < width
+    if bool(rejected.any()):
+        drop = draft.gather(1, (accepted - 1).clamp(max=width - 2)[:, None])
+        final = torch.where(rejected[:, None], final.scatter(1, drop, 0.0), final)
+    final = torch.multinomial(final / final.sum(1, keepdim=True), 1, generator=generator).squeeze(1)
+    tokens = torch.cat([draft, final[:, None]], dim=1).scatter(1, (accepted - 1)[:, None], final[:, None])
+    return tokens, accepted, probs.argmax(-1)
+
+
+def next_draft(guesses: torch.Tensor, accepted: torch.Tensor, fill: int) -> torch.Tensor:
+    """Per row, the guesses after the accepted ones, topped up with fill tokens: ``[rows, W - 1]``."""
+    width = guesses.shape[1]
+    index = accepted[:, None] + torch.arange(width - 1, device=guesses.device)[None, :]
+    shifted = guesses.gather(1, index.clamp(max=width - 1))
+    return torch.where(index < width, shifted, torch.full_like(shifted, fill))
+
+
+def decode_lossless(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: DecodeSettings,
+    ledger: RowLedger,
+    *,
+    fill: int,
+) -> None:
+    """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output."""
+    device = prompt_ids.device
+    verify = _verifier(settings, device)
+    batch = RaggedBatch(model, prompt_ids, prompt_mask)
+    active = torch.arange(prompt_ids.shape[0], device=device)
+    generated = torch.zeros_like(active)
+    draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    while active.numel() > 0:
+        tokens, accepted, guesses = verify(batch.forward(draft), draft)
+        ledger.count_forward()
+        room = ledger.budget[active] - generated
+        finished = ledger.commit(active.tolist(), tokens, room, limit=accepted)
+        ledger.end_pass(accepted)
+        batch.accept(accepted, tokens.gather(1, (accepted - 1)[:, None]).squeeze(1))
+        generated += accepted
+        draft = next_draft(guesses, accepted, fill)
+        if bool(finished.any()):
+            still = (~finished).nonzero().squeeze(1)
+            active, generated, draft = active[still], generated[still], draft[still]
+            batch.keep_rows(still)
+
+
+def _verifier(settings: DecodeSettings, device: torch.device):
+    """Greedy verification, or the sampling rule with transformers' warpers and the call's generator."""
+    if settings.temperature <= 0:
+        return verify_greedy
+    warp, generator = build_warpers(settings, device)
+    return lambda logits, draft: verify_sampled(logits, draft, warp, generator)

@@ -1,0 +1,253 @@
+"""Lossless mode: the model's own autoregressive output, at least one token per forward pass.
+
+Oracles: greedy ``model.generate``; one-by-one runs; the exact autoregressive sampling distribution.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper
+
+from conftest import EOS, MODELS, left_pad, random_prompts
+from dllm_lit import generate_blocks
+from dllm_lit.lossless import verify_sampled
+
+PROMPTS = random_prompts([5, 11, 2], seed=1)
+
+
+def drafty(name: str, scale: float):
+    """A tiny model whose token embeddings are squeezed towards their mean: its predictions depend
+    mostly on position, so drafts are often right and rows accept different counts per pass."""
+    model = MODELS[name]()
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight.copy_(weight.mean(0, keepdim=True) + scale * (weight - weight.mean(0, keepdim=True)))
+    return model
+
+
+LOSSLESS_MODELS = {**MODELS, "llama-drafty": lambda: drafty("llama", 0.02), "gpt2-drafty": lambda: drafty("gpt2", 0.05)}
+
+
+@pytest.fixture(params=sorted(LOSSLESS_MODELS), scope="module")
+def model(request):
+    return LOSSLESS_MODELS[request.param]()
+
+
+WITH_EOS = [p[:2] + [EOS] + p[2:] for p in random_prompts([6, 3, 9], seed=7)]
+
+
+def run(model, prompts, **kwargs):
+    ids, mask = left_pad(prompts)
+    return generate_blocks(model, ids, attention_mask=mask, eos_token_id=EOS, lossless=True, **kwargs)
+
+
+def with_stop(row) -> list[int]:
+    return row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else [])
+
+
+def greedy(model, prompts, max_new_tokens: int, stop=(EOS,)) -> list[list[int]]:
+    """HF greedy generate, cut after the first stop token."""
+    ids, mask = left_pad(prompts)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=list(stop),
+        pad_token_id=0,
+    )[:, ids.shape[1] :].tolist()
+    rows = []
+    for tokens in out:
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in stop), len(tokens))
+        rows.append(tokens[:cut])
+    return rows
+
+
+@pytest.mark.parametrize("width", [1, 2, 8, 33])
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS, WITH_EOS], ids=["batch1", "padded3", "eos-in-prompt"])
+def test_greedy_lossless_equals_generate(model, width, prompts):
+    result = run(model, prompts, add_eos_length=width - 1, max_new_tokens=40)
+    assert [with_stop(row) for row in result.rows] == greedy(model, prompts, 40)
+    for row in result.rows:
+        assert row.forwards <= row.num_generated, "at least one token per forward"
+        if width == 1:
+            assert row.forwards == row.num_generated
+
+
+@pytest.mark.parametrize("name", ["llama-drafty", "gpt2-drafty"])
+def test_drafty_models_accept_several_tokens_per_pass(name):
+    """The fixture behind the ragged-acceptance cases: rows accept many, and different, counts."""
+    result = run(LOSSLESS_MODELS[name](), PROMPTS, add_eos_length=7, max_new_tokens=40)
+    counts = [n for per_pass in result.accepted_per_pass for n in per_pass]
+    assert max(counts) >= 4 and len(set(counts)) >= 3
+    assert result.forwards < result.generated_tokens / 2
+
+
+@pytest.mark.parametrize("width", [1, 4, 9])
+def test_stop_ids_and_length_cuts_are_exact(model, width):
+    plain = run(model, PROMPTS, add_eos_length=width - 1, max_new_tokens=30).rows
+    stop = plain[0].token_ids[4]
+    stopped = run(model, PROMPTS, add_eos_length=width - 1, max_new_tokens=30, stop_token_ids=[stop]).rows
+    assert [with_stop(r) for r in stopped] == greedy(model, PROMPTS, 30, stop=(EOS, stop))
+    assert stopped[0].stop_token_id == stop
+    by_length = run(model, PROMPTS, add_eos_length=width - 1, max_new_tokens=100, max_length=17).rows
+    for prompt, row, full in zip(PROMPTS, by_length, plain):
+        assert len(prompt) + row.num_generated <= 17
+        assert with_stop(row) == with_stop(full)[: row.num_generated]
+        assert row.stop_reason == "eos" or len(prompt) + row.num_generated == 17
+    short = run(model, PROMPTS, add_eos_length=width - 1, max_new_tokens=7).rows
+    assert all(r.stop_reason == "eos" or (r.stop_reason, r.num_generated) == ("max_new_tokens", 7) for r in short)
+
+
+@pytest.mark.parametrize("width", [2, 8])
+def test_batched_equals_one_by_one(model, width):
+    prompts = random_prompts([7, 1, 13, 4], seed=2)
+    batched = run(model, prompts, add_eos_length=width - 1, max_new_tokens=30).rows
+    alone = [run(model, [p], add_eos_length=width - 1, max_new_tokens=30).rows[0] for p in prompts]
+    assert [with_stop(r) for r in batched] == [with_stop(r) for r in alone]
+
+
+def test_statistics_count_accepted_tokens(model):
+    result = run(model, PROMPTS, add_eos_length=7, max_new_tokens=30)
+    assert len(result.accepted_per_pass) == result.forwards
+    assert all(1 <= n <= 8 for counts in result.accepted_per_pass for n in counts)
+    # Every generated token was accepted; a row's last pass may accept more than it keeps.
+    assert sum(map(sum, result.accepted_per_pass)) >= result.generated_tokens
+    assert [len(counts) for counts in result.accepted_per_pass] == sorted(
+        (len(counts) for counts in result.accepted_per_pass), reverse=True
+    ), "finished rows leave the batch"
+
+
+# Sampling: the speculative rule keeps the autoregressive distribution.
+CHI2_CRITICAL = {4: 18.47, 8: 26.12}  # chi-square critical values at significance 0.001
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was drawn"
+    return float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+
+
+def broken_rule(logits, draft, warp, generator):
+    """A plausible mistake: on rejection, sample from q without removing the rejected draft token."""
+    rows, width, vocab = logits.shape
+    probs = torch.softmax(logits.float(), -1)
+    coins = torch.rand(rows, width - 1, generator=generator)
+    accepted = 1 + (coins < probs[:, :-1].gather(2, draft[:, :, None]).squeeze(2)).long().cumprod(1).sum(1)
+    final = torch.multinomial(probs[torch.arange(rows), accepted - 1], 1, generator=generator).squeeze(1)
+    tokens = torch.cat([draft, final[:, None]], 1).scatter(1, (accepted - 1)[:, None], final[:, None])
+    return tokens, accepted, probs.argmax(-1)
+
+
+@pytest.mark.parametrize("rule,should_pass", [(verify_sampled, True), (broken_rule, False)], ids=["rule", "broken"])
+def test_the_acceptance_rule_keeps_the_distribution(rule, should_pass):
+    """One verification step over many rows: the first token is distributed as q_0, and the second,
+    when the first draft token was accepted, as q_1."""
+    rows = 40000
+    generator = torch.Generator().manual_seed(0)
+    q = torch.tensor([[0.1, 0.4, 0.2, 0.25, 0.05], [0.3, 0.1, 0.1, 0.2, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    logits = q.log()[None].expand(rows, 3, 5)
+    draft = torch.tensor([[1, 4]]).expand(rows, 2)
+    identity = LogitsProcessorList()
+    tokens, accepted, _ = rule(logits, draft, identity, generator)
+    first = torch.bincount(tokens[:, 0], minlength=5).float()
+    second = torch.bincount(tokens[accepted >= 2, 1], minlength=5).float()
+    ok = chi_square(first, q[0]) < CHI2_CRITICAL[4] and chi_square(second, q[1]) < CHI2_CRITICAL[4]
+    assert ok == should_pass
+
+
+def test_sampled_lossless_matches_autoregressive_sampling():
+    """The first two tokens of 6000 samples of one prompt, against their exact probabilities under
+    the model with the same warpers (top-k 3, temperature 1)."""
+    model = MODELS["llama"]()
+    prompt = PROMPTS[0]
+    warp = LogitsProcessorList([TopKLogitsWarper(3)])
+
+    def next_probs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[:, -1]
+        return torch.softmax(warp(None, logits), -1)[0]
+
+    first = next_probs(prompt)
+    support = first.nonzero().squeeze(1).tolist()
+    exact = {(a, b): float(first[a] * p) for a in support for b, p in enumerate(next_probs(prompt + [a])) if p > 0}
+    samples = 6000
+    ids = torch.tensor([prompt] * samples)
+    result = generate_blocks(
+        model,
+        ids,
+        eos_token_id=95,
+        lossless=True,
+        add_eos_length=3,
+        max_new_tokens=2,
+        temperature=1.0,
+        top_k=3,
+        seed=5,
+        ignore_eos=True,
+    )
+    pairs = [tuple(row.token_ids[:2]) for row in result.rows]
+    keys = sorted(exact)
+    counts = torch.tensor([pairs.count(k) for k in keys], dtype=torch.float)
+    assert sum(counts) == samples, "every sample lies in the support"
+    assert chi_square(counts, torch.tensor([exact[k] for k in keys])) < CHI2_CRITICAL[8]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(use_cache=False), "lossless=True needs use_cache=True"),
+        (dict(backend="cuda_graph"), "lossless=True runs on the eager backend"),
+    ],
+)
+def test_unsupported_combinations_are_one_sentence(change, message):
+    with pytest.raises(ValueError, match=message):
+        run(MODELS["llama"](), PROMPTS[:1], max_new_tokens=4, **change)
+
+
+def test_predict_and_the_legacy_flag_run_lossless(tiny_dir, tmp_path):
+    """`--model.lossless true` and the demo's `--lossless` give the greedy answers (the exact block
+    setting is the oracle), and report at least one token per forward."""
+    from dllm_lit import cli, demo
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 2+2?\nName a color.\nx\n")
+    common = ["--model.add_eos_length=5", "--model.max_new_tokens=20", f"--data.prompts_file={prompts}"]
+    outputs = {}
+    for name, extra in (("lossless", ["--model.lossless=true"]), ("exact", ["--model.refine_iter=6"])):
+        outputs[name] = tmp_path / f"{name}.jsonl"
+        cli.main(
+            [
+                "predict",
+                f"--model.model_name_or_path={tiny_dir}",
+                *common,
+                *extra,
+                f"--writer.output_file={outputs[name]}",
+            ]
+        )
+    legacy = tmp_path / "legacy.jsonl"
+    demo.main(
+        [
+            "--model_path",
+            tiny_dir,
+            "--prompts_file",
+            str(prompts),
+            "--add_eos_length",
+            "5",
+            "--max_new_tokens",
+            "20",
+            "--lossless",
+            "--output_file",
+            str(legacy),
+        ]
+    )
+    read = {
+        name: [json.loads(line) for line in path.read_text().splitlines()]
+        for name, path in {**outputs, "legacy": legacy}.items()
+    }
+    answers = {name: [row["response"] for row in rows] for name, rows in read.items()}
+    assert answers["lossless"] == answers["exact"] == answers["legacy"]
+    assert all(row["tokens_per_forward"] >= 1 for row in read["lossless"])
