@@ -65,7 +65,8 @@ class RaggedBatch:
         right = (slots[None, :] < accepted[:, None]).long()
         valid = torch.cat([self.valid, self.pending_mask, right], dim=1)
         keep = valid.shape[1] - drafted + int(accepted.max()) - 1  # the longest row's last final column
-        self.cache.crop(keep - self.cache.get_seq_length())  # drop the columns no row keeps
+        if keep < self.cache.get_seq_length():
+            self.cache.crop(keep - self.cache.get_seq_length())  # negative: drop the columns no row keeps
         self.valid = valid[:, :keep]
         self.pending = last[:, None]
         self.pending_mask = torch.ones_like(self.pending)
