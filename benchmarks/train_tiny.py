@@ -38,7 +38,7 @@ VARIANTS = {
     "plain SFT": dict(num_iterations=1, noise_min=0.0, noise_max=0.0),
     "iterative refine": dict(num_iterations=2, noise_min=0.0, noise_max=1.0),
 }
-SETTINGS = ["1:1", "4:1", "4:2", "8:1", "8:2", "16:1", "16:2", "16:3", "16:16"]
+SETTINGS = ["1:1", "4:1", "4:2", "8:1", "8:2", "16:1", "16:2", "16:3", "16:16", "16:lossless"]
 
 
 def train(variant: dict, train_file: str, args) -> tuple[BlockRefineLM, float]:
@@ -61,8 +61,11 @@ def train(variant: dict, train_file: str, args) -> tuple[BlockRefineLM, float]:
     return module.eval(), time.perf_counter() - start
 
 
-def evaluate(module: BlockRefineLM, rows: list[dict], width: int, refine_iter: int) -> tuple[float, float]:
-    """(accuracy in %, mean tokens per forward) over ``rows``, one prompt at a time."""
+def evaluate(module: BlockRefineLM, rows: list[dict], setting: str) -> tuple[float, float]:
+    """(accuracy in %, mean tokens per forward) over ``rows``, one prompt at a time.
+    ``setting`` is ``WIDTH:REFINE_ITER`` (block mode) or ``WIDTH:lossless``."""
+    width, mode = setting.split(":")
+    decoding = dict(lossless=True) if mode == "lossless" else dict(refine_iter=int(mode))
     tokenizer, correct, tpf = module.tokenizer, 0, 0.0
     for row in rows:
         ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
@@ -70,9 +73,9 @@ def evaluate(module: BlockRefineLM, rows: list[dict], width: int, refine_iter: i
             module.model,
             ids,
             eos_token_id=tokenizer.eos_token_id,
-            add_eos_length=width - 1,
-            refine_iter=refine_iter,
+            add_eos_length=int(width) - 1,
             max_new_tokens=16,
+            **decoding,
         ).rows[0]
         correct += is_correct(tokenizer.decode(out.token_ids, skip_special_tokens=True), row["answer"])
         tpf += out.tokens_per_forward
@@ -87,7 +90,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--train-rows", type=int, default=50000)
     parser.add_argument("--val-rows", type=int, default=300)
-    parser.add_argument("--settings", nargs="+", default=SETTINGS, help="WIDTH:REFINE_ITER; 1:1 is autoregressive")
+    parser.add_argument(
+        "--settings", nargs="+", default=SETTINGS, help="WIDTH:REFINE_ITER or WIDTH:lossless; 1:1 is autoregressive"
+    )
     parser.add_argument("--min-digits", type=int, default=5)
     parser.add_argument("--max-digits", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -115,14 +120,15 @@ def main() -> None:
                 module, seconds = train(variant, str(folder / "train.jsonl"), args)
                 print(f"[{task}] {name}: trained {args.steps} steps in {seconds:.0f}s", file=sys.stderr, flush=True)
                 for setting in args.settings:
-                    width, refine_iter = (int(x) for x in setting.split(":"))
-                    results[name, setting] = evaluate(module, val_rows, width, refine_iter)
+                    results[name, setting] = evaluate(module, val_rows, setting)
             print(f"**{task}** ({len(val_rows)} held-out prompts, {args.steps} steps x batch {args.batch_size})\n")
             print("| decoding | " + " | ".join(f"{n} acc % | {n} tok/fwd" for n in VARIANTS) + " |")
             print("|---|" + "---|---|" * len(VARIANTS))
             for setting in args.settings:
                 width, refine_iter = setting.split(":")
                 label = "autoregressive" if setting == "1:1" else f"block {width}, refine {refine_iter}"
+                if refine_iter == "lossless":
+                    label = f"lossless, window {width}"
                 cells = " | ".join(f"{results[n, setting][0]:.1f} | {results[n, setting][1]:.2f}" for n in VARIANTS)
                 print(f"| {label} | {cells} |")
             print(flush=True)
