@@ -375,6 +375,7 @@ class DataModule(L.LightningDataModule):
         self.truncation = truncation
         self.skip_long_prompts = skip_long_prompts
         self.skip_indices: set[int] = set()  # prompts already done (resume), set by the CLI
+        self.rows: list[dict[str, Any]] | None = None  # the prompt rows, once read
         self.num_workers = num_workers
         self.model_name_or_path = model_name_or_path
         self.trust_remote_code = trust_remote_code
@@ -396,7 +397,13 @@ class DataModule(L.LightningDataModule):
             )
 
     def prompt_rows(self) -> list[dict[str, Any]]:
-        """The rows to decode, in input order."""
+        """The rows to decode, in input order; read and checked once (the resume fingerprint and
+        ``setup`` both use them)."""
+        if self.rows is None:
+            self.rows = self._read_prompt_rows()
+        return self.rows
+
+    def _read_prompt_rows(self) -> list[dict[str, Any]]:
         self.check_prompt_source()
         if self.prompts_file is not None:
             return read_rows(self.prompts_file)
