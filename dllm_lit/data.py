@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -49,22 +51,22 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _read_table(path: Path, suffix: str) -> list[dict[str, Any]]:
-    import pyarrow
-    import pyarrow.csv
-    import pyarrow.parquet
+    """Parquet rows through pyarrow; CSV/TSV rows with a header through :mod:`csv`, every value text
+    (a prompt such as "007" stays the string it was written as)."""
+    if suffix == ".parquet":
+        import pyarrow
+        import pyarrow.parquet
 
-    try:
-        if suffix == ".parquet":
+        try:
             return pyarrow.parquet.read_table(path).to_pylist()
-        options = pyarrow.csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-        # Every column as text: a prompt such as "12" stays the string it was written as.
-        table = pyarrow.csv.read_csv(path, parse_options=options)
-        convert = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(table.column_names, pyarrow.string()))
-        return pyarrow.csv.read_csv(path, parse_options=options, convert_options=convert).to_pylist()
-    except (pyarrow.ArrowException, OSError) as error:
-        raise PromptError(
-            f"Prompts file {path} cannot be read as {suffix[1:]}: {' '.join(str(error).split())}"
-        ) from None
+        except (pyarrow.ArrowException, OSError) as error:
+            raise PromptError(
+                f"Prompts file {path} cannot be read as parquet: {' '.join(str(error).split())}"
+            ) from None
+    try:
+        return list(csv.DictReader(io.StringIO(_read_text(path)), delimiter="\t" if suffix == ".tsv" else ","))
+    except csv.Error as error:
+        raise PromptError(f"Prompts file {path} cannot be read as {suffix[1:]}: {error}.") from None
 
 
 def _read_text(path: Path) -> str:
