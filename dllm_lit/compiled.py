@@ -36,9 +36,27 @@ def cached_forward(model: torch.nn.Module) -> StaticForward | None:
     return _FORWARD_BY_MODEL.get(model)
 
 
+class RowSlotLayer(StaticLayer):
+    """A static cache layer that writes each row's new K/V at that row's own slots ``start[row] ..``
+    (rows of a lossless batch accept different counts, so their next tokens sit at different slots)."""
+
+    def __init__(self, max_cache_len: int, start: torch.Tensor):
+        super().__init__(max_cache_len)
+        self.start = start  # [batch], shared with the StaticForward that sets it
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        cols = self.start[:, None] + torch.arange(key_states.shape[-2], device=self.device)
+        index = cols[:, None, :, None]
+        self.keys.scatter_(2, index.expand_as(key_states), key_states)
+        self.values.scatter_(2, index.expand_as(value_states), value_states)
+        return self.keys, self.values
+
+
 class StaticForward:
-    """``forward(ids, start, keep)``: logits of the last ``keep`` of ``ids`` written at slots
-    ``start ..``, for a batch of ``batch`` rows and a cache of ``cache_len`` slots."""
+    """``forward(ids, start, keep)``: logits of the last ``keep`` of ``ids``, row ``r`` written at
+    slots ``start[r] ..`` (or all rows at ``start``), for ``batch`` rows and ``cache_len`` slots."""
 
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
         self.model = weakref.ref(model)  # the cache is keyed by the model: do not keep it alive
@@ -52,10 +70,11 @@ class StaticForward:
                 "The compiled backends support models whose layers all use full attention "
                 "(no sliding-window or hybrid layers); use backend='eager' for this model."
             )
+        self.start = torch.zeros(batch, dtype=torch.long, device=self.device)  # set in place: no host sync
+        self.cache.layers = [RowSlotLayer(cache_len, self.start) for _ in self.cache.layers]
         self.slots = torch.arange(cache_len, device=self.device)
         self.valid = torch.ones(batch, cache_len, dtype=torch.bool, device=self.device)
         self.pad = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self.start = torch.zeros((), dtype=torch.long, device=self.device)  # set by fill_: no host sync
         self.use_graphs = self.device.type == "cuda"
         self.inductor = inductor
         self.fused = None  # torch.compile(self._run), built at the first graph-eligible call
@@ -79,13 +98,11 @@ class StaticForward:
         self.pad.copy_((prompt_mask == 0).sum(1, keepdim=True))
 
     def _run(self, model: torch.nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        cols = self.start + self.slots[: ids.shape[1]]  # the cache slot of each fed token
-        causal = self.slots <= cols[:, None]
-        see = (causal & self.valid[:, None, :]) | (self.slots == cols[:, None])  # a pad query sees itself
+        cols = self.start[:, None] + self.slots[: ids.shape[1]]  # [batch, fed]: the slot of each fed token
+        causal = self.slots <= cols[:, :, None]
+        see = (causal & self.valid[:, None, :]) | (self.slots == cols[:, :, None])  # a pad query sees itself
         bias = torch.zeros(see.shape, dtype=self.dtype, device=self.device)
         bias.masked_fill_(~see, torch.finfo(self.dtype).min)
-        for layer in self.cache.layers:  # StaticLayer writes at cumulative_length onwards
-            layer.cumulative_length.copy_(self.start)
         return model(
             input_ids=ids,
             attention_mask=bias[:, None],
@@ -95,10 +112,13 @@ class StaticForward:
             logits_to_keep=keep,
         ).logits
 
-    def __call__(self, ids: torch.Tensor, start: int, keep: int, *, graph: bool = True) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, start: int | torch.Tensor, keep: int, *, graph: bool = True) -> torch.Tensor:
         """Logits ``[batch, keep, vocab]``. ``graph=False`` always runs eagerly (the prefill). A
         graph's logits are overwritten by its next replay: use them before the next call."""
-        self.start.fill_(start)
+        if isinstance(start, torch.Tensor):
+            self.start.copy_(start)
+        else:
+            self.start.fill_(start)
         model = self.model()
         if not (graph and self.cache.is_initialized):
             return self._run(model, ids, keep)
@@ -222,12 +242,12 @@ def refine_static(
         elif pending is not None and pending.query_and_read():
             break
         else:
-            pending = _HostFlag(frozen)
+            pending = HostFlag(frozen)
     ledger.end_block(passes)
     return block, passes > 0 and bool(frozen)
 
 
-class _HostFlag:
+class HostFlag:
     """A device bool copied to pinned host memory without waiting; read once its copy is done."""
 
     def __init__(self, flag: torch.Tensor):

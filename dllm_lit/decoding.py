@@ -25,6 +25,7 @@ from dllm_lit.compiled import decode_static
 from dllm_lit.eager import decode_eager
 from dllm_lit.ledger import BlockGeneration, RowLedger
 from dllm_lit.lossless import decode_lossless
+from dllm_lit.lossless_compiled import decode_lossless_static
 from dllm_lit.settings import DEFAULTS, DecodeSettings
 
 
@@ -104,7 +105,8 @@ def generate_blocks(
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
     ledger = RowLedger(prompt_mask, settings, eos_ids)
-    loop = decode_lossless if settings.lossless else decode_eager if settings.backend == "eager" else decode_static
+    loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
+    loop = loops[settings.lossless][settings.backend != "eager"]
     loop(model, prompt_ids, prompt_mask, settings, ledger, fill=eos_ids[0])
     return ledger.result()
 

@@ -96,10 +96,9 @@ def verify_sampled(logits: torch.Tensor, draft: torch.Tensor, warp, generator) -
     coins = torch.rand(draft_probs.shape, generator=generator, device=logits.device)
     accepted = 1 + (coins < draft_probs).long().cumprod(1).sum(1)
     final = probs[torch.arange(rows, device=logits.device), accepted - 1]  # q of the token to sample
-    rejected = accepted < width
-    if bool(rejected.any()):
+    if width > 1:  # no host sync: rows that accepted every draft token keep their q
         drop = draft.gather(1, (accepted - 1).clamp(max=width - 2)[:, None])
-        final = torch.where(rejected[:, None], final.scatter(1, drop, 0.0), final)
+        final = torch.where((accepted < width)[:, None], final.scatter(1, drop, 0.0), final)
     final = torch.multinomial(final / final.sum(1, keepdim=True), 1, generator=generator).squeeze(1)
     tokens = torch.cat([draft, final[:, None]], dim=1).scatter(1, (accepted - 1)[:, None], final[:, None])
     return tokens, accepted, probs.argmax(-1)
@@ -124,7 +123,7 @@ def decode_lossless(
 ) -> None:
     """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output."""
     device = prompt_ids.device
-    verify = _verifier(settings, device)
+    verify = verifier(settings, device)
     batch = RaggedBatch(model, prompt_ids, prompt_mask)
     active = torch.arange(prompt_ids.shape[0], device=device)
     generated = torch.zeros_like(active)
@@ -144,7 +143,7 @@ def decode_lossless(
             batch.keep_rows(still)
 
 
-def _verifier(settings: DecodeSettings, device: torch.device):
+def verifier(settings: DecodeSettings, device: torch.device):
     """Greedy verification, or the sampling rule with transformers' warpers and the call's generator."""
     if settings.temperature <= 0:
         return verify_greedy

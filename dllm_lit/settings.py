@@ -82,8 +82,6 @@ class DecodeSettings:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
         if self.lossless and not self.use_cache:
             raise ValueError("lossless=True needs use_cache=True: it verifies drafts on top of a KV cache.")
-        if self.lossless and self.backend != "eager":
-            raise ValueError("lossless=True runs on the eager backend for now: use backend='eager'.")
         if self.backend != "eager" and not self.use_cache:
             raise ValueError(f"backend={self.backend!r} decodes with a static KV cache: it needs use_cache=True.")
 

@@ -66,10 +66,14 @@ def greedy(model, prompts, max_new_tokens: int, stop=(EOS,)) -> list[list[int]]:
     return rows
 
 
+BACKENDS = pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
+
+
+@BACKENDS
 @pytest.mark.parametrize("width", [1, 2, 8, 33])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS, WITH_EOS], ids=["batch1", "padded3", "eos-in-prompt"])
-def test_greedy_lossless_equals_generate(model, width, prompts):
-    result = run(model, prompts, add_eos_length=width - 1, max_new_tokens=40)
+def test_greedy_lossless_equals_generate(model, width, prompts, backend):
+    result = run(model, prompts, add_eos_length=width - 1, max_new_tokens=40, backend=backend)
     assert [with_stop(row) for row in result.rows] == greedy(model, prompts, 40)
     for row in result.rows:
         assert row.forwards <= row.num_generated, "at least one token per forward"
@@ -86,32 +90,59 @@ def test_drafty_models_accept_several_tokens_per_pass(name):
     assert result.forwards < result.generated_tokens / 2
 
 
+@BACKENDS
 @pytest.mark.parametrize("width", [1, 4, 9])
-def test_stop_ids_and_length_cuts_are_exact(model, width):
+def test_stop_ids_and_length_cuts_are_exact(model, width, backend):
     plain = run(model, PROMPTS, add_eos_length=width - 1, max_new_tokens=30).rows
     stop = plain[0].token_ids[4]
-    stopped = run(model, PROMPTS, add_eos_length=width - 1, max_new_tokens=30, stop_token_ids=[stop]).rows
+    settings = dict(add_eos_length=width - 1, backend=backend)
+    stopped = run(model, PROMPTS, max_new_tokens=30, stop_token_ids=[stop], **settings).rows
     assert [with_stop(r) for r in stopped] == greedy(model, PROMPTS, 30, stop=(EOS, stop))
     assert stopped[0].stop_token_id == stop
-    by_length = run(model, PROMPTS, add_eos_length=width - 1, max_new_tokens=100, max_length=17).rows
+    by_length = run(model, PROMPTS, max_new_tokens=100, max_length=17, **settings).rows
     for prompt, row, full in zip(PROMPTS, by_length, plain):
         assert len(prompt) + row.num_generated <= 17
         assert with_stop(row) == with_stop(full)[: row.num_generated]
         assert row.stop_reason == "eos" or len(prompt) + row.num_generated == 17
-    short = run(model, PROMPTS, add_eos_length=width - 1, max_new_tokens=7).rows
+    short = run(model, PROMPTS, max_new_tokens=7, **settings).rows
     assert all(r.stop_reason == "eos" or (r.stop_reason, r.num_generated) == ("max_new_tokens", 7) for r in short)
 
 
+@BACKENDS
 @pytest.mark.parametrize("width", [2, 8])
-def test_batched_equals_one_by_one(model, width):
+def test_batched_equals_one_by_one(model, width, backend):
     prompts = random_prompts([7, 1, 13, 4], seed=2)
-    batched = run(model, prompts, add_eos_length=width - 1, max_new_tokens=30).rows
-    alone = [run(model, [p], add_eos_length=width - 1, max_new_tokens=30).rows[0] for p in prompts]
+    settings = dict(add_eos_length=width - 1, max_new_tokens=30, backend=backend)
+    batched = run(model, prompts, **settings).rows
+    alone = [run(model, [p], **settings).rows[0] for p in prompts]
     assert [with_stop(r) for r in batched] == [with_stop(r) for r in alone]
 
 
-def test_statistics_count_accepted_tokens(model):
-    result = run(model, PROMPTS, add_eos_length=7, max_new_tokens=30)
+def summary(result):
+    rows = [(r.token_ids, r.stop_reason, r.stop_token_id, r.forwards) for r in result.rows]
+    return rows, result.forwards, result.accepted_per_pass
+
+
+@pytest.mark.parametrize("width", [1, 3, 8])
+def test_compiled_equals_eager(model, width):
+    """Tokens, stop reasons, forwards per row and accepted counts per pass, over rows that stop at
+    different passes by EOS, stop ids and length."""
+    prompts = [p[:3] + [EOS] + p[3:] for p in random_prompts([6, 9, 2, 14, 7, 3], seed=3)]
+    for settings in (
+        dict(max_new_tokens=40),
+        dict(max_new_tokens=100, max_length=24),
+        dict(max_new_tokens=30, stop_token_ids=[11, 12]),
+        dict(max_new_tokens=21, ignore_eos=True),
+    ):
+        eager = run(model, prompts, add_eos_length=width - 1, **settings)
+        assert summary(run(model, prompts, add_eos_length=width - 1, backend="cuda_graph", **settings)) == summary(
+            eager
+        )
+
+
+@BACKENDS
+def test_statistics_count_accepted_tokens(model, backend):
+    result = run(model, PROMPTS, add_eos_length=7, max_new_tokens=30, backend=backend)
     assert len(result.accepted_per_pass) == result.forwards
     assert all(1 <= n <= 8 for counts in result.accepted_per_pass for n in counts)
     # Every generated token was accepted; a row's last pass may accept more than it keeps.
@@ -160,7 +191,8 @@ def test_the_acceptance_rule_keeps_the_distribution(rule, should_pass):
     assert ok == should_pass
 
 
-def test_sampled_lossless_matches_autoregressive_sampling():
+@BACKENDS
+def test_sampled_lossless_matches_autoregressive_sampling(backend):
     """The first two tokens of 6000 samples of one prompt, against their exact probabilities under
     the model with the same warpers (top-k 3, temperature 1)."""
     model = MODELS["llama"]()
@@ -188,6 +220,7 @@ def test_sampled_lossless_matches_autoregressive_sampling():
         top_k=3,
         seed=5,
         ignore_eos=True,
+        backend=backend,
     )
     pairs = [tuple(row.token_ids[:2]) for row in result.rows]
     keys = sorted(exact)
@@ -200,7 +233,6 @@ def test_sampled_lossless_matches_autoregressive_sampling():
     "change,message",
     [
         (dict(use_cache=False), "lossless=True needs use_cache=True"),
-        (dict(backend="cuda_graph"), "lossless=True runs on the eager backend"),
     ],
 )
 def test_unsupported_combinations_are_one_sentence(change, message):

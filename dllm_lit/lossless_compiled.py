@@ -1,0 +1,97 @@
+"""Lossless decoding on the compiled path: every pass is one fixed shape, acceptance stays on device.
+
+The same rule as :mod:`dllm_lit.lossless`, over a :class:`~dllm_lit.compiled.StaticForward`: each pass
+feeds ``[last] + draft`` (``W`` tokens) at each row's own cache slot (``start[row]``: rows accept
+different counts), so one CUDA graph serves every pass. Acceptance, the next draft, the stop test and
+each row's output buffer are all device tensors: the host only learns, one pass late on CUDA, that
+every row has finished, and reads the results once at the end, where the ledger replays them pass by
+pass (same tokens, forwards and accepted counts as the eager loop). Finished rows stay in the batch
+with nothing accepted (their slot no longer moves) until the last row finishes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dllm_lit.compiled import HostFlag, StaticForward
+from dllm_lit.ledger import RowLedger
+from dllm_lit.lossless import next_draft, verifier
+from dllm_lit.settings import DecodeSettings
+
+
+def decode_lossless_static(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: DecodeSettings,
+    ledger: RowLedger,
+    *,
+    fill: int,
+) -> None:
+    """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output."""
+    batch, prompt_len = prompt_ids.shape
+    device, width = prompt_ids.device, settings.width
+    longest = int(ledger.budget.max())
+    # A finished row's slot may sit W - 1 past its budget, and a pass writes W more slots there.
+    cache_len = -(-(prompt_len + longest + 2 * width) // 64) * 64  # round up: reuse graphs across calls
+    forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
+    forward.reset(prompt_mask)
+    verify = verifier(settings, device)
+    state = _DeviceRows(batch, longest + 2 * width, prompt_len - 1, device)
+    draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False)  # the prefill
+    lag = device.type == "cuda"
+    pending = None
+    for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late flag
+        tokens, accepted, guesses = verify(logits, draft)
+        last = state.accept(tokens, accepted, ledger)
+        draft = next_draft(guesses, accepted.clamp(min=1), fill)
+        if not lag:
+            if bool(state.done.all()):
+                break
+        elif pending is not None and pending.query_and_read():
+            break
+        else:
+            pending = HostFlag(state.done.all())
+        logits = forward(torch.cat([last[:, None], draft], 1), state.start, width)
+    state.replay_into(ledger)
+
+
+class _DeviceRows:
+    """Per-row decoding state on device: output buffer, generated count, cache slot of the next
+    ``last`` token, whether the row finished and after how many passes, and the accepted counts."""
+
+    def __init__(self, batch: int, capacity: int, first_slot: int, device: torch.device):
+        self.out = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.generated = torch.zeros(batch, dtype=torch.long, device=device)
+        self.start = torch.full((batch,), first_slot, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.finished_after = torch.zeros(batch, dtype=torch.long, device=device)
+        self.accepted: list[torch.Tensor] = []
+
+    def accept(self, tokens: torch.Tensor, accepted: torch.Tensor, ledger: RowLedger) -> torch.Tensor:
+        """Record one pass (finished rows accept nothing); return each row's new ``last`` token."""
+        accepted = torch.where(self.done, 0, accepted)
+        self.accepted.append(accepted)
+        columns = self.generated[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+        self.out.scatter_(1, columns, tokens)
+        fresh = torch.arange(tokens.shape[1], device=tokens.device) < accepted[:, None]
+        stopped = (torch.isin(tokens, ledger.stop_ids) & fresh).any(1)
+        self.generated += accepted
+        self.start += accepted
+        newly_done = ~self.done & (stopped | (self.generated >= ledger.budget))
+        self.finished_after = torch.where(newly_done, len(self.accepted), self.finished_after)
+        self.done |= newly_done
+        return tokens.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+
+    def replay_into(self, ledger: RowLedger) -> None:
+        """Give the ledger the passes as the eager loop would: forwards, accepted counts of the
+        active rows, and each row's tokens at the pass it finished (the ledger cuts them)."""
+        finished_after = self.finished_after.tolist()
+        out, generated = self.out, self.generated
+        for index, counts in enumerate(torch.stack(self.accepted).tolist()[: max(finished_after)], start=1):
+            ledger.count_forward()
+            ledger.end_pass(torch.tensor([n for n in counts if n > 0]))
+            rows = [row for row, after in enumerate(finished_after) if after == index]
+            if rows:
+                ledger.commit(rows, out[rows], ledger.budget[rows], limit=generated[rows])
