@@ -6,7 +6,8 @@
 Builds the model directly on the device (no download), then times, on the same inputs:
 HF ``generate`` (autoregressive, once per input shape), the reference no-cache loop, the eager
 engine (``generate_blocks``) and the compiled engine (``backend="cuda_graph"``: static cache, CUDA
-graphs; ``--modes ... inductor`` adds ``backend="inductor"``). Prints tok/s, forwards, ms per
+graphs; ``--modes ... inductor`` adds ``backend="inductor"``) and the compiled engine in lossless mode
+(``lossless=True``, window = the block width; its tokens are compared with HF ``generate``). Prints tok/s, forwards, ms per
 forward against the roofline floor
 ``max(2 * params * tokens / peak_flops, weight_bytes / bandwidth)`` of one block-wide forward,
 and the share of tokens that match the eager engine (random bf16 weights give near-tied logits,
@@ -62,6 +63,7 @@ WORKLOADS = [
     (1, 2048, 2048, 128, 2),
     (8, 512, 1024, 128, 2),
     (1, 512, 256, 8, 8),
+    (1, 512, 256, 1, 1),
 ]
 
 
@@ -103,6 +105,13 @@ def check_fp32(device: torch.device, inductor: bool) -> str:
                 f"blk{width} R{refine_iter}{' inductor' if backend == 'inductor' else ''}: tokens "
                 f"{'equal' if same else 'DIFFER'}, forwards {eager.forwards}/{compiled.forwards}"
             )
+    for width in (1, 8):
+        kwargs = dict(eos_token_id=2, attention_mask=mask, add_eos_length=width - 1, max_new_tokens=40, lossless=True)
+        eager, compiled = (generate_blocks(model, ids, backend=b, **kwargs) for b in ("eager", "cuda_graph"))
+        same = [r.token_ids for r in eager.rows] == [r.token_ids for r in compiled.rows]
+        verdicts.append(
+            f"lossless W{width}: tokens {'equal' if same else 'DIFFER'}, forwards {eager.forwards}/{compiled.forwards}"
+        )
     return "; ".join(verdicts)
 
 
@@ -164,10 +173,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--modes",
         nargs="+",
-        default=["compiled", "hf", "reference"],
-        choices=["compiled", "inductor", "hf", "reference"],
+        default=["compiled", "lossless", "hf", "reference"],
+        choices=["compiled", "inductor", "lossless", "hf", "reference"],
         help='what to time beside the eager engine (inductor: backend="inductor", '
-        "about 40 s of compiling per batch size and width on an H200)",
+        "about 40 s of compiling per batch size and width on an H200; lossless: the compiled engine "
+        "with lossless=True, tokens compared with HF generate)",
     )
     parser.add_argument("--workloads", type=int, nargs="*", help="indices into the workload list")
     return parser.parse_args()
@@ -207,6 +217,14 @@ def time_workload(model, ids: torch.Tensor, workload: tuple, args, hf_runs: dict
     if shape_key in hf_runs:
         ar_time, ar = hf_runs[shape_key]
         rows.append(("HF generate", ar_time, new, share(ar[:, prompt_len:])))
+    if "lossless" in args.modes:
+        lossless = dict(settings, lossless=True, backend="cuda_graph")
+        generate_blocks(model, ids, **lossless)  # capture this shape
+        seconds, result = timed(lambda: generate_blocks(model, ids, **lossless), args.repeats, **budget)
+        greedy = hf_runs[shape_key][1][:, prompt_len:] if shape_key in hf_runs else None
+        tokens = torch.tensor([r.token_ids for r in result.rows], device=device)
+        same = (tokens == greedy).float().mean().item() if greedy is not None else float("nan")
+        rows.append(("lossless compiled (= HF greedy)", seconds, result.forwards, same))
     if "reference" in args.modes:
         ref_time, (ref_rows, ref_forwards) = timed(
             lambda: reference_generate(
