@@ -7,8 +7,8 @@ Builds the model directly on the device (no download), then times, on the same i
 HF ``generate`` (autoregressive, once per input shape), the reference no-cache loop, the eager
 engine (``generate_blocks``) and the compiled engine (``backend="cuda_graph"``: static cache, CUDA
 graphs; ``--modes ... inductor`` adds ``backend="inductor"``) and the compiled engine in lossless mode
-(``lossless=True``, window = the block width; its tokens are compared with HF ``generate``). Prints tok/s, forwards, ms per
-forward against the roofline floor
+(``lossless=True``, window = the block width; its tokens are compared with HF ``generate``).
+Prints tok/s, forwards, ms per forward against the roofline floor
 ``max(2 * params * tokens / peak_flops, weight_bytes / bandwidth)`` of one block-wide forward,
 and the share of tokens that match the eager engine (random bf16 weights give near-tied logits,
 so one rounding difference changes all later tokens: the fp32 check printed first is the
