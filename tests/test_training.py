@@ -275,22 +275,23 @@ def test_parquet_and_chat_rows_train_like_jsonl(tmp_path):
 
 
 @pytest.mark.slow
-def test_lossless_is_never_slower_than_the_exact_block_mode_on_a_refine_trained_model(trained):
-    """Both give the model's greedy answers; lossless needs no more forwards per token. (On this 40-step
-    model the two tie at 1.30 tokens/forward; the strict gain needs the fully trained toy of
-    benchmarks/train_tiny.py, setting 16:lossless.)"""
+def test_lossless_beats_the_exact_block_mode_on_a_refine_trained_model(trained):
+    """Both give the model's greedy answers; lossless needs fewer forwards per token. The answers
+    (4 digits + EOS) are longer than the window of 4: the exact block mode pays a confirming pass for
+    each block, while lossless accepts the next block's first token in the pass that verifies the
+    last one."""
     from dllm_lit import generate_blocks
     from dllm_lit.models import load_model, load_tokenizer
 
     model, tokenizer = load_model(str(trained / "exported")), load_tokenizer(str(trained / "exported"))
     rows = [json.loads(line) for line in (trained / "data/val.jsonl").read_text().splitlines()]
     results = {}
-    for name, settings in (("exact", dict(refine_iter=8)), ("lossless", dict(lossless=True))):
+    for name, settings in (("exact", dict(refine_iter=4)), ("lossless", dict(lossless=True))):
         results[name] = [
             generate_blocks(
                 model,
                 tokenizer(row["prompt"], return_tensors="pt").input_ids,
-                add_eos_length=7,
+                add_eos_length=3,
                 max_new_tokens=16,
                 eos_token_id=tokenizer.eos_token_id,
                 **settings,
@@ -299,4 +300,4 @@ def test_lossless_is_never_slower_than_the_exact_block_mode_on_a_refine_trained_
         ]
     assert [r.token_ids for r in results["lossless"]] == [r.token_ids for r in results["exact"]]
     speed = {name: sum(r.num_generated for r in rs) / sum(r.forwards for r in rs) for name, rs in results.items()}
-    assert speed["lossless"] >= speed["exact"] > 1, speed
+    assert speed["lossless"] > max(speed["exact"], 1.0), speed
