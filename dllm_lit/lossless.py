@@ -104,12 +104,42 @@ def verify_sampled(logits: torch.Tensor, draft: torch.Tensor, warp, generator) -
     return tokens, accepted, probs.argmax(-1)
 
 
-def next_draft(guesses: torch.Tensor, accepted: torch.Tensor, fill: int) -> torch.Tensor:
-    """Per row, the guesses after the accepted ones, topped up with fill tokens: ``[rows, W - 1]``."""
-    width = guesses.shape[1]
-    index = accepted[:, None] + torch.arange(width - 1, device=guesses.device)[None, :]
-    shifted = guesses.gather(1, index.clamp(max=width - 1))
-    return torch.where(index < width, shifted, torch.full_like(shifted, fill))
+def next_draft(guesses: torch.Tensor, accepted: torch.Tensor, fill: int, width: int | None = None) -> torch.Tensor:
+    """Per row, the guesses after the accepted ones, topped up with fill tokens: ``[rows, width - 1]``
+    (default: the width of this pass)."""
+    fed = guesses.shape[1]
+    index = accepted[:, None] + torch.arange((width or fed) - 1, device=guesses.device)[None, :]
+    shifted = guesses.gather(1, index.clamp(max=fed - 1))
+    return torch.where(index < fed, shifted, torch.full_like(shifted, fill))
+
+
+class WindowSchedule:
+    """The width of the next eager pass (``adaptive_window``): the full window while drafts get
+    accepted; after two wide passes in which no row accepted a draft token, one-token passes (4 at
+    first, doubling to 64 while the probes keep failing), then two wide probe passes (the first
+    feeds fills and makes the guesses, the second verifies them)."""
+
+    FIRST_BACKOFF, MAX_BACKOFF = 4, 64
+
+    def __init__(self, width: int, adaptive: bool):
+        self.width, self.adaptive = width, adaptive and width > 1
+        self.misses, self.narrow_left, self.backoff = 0, 0, self.FIRST_BACKOFF
+
+    def next_width(self, used: int, accepted: torch.Tensor) -> int:
+        if not self.adaptive:
+            return self.width
+        if used > 1:
+            if bool((accepted > 1).any()):
+                self.misses, self.backoff = 0, self.FIRST_BACKOFF
+            else:
+                self.misses += 1
+            if self.misses == 2:
+                self.misses, self.narrow_left = 0, self.backoff
+                self.backoff = min(2 * self.backoff, self.MAX_BACKOFF)
+        if self.narrow_left > 0:
+            self.narrow_left -= 1
+            return 1
+        return self.width
 
 
 def decode_lossless(
@@ -127,6 +157,7 @@ def decode_lossless(
     batch = RaggedBatch(model, prompt_ids, prompt_mask)
     active = torch.arange(prompt_ids.shape[0], device=device)
     generated = torch.zeros_like(active)
+    schedule = WindowSchedule(settings.width, settings.adaptive_window)
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     while active.numel() > 0:
         tokens, accepted, guesses = verify(batch.forward(draft), draft)
@@ -136,7 +167,7 @@ def decode_lossless(
         ledger.end_pass(accepted)
         batch.accept(accepted, tokens.gather(1, (accepted - 1)[:, None]).squeeze(1))
         generated += accepted
-        draft = next_draft(guesses, accepted, fill)
+        draft = next_draft(guesses, accepted, fill, schedule.next_width(draft.shape[1] + 1, accepted))
         if bool(finished.any()):
             still = (~finished).nonzero().squeeze(1)
             active, generated, draft = active[still], generated[still], draft[still]

@@ -44,6 +44,11 @@ class DecodeSettings:
             verified, so the output is exactly the model's own autoregressive output (greedy, or the
             same sampling distribution) at one token per forward or more. ``refine_iter`` is
             ignored in this mode.
+        adaptive_window: Lossless mode on the eager backend: after two passes in which no row
+            accepted a draft token, run one-token passes (4, then 8 .. 64 of them) before drafting
+            again. On a CPU a wide forward costs up to twice a one-token one, so a model that is not
+            block-trained still decodes at autoregressive speed. Never changes the tokens. The
+            compiled backends keep the full window (on a GPU a wide pass costs about a narrow one).
         backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
             fixed block shapes, each forward replayed as a CUDA graph (the fast path on a GPU; on
             CPU it runs eagerly). ``inductor``: the same through torch.compile, faster per pass after
@@ -64,6 +69,7 @@ class DecodeSettings:
     use_cache: bool = True
     early_exit: bool = True
     lossless: bool = False
+    adaptive_window: bool = True
     backend: Backend = "eager"
 
     def __post_init__(self) -> None:

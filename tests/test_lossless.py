@@ -13,7 +13,7 @@ from transformers.generation.logits_process import LogitsProcessorList, TopKLogi
 
 from conftest import EOS, MODELS, left_pad, random_prompts
 from dllm_lit import generate_blocks
-from dllm_lit.lossless import verify_sampled
+from dllm_lit.lossless import WindowSchedule, verify_sampled
 
 PROMPTS = random_prompts([5, 11, 2], seed=1)
 
@@ -134,10 +134,35 @@ def test_compiled_equals_eager(model, width):
         dict(max_new_tokens=30, stop_token_ids=[11, 12]),
         dict(max_new_tokens=21, ignore_eos=True),
     ):
+        settings["adaptive_window"] = False  # the compiled path always keeps the full window
         eager = run(model, prompts, add_eos_length=width - 1, **settings)
         assert summary(run(model, prompts, add_eos_length=width - 1, backend="cuda_graph", **settings)) == summary(
             eager
         )
+
+
+def test_the_window_narrows_while_drafts_fail_and_widens_when_one_is_accepted():
+    schedule = WindowSchedule(8, adaptive=True)
+    one, two = torch.tensor([1, 1]), torch.tensor([1, 2])
+    widths = [schedule.next_width(8, one), schedule.next_width(8, one)]  # two misses: narrow for 4
+    widths += [schedule.next_width(1, one) for _ in range(4)]  # then probe with two wide passes
+    widths += [schedule.next_width(8, one), schedule.next_width(8, one)]  # missed again: narrow for 8
+    widths += [schedule.next_width(1, one) for _ in range(8)]
+    widths += [schedule.next_width(8, two), schedule.next_width(8, one), schedule.next_width(8, one)]
+    assert widths == [8, 1, 1, 1, 1, 8, 8, 1, 1, 1, 1, 1, 1, 1, 1, 8, 8, 8, 1]
+    assert schedule.narrow_left == 3, "an accepted draft resets the back-off to 4"
+    assert {WindowSchedule(8, adaptive=False).next_width(8, one) for _ in range(5)} == {8}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2-drafty"])
+def test_the_adaptive_window_never_changes_the_tokens(name):
+    model = LOSSLESS_MODELS[name]()
+    fixed, adaptive = (
+        run(model, PROMPTS, add_eos_length=7, max_new_tokens=60, adaptive_window=on) for on in (False, True)
+    )
+    assert [with_stop(r) for r in adaptive.rows] == [with_stop(r) for r in fixed.rows]
+    if name == "llama":  # drafts are never right: the adaptive window spends one-token passes
+        assert adaptive.forwards == fixed.forwards == max(r.num_generated for r in fixed.rows)
 
 
 @BACKENDS
