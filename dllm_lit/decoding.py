@@ -23,7 +23,7 @@ import torch
 
 from dllm_lit.compiled import decode_static
 from dllm_lit.eager import decode_eager
-from dllm_lit.ledger import BlockGeneration, RowLedger
+from dllm_lit.ledger import BlockGeneration, CommitListener, RowLedger
 from dllm_lit.lossless import decode_lossless
 from dllm_lit.lossless_compiled import decode_lossless_static
 from dllm_lit.settings import DEFAULTS, DecodeSettings
@@ -81,6 +81,7 @@ def generate_blocks(
     *,
     eos_token_id: int | Sequence[int],
     attention_mask: torch.Tensor | None = None,
+    on_commit: CommitListener | None = None,
     **overrides: Any,
 ) -> BlockGeneration:
     """Decode a left-padded batch block by block; return per-row tokens and call statistics.
@@ -91,6 +92,9 @@ def generate_blocks(
         settings: Decoding settings (:class:`~dllm_lit.settings.DecodeSettings`; default: its defaults).
         eos_token_id: EOS id (or ids). The first one is the fill token; all of them stop a row.
         attention_mask: ``[batch, prompt_len]``, 0 on left padding. Defaults to all ones.
+        on_commit: Called with each row's newly kept tokens at every commit (block by block; once
+            per pass in lossless mode, once at the end on its compiled path); returning True stops
+            that row (:data:`~dllm_lit.ledger.CommitListener`). For streaming and cancellation.
         **overrides: Any :class:`~dllm_lit.settings.DecodeSettings` field, e.g. ``refine_iter=3``,
             applied on top of ``settings``.
     """
@@ -104,7 +108,7 @@ def generate_blocks(
     device = next(model.parameters()).device
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
-    ledger = RowLedger(prompt_mask, settings, eos_ids)
+    ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit)
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
     loop(model, prompt_ids, prompt_mask, settings, ledger, fill=eos_ids[0])

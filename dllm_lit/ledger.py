@@ -8,6 +8,7 @@ once, below both loops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,7 +16,7 @@ import torch
 
 from dllm_lit.settings import DecodeSettings
 
-StopReason = Literal["eos", "max_new_tokens", "max_length"]
+StopReason = Literal["eos", "max_new_tokens", "max_length", "cancelled"]
 
 
 @dataclass
@@ -24,7 +25,8 @@ class RowResult:
 
     Attributes:
         token_ids: Generated ids, without the prompt, padding or the stop token.
-        stop_reason: ``"eos"`` (a stop token), ``"max_new_tokens"`` or ``"max_length"``.
+        stop_reason: ``"eos"`` (a stop token), ``"max_new_tokens"``, ``"max_length"``, or
+            ``"cancelled"`` (the ``on_commit`` listener asked to stop the row).
         stop_token_id: The stop token that ended the row, or ``None``.
         forwards: Forward passes run while this row was in the active batch.
     """
@@ -102,6 +104,11 @@ def is_fixed_point(refined: torch.Tensor, block: torch.Tensor, stop_ids: torch.T
     return ((refined == block) | (positions >= kept[:, None])).all()
 
 
+CommitListener = Callable[[int, list[int], "RowResult | None"], bool]
+"""``on_commit(row, new_token_ids, result)``: called at each commit with the tokens a row just kept
+(and its :class:`RowResult` when it finished); return True to stop that row now (``"cancelled"``)."""
+
+
 class RowLedger:
     """Per-row budgets, kept tokens, stop reasons and forwards of one decoding call.
 
@@ -109,9 +116,16 @@ class RowLedger:
         prompt_mask: ``[batch, prompt_len]`` attention mask of the left-padded prompts.
         settings: The call's decoding settings (limits and stop tokens).
         eos_ids: The model's EOS ids; they stop rows unless ``settings.ignore_eos``.
+        on_commit: Optional :data:`CommitListener` (streaming, cancellation).
     """
 
-    def __init__(self, prompt_mask: torch.Tensor, settings: DecodeSettings, eos_ids: list[int]):
+    def __init__(
+        self,
+        prompt_mask: torch.Tensor,
+        settings: DecodeSettings,
+        eos_ids: list[int],
+        on_commit: CommitListener | None = None,
+    ):
         device = prompt_mask.device
         stops = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(eos_ids))
         self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device)
@@ -126,6 +140,7 @@ class RowLedger:
         self.forwards = 0
         self.refine_passes_per_block: list[int] = []
         self.accepted_per_pass: list[list[int]] = []
+        self.on_commit = on_commit
 
     def count_forward(self) -> None:
         self.forwards += 1
@@ -150,8 +165,9 @@ class RowLedger:
         hit_stop = first_stop < keep_len
         finished = hit_stop | (room <= limit)
         keep_len = keep_len - hit_stop.long()  # the stop token is reported apart from the tokens
-        for row, stop, done, n, ids in zip(
-            rows, hit_stop.tolist(), finished.tolist(), keep_len.tolist(), block.tolist()
+        done_rows = finished.tolist()
+        for i, (row, stop, done, n, ids) in enumerate(
+            zip(rows, hit_stop.tolist(), done_rows, keep_len.tolist(), block.tolist())
         ):
             self.tokens[row].extend(ids[:n])
             if done:
@@ -161,7 +177,10 @@ class RowLedger:
                     stop_token_id=ids[n] if stop else None,
                     forwards=self.forwards,
                 )
-        return finished
+            if self.on_commit is not None and self.on_commit(row, ids[:n], self.rows[row]) and not done:
+                self.rows[row] = RowResult(self.tokens[row], "cancelled", None, self.forwards)
+                done_rows[i] = True
+        return torch.tensor(done_rows, dtype=torch.bool, device=finished.device)
 
     def result(self) -> BlockGeneration:
         return BlockGeneration(

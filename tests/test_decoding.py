@@ -234,3 +234,42 @@ def test_a_settings_object_equals_flat_keywords_and_keywords_override_it(model):
 def test_bad_settings_raise_one_sentence(change, error, message):
     with pytest.raises(error, match=message):
         DecodeSettings().replace(**change)
+
+
+# Streaming hook: what on_commit saw, concatenated, is the result; a cancelled row stops alone.
+MODES = {
+    "block": dict(add_eos_length=3, refine_iter=2),
+    "block-compiled": dict(add_eos_length=3, refine_iter=2, backend="cuda_graph"),
+    "lossless": dict(add_eos_length=3, lossless=True),
+    "lossless-compiled": dict(add_eos_length=3, lossless=True, backend="cuda_graph"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_streamed_commits_add_up_to_the_result(model, mode):
+    streamed, ends = {}, {}
+
+    def listen(row, new_ids, result):
+        streamed.setdefault(row, []).extend(new_ids)
+        if result is not None:
+            ends[row] = result
+        return False
+
+    result = run(model, PROMPTS_3, max_new_tokens=30, on_commit=listen, **MODES[mode])
+    assert [streamed[i] for i in range(3)] == [row.token_ids for row in result.rows]
+    assert [ends[i] for i in range(3)] == result.rows
+    assert tokens(result) == tokens(run(model, PROMPTS_3, max_new_tokens=30, **MODES[mode]))
+
+
+@pytest.mark.parametrize("mode", ["block", "block-compiled", "lossless"])
+def test_a_cancelled_row_stops_and_the_others_do_not_change(model, mode):
+    full = run(model, PROMPTS_3, max_new_tokens=30, ignore_eos=True, **MODES[mode])
+    cancelled = run(
+        model, PROMPTS_3, max_new_tokens=30, ignore_eos=True, on_commit=lambda row, ids, r: row == 1, **MODES[mode]
+    )
+    assert cancelled.rows[1].stop_reason == "cancelled"
+    assert 0 < cancelled.rows[1].num_generated < 30
+    assert cancelled.rows[1].token_ids == full.rows[1].token_ids[: cancelled.rows[1].num_generated]
+    assert tokens(cancelled)[::2] == tokens(full)[::2]
+    if mode != "block-compiled":  # the compiled block loop keeps finished rows in the batch
+        assert cancelled.forwards == full.forwards
