@@ -9,6 +9,7 @@ import signal
 import sys
 import warnings
 from dataclasses import asdict
+from importlib import import_module
 from pathlib import Path
 
 # Lightning's own calls into jsonargparse trip its deprecation notices; they are not the user's.
@@ -31,6 +32,8 @@ from dllm_lit.writer import PredictionWriter
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 # Errors of the user's making that deserve one line, not a traceback.
+APPS = {"serve": "dllm_lit.server", "chat": "dllm_lit.chat"}
+"""Subcommands outside LightningCLI (no Trainer): the module whose ``main(args)`` runs them."""
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, MisconfigurationException)
 
 
@@ -170,13 +173,17 @@ def quiet_libraries() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run ``dllm_lit {fit,validate,test,predict}``.
+    """Run ``dllm_lit {fit,validate,test,predict,serve,chat}``.
 
     A user error prints one line and exits 2; set ``DLLM_LIT_DEBUG=1`` for the traceback.
     """
     quiet_libraries()
+    args = sys.argv[1:] if args is None else list(args)
     try:
-        DllmCLI(args=args)
+        if args and args[0] in APPS:
+            import_module(APPS[args[0]]).main(args[1:])
+        else:
+            DllmCLI(args=args)
     except ArgumentError as error:
         message = " ".join(str(error).split())
         print(f"dllm_lit: error: {message} (see dllm_lit --help, or dllm_lit SUBCOMMAND --help)", file=sys.stderr)

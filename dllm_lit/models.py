@@ -144,3 +144,15 @@ def load_model(
         reason = " ".join(str(error).split())[:300]
         raise ModelLoadError(f"Could not load model weights from {path}: {reason}") from None
     return model.eval()
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU and float32 elsewhere; other names are torch dtypes."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, dtype)

@@ -1,0 +1,91 @@
+"""``dllm_lit chat``: talk to the model in the terminal, the answer streaming block by block.
+
+Multi-turn: each turn sends the whole history through the chat template. ``/reset`` clears the
+history, ``/exit`` (or Ctrl-D) leaves, Ctrl-C stops the current answer (within one block) and keeps
+what was said so far; at the prompt, Ctrl-C clears the line.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dllm_lit.data import PromptError, encode_prompt
+from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
+from dllm_lit.models import load_model, load_tokenizer, resolve_dtype
+from dllm_lit.settings import DecodeSettings
+from dllm_lit.streaming import Job, stream_jobs
+
+HELP = "Type a message. /reset clears the history, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer."
+
+
+def chat(
+    model_name_or_path: str,
+    trust_remote_code: bool,
+    settings: DecodeSettings,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    system: str | None = None,
+) -> None:
+    """Chat with the model until /exit or Ctrl-D.
+
+    Args:
+        device: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda``.
+        dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
+        system: A system message put first in the history (kept across /reset).
+    """
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        raise PromptError("This model's tokenizer has no chat template: chat needs one (use predict instead).")
+    model = load_model(model_name_or_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
+    model = model.to(device)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    print(HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input(">> ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        if line == "/exit":
+            return
+        if line == "/reset":
+            history = list(start)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = encode_prompt(tokenizer, {"messages": history}, use_chat_template=True)
+        history.append({"role": "assistant", "content": answer(model, tokenizer, Job("chat", ids, settings))})
+
+
+def answer(model, tokenizer, job: Job) -> str:
+    """Print the answer as it is committed; Ctrl-C stops it. Returns the text printed."""
+    text = ""
+    try:
+        for (event,) in stream_jobs(model, tokenizer, [job]):
+            piece = event.get("text", "")
+            print(piece, end="", flush=True)
+            text += piece
+            if "error" in event:
+                print(f"\n[{event['error']}]", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(" [stopped]", end="")
+    print()
+    return text
+
+
+def main(args: list[str]) -> None:
+    """``dllm_lit chat [--config FILE] [--model.* ...] [--system TEXT]``."""
+    parser = model_parser("dllm_lit chat", "An interactive chat in the terminal, streaming block by block.")
+    add_function_flags(parser, chat)
+    config = parser.parse_args(args)
+    chat(*model_settings(config.model), **function_flags(config, chat))

@@ -1,0 +1,61 @@
+"""The ``--config`` and ``--model.*`` flags that ``serve`` and ``chat`` share with ``predict``.
+
+The same :class:`~dllm_lit.module.BlockRefineLM` signature (model, aliases, every decoding setting)
+without its training arguments, so a ``predict`` config's ``model:`` section works unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from dllm_lit.module import BlockRefineLM
+from dllm_lit.settings import DecodeSettings
+
+TRAINING_ARGS = {
+    "full_text",
+    "num_iterations",
+    "noise_min",
+    "noise_max",
+    "loss_weights",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+}
+
+
+def model_parser(prog: str, description: str) -> ArgumentParser:
+    """A parser with ``--config`` and the ``--model.*`` flags."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these flags")
+    parser.add_class_arguments(BlockRefineLM, "model", skip=TRAINING_ARGS, instantiate=False)
+    return parser
+
+
+def add_function_flags(parser: ArgumentParser, function) -> None:
+    """Top-level flags from ``function``'s keyword-only arguments, typed and documented."""
+    parser.add_function_arguments(function, nested_key=None, skip=_positional(function))
+
+
+def _positional(function) -> set[str]:
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY}
+
+
+def function_flags(config: Any, function) -> dict[str, Any]:
+    """The parsed values of ``function``'s keyword-only flags."""
+    parameters = inspect.signature(function).parameters
+    return {name: config[name] for name in parameters if name not in _positional(function)}
+
+
+def model_settings(model: Any) -> tuple[str, bool, DecodeSettings]:
+    """``(model_name_or_path, trust_remote_code, settings)`` from the parsed ``model`` group; a bad
+    setting is a ``ValueError`` naming its flag."""
+    decoding = {k: v for k, v in vars(model).items() if k not in ("model_name_or_path", "trust_remote_code")}
+    try:
+        settings = DecodeSettings(**decoding)
+    except ValueError as error:
+        raise ValueError(f"--model.{error}") from None
+    return model.model_name_or_path, model.trust_remote_code, settings

@@ -1,0 +1,146 @@
+"""The OpenAI HTTP schema that ``dllm_lit serve`` speaks: requests, checks, responses, errors.
+
+Requests are read with pydantic; anything the engine cannot run is refused here, in the HTTP
+process, with OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``) and a 4xx
+status, before it reaches the model worker. dllm_lit's own settings ride in the body next to
+OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``refine_iter``,
+``lossless``; they are echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dllm_lit.settings import DecodeSettings
+
+
+class OpenAIError(Exception):
+    """An error to send as ``status`` with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
+        if self.status >= 500:
+            kind = "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str
+
+
+class CommonRequest(BaseModel):
+    """Fields shared by both endpoints; unknown fields (``user``, ``logprobs``...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+    add_eos_length: int | None = Field(None, ge=0)
+    refine_iter: int | None = Field(None, ge=1)
+    lossless: bool | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The request's decoding settings, on top of the server's."""
+        chosen = {
+            "max_new_tokens": self.max_completion_tokens or self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "add_eos_length": self.add_eos_length,
+            "refine_iter": self.refine_iter,
+            "lossless": self.lossless,
+        }
+        return {name: value for name, value in chosen.items() if value is not None}
+
+    def stop_strings(self) -> list[str]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4:
+            raise OpenAIError(400, "stop accepts at most 4 strings.", "stop")
+        return stop
+
+
+class ChatRequest(CommonRequest):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(CommonRequest):
+    prompt: str | list[str]
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise OpenAIError(400, "prompt must be one string (batches of prompts are not supported).", "prompt")
+        return self.prompt[0]
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    """The request, or a 400 naming the first bad field."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "The request body must be a JSON object.")
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"])
+        raise OpenAIError(400, f"{param}: {first['msg']}.", param or None) from None
+
+
+def settings_for(base: DecodeSettings, request: CommonRequest) -> DecodeSettings:
+    """The server's settings with the request's overrides, or a 400 with the engine's sentence."""
+    try:
+        return base.replace(**request.overrides())
+    except (ValueError, TypeError) as error:
+        raise OpenAIError(400, str(error)) from None
+
+
+def usage(prompt_tokens: int, completion_tokens: int, forwards: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage block plus the decoding statistics and the settings that produced them."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "forwards": forwards,
+        "tokens_per_forward": round(completion_tokens / max(forwards, 1), 4),
+        **settings,
+    }
+
+
+def finish_reason(stop_reason: str) -> str:
+    """OpenAI's ``finish_reason`` for a row's stop reason (EOS and stop strings: ``stop``)."""
+    return "length" if stop_reason in ("max_new_tokens", "max_length") else "stop"
+
+
+def response_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
+def choice(chat: bool, text: str, reason: str | None, streaming: bool) -> dict[str, Any]:
+    """One choice of a response or chunk."""
+    if not chat:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    if streaming:
+        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+
+
+def envelope(chat: bool, rid: str, model: str, streaming: bool, **fields: Any) -> dict[str, Any]:
+    """The object around choices: id, object type, creation time, model."""
+    kind = ("chat.completion.chunk" if streaming else "chat.completion") if chat else "text_completion"
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model, **fields}

@@ -1,0 +1,125 @@
+"""Decoding requests as streams of text events, block by block (for ``serve`` and ``chat``).
+
+:func:`stream_jobs` decodes a list of :class:`Job` with the engine and yields, after each commit,
+one event per job: ``{}`` (nothing new), ``{"text": delta}``, and a last event that adds
+``finish_reason``, ``completion_tokens`` and ``forwards`` (or ``{"error": message}`` if decoding
+failed). Jobs with the same settings decode as one batch (greedy rows do not depend on their batch);
+groups with different settings run one after the other. The engine runs in a helper thread and
+reports each commit through ``generate_blocks(on_commit=...)``; a job whose text reached a stop
+string, or whose client went away (``is_cancelled``), is stopped there and leaves the batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from dllm_lit.decoding import generate_blocks
+from dllm_lit.ledger import RowResult
+from dllm_lit.openai_api import finish_reason
+from dllm_lit.settings import DecodeSettings
+from dllm_lit.textstream import TextStream
+
+
+@dataclass
+class Job:
+    """One prompt to decode: its token ids, settings and stop strings; ``uid`` names it for cancelling."""
+
+    uid: str
+    ids: list[int]
+    settings: DecodeSettings
+    stop: list[str] = field(default_factory=list)
+
+
+def stream_jobs(
+    model: torch.nn.Module,
+    tokenizer,
+    jobs: list[Job],
+    is_cancelled: Callable[[str], bool] = lambda uid: False,
+) -> Iterator[list[dict]]:
+    """Per step, one event per job (see the module docstring)."""
+    groups: dict[DecodeSettings, list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault(job.settings, []).append(index)
+    for settings, members in groups.items():
+        for events in _stream_group(model, tokenizer, [jobs[i] for i in members], settings, is_cancelled):
+            merged = [{} for _ in jobs]
+            for position, event in events.items():
+                merged[members[position]] = event
+            yield merged
+
+
+def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled) -> Iterator[dict]:
+    """Events ``{position in jobs: event}`` for one batch of jobs with the same settings."""
+    texts = [TextStream(tokenizer, job.stop) for job in jobs]
+    commits: queue.Queue = queue.Queue()
+
+    abandoned = threading.Event()  # the consumer left (Ctrl-C, closed generator): stop every row
+
+    def on_commit(row: int, new_ids: list[int], result: RowResult | None) -> bool:
+        commits.put((row, texts[row].add(new_ids), result))
+        return texts[row].stopped or abandoned.is_set() or is_cancelled(jobs[row].uid)
+
+    failure: list[BaseException] = []
+    worker = threading.Thread(target=_decode, args=(model, tokenizer, jobs, settings, on_commit, failure, commits))
+    worker.start()
+    try:
+        yield from _events(jobs, texts, commits, failure)
+    finally:
+        abandoned.set()
+        worker.join()
+
+
+def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, failure: list) -> Iterator[dict]:
+    """Merge the queued commits into one event per row, until every row has finished."""
+    open_rows = set(range(len(jobs)))
+    while open_rows:
+        item = commits.get()
+        if item is None:  # the decoding thread ended before every row finished
+            yield {
+                row: {"error": f"Decoding failed: {failure[0] if failure else 'unknown error'}"} for row in open_rows
+            }
+            break
+        events = {}
+        while item is not None:
+            row, delta, result = item
+            event = events.setdefault(row, {"text": ""})
+            event["text"] += delta
+            if result is not None:
+                event["text"] += texts[row].finish()
+                reason = "stop" if texts[row].stopped else finish_reason(result.stop_reason)
+                event.update(finish_reason=reason, completion_tokens=result.num_generated, forwards=result.forwards)
+                open_rows.discard(row)
+            item = _next_nowait(commits)
+        yield events
+
+
+def _next_nowait(commits: queue.Queue):
+    """The next queued commit, or ``None`` when none is waiting (put back the end marker)."""
+    try:
+        item = commits.get_nowait()
+    except queue.Empty:
+        return None
+    if item is None:
+        commits.put(None)
+    return item
+
+
+def _decode(model, tokenizer, jobs, settings, on_commit, failure: list, commits: queue.Queue) -> None:
+    """Run the engine on the group's left-padded prompts; always end with the ``None`` marker."""
+    try:
+        longest = max(len(job.ids) for job in jobs)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([[pad] * (longest - len(job.ids)) + job.ids for job in jobs])
+        mask = torch.tensor([[0] * (longest - len(job.ids)) + [1] * len(job.ids) for job in jobs])
+        generate_blocks(
+            model, ids, settings, attention_mask=mask, eos_token_id=tokenizer.eos_token_id, on_commit=on_commit
+        )
+    except Exception as error:  # reported to the jobs' clients as a 500, the server keeps serving
+        failure.append(error)
+    finally:
+        commits.put(None)
