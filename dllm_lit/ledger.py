@@ -106,7 +106,8 @@ def is_fixed_point(refined: torch.Tensor, block: torch.Tensor, stop_ids: torch.T
 
 CommitListener = Callable[[int, list[int], "RowResult | None"], bool]
 """``on_commit(row, new_token_ids, result)``: called at each commit with the tokens a row just kept
-(and its :class:`RowResult` when it finished); return True to stop that row now (``"cancelled"``)."""
+(and its :class:`RowResult` when it finished); return True to stop that row now: it is then called
+once more with no tokens and the ``"cancelled"`` result."""
 
 
 class RowLedger:
@@ -179,6 +180,7 @@ class RowLedger:
                 )
             if self.on_commit is not None and self.on_commit(row, ids[:n], self.rows[row]) and not done:
                 self.rows[row] = RowResult(self.tokens[row], "cancelled", None, self.forwards)
+                self.on_commit(row, [], self.rows[row])  # every row's listener sees its result once
                 done_rows[i] = True
         return torch.tensor(done_rows, dtype=torch.bool, device=finished.device)
 

@@ -4,7 +4,7 @@ Requests are read with pydantic; anything the engine cannot run is refused here,
 process, with OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``) and a 4xx
 status, before it reaches the model worker. dllm_lit's own settings ride in the body next to
 OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``refine_iter``,
-``lossless``; they are echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``.
+``lossless`` and ``ignore_eos`` (as vLLM's server accepts it); the first three are echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class CommonRequest(BaseModel):
     add_eos_length: int | None = Field(None, ge=0)
     refine_iter: int | None = Field(None, ge=1)
     lossless: bool | None = None
+    ignore_eos: bool | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The request's decoding settings, on top of the server's."""
@@ -65,6 +66,7 @@ class CommonRequest(BaseModel):
             "add_eos_length": self.add_eos_length,
             "refine_iter": self.refine_iter,
             "lossless": self.lossless,
+            "ignore_eos": self.ignore_eos,
         }
         return {name: value for name, value in chosen.items() if value is not None}
 

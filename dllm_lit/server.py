@@ -75,7 +75,10 @@ class BlockDecodingAPI(ls.LitAPI):
             yield events[0] if single else events
 
     def _is_cancelled(self, uid: str) -> bool:
-        return self.cancelled.pop(uid, False)
+        if not self.cancelled.pop(uid, False):
+            return False
+        print(f"dllm_lit serve: request {uid} cancelled: the client went away", file=sys.stderr, flush=True)
+        return True
 
     def unbatch(self, output: Iterator) -> Iterator:
         return output

@@ -1,0 +1,290 @@
+"""`dllm_lit serve` driven by the real `openai` client, and `dllm_lit chat` through a pseudo-terminal.
+
+Oracles: `dllm_lit predict` on the same prompt and settings; the non-streamed answer; one-by-one
+answers for concurrent clients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from conftest import write
+from dllm_lit import cli
+from dllm_lit.streaming import Job, stream_jobs
+
+KEY = "test-key"
+SETTINGS = ["--model.add_eos_length=3", "--model.max_new_tokens=24"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    """A server on a free localhost port: ``(base_url, stderr log path)``."""
+    port, log = free_port(), tmp_path_factory.mktemp("serve") / "stderr.log"
+    args = ["serve", f"--model.model_name_or_path={tiny_dir}", *SETTINGS, f"--port={port}", f"--api_key={KEY}"]
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dllm_lit.cli", *args, "--max_batch_size=8", "--batch_timeout=0.05"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert process.poll() is None, log.read_text()
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the server never became healthy: {log.read_text()}")
+        yield base, log
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def predicted(tiny_dir: str, tmp_path: Path, row: dict, *extra: str) -> dict:
+    """`dllm_lit predict` on one row with the server's settings."""
+    prompts, out = write(tmp_path / "p.jsonl", json.dumps(row) + "\n"), tmp_path / "out.jsonl"
+    cli.main(
+        [
+            "predict",
+            f"--model.model_name_or_path={tiny_dir}",
+            *SETTINGS,
+            f"--data.prompts_file={prompts}",
+            f"--writer.output_file={out}",
+            "--writer.overwrite=true",
+            *extra,
+        ]
+    )
+    return json.loads(out.read_text().splitlines()[0])
+
+
+def chat_text(client, model: str, content: str, stream: bool = False, **kwargs) -> tuple[str, object]:
+    messages = [{"role": "user", "content": content}]
+    if not stream:
+        done = client.chat.completions.create(model=model, messages=messages, **kwargs)
+        return done.choices[0].message.content, done
+    chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True, **kwargs))
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+@pytest.mark.slow
+def test_models_and_health(server, client, tiny_dir):
+    assert [m.id for m in client.models.list().data] == [tiny_dir]
+    assert requests.get(f"{server[0]}/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_chat_streamed_equals_non_streamed_equals_predict(client, tiny_dir, tmp_path):
+    text, done = chat_text(client, tiny_dir, "What is 2+2?")
+    streamed, chunks = chat_text(client, tiny_dir, "What is 2+2?", stream=True)
+    row = predicted(tiny_dir, tmp_path, {"messages": [{"role": "user", "content": "What is 2+2?"}]})
+    assert text == streamed == row["response"] and text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2, "one chunk per block"
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+    usage = done.usage.model_dump()
+    assert usage["forwards"] == row["forwards"] and usage["add_eos_length"] == 3 and usage["refine_iter"] == 2
+    assert usage["completion_tokens"] >= row["response_length"]
+    assert chunks[-1].usage.model_dump() == usage
+
+
+@pytest.mark.slow
+def test_completion_streamed_equals_non_streamed_equals_predict(client, tiny_dir, tmp_path):
+    done = client.completions.create(model=tiny_dir, prompt="12+34=")
+    chunks = list(client.completions.create(model=tiny_dir, prompt="12+34=", stream=True))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert done.choices[0].text == streamed == predicted(tiny_dir, tmp_path, {"prompt": "12+34="})["response"]
+
+
+@pytest.mark.slow
+def test_extra_settings_are_used_and_echoed(client, tiny_dir, tmp_path):
+    body = {"add_eos_length": 7, "refine_iter": 8}
+    text, done = chat_text(client, tiny_dir, "Name a color.", extra_body=body)
+    row = predicted(
+        tiny_dir,
+        tmp_path,
+        {"messages": [{"role": "user", "content": "Name a color."}]},
+        "--model.add_eos_length=7",
+        "--model.refine_iter=8",
+    )
+    assert text == row["response"]
+    assert (done.usage.model_dump()["add_eos_length"], done.usage.model_dump()["refine_iter"]) == (7, 8)
+    lossless, _ = chat_text(client, tiny_dir, "Name a color.", extra_body={"lossless": True, "add_eos_length": 7})
+    assert lossless == text, "the exact block setting and lossless mode both give the greedy answer"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_cut_exactly(client, tiny_dir, stream):
+    full, _ = chat_text(client, tiny_dir, "Tell me a story.", max_tokens=24)
+    stop = full[9:11]
+    cut, _ = chat_text(client, tiny_dir, "Tell me a story.", stream=stream, max_tokens=24, stop=[stop, "\x00"])
+    assert cut == full[: full.index(stop)]
+
+
+@pytest.mark.slow
+def test_32_concurrent_clients_get_their_one_by_one_answers(client, tiny_dir):
+    questions = [f"Question {i}: {'why ' * (i % 5)}?" for i in range(32)]
+    alone = [chat_text(client, tiny_dir, q, max_tokens=16)[0] for q in questions]
+    start = time.time()
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda q: chat_text(client, tiny_dir, q, max_tokens=16)[0], questions))
+    assert together == alone
+    assert time.time() - start < 120
+
+
+BAD_REQUESTS = [
+    ("malformed json", b'{"model": "m", "messages": [', 400),
+    ("messages not a list", {"messages": "hi"}, 400),
+    ("no messages", {"messages": []}, 400),
+    ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, 400),
+    ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ("negative max_tokens", {"max_tokens": -1}, 400),
+    ("temperature of wrong type", {"temperature": "hot"}, 400),
+    ("n above one", {"n": 2}, 400),
+    ("bad add_eos_length", {"add_eos_length": -1}, 400),
+    ("prompt over max_length", {"messages": [{"role": "user", "content": "x" * 9000}]}, 400),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,change,status", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, tiny_dir, name, change, status):
+    good = {"model": tiny_dir, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = change if isinstance(change, bytes) else json.dumps({**good, **change})
+    answer = requests.post(f"{server[0]}/v1/chat/completions", data=body, headers=headers)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
+    assert chat_text(client, tiny_dir, "hi", max_tokens=4)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+def test_a_missing_or_wrong_api_key_is_401(server, tiny_dir, headers):
+    body = {"model": tiny_dir, "messages": [{"role": "user", "content": "hi"}]}
+    for answer in (
+        requests.post(f"{server[0]}/v1/chat/completions", json=body, headers=headers),
+        requests.get(f"{server[0]}/v1/models", headers=headers),
+    ):
+        assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server, client, tiny_dir):
+    base, log = server
+    body = {
+        "model": tiny_dir,
+        "prompt": "Count forever:",
+        "max_tokens": 7000,
+        "stream": True,
+        "ignore_eos": True,
+        "add_eos_length": 0,
+    }
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with requests.post(f"{base}/v1/completions", json=body, headers=headers, timeout=60, stream=True) as answer:
+        lines = answer.iter_lines(decode_unicode=True)
+        assert next(line for line in lines if line.startswith("data:"))
+    deadline = time.time() + 60
+    while "cancelled: the client went away" not in log.read_text():
+        assert time.time() < deadline, log.read_text()
+        time.sleep(0.2)
+    assert chat_text(client, tiny_dir, "hi", max_tokens=4)[0]
+
+
+class Broken(torch.nn.Module):
+    """A model whose forward fails: decoding errors must reach the job's client, not kill the worker."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = None
+
+    def forward(self, **kwargs):
+        raise RuntimeError("boom")
+
+
+def test_a_decoding_failure_becomes_an_error_event_for_its_jobs_only(tiny_dir):
+    from dllm_lit.models import load_model, load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    tokenizer = load_tokenizer(tiny_dir)
+    settings = DecodeSettings(add_eos_length=3, max_new_tokens=8)
+    job = Job("a", tokenizer("hi").input_ids, settings)
+    events = [e for (e,) in stream_jobs(Broken(), tokenizer, [job])]
+    assert events == [{"error": "Decoding failed: boom"}]
+    good = [e for (e,) in stream_jobs(load_model(tiny_dir), tokenizer, [job])]
+    assert good[-1]["finish_reason"] == "length" and "".join(e["text"] for e in good)
+
+
+@pytest.mark.slow
+def test_chat_keeps_the_history_and_ctrl_c_stops_an_answer(tiny_dir, tmp_path):
+    import pexpect
+
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_model, load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    args = ["-m", "dllm_lit.cli", "chat", f"--model.model_name_or_path={tiny_dir}", *SETTINGS]
+    session = pexpect.spawn(
+        sys.executable, args, env={**os.environ, "HF_HUB_OFFLINE": "1"}, encoding="utf-8", timeout=120
+    )
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    settings = DecodeSettings(add_eos_length=3, max_new_tokens=24)
+    history = []
+    for question in ("hello", "and then?"):
+        session.expect_exact(">> ")
+        session.sendline(question)
+        history.append({"role": "user", "content": question})
+        ids = encode_prompt(tokenizer, {"messages": history}, use_chat_template=True)
+        expected = "".join(e.get("text", "") for (e,) in stream_jobs(model, tokenizer, [Job("t", ids, settings)]))
+        session.expect_exact(question + "\r\n")  # the terminal's echo
+        session.expect_exact(expected.replace("\n", "\r\n") + "\r\n")
+        history.append({"role": "assistant", "content": expected})
+    session.expect_exact(">> ")
+    session.sendline("/exit")
+    session.expect(pexpect.EOF)
+
+    long_answers = [*args, "--model.ignore_eos=true", "--model.max_new_tokens=100000", "--model.add_eos_length=0"]
+    session = pexpect.spawn(sys.executable, long_answers, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    session.expect_exact(b">> ")
+    session.sendline(b"go on forever")
+    session.expect_exact(b"go on forever\r\n")
+    session.expect(rb"\S")  # the answer is streaming
+    session.sendintr()
+    session.expect_exact(b"[stopped]")
+    session.expect_exact(b">> ")
+    session.sendline(b"/exit")
+    session.expect(pexpect.EOF)
