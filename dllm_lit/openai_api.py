@@ -4,7 +4,8 @@ Requests are read with pydantic; anything the engine cannot run is refused here,
 process, with OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``) and a 4xx
 status, before it reaches the model worker. dllm_lit's own settings ride in the body next to
 OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``refine_iter``,
-``lossless`` and ``ignore_eos`` (as vLLM's server accepts it); the first three are echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``.
+``lossless`` and ``ignore_eos`` (as vLLM's server accepts it); the first three are echoed in
+``usage`` with ``forwards`` and ``tokens_per_forward``.
 """
 
 from __future__ import annotations
