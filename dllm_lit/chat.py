@@ -8,6 +8,7 @@ what was said so far; at the prompt, Ctrl-C clears the line.
 from __future__ import annotations
 
 import sys
+from typing import Literal
 
 from dllm_lit.data import PromptError, encode_prompt
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
@@ -24,7 +25,7 @@ def chat(
     settings: DecodeSettings,
     *,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     system: str | None = None,
 ) -> None:
     """Chat with the model until /exit or Ctrl-D.

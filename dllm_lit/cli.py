@@ -70,7 +70,9 @@ class DllmCLI(LightningCLI):
             trainer_defaults={"enable_model_summary": False},
             # Parse errors raise instead of printing the whole usage: main() turns them into one line.
             parser_kwargs={
-                "description": "Block-parallel EOS-block + refine decoding on Lightning.",
+                "description": "Block-parallel EOS-block + refine decoding on Lightning. Also: "
+                "'dllm_lit serve' (an OpenAI-compatible server) and 'dllm_lit chat' (a terminal chat); "
+                "each takes --help.",
                 "exit_on_error": False,
             },
             args=args,
@@ -178,10 +180,10 @@ def main(args: list[str] | None = None) -> None:
     A user error prints one line and exits 2; set ``DLLM_LIT_DEBUG=1`` for the traceback.
     """
     quiet_libraries()
-    args = sys.argv[1:] if args is None else list(args)
+    command = sys.argv[1:] if args is None else list(args)
     try:
-        if args and args[0] in APPS:
-            import_module(APPS[args[0]]).main(args[1:])
+        if command and command[0] in APPS:
+            import_module(APPS[command[0]]).main(command[1:])
         else:
             DllmCLI(args=args)
     except ArgumentError as error:

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from typing import Literal
 
 import litserve as ls
 from fastapi import Request
@@ -56,6 +57,9 @@ class BlockDecodingAPI(ls.LitAPI):
         self.dtype = dtype
 
     def setup(self, device: str) -> None:
+        from dllm_lit.cli import quiet_libraries  # this is a fresh worker process
+
+        quiet_libraries()
         spec = self._spec
         dtype = resolve_dtype(self.dtype, device)
         self.tokenizer = load_tokenizer(spec.model_name_or_path, trust_remote_code=spec.trust_remote_code)
@@ -283,7 +287,7 @@ def serve(
     max_batch_size: int = 8,
     batch_timeout: float = 0.05,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     served_model_name: str | None = None,
     timeout: float = 600.0,
 ) -> None:
@@ -319,9 +323,13 @@ def serve(
     server.run(host=host, port=port, generate_client_file=False, log_level="warning")
 
 
-def main(args: list[str]) -> None:
+def serve_parser():
     """``dllm_lit serve [--config FILE] [--model.* ...] [--host ...] [--port ...]``."""
     parser = model_parser("dllm_lit serve", "An OpenAI-compatible server (LitServe), streaming block by block.")
     add_function_flags(parser, serve)
-    config = parser.parse_args(args)
+    return parser
+
+
+def main(args: list[str]) -> None:
+    config = serve_parser().parse_args(args)
     serve(*model_settings(config.model), **function_flags(config, serve))

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from dllm_lit.cli import DllmCLI
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(path for path in (ROOT / "configs").glob("*.yaml") if path.stem != "serve")
 
 # The original script's recommended presets (README, "Presets"): add_eos_length, refine_iter, max_new_tokens.
 PRESETS = {
@@ -44,3 +44,12 @@ def test_config_parses_and_validates(config, monkeypatch):
         assert new is None or hp.max_new_tokens == new
     if config.stem.startswith("demo"):
         assert hp.lossless or hp.refine_iter >= hp.add_eos_length + 1, "the demo model needs exact settings"
+
+
+def test_the_serve_config_parses_and_validates():
+    from dllm_lit.model_args import model_settings
+    from dllm_lit.server import serve_parser
+
+    config = serve_parser().parse_args(["--config", str(ROOT / "configs/serve.yaml")])
+    name, trust, settings = model_settings(config.model)
+    assert (name, trust, settings.lossless, config.host, config.port) == ("smollm2", False, True, "127.0.0.1", 8000)

@@ -20,7 +20,7 @@ import pytest
 import requests
 import torch
 
-from conftest import write
+from conftest import assert_one_line_error, write
 from dllm_lit import cli
 from dllm_lit.streaming import Job, stream_jobs
 
@@ -222,6 +222,20 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, client, tiny
         assert time.time() < deadline, log.read_text()
         time.sleep(0.2)
     assert chat_text(client, tiny_dir, "hi", max_tokens=4)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["serve", "--model.add_eos_length=-1"], "--model.add_eos_length must be at least 0"),
+        (["serve", "--dtype=fp8"], "dtype"),
+        (["serve", "--model.model_name_or_path=/nonexistent"], "does not exist"),
+        (["chat", "--model.lossless=maybe"], "model.lossless"),
+    ],
+)
+def test_bad_flags_are_one_line(dllm_lit, tmp_path, args, fragment):
+    assert_one_line_error(dllm_lit(args, tmp_path), fragment)
 
 
 class Broken(torch.nn.Module):
