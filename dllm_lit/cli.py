@@ -32,7 +32,7 @@ from dllm_lit.writer import PredictionWriter
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 # Errors of the user's making that deserve one line, not a traceback.
-APPS = {"serve": "dllm_lit.server", "chat": "dllm_lit.chat"}
+APPS = {"serve": "dllm_lit.server", "chat": "dllm_lit.chat", "evaluate": "dllm_lit.evaluate"}
 """Subcommands outside LightningCLI (no Trainer): the module whose ``main(args)`` runs them."""
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, MisconfigurationException)
 

@@ -1,0 +1,125 @@
+"""``dllm_lit evaluate``: lm-evaluation-harness tasks, accuracy beside tokens per forward.
+
+Runs lm-eval's ``simple_evaluate`` on :class:`~dllm_lit.lm_eval_model.DllmLM` (the ``--model.*``
+settings of ``predict``), writes ``OUTPUT_DIR/results.json`` (lm-eval's results dictionary, plus a
+``dllm_lit`` section with the decoding statistics per task) and, with ``--log_samples true``,
+``OUTPUT_DIR/samples_<task>.jsonl``; prints lm-eval's table and one of the decoding statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
+from dllm_lit.outputs import check_writable
+
+
+def evaluate(
+    model_name_or_path: str,
+    trust_remote_code: bool,
+    settings,
+    *,
+    tasks: str,
+    output_dir: str,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | None = None,
+    log_samples: bool = False,
+    batch_size: int = 8,
+    apply_chat_template: bool = False,
+    device: str = "auto",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+    seed: int = 0,
+) -> dict:
+    """Evaluate on lm-eval tasks in one process on one device (data-parallel runs are not supported).
+
+    Args:
+        tasks: Comma-separated lm-eval task names (or groups), e.g. ``gsm8k`` or ``dllm_arith``.
+        output_dir: Directory for ``results.json`` (and the samples); created if missing.
+        limit: At most this many documents per task (a fraction below 1: that share of each task).
+        num_fewshot: Few-shot examples per prompt (default: the task's).
+        include_path: A directory of extra task YAML files, e.g. ``examples/eval_tasks``.
+        log_samples: Also write each task's prompts, answers and scores (``samples_<task>.jsonl``).
+        batch_size: Requests decoded (or scored) together.
+        apply_chat_template: Wrap each prompt in the model's chat template (lm-eval's option).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
+        seed: lm-eval's random, numpy, torch and few-shot seeds.
+    """
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import handle_non_serializable, make_table
+    except ImportError:
+        raise ValueError("dllm_lit evaluate needs lm-eval: pip install 'dllm-lit[eval]'.") from None
+    from dllm_lit.lm_eval_model import DllmLM
+
+    out = Path(output_dir)
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"--include_path {include_path} is not a directory.")
+    check_writable(out / "results.json")  # creates the directory
+    manager = TaskManager(include_path=include_path)
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown or not names:
+        listed = ", ".join(unknown) or repr(tasks)
+        raise ValueError(f"Unknown lm-eval task(s): {listed} (add --include_path for local ones).")
+    decoding = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
+    lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, **decoding)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=names,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    samples = results.pop("samples", None) or {}
+    results["dllm_lit"] = {"model": model_name_or_path, "decoding": decoding, "statistics": lm.decoding_statistics()}
+    write_json(out / "results.json", results, handle_non_serializable)
+    for task, rows in samples.items():
+        with (out / f"samples_{task}.jsonl").open("w") as f:
+            f.writelines(json.dumps(row, default=handle_non_serializable) + "\n" for row in rows)
+    print(make_table(results))
+    print(statistics_table(results["dllm_lit"]["statistics"]))
+    print(f"dllm_lit evaluate: wrote {out / 'results.json'}", file=sys.stderr)
+    return results
+
+
+def write_json(path: Path, value: dict, default) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a results file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=default))
+    os.replace(temporary, path)
+
+
+def statistics_table(statistics: dict[str, dict]) -> str:
+    """The decoding statistics per task as a Markdown table."""
+    lines = ["| task | requests | generated tokens | forwards | tokens/forward | tok/s |", "|---|---|---|---|---|---|"]
+    for task, s in statistics.items():
+        lines.append(
+            f"| {task} | {s['requests']} | {s['generated_tokens']} | {s['forwards']} | "
+            f"{s['tokens_per_forward']:.2f} | {s['tokens_per_second']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def evaluate_parser():
+    """``dllm_lit evaluate [--config FILE] [--model.* ...] --tasks T --output_dir DIR ...``."""
+    parser = model_parser("dllm_lit evaluate", "lm-evaluation-harness tasks, with accuracy and tokens per forward.")
+    add_function_flags(parser, evaluate)
+    return parser
+
+
+def main(args: list[str]) -> None:
+    config = evaluate_parser().parse_args(args)
+    evaluate(*model_settings(config.model), **function_flags(config, evaluate))

@@ -1,0 +1,126 @@
+"""An lm-evaluation-harness model backed by the block engine, registered as ``dllm_lit``.
+
+:class:`DllmLM` subclasses lm-eval's ``HFLM`` over an already loaded model: ``loglikelihood`` and
+``loglikelihood_rolling`` are HFLM's (one forward per request batch, its tokenization of context and
+continuation), and ``generate_until`` decodes with :func:`~dllm_lit.streaming.stream_jobs`: prompts
+encoded as ``predict`` encodes them, the block engine with every ``--model.*`` setting, batches of
+``batch_size`` longest first, each row stopped at the first of the task's stop sequences (cut there,
+as lm-eval's own post-processing does). Decoding statistics are kept per task in :attr:`stats`.
+
+Needs the ``eval`` extra: ``pip install dllm-lit[eval]``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from dllm_lit.data import encode_prompt
+from dllm_lit.models import load_model, load_tokenizer, resolve_dtype
+from dllm_lit.settings import DecodeSettings
+from dllm_lit.streaming import Job, stream_jobs
+
+
+@register_model("dllm_lit")
+class DllmLM(HFLM):
+    """lm-eval's view of a dllm_lit model.
+
+    Args:
+        pretrained: What ``--model.model_name_or_path`` takes (an HF directory, a GGUF file, ``smollm2``).
+        trust_remote_code: Run the model directory's Python code (off by default).
+        batch_size: Requests decoded (or scored) together.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16``, ``float16``.
+        **decoding: :class:`~dllm_lit.settings.DecodeSettings` fields (``add_eos_length``, ``lossless``...).
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "smollm2",
+        trust_remote_code: bool = False,
+        batch_size: int = 8,
+        device: str = "auto",
+        dtype: str = "auto",
+        **decoding: Any,
+    ):
+        self.settings = DecodeSettings(**decoding)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code)
+        model = load_model(pretrained, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
+        super().__init__(pretrained=model.to(device), tokenizer=tokenizer, batch_size=int(batch_size))
+        self.stats: dict[str, dict[str, float]] = defaultdict(
+            lambda: {"requests": 0, "generated_tokens": 0, "forwards": 0, "seconds": 0.0}
+        )
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or the task's sampling) block decoding until a stop sequence, per request."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
+        answers: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate_until (dllm_lit)")
+        for indices in groups.values():
+            settings, until = self._settings_for(requests[indices[0]].args[1])
+            ids = {i: encode_prompt(self.tokenizer, {"prompt": requests[i].args[0]}, False) for i in indices}
+            ordered = sorted(indices, key=lambda i: -len(ids[i]))
+            for start in range(0, len(ordered), self.batch_size):
+                batch = ordered[start : start + self.batch_size]
+                jobs = [Job(str(i), ids[i], settings, until) for i in batch]
+                for i, (text, final, seconds) in zip(batch, self._decode(jobs)):
+                    answers[i] = postprocess_generated_text(text, until, None)
+                    self._record(requests[i], final, seconds)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, answers[i])
+                bar.update(len(batch))
+        bar.close()
+        return answers
+
+    def _settings_for(self, gen_kwargs: dict) -> tuple[DecodeSettings, list[str]]:
+        """The engine settings and stop sequences of one set of task generation arguments."""
+        kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode(self.eot_token_id))
+        sampling = {"temperature": float(kwargs.get("temperature", 0.0))} if kwargs.get("do_sample") else {}
+        if "top_p" in kwargs and sampling:
+            sampling["top_p"] = float(kwargs["top_p"])
+        return self.settings.replace(max_new_tokens=int(kwargs["max_gen_toks"]), **sampling), until
+
+    def _decode(self, jobs: list[Job]) -> list[tuple[str, dict, float]]:
+        """``(text, final event, share of the batch's seconds)`` per job."""
+        texts, finals = [""] * len(jobs), [{}] * len(jobs)
+        start = time.perf_counter()
+        for events in stream_jobs(self.model, self.tokenizer, jobs):
+            for position, event in enumerate(events):
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                texts[position] += event.get("text", "")
+                if "finish_reason" in event:
+                    finals[position] = event
+        seconds = time.perf_counter() - start
+        tokens = sum(final["completion_tokens"] for final in finals) or 1
+        return [(t, f, seconds * f["completion_tokens"] / tokens) for t, f in zip(texts, finals)]
+
+    def _record(self, request, final: dict, seconds: float) -> None:
+        stats = self.stats[getattr(request, "task_name", None) or "all"]
+        stats["requests"] += 1
+        stats["generated_tokens"] += final["completion_tokens"]
+        stats["forwards"] += final["forwards"]
+        stats["seconds"] += seconds
+
+    def decoding_statistics(self) -> dict[str, dict[str, float]]:
+        """Per task: requests, generated tokens, forwards, tokens per forward, seconds, tok/s."""
+        table = {}
+        for task, stats in sorted(self.stats.items()):
+            table[task] = {
+                **stats,
+                "tokens_per_forward": round(stats["generated_tokens"] / max(stats["forwards"], 1), 4),
+                "tokens_per_second": round(stats["generated_tokens"] / max(stats["seconds"], 1e-9), 2),
+                "seconds": round(stats["seconds"], 3),
+            }
+        return table

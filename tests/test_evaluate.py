@@ -1,0 +1,136 @@
+"""`dllm_lit evaluate` and its lm-eval model. Oracles: `dllm_lit predict` on the same prompts, and
+log-probabilities computed directly with the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error, write
+from dllm_lit import cli
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from dllm_lit.lm_eval_model import DllmLM  # noqa: E402
+
+SETTINGS = dict(add_eos_length=3, refine_iter=2)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    return DllmLM(tiny_dir, batch_size=2, device="cpu", **SETTINGS)
+
+
+def request(kind: str, args: tuple, index: int = 0) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=index, metadata=("task", index, 1))
+
+
+def predicted(tiny_dir: str, tmp_path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """`dllm_lit predict` on plain prompts with the same settings."""
+    source = write(tmp_path / "p.jsonl", "".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "out.jsonl"
+    cli.main(
+        [
+            "predict",
+            f"--model.model_name_or_path={tiny_dir}",
+            *(f"--model.{name}={value}" for name, value in SETTINGS.items()),
+            f"--model.max_new_tokens={max_new_tokens}",
+            f"--data.prompts_file={source}",
+            f"--writer.output_file={out}",
+        ]
+    )
+    return [json.loads(line)["response"] for line in out.read_text().splitlines()]
+
+
+def test_generate_until_equals_predict_and_cuts_at_stop_sequences(lm, tiny_dir, tmp_path):
+    prompts = ["12+34=", "What is the capital of France?", "a", "Name three colors, please."]
+    expected = predicted(tiny_dir, tmp_path, prompts, 20)
+    plain = lm.generate_until([request("generate_until", (p, {"max_gen_toks": 20})) for p in prompts])
+    assert plain == expected
+    stops = [text[3:5] for text in expected]
+    stopped = lm.generate_until(
+        [request("generate_until", (p, {"until": [s], "max_gen_toks": 20})) for p, s in zip(prompts, stops)]
+    )
+    assert stopped == [text.split(stop)[0] for text, stop in zip(expected, stops)]
+    assert all(len(s) < len(t) for s, t in zip(stopped, expected))
+    assert lm.stats["task"]["requests"] == 8 and lm.stats["task"]["forwards"] > 0
+
+
+def direct_logprob(model, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    positions = range(len(context_ids) - 1, len(context_ids) + len(continuation_ids) - 1)
+    total = sum(float(logprobs[p, t]) for p, t in zip(positions, continuation_ids))
+    greedy = all(int(logprobs[p].argmax()) == t for p, t in zip(positions, continuation_ids))
+    return total, greedy
+
+
+def test_loglikelihood_equals_a_direct_computation(lm):
+    """The character tokenizer splits context and continuation unambiguously, mid-word included; the
+    context starts with BOS, as the tokenizer (and `predict`) encode prompts."""
+    pairs = [("The cat sat on the", " mat"), ("hel", "lo world"), ("12+34=", "46"), ("x", "y")]
+    scores = lm.loglikelihood([request("loglikelihood", pair, i) for i, pair in enumerate(pairs)])
+    encode = lm.tokenizer
+    for (context, continuation), (logprob, greedy) in zip(pairs, scores):
+        c, n = encode(context).input_ids, encode(continuation, add_special_tokens=False).input_ids
+        expected, expected_greedy = direct_logprob(lm.model, c, n)
+        assert logprob == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+
+
+def test_loglikelihood_rolling_equals_a_direct_computation(lm):
+    """lm-eval's convention: every token of the encoded text (BOS included), each given the ones
+    before it, the first given the prefix token (BOS, else EOS)."""
+    text = "Block decoding fills many tokens per pass."
+    (rolling,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", (text,))])
+    prefix = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id
+    expected, _ = direct_logprob(lm.model, [prefix], lm.tokenizer(text).input_ids)
+    assert rolling == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_evaluate_on_the_shipped_tasks(dllm_lit, tiny_dir, tmp_path, model):
+    name = tiny_dir if model == "tiny" else "smollm2"
+    out = tmp_path / "eval"
+    done = dllm_lit(
+        [
+            "evaluate",
+            f"--model.model_name_or_path={name}",
+            "--model.lossless=true",
+            "--model.add_eos_length=3",
+            f"--include_path={ROOT / 'examples/eval_tasks'}",
+            "--tasks=dllm_arith,dllm_arith_choice",
+            "--limit=6",
+            "--log_samples=true",
+            f"--output_dir={out}",
+        ],
+        ROOT,
+        env={"HF_DATASETS_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert "exact_match,first-number" in results["results"]["dllm_arith"]
+    assert "acc,none" in results["results"]["dllm_arith_choice"]
+    stats = results["dllm_lit"]["statistics"]["dllm_arith"]
+    assert stats["requests"] == 6 and stats["tokens_per_forward"] >= 1.0
+    assert results["dllm_lit"]["decoding"]["lossless"] is True
+    assert len((out / "samples_dllm_arith.jsonl").read_text().splitlines()) == 6
+    assert "tokens/forward" in done.stdout and "exact_match" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--tasks=no_such_task"], "Unknown lm-eval task(s): no_such_task"),
+        (["--tasks=dllm_arith", "--include_path=/nonexistent"], "is not a directory"),
+        (["--tasks=dllm_arith"], "Unknown lm-eval task(s): dllm_arith"),
+    ],
+)
+def test_bad_evaluate_flags_are_one_line(dllm_lit, tmp_path, args, fragment):
+    done = dllm_lit(["evaluate", "--model.model_name_or_path=tiny-char", f"--output_dir={tmp_path}", *args], tmp_path)
+    assert_one_line_error(done, fragment)
