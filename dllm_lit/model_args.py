@@ -14,16 +14,13 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.settings import DecodeSettings
 
-TRAINING_ARGS = {
-    "full_text",
-    "num_iterations",
-    "noise_min",
-    "noise_max",
-    "loss_weights",
-    "learning_rate",
-    "weight_decay",
-    "warmup_steps",
+TRAINING_ARGS = set(inspect.signature(BlockRefineLM.__init__).parameters) - {
+    "self",
+    "model_name_or_path",
+    "trust_remote_code",
+    "decoding",
 }
+"""Everything in ``BlockRefineLM``'s signature but the model and the decoding settings."""
 
 
 def model_parser(prog: str, description: str) -> ArgumentParser:

