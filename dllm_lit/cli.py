@@ -32,7 +32,12 @@ from dllm_lit.writer import PredictionWriter
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 # Errors of the user's making that deserve one line, not a traceback.
-APPS = {"serve": "dllm_lit.server", "chat": "dllm_lit.chat", "evaluate": "dllm_lit.evaluate"}
+APPS = {
+    "serve": "dllm_lit.server",
+    "chat": "dllm_lit.chat",
+    "evaluate": "dllm_lit.evaluate",
+    "distill": "dllm_lit.distill",
+}
 """Subcommands outside LightningCLI (no Trainer): the module whose ``main(args)`` runs them."""
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, MisconfigurationException)
 
@@ -71,8 +76,9 @@ class DllmCLI(LightningCLI):
             # Parse errors raise instead of printing the whole usage: main() turns them into one line.
             parser_kwargs={
                 "description": "Block-parallel EOS-block + refine decoding on Lightning. Also: "
-                "'dllm_lit serve' (an OpenAI-compatible server) and 'dllm_lit chat' (a terminal chat); "
-                "each takes --help.",
+                "'dllm_lit serve' (an OpenAI-compatible server), 'dllm_lit chat' (a terminal chat), "
+                "'dllm_lit evaluate' (lm-eval tasks) and 'dllm_lit distill' (training rows from a "
+                "model's own answers); each takes --help.",
                 "exit_on_error": False,
             },
             args=args,

@@ -1,0 +1,286 @@
+"""``dllm_lit distill``: training rows made offline from a model's own greedy answers.
+
+Prompts come from templates over many topics and task kinds (explanations, lists, comparisons,
+definitions, short math, code), and optionally from the model itself (``--magpie N``: user turns
+sampled from the chat template's user prefix, as Magpie does). They are deduplicated; the held-out
+split is drawn with another seed and checked for no overlap with the training split. Responses are
+the model's greedy answers, decoded with the engine in lossless mode (exactly its autoregressive
+output) in batches. Rows are ``{"messages": [user, assistant]}`` lines that ``dllm_lit fit`` reads
+(``--data.train_file`` / ``--data.val_file``); answers cut by ``--max_new_tokens`` are left out.
+
+The run is resumable: each finished batch is appended (and fsynced) to ``train.jsonl`` /
+``val.jsonl``, ``distill.json`` records the settings, and a rerun with the same settings skips the
+prompts already answered (other settings are refused: use a new ``--out``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dllm_lit.data import encode_prompt
+from dllm_lit.decoding import generate_blocks
+from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
+from dllm_lit.models import load_model, load_tokenizer
+from dllm_lit.settings import DecodeSettings
+
+TOPICS = [
+    "photosynthesis",
+    "volcanoes",
+    "the water cycle",
+    "black holes",
+    "vaccines",
+    "the printing press",
+    "bees",
+    "rainbows",
+    "tides",
+    "earthquakes",
+    "the internet",
+    "electricity",
+    "magnets",
+    "glaciers",
+    "coral reefs",
+    "the moon",
+    "gravity",
+    "DNA",
+    "the Roman Empire",
+    "the Renaissance",
+    "jazz",
+    "chess",
+    "coffee",
+    "bread",
+    "recycling",
+    "deserts",
+    "rain forests",
+    "sleep",
+    "exercise",
+    "memory",
+    "languages",
+    "money",
+    "inflation",
+    "taxes",
+    "democracy",
+    "maps",
+    "clocks",
+    "bicycles",
+    "airplanes",
+    "trains",
+    "bridges",
+    "batteries",
+    "solar power",
+    "wind turbines",
+    "the heart",
+    "the lungs",
+    "bones",
+    "muscles",
+    "friendship",
+    "kindness",
+    "teamwork",
+    "time management",
+    "gardening",
+    "cooking",
+    "music",
+    "painting",
+    "poetry",
+    "libraries",
+    "museums",
+    "oceans",
+    "rivers",
+    "mountains",
+    "clouds",
+    "snow",
+    "stars",
+]
+TEMPLATES = {
+    "explain": [
+        "Explain {topic} in two sentences.",
+        "How does {topic} work?",
+        "Why is {topic} important?",
+        "Explain {topic} to a ten-year-old.",
+        "What is the history of {topic} in brief?",
+    ],
+    "list": [
+        "List three facts about {topic}.",
+        "Give me three tips related to {topic}.",
+        "Name three common misconceptions about {topic}.",
+    ],
+    "define": ["What is {topic}?", "Define {topic} in one sentence.", "Describe {topic} briefly."],
+    "compare": ["What is the difference between {topic} and {other}?", "Compare {topic} and {other} briefly."],
+    "write": ["Write a short poem about {topic}.", "Write one sentence that uses the word '{topic}'."],
+}
+CODE_TASKS = [
+    "reverses a string",
+    "returns the largest of three numbers",
+    "checks whether a number is prime",
+    "counts the vowels in a string",
+    "sums a list of numbers",
+    "returns the factorial of n",
+    "checks whether a word is a palindrome",
+    "converts Celsius to Fahrenheit",
+    "removes duplicates from a list",
+    "returns the n-th Fibonacci number",
+    "finds the average of a list",
+    "capitalizes every word in a sentence",
+]
+MATH = ["What is {a} + {b}?", "What is {a} - {b}?", "What is {a} times {b}?", "What is {a} plus {b} minus {c}?"]
+
+
+def template_prompt(rng: random.Random) -> str:
+    """One prompt: a kind drawn evenly, then its template and fillers."""
+    kind = rng.choice([*TEMPLATES, "code", "math"])
+    if kind == "code":
+        return f"Write a Python function that {rng.choice(CODE_TASKS)}."
+    if kind == "math":
+        return rng.choice(MATH).format(a=rng.randint(2, 99), b=rng.randint(2, 99), c=rng.randint(2, 99))
+    topic, other = rng.sample(TOPICS, 2)
+    return rng.choice(TEMPLATES[kind]).format(topic=topic, other=other)
+
+
+def unique_prompts(count: int, seed: int, exclude: set[str] = frozenset(), extra: list[str] = ()) -> list[str]:
+    """``count`` distinct prompts (``extra`` first), none in ``exclude``, drawn with ``seed``."""
+    rng, chosen, seen = random.Random(seed), [], set(exclude)
+    candidates = iter(extra)
+    for _attempt in range(100 * count + len(extra)):
+        if len(chosen) == count:
+            break
+        prompt = next(candidates, None) or template_prompt(rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            chosen.append(prompt)
+    if len(chosen) < count:
+        raise ValueError(f"Only {len(chosen)} distinct prompts could be made, fewer than the {count} asked for.")
+    return chosen
+
+
+def magpie_prompts(model, tokenizer, count: int, seed: int, batch_size: int) -> list[str]:
+    """User turns sampled from the model after the chat template's user prefix."""
+    marker = "\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    prefix = tokenizer(text[: text.index(marker)], add_special_tokens=False).input_ids
+    settings = DecodeSettings(add_eos_length=0, max_new_tokens=48, temperature=1.0, top_p=0.95, lossless=True)
+    found: list[str] = []
+    for start in range(0, count, batch_size):
+        rows = min(batch_size, count - start)
+        result = generate_blocks(
+            model,
+            torch.tensor([prefix] * rows, device=model.device),
+            settings.replace(seed=seed + start),
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in result.rows:
+            turn = tokenizer.decode(row.token_ids, skip_special_tokens=True).strip()
+            if row.stop_reason == "eos" and 10 <= len(turn) <= 300:
+                found.append(turn)
+    return found
+
+
+def distill(
+    model_name_or_path: str,
+    trust_remote_code: bool,
+    settings: DecodeSettings,
+    *,
+    out: str,
+    train: int = 3000,
+    val: int = 200,
+    seed: int = 0,
+    magpie: int = 0,
+    batch_size: int = 16,
+) -> None:
+    """Write ``OUT/train.jsonl`` and ``OUT/val.jsonl``: prompts and the model's own greedy answers.
+
+    Args:
+        out: Output directory (resumed when it holds a run with the same settings).
+        train: Training prompts.
+        val: Held-out prompts (another seed; never in the training split).
+        seed: Seed of the training prompts (the held-out split uses ``seed + 1``).
+        magpie: Also sample this many user turns from the model itself (training split).
+        batch_size: Prompts decoded together.
+    """
+    folder = Path(out)
+    settings = settings.replace(lossless=True, temperature=0.0, backend="eager")  # the model's own greedy answer
+    manifest = {
+        "model": model_name_or_path,
+        "train": train,
+        "val": val,
+        "seed": seed,
+        "magpie": magpie,
+        "max_new_tokens": settings.max_new_tokens,
+        "max_length": settings.max_length,
+    }
+    check_manifest(folder, manifest)
+    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
+    model = load_model(model_name_or_path, trust_remote_code=trust_remote_code)
+    extra = magpie_prompts(model, tokenizer, magpie, seed, batch_size) if magpie else []
+    train_prompts = unique_prompts(train + len(extra), seed, extra=extra)
+    val_prompts = unique_prompts(val, seed + 1, exclude=set(train_prompts))
+    assert not set(val_prompts) & set(train_prompts), "the held-out split overlaps the training split"
+    for name, prompts in (("train", train_prompts), ("val", val_prompts)):
+        answer_all(model, tokenizer, prompts, settings, folder / f"{name}.jsonl", batch_size)
+    print(f"dllm_lit distill: wrote {folder / 'train.jsonl'} and {folder / 'val.jsonl'}", file=sys.stderr)
+
+
+def check_manifest(folder: Path, manifest: dict) -> None:
+    """Record the settings, or refuse to resume a run made with other ones."""
+    path = folder / "distill.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if recorded != manifest:
+            raise ValueError(f"{folder} holds a distill run with other settings ({recorded}): use a new --out.")
+        return
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty and holds no distill run: use a new --out.")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def answer_all(model, tokenizer, prompts: list[str], settings: DecodeSettings, path: Path, batch_size: int):
+    """Append a row per prompt not answered yet (longest first, batch by batch, fsynced); prompts
+    whose answer hit the length limit are listed in ``<name>.skipped.json``."""
+    skipped_path = path.with_name(f"{path.stem}.skipped.json")
+    skipped = json.loads(skipped_path.read_text()) if skipped_path.is_file() else []
+    answered = (
+        [json.loads(line)["messages"][0]["content"] for line in path.read_text().splitlines()] if path.is_file() else []
+    )
+    done = set(skipped) | set(answered)
+    ids = {p: encode_prompt(tokenizer, {"messages": [{"role": "user", "content": p}]}, True) for p in prompts}
+    todo = sorted((p for p in prompts if p not in done), key=lambda p: -len(ids[p]))
+    with path.open("a") as f, tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=path.stem) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            longest = max(len(ids[p]) for p in batch)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            input_ids = torch.tensor([[pad] * (longest - len(ids[p])) + ids[p] for p in batch])
+            mask = torch.tensor([[0] * (longest - len(ids[p])) + [1] * len(ids[p]) for p in batch])
+            result = generate_blocks(
+                model, input_ids, settings, attention_mask=mask, eos_token_id=tokenizer.eos_token_id
+            )
+            for prompt, row in zip(batch, result.rows):
+                if row.stop_reason != "eos":
+                    skipped.append(prompt)
+                    continue
+                answer = tokenizer.decode(row.token_ids, skip_special_tokens=True).strip()
+                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+                f.write(json.dumps({"messages": messages}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            skipped_path.write_text(json.dumps(skipped))
+            bar.update(len(batch))
+
+
+def main(args: list[str]) -> None:
+    parser = model_parser("dllm_lit distill", "Training rows from a model's own greedy answers (resumable).")
+    add_function_flags(parser, distill)
+    config = parser.parse_args(args)
+    distill(*model_settings(config.model), **function_flags(config, distill))
+
+
+if __name__ == "__main__":
+    from dllm_lit.cli import main as cli_main
+
+    cli_main(["distill", *sys.argv[1:]])

@@ -1,0 +1,67 @@
+"""`dllm_lit distill`: prompts, splits, the model's own answers, and resuming after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dllm_lit.distill as distill_module
+from dllm_lit.distill import distill, unique_prompts
+from dllm_lit.settings import DecodeSettings
+
+SETTINGS = DecodeSettings(max_new_tokens=16, stop_token_ids=(12,))  # the character ' ' stops answers early
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prompts_are_distinct_and_the_held_out_split_never_overlaps():
+    train = unique_prompts(500, seed=0)
+    val = unique_prompts(100, seed=1, exclude=set(train))
+    assert len(set(train)) == 500 and len(set(val)) == 100 and not set(train) & set(val)
+    kinds = {p.split()[0] for p in train}
+    assert {"Write", "What", "Explain", "List"} <= kinds, "many task kinds"
+    assert unique_prompts(50, seed=0) == train[:50], "deterministic"
+
+
+def test_distill_writes_the_models_own_answers_and_resumes(tiny_dir, tmp_path, monkeypatch):
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_model, load_tokenizer
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    distill(tiny_dir, False, SETTINGS, out=str(whole), train=24, val=8, batch_size=8)
+    calls = {"n": 0}
+    real = distill_module.generate_blocks
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "generate_blocks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny_dir, False, SETTINGS, out=str(resumed), train=24, val=8, batch_size=8)
+    assert 0 < len(rows(resumed / "train.jsonl")) < len(rows(whole / "train.jsonl")) + 1
+    monkeypatch.setattr(distill_module, "generate_blocks", real)
+    distill(tiny_dir, False, SETTINGS, out=str(resumed), train=24, val=8, batch_size=8)
+    for name in ("train.jsonl", "val.jsonl"):
+        assert rows(resumed / name) == rows(whole / name)
+    train, val = rows(whole / "train.jsonl"), rows(whole / "val.jsonl")
+    skipped = json.loads((whole / "train.skipped.json").read_text())
+    assert len(train) + len(skipped) == 24 and train and val
+    assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in val}
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    first = train[0]["messages"]
+    ids = encode_prompt(tokenizer, {"messages": first[:1]}, True)
+    stops = [tokenizer.eos_token_id, 12]
+    greedy = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=stops)
+    answer = tokenizer.decode(greedy[0, len(ids) :].tolist(), skip_special_tokens=True).strip()
+    assert answer == first[1]["content"], "the answer is the model's own greedy answer"
+
+    with pytest.raises(ValueError, match="other settings"):
+        distill(tiny_dir, False, SETTINGS, out=str(whole), train=25, val=8, batch_size=8)
