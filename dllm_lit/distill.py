@@ -191,6 +191,7 @@ def distill(
     seed: int = 0,
     magpie: int = 0,
     batch_size: int = 16,
+    device: str = "auto",
 ) -> None:
     """Write ``OUT/train.jsonl`` and ``OUT/val.jsonl``: prompts and the model's own greedy answers.
 
@@ -201,6 +202,7 @@ def distill(
         seed: Seed of the training prompts (the held-out split uses ``seed + 1``).
         magpie: Also sample this many user turns from the model itself (training split).
         batch_size: Prompts decoded together.
+        device: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda``.
     """
     folder = Path(out)
     settings = settings.replace(lossless=True, temperature=0.0, backend="eager")  # the model's own greedy answer
@@ -215,7 +217,9 @@ def distill(
     }
     check_manifest(folder, manifest)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
-    model = load_model(model_name_or_path, trust_remote_code=trust_remote_code)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_name_or_path, trust_remote_code=trust_remote_code).to(device)
     extra = magpie_prompts(model, tokenizer, magpie, seed, batch_size) if magpie else []
     train_prompts = unique_prompts(train + len(extra), seed, extra=extra)
     val_prompts = unique_prompts(val, seed + 1, exclude=set(train_prompts))
@@ -255,8 +259,8 @@ def answer_all(model, tokenizer, prompts: list[str], settings: DecodeSettings, p
             batch = todo[start : start + batch_size]
             longest = max(len(ids[p]) for p in batch)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            input_ids = torch.tensor([[pad] * (longest - len(ids[p])) + ids[p] for p in batch])
-            mask = torch.tensor([[0] * (longest - len(ids[p])) + [1] * len(ids[p]) for p in batch])
+            input_ids = torch.tensor([[pad] * (longest - len(ids[p])) + ids[p] for p in batch], device=model.device)
+            mask = torch.tensor([[0] * (longest - len(ids[p])) + [1] * len(ids[p]) for p in batch], device=model.device)
             result = generate_blocks(
                 model, input_ids, settings, attention_mask=mask, eos_token_id=tokenizer.eos_token_id
             )

@@ -1,0 +1,146 @@
+"""Speed against quality on a real LM: the base SmolLM2 and a block-trained one, per decoding mode.
+
+    python benchmarks/bench_real_model.py --prompts data/smollm2_distill/val.jsonl --limit 200 \
+        --trained outputs/smollm2-fast --plot docs/speed_quality.png
+
+For each model (``smollm2``, and ``--trained`` if given: an adapter or HF directory) and each mode
+(autoregressive, lossless, and approximate blocks), decodes the held-out chat prompts and
+``--arithmetic`` generated addition questions, and prints one Markdown table: tokens per forward,
+tok/s, agreement (the response equals the same model's own autoregressive answer, token for token)
+and arithmetic accuracy (checked with math-verify). HF ``generate`` on the base model is timed in
+the same process. ``--plot`` draws tokens/forward against agreement (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from dllm_lit import generate_blocks
+from dllm_lit.answers import is_correct
+from dllm_lit.data import encode_prompt
+from dllm_lit.models import load_model, load_tokenizer
+
+MODES = {
+    "AR": dict(add_eos_length=0),
+    "lossless W16": dict(add_eos_length=15, lossless=True),
+    "blk8 R1": dict(add_eos_length=7, refine_iter=1),
+    "blk16 R2": dict(add_eos_length=15, refine_iter=2),
+    "blk32 R2": dict(add_eos_length=31, refine_iter=2),
+}
+
+
+def chat_ids(tokenizer, questions: list[str]) -> list[list[int]]:
+    return [encode_prompt(tokenizer, {"messages": [{"role": "user", "content": q}]}, True) for q in questions]
+
+
+def decode(model, tokenizer, prompts: list[list[int]], batch: int, **settings) -> tuple[list, int, int, float]:
+    """``(answers, generated tokens, forwards, seconds)`` over batches of left-padded prompts."""
+    answers, generated, forwards, start = [], 0, 0, time.perf_counter()
+    for first in range(0, len(prompts), batch):
+        chunk = prompts[first : first + batch]
+        longest = max(map(len, chunk))
+        ids = torch.tensor([[tokenizer.eos_token_id] * (longest - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        result = generate_blocks(model, ids, attention_mask=mask, eos_token_id=tokenizer.eos_token_id, **settings)
+        answers += [row.token_ids for row in result.rows]
+        generated += result.generated_tokens
+        forwards += sum(row.forwards for row in result.rows)
+    return answers, generated, forwards, time.perf_counter() - start
+
+
+def hf_generate_seconds(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
+    """Seconds and tokens of greedy HF ``generate``, one prompt at a time."""
+    start, tokens = time.perf_counter(), 0
+    for p in prompts:
+        out = model.generate(
+            torch.tensor([p], device=model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        tokens += out.shape[1] - len(p)
+    return time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", required=True, help="held-out .jsonl rows with messages (dllm_lit distill)")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--arithmetic", type=int, default=50, help="generated addition questions")
+    parser.add_argument("--trained", help="the block-trained model: an adapter or HF directory")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1, help="1 measures per-prompt latency, as generate")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--plot", help="write tokens/forward against agreement to this PNG")
+    args = parser.parse_args()
+
+    tokenizer = load_tokenizer("smollm2")
+    with open(args.prompts) as source:
+        rows = [json.loads(line) for line in source][: args.limit]
+    held_out = chat_ids(tokenizer, [row["messages"][0]["content"] for row in rows])
+    rng = random.Random(0)
+    pairs = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(args.arithmetic)]
+    arithmetic = chat_ids(tokenizer, [f"What is {a} + {b}? Answer with the number." for a, b in pairs])
+    prompts = held_out + arithmetic
+    models = {"base": "smollm2", **({"trained": args.trained} if args.trained else {})}
+    print(f"\n`python benchmarks/bench_real_model.py {' '.join(sys.argv[1:])}`  ")
+    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}\n")
+    table = []
+    for label, name in models.items():
+        model = load_model(name).to(args.device)
+        limit = dict(max_new_tokens=args.max_new_tokens)
+        if label == "base":
+            seconds, tokens = hf_generate_seconds(model, tokenizer, prompts, args.max_new_tokens)
+            table.append((label, "HF generate", 1.0, tokens / seconds, None, None))
+        own = None
+        for mode in ["AR"] + [m for m in args.modes if m != "AR"]:
+            answers, tokens, forwards, seconds = decode(
+                model, tokenizer, prompts, args.batch_size, **MODES[mode], **limit
+            )
+            own = own or answers
+            agreement = sum(a == b for a, b in zip(answers, own)) / len(own)
+            texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers[len(held_out) :]]
+            accuracy = sum(is_correct(t, str(a + b)) for t, (a, b) in zip(texts, pairs)) / max(len(pairs), 1)
+            table.append((label, mode, tokens / forwards, tokens / seconds, agreement, accuracy))
+    print("| model | mode | tokens/forward | tok/s | agreement with own AR | arithmetic accuracy |")
+    print("|---|---|---|---|---|---|")
+    for label, mode, tpf, speed, agree, acc in table:
+        cells = [f"{tpf:.2f}", f"{speed:.1f}", "-" if agree is None else f"{100 * agree:.1f} %"]
+        cells.append("-" if acc is None else f"{100 * acc:.1f} %")
+        print(f"| {label} | {mode} | " + " | ".join(cells) + " |")
+    if args.plot:
+        plot(table, args.plot)
+
+
+def plot(table: list[tuple], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, marker in (("base", "o"), ("trained", "s")):
+        points = [(t[2], 100 * t[4], t[1]) for t in table if t[0] == label and t[4] is not None]
+        axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+        for x, y, mode in points:
+            axis.annotate(mode, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.set_xlabel("tokens per forward")
+    axis.set_ylabel("agreement with own AR answer (%)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

