@@ -143,7 +143,7 @@ def broken_models(tmp_path, tiny_dir) -> Path:
     [
         ("corrupt_weights", [], ["Could not load model weights from"]),
         ("does/not/exist", [], ["Model path 'does/not/exist' does not exist"]),
-        ("empty_dir", [], ["has no config.json"]),
+        ("empty_dir", [], ["has neither config.json nor adapter_config.json"]),
         ("no_weights", [], ["Could not load model weights from"]),
         ("no_eos", [], ["has no EOS token"]),
     ],
