@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Issue 16: the whole Lightning path on CUDA plus bench_gpu, in one device call of about 8 minutes.
+#
+#   PYTHON=.venv/bin/python bash benchmarks/train_smollm2_gpu.sh prepare   # once, here: .gpu/whl
+#   run(carry=[".gpu/whl"], command="OUT=$OUT bash benchmarks/gpu_check.sh", timeout_s=540)
+#
+# 1. predict on a tiny fp32 model with backend cuda_graph under 32-true, bf16-mixed and bf16-true:
+#    tokens against the eager engine in fp32 (equal in fp32; bf16 reported as a share), and the
+#    summary line's tok/s;
+# 2. a few `dllm_lit fit` steps of the tiny model under --trainer.strategy fsdp (one process) and
+#    ddp: loss going down, a checkpoint saved and exported;
+# 3. bench_gpu.py on the 8B shape: graphs, inductor, lossless, HF generate (workloads 0 5 6 7 8).
+# CHECK_ACCEL=cpu runs steps 1-2 on the CPU (bf16 steps skipped) to check the script itself.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+ACCEL="${CHECK_ACCEL:-gpu}"
+OUT="${OUT:-outputs/gpu_check}"
+WORK="$(mktemp -d)"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/.gpu/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DLLM_LIT_CACHE="$WORK/cache"
+if [ -d .gpu/whl ] && [ ! -d .gpu/site/jsonargparse ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/whl/*.whl
+fi
+log() { echo "== $*" | tee -a "$OUT/summary.md"; }
+
+"$PY" -c "from dllm_lit.tiny import save_tiny_model; save_tiny_model('$WORK/tiny', initializer_range=0.3)"
+printf 'What is 2+2?\nName a color.\nx\nCount to ten, slowly and carefully.\n' > "$WORK/prompts.txt"
+predict() {  # predict OUTPUT EXTRA...
+  local out="$1"; shift
+  "$PY" -m dllm_lit.cli predict --model.model_name_or_path "$WORK/tiny" --data.prompts_file "$WORK/prompts.txt" \
+    --model.add_eos_length 7 --model.max_new_tokens 64 --writer.output_file "$out" "$@" 2>"$out.err" >/dev/null
+  local rc=$?
+  grep -h "tok/s" "$out.err" | tee -a "$OUT/summary.md"
+  return $rc
+}
+log "1. predict on $ACCEL: compiled backend against the eager engine in fp32"
+for mode in block lossless; do
+  predict "$WORK/eager-$mode.jsonl" --trainer.accelerator "$ACCEL" --model.lossless "$([ $mode = lossless ] && echo true || echo false)" \
+    || log "eager fp32 $mode FAILED: $(tail -1 "$WORK/eager-$mode.jsonl.err")"
+done
+precisions="32-true"
+[ "$ACCEL" = gpu ] && precisions="32-true bf16-mixed bf16-true"
+for precision in $precisions; do
+  for mode in block lossless; do
+    out="$WORK/compiled-$precision-$mode.jsonl"
+    lossless=$([ $mode = lossless ] && echo true || echo false)
+    if predict "$out" --trainer.accelerator "$ACCEL" --trainer.precision "$precision" --model.backend cuda_graph \
+        --model.lossless "$lossless"; then
+      "$PY" - "$WORK/eager-$mode.jsonl" "$out" "compiled $mode $precision" <<'PYEOF' | tee -a "$OUT/summary.md"
+import json, sys
+def read(path):
+    with open(path) as f:
+        return [json.loads(line)["response"] for line in f]
+a, b = read(sys.argv[1]), read(sys.argv[2])
+print(f"{sys.argv[3]}: {sum(x == y for x, y in zip(a, b))}/{len(a)} responses equal to the eager engine in fp32")
+PYEOF
+    else
+      log "predict $precision $mode FAILED: $(tail -1 "$out.err")"
+    fi
+  done
+done
+
+log "2. fit on $ACCEL under fsdp and ddp (tiny model, 30 steps)"
+"$PY" -m dllm_lit.tasks addition --out "$WORK/add" --train 512 --val 8 >/dev/null
+for strategy in fsdp ddp; do
+  run="$WORK/fit-$strategy"
+  if "$PY" -m dllm_lit.cli fit --config configs/train_tiny.yaml --model.model_name_or_path "$WORK/tiny" \
+      --data.train_file "$WORK/add/train.jsonl" --data.val_file "$WORK/add/val.jsonl" --data.batch_size 32 \
+      --trainer.accelerator "$ACCEL" --trainer.devices 1 --trainer.strategy "$strategy" --trainer.max_steps 30 \
+      --trainer.val_check_interval 15 --trainer.log_every_n_steps 5 --trainer.logger.init_args.save_dir "$run/logs" \
+      --trainer.callbacks.init_args.output_dir "$run/export" >"$run.log" 2>&1; then
+    "$PY" - "$run" <<'PYEOF' | tee -a "$OUT/summary.md"
+import csv, pathlib, sys
+run = pathlib.Path(sys.argv[1])
+rows = list(csv.DictReader(next(run.rglob("metrics.csv")).open()))
+losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+ckpts = list(run.rglob("*.ckpt"))
+print(f"{run.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, checkpoints {len(ckpts)}, "
+      f"exported {(run / 'export' / 'config.json').is_file()}")
+PYEOF
+  else
+    log "fit $strategy FAILED: $(tail -3 "$run.log")"
+  fi
+done
+
+if [ "$ACCEL" = gpu ]; then
+  log "3. bench_gpu.py, 8B shape"
+  "$PY" benchmarks/bench_gpu.py --modes compiled inductor lossless hf --workloads 0 5 6 7 8 --repeats 3 \
+    2>"$OUT/bench_gpu.err" | tee "$OUT/bench_gpu.md"
+fi
+cat "$OUT/summary.md"
