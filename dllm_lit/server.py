@@ -16,6 +16,7 @@ import asyncio
 import json
 import multiprocessing
 import secrets
+import socket
 import sys
 import time
 import uuid
@@ -276,6 +277,15 @@ def build_server(
     return ls.LitServer(api, accelerator=accelerator, devices=1, timeout=timeout)
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail with one sentence when ``host:port`` cannot be listened on (taken, or not this machine's)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        raise ValueError(f"Cannot listen on {host}:{port}: {error.strerror}; pick another --port or --host.") from None
+
+
 def serve(
     model_name_or_path: str,
     trust_remote_code: bool,
@@ -305,6 +315,7 @@ def serve(
         timeout: Seconds a request may wait in the queue before a 504.
     """
     resolve_dtype(dtype, "cpu")  # a bad dtype fails here, before any process starts
+    check_port(host, port)
     load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)  # a bad model fails here, too
     name = served_model_name or model_name_or_path
     server = build_server(

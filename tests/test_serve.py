@@ -232,10 +232,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, client, tiny
         (["serve", "--dtype=fp8"], "dtype"),
         (["serve", "--model.model_name_or_path=/nonexistent"], "does not exist"),
         (["chat", "--model.lossless=maybe"], "model.lossless"),
+        (["serve", "--port=PORT_IN_USE"], "Address already in use"),
     ],
 )
 def test_bad_flags_are_one_line(dllm_lit, tmp_path, args, fragment):
-    assert_one_line_error(dllm_lit(args, tmp_path), fragment)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = [a.replace("PORT_IN_USE", str(taken.getsockname()[1])) for a in args]
+        assert_one_line_error(dllm_lit(args, tmp_path), fragment)
 
 
 class Broken(torch.nn.Module):
