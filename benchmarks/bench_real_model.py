@@ -27,7 +27,7 @@ import torch
 
 from dllm_lit import generate_blocks
 from dllm_lit.answers import is_correct
-from dllm_lit.data import encode_prompt
+from dllm_lit.data import encode_prompt, left_pad
 from dllm_lit.models import load_model, load_tokenizer
 
 MODES = {
@@ -48,9 +48,7 @@ def decode(model, tokenizer, prompts: list[list[int]], batch: int, **settings) -
     answers, generated, forwards, start = [], 0, 0, time.perf_counter()
     for first in range(0, len(prompts), batch):
         chunk = prompts[first : first + batch]
-        longest = max(map(len, chunk))
-        ids = torch.tensor([[tokenizer.eos_token_id] * (longest - len(p)) + p for p in chunk], device=model.device)
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id)
         result = generate_blocks(model, ids, attention_mask=mask, eos_token_id=tokenizer.eos_token_id, **settings)
         answers += [row.token_ids for row in result.rows]
         generated += result.generated_tokens

@@ -12,7 +12,7 @@ from typing import Literal
 
 from dllm_lit.data import PromptError, encode_prompt
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
-from dllm_lit.models import load_model, load_tokenizer, resolve_dtype
+from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs
 
@@ -35,9 +35,7 @@ def chat(
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         system: A system message put first in the history (kept across /reset).
     """
-    import torch
-
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise PromptError("This model's tokenizer has no chat template: chat needs one (use predict instead).")

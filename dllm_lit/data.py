@@ -265,6 +265,17 @@ class SFTDataset(Dataset):
         return self.items[i]
 
 
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``: token id lists stacked, left-padded with ``pad_token_id``."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 class LeftPadCollator:
     """Stack prompts left-padded with ``pad_token_id``; keep indices, texts and extra fields."""
 
@@ -272,13 +283,7 @@ class LeftPadCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(item["input_ids"]) for item in items)
-        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
-            input_ids[row, width - n :] = torch.tensor(item["input_ids"])
-            attention_mask[row, width - n :] = 1
+        input_ids, attention_mask = left_pad([item["input_ids"] for item in items], self.pad_token_id)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dllm_lit.data import encode_prompt
+from dllm_lit.data import encode_prompt, left_pad
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
-from dllm_lit.models import load_model, load_tokenizer
+from dllm_lit.models import load_model, load_tokenizer, resolve_device
 from dllm_lit.settings import DecodeSettings
 
 TOPICS = [
@@ -217,9 +217,7 @@ def distill(
     }
     check_manifest(folder, manifest)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_name_or_path, trust_remote_code=trust_remote_code).to(device)
+    model = load_model(model_name_or_path, trust_remote_code=trust_remote_code).to(resolve_device(device))
     extra = magpie_prompts(model, tokenizer, magpie, seed, batch_size) if magpie else []
     train_prompts = unique_prompts(train + len(extra), seed, extra=extra)
     val_prompts = unique_prompts(val, seed + 1, exclude=set(train_prompts))
@@ -257,10 +255,7 @@ def answer_all(model, tokenizer, prompts: list[str], settings: DecodeSettings, p
     with path.open("a") as f, tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=path.stem) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            longest = max(len(ids[p]) for p in batch)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            input_ids = torch.tensor([[pad] * (longest - len(ids[p])) + ids[p] for p in batch], device=model.device)
-            mask = torch.tensor([[0] * (longest - len(ids[p])) + [1] * len(ids[p]) for p in batch], device=model.device)
+            input_ids, mask = left_pad([ids[p] for p in batch], tokenizer.pad_token_id)
             result = generate_blocks(
                 model, input_ids, settings, attention_mask=mask, eos_token_id=tokenizer.eos_token_id
             )

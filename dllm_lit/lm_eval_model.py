@@ -17,14 +17,13 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
 from dllm_lit.data import encode_prompt
-from dllm_lit.models import load_model, load_tokenizer, resolve_dtype
+from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs
 
@@ -52,7 +51,7 @@ class DllmLM(HFLM):
         **decoding: Any,
     ):
         self.settings = DecodeSettings(**decoding)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        device = resolve_device(device)
         tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code)
         model = load_model(pretrained, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
         super().__init__(pretrained=model.to(device), tokenizer=tokenizer, batch_size=int(batch_size))

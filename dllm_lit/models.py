@@ -160,6 +160,13 @@ def load_model(
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` is ``cuda`` when a GPU is visible and ``cpu`` otherwise; other names pass through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto`` is bfloat16 on a GPU and float32 elsewhere; other names are torch dtypes."""
     if dtype not in DTYPES:

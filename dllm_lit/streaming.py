@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dllm_lit.data import left_pad
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import RowResult
 from dllm_lit.openai_api import finish_reason
@@ -112,10 +113,7 @@ def _next_nowait(commits: queue.Queue):
 def _decode(model, tokenizer, jobs, settings, on_commit, failure: list, commits: queue.Queue) -> None:
     """Run the engine on the group's left-padded prompts; always end with the ``None`` marker."""
     try:
-        longest = max(len(job.ids) for job in jobs)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = torch.tensor([[pad] * (longest - len(job.ids)) + job.ids for job in jobs])
-        mask = torch.tensor([[0] * (longest - len(job.ids)) + [1] * len(job.ids) for job in jobs])
+        ids, mask = left_pad([job.ids for job in jobs], tokenizer.pad_token_id)  # load_tokenizer sets a pad id
         generate_blocks(
             model, ids, settings, attention_mask=mask, eos_token_id=tokenizer.eos_token_id, on_commit=on_commit
         )
