@@ -23,26 +23,29 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
+from dllm_lit.attention import grouped_attention
 from dllm_lit.ledger import RowLedger
 from dllm_lit.sampling import Picker, build_picker
 from dllm_lit.settings import DecodeSettings
 
-_FORWARD_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FORWARDS_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def cached_forward(model: torch.nn.Module) -> StaticForward | None:
+def cached_forward(model: torch.nn.Module, batch: int) -> StaticForward | None:
     """The :class:`StaticForward` (static cache and captured graphs) the compiled path keeps for
-    ``model`` between calls, or ``None``."""
-    return _FORWARD_BY_MODEL.get(model)
+    ``model`` and ``batch`` rows between calls, or ``None``."""
+    return _FORWARDS_BY_MODEL.get(model, {}).get(batch)
 
 
 class RowSlotLayer(StaticLayer):
     """A static cache layer that writes each row's new K/V at that row's own slots ``start[row] ..``
-    (rows of a lossless batch accept different counts, so their next tokens sit at different slots)."""
+    (rows of a lossless batch accept different counts, so their next tokens sit at different slots)
+    and returns only the first ``span`` slots, the ones a pass may read."""
 
     def __init__(self, max_cache_len: int, start: torch.Tensor):
         super().__init__(max_cache_len)
         self.start = start  # [batch], shared with the StaticForward that sets it
+        self.span = max_cache_len  # set by the StaticForward before each pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -51,12 +54,20 @@ class RowSlotLayer(StaticLayer):
         index = cols[:, None, :, None]
         self.keys.scatter_(2, index.expand_as(key_states), key_states)
         self.values.scatter_(2, index.expand_as(value_states), value_states)
-        return self.keys, self.values
+        return self.keys[:, :, : self.span], self.values[:, :, : self.span]
 
 
 class StaticForward:
     """``forward(ids, start, keep)``: logits of the last ``keep`` of ``ids``, row ``r`` written at
-    slots ``start[r] ..`` (or all rows at ``start``), for ``batch`` rows and ``cache_len`` slots."""
+    slots ``start[r] ..`` (or all rows at ``start``), for ``batch`` rows and ``cache_len`` slots.
+
+    A pass attends to the cache's first ``span`` slots only: the end of its writes rounded up to a
+    multiple of :attr:`span_step` (one captured graph per width and span), or the whole cache under
+    ``inductor`` (one compiled program per width). Grouped K/V heads are read once
+    (:mod:`dllm_lit.attention`).
+    """
+
+    span_step = 128
 
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
         self.model = weakref.ref(model)  # the cache is keyed by the model: do not keep it alive
@@ -78,18 +89,21 @@ class StaticForward:
         self.use_graphs = self.device.type == "cuda"
         self.inductor = inductor
         self.fused = None  # torch.compile(self._run), built at the first graph-eligible call
-        self.graphs: dict[tuple[int, int], tuple] = {}  # (width, keep) -> (graph, ids input, logits)
+        self.graphs: dict[tuple[int, int, int], tuple] = {}  # (width, keep, span) -> (graph, ids input, logits)
+        self.pool = None  # one memory pool for all the graphs: they never run at the same time
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
-        """Reuse the model's cache and graphs when the settings match; otherwise build new ones."""
-        current = _FORWARD_BY_MODEL.pop(model, None)
-        settings = (batch, cache_len, inductor, next(model.parameters()).data_ptr())
-        if current is None or (current.batch, current.cache_len, current.inductor, current.weights) != settings:
-            current = None  # free the old cache and graphs before allocating new ones
-            current = cls(model, batch, cache_len, inductor)
-        _FORWARD_BY_MODEL[model] = current
-        return current
+        """Reuse the model's cache and graphs for ``batch`` rows when the settings match; caches of
+        other batch sizes with the same settings are kept (the compiled path shrinks its batch)."""
+        family = _FORWARDS_BY_MODEL.pop(model, {})
+        settings = (cache_len, inductor, next(model.parameters()).data_ptr())
+        if any((each.cache_len, each.inductor, each.weights) != settings for each in family.values()):
+            family.clear()  # free the old caches and graphs before allocating new ones
+        if batch not in family:
+            family[batch] = cls(model, batch, cache_len, inductor)
+        _FORWARDS_BY_MODEL[model] = family
+        return family[batch]
 
     def reset(self, prompt_mask: torch.Tensor) -> None:
         """Start a new batch of left-padded prompts (``prompt_mask`` is 0 on padding)."""
@@ -97,10 +111,30 @@ class StaticForward:
         self.valid[:, : prompt_mask.shape[1]] = prompt_mask.bool()
         self.pad.copy_((prompt_mask == 0).sum(1, keepdim=True))
 
-    def _run(self, model: torch.nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        cols = self.start[:, None] + self.slots[: ids.shape[1]]  # [batch, fed]: the slot of each fed token
-        causal = self.slots <= cols[:, :, None]
-        see = (causal & self.valid[:, None, :]) | (self.slots == cols[:, :, None])  # a pad query sees itself
+    def move_rows(self, positions: list[int], target: StaticForward) -> None:
+        """Copy rows ``positions`` of this batch (their cache, padding and valid slots) into ``target``,
+        in that order, so that it decodes them on from here."""
+        index = torch.tensor(positions, device=self.device)
+        for mine, theirs in zip(self.cache.layers, target.cache.layers):
+            keys, values = mine.keys[index], mine.values[index]
+            if not theirs.is_initialized:
+                theirs.lazy_initialization(keys, values)
+            theirs.keys.copy_(keys)
+            theirs.values.copy_(values)
+        target.valid.copy_(self.valid[index])
+        target.pad.copy_(self.pad[index])
+
+    def span_for(self, end: int) -> int:
+        """Cache slots a pass reads when no row writes at or past slot ``end``."""
+        if self.inductor:
+            return self.cache_len
+        return min(self.cache_len, -(-end // self.span_step) * self.span_step)
+
+    def _run(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int) -> torch.Tensor:
+        slots = self.slots[:span]
+        cols = self.start[:, None] + slots[: ids.shape[1]]  # [batch, fed]: the slot of each fed token
+        causal = slots <= cols[:, :, None]
+        see = (causal & self.valid[:, None, :span]) | (slots == cols[:, :, None])  # a pad query sees itself
         bias = torch.zeros(see.shape, dtype=self.dtype, device=self.device)
         bias.masked_fill_(~see, torch.finfo(self.dtype).min)
         return model(
@@ -112,32 +146,41 @@ class StaticForward:
             logits_to_keep=keep,
         ).logits
 
-    def __call__(self, ids: torch.Tensor, start: int | torch.Tensor, keep: int, *, graph: bool = True) -> torch.Tensor:
-        """Logits ``[batch, keep, vocab]``. ``graph=False`` always runs eagerly (the prefill). A
-        graph's logits are overwritten by its next replay: use them before the next call."""
+    def __call__(
+        self, ids: torch.Tensor, start: int | torch.Tensor, keep: int, *, end: int | None = None, graph: bool = True
+    ) -> torch.Tensor:
+        """Logits ``[batch, keep, vocab]``. ``end``: no row writes at or past this slot (default:
+        ``start + width`` for an int ``start``, the cache's end for a tensor). ``graph=False`` always
+        runs eagerly (the prefill). A graph's logits are overwritten by the next replay of any of
+        this forward's graphs: use them before the next call."""
         if isinstance(start, torch.Tensor):
             self.start.copy_(start)
         else:
             self.start.fill_(start)
+            end = start + ids.shape[1] if end is None else end
+        span = self.span_for(self.cache_len if end is None else end)
+        for layer in self.cache.layers:
+            layer.span = span
         model = self.model()
-        if not (graph and self.cache.is_initialized):
-            return self._run(model, ids, keep)
-        if self.inductor:  # fused kernels; on CUDA also replayed as graphs (cudagraph trees)
-            if self.fused is None:
-                mode = "reduce-overhead" if self.use_graphs else "default"
-                self.fused = torch.compile(self._run, mode=mode, dynamic=False)
-            return self.fused(model, ids, keep)
-        if not self.use_graphs:
-            return self._run(model, ids, keep)
-        key = (ids.shape[1], keep)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(model, ids, keep)
+        with grouped_attention(model):
+            if not (graph and self.cache.is_initialized):
+                return self._run(model, ids, keep, span)
+            if self.inductor:  # fused kernels; on CUDA also replayed as graphs (cudagraph trees)
+                if self.fused is None:
+                    mode = "reduce-overhead" if self.use_graphs else "default"
+                    self.fused = torch.compile(self._run, mode=mode, dynamic=False)
+                return self.fused(model, ids, keep, span)
+            if not self.use_graphs:
+                return self._run(model, ids, keep, span)
+            key = (ids.shape[1], keep, span)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(model, ids, keep, span)
         cuda_graph, ids_in, logits = self.graphs[key]
         ids_in.copy_(ids)
         cuda_graph.replay()
         return logits
 
-    def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int):
+    def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int):
         """Warm up on a side stream, then capture; both run the real pass (same slots, same inputs)."""
         ids_in = ids.clone()
         # Under autocast (bf16-mixed), cached weight casts would be freed when the context exits:
@@ -152,11 +195,13 @@ class StaticForward:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), autocast:
             for _ in range(2):
-                self._run(model, ids_in, keep)
+                self._run(model, ids_in, keep, span)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph), autocast:
-            logits = self._run(model, ids_in, keep)
+        with torch.cuda.graph(cuda_graph, pool=self.pool), autocast:
+            logits = self._run(model, ids_in, keep, span)
         return cuda_graph, ids_in, logits
 
 
@@ -171,24 +216,33 @@ def decode_static(
 ) -> None:
     """Decode left-padded prompts into ``ledger``; every pass has one of three fixed shapes.
 
-    All rows stay in the batch until the last one finishes (finished rows have no room, so they
-    never block a fixed point). The block is read by the host once, at its commit.
+    Finished rows stay in the batch (they have no room, so they never block a fixed point) until at
+    most half the batch is alive; then, at a block boundary, the alive rows move to a smaller
+    captured batch (a power of two, topped up with finished rows). The block is read by the host
+    once, at its commit.
     """
     batch, prompt_len = prompt_ids.shape
     device, width = prompt_ids.device, settings.width
     budgets = ledger.budget.tolist()
     blocks = -(-max(budgets) // width)
     cache_len = -(-(prompt_len + blocks * width) // 64) * 64  # round up: reuse graphs across calls
-    forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
+    inductor = settings.backend == "inductor"
+    forward = StaticForward.for_model(model, batch, cache_len, inductor)
     forward.reset(prompt_mask)
     pick = build_picker(settings, device)
-    fills = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    members = list(range(batch))  # the ledger row at each position of the batch
     alive = list(range(batch))
-    alive_mask = torch.ones(batch, dtype=torch.bool, device=device)
     block, settled = None, False
     for index in range(blocks):
         start = prompt_len + index * width  # cache slot of the block's first token
-        room = torch.where(alive_mask, ledger.budget - index * width, 0)
+        if block is not None and len(alive) <= forward.batch // 2:
+            positions = compacted_positions(members, alive)
+            smaller = StaticForward.for_model(model, len(positions), cache_len, inductor)
+            forward.move_rows(positions, smaller)
+            forward, block, members = smaller, block[positions], [members[p] for p in positions]
+        on = torch.tensor([row in alive for row in members], device=device)
+        room = torch.where(on, ledger.budget[members] - index * width, 0)
+        fills = torch.full((forward.batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
         if block is None:  # the prefill: prompt + fills, run eagerly (its width varies per call)
             logits = forward(torch.cat([prompt_ids, fills], 1), 0, width, graph=False)
         elif settled:  # the last pass fed exactly block[:-1]: its K/V are final
@@ -201,14 +255,20 @@ def decode_static(
         # refine: that token depends on committed tokens alone.
         refinable = min(width, max(budgets[row] for row in alive) - index * width) > 1
         block, settled = refine_static(forward, pick, ledger, settings, block, room, start, refinable)
-        rows = torch.tensor(alive, device=device)
-        finished = ledger.commit(alive, block[rows], room[rows]).tolist()
-        for row, done in zip(list(alive), finished):
-            if done:
-                alive.remove(row)
-                alive_mask[row] = False
+        positions = [members.index(row) for row in alive]
+        finished = ledger.commit(alive, block[positions], room[positions]).tolist()
+        alive = [row for row, done in zip(alive, finished) if not done]
         if not alive:
             return
+
+
+def compacted_positions(members: list[int], alive: list[int]) -> list[int]:
+    """Batch positions to keep: the alive rows', topped up with finished rows to a power of two
+    (few captured batch sizes)."""
+    size = 1 << (len(alive) - 1).bit_length()
+    kept = [position for position, row in enumerate(members) if row in alive]
+    spare = [position for position, row in enumerate(members) if row not in alive]
+    return kept + spare[: size - len(kept)]
 
 
 def refine_static(
@@ -239,24 +299,24 @@ def refine_static(
         if not lag:
             if bool(frozen):
                 break
-        elif pending is not None and pending.query_and_read():
+        elif pending is not None and bool(pending.read()):
             break
         else:
-            pending = HostFlag(frozen)
+            pending = HostCopy(frozen)
     ledger.end_block(passes)
     return block, passes > 0 and bool(frozen)
 
 
-class HostFlag:
-    """A device bool copied to pinned host memory without waiting; read once its copy is done."""
+class HostCopy:
+    """A small device tensor copied to pinned host memory without waiting; read once its copy is done."""
 
-    def __init__(self, flag: torch.Tensor):
-        self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        self.host.copy_(flag, non_blocking=True)
+    def __init__(self, values: torch.Tensor):
+        self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        self.host.copy_(values, non_blocking=True)
         self.done = torch.cuda.Event()
         self.done.record()
 
-    def query_and_read(self) -> bool:
-        """Wait for the copy (queued one pass ago, so the GPU stays busy) and return the flag."""
+    def read(self) -> torch.Tensor:
+        """Wait for the copy (queued one pass ago, so the GPU stays busy) and return the values."""
         self.done.synchronize()
-        return bool(self.host)
+        return self.host

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dllm_lit.compiled import HostFlag, StaticForward
+from dllm_lit.compiled import HostCopy, StaticForward
 from dllm_lit.ledger import RowLedger
 from dllm_lit.lossless import next_draft, verifier
 from dllm_lit.settings import DecodeSettings
@@ -42,18 +42,20 @@ def decode_lossless_static(
     logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False)  # the prefill
     lag = device.type == "cuda"
     pending = None
-    for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late flag
+    for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late read
         tokens, accepted, guesses = verify(logits, draft)
         last = state.accept(tokens, accepted, ledger)
         draft = next_draft(guesses, accepted.clamp(min=1), fill)
-        if not lag:
-            if bool(state.done.all()):
-                break
-        elif pending is not None and pending.query_and_read():
-            break
+        if lag:  # the host reads the state of one pass ago, the GPU stays busy
+            seen, pending = (None if pending is None else pending.read().tolist()), HostCopy(state.progress())
+            # since then, each row's slot moved at most W: this pass writes below furthest + 2W
+            done, end = (False, None) if seen is None else (seen[0], seen[1] + 2 * width)
         else:
-            pending = HostFlag(state.done.all())
-        logits = forward(torch.cat([last[:, None], draft], 1), state.start, width)
+            done, furthest = state.progress().tolist()
+            end = furthest + width
+        if done:
+            break
+        logits = forward(torch.cat([last[:, None], draft], 1), state.start, width, end=end)
     state.replay_into(ledger)
 
 
@@ -83,6 +85,10 @@ class _DeviceRows:
         self.finished_after = torch.where(newly_done, len(self.accepted), self.finished_after)
         self.done |= newly_done
         return tokens.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+
+    def progress(self) -> torch.Tensor:
+        """``[every row finished, the furthest row's slot]`` as one device tensor (one host copy)."""
+        return torch.stack([self.done.all().long(), self.start.max()])
 
     def replay_into(self, ledger: RowLedger) -> None:
         """Give the ledger the passes as the eager loop would: forwards, accepted counts of the

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import EOS, MODELS, left_pad, random_prompts
 from dllm_lit import generate_blocks
-from dllm_lit.compiled import cached_forward
+from dllm_lit.compiled import StaticForward, cached_forward
 
 tiny_llama = MODELS["llama"]
 
@@ -52,6 +52,41 @@ def test_rows_that_stop_at_different_times(model):
     assert {r.stop_reason for r in mixed.rows} == {"eos", "max_new_tokens"}, "the fixture needs both kinds"
 
 
+STOPPING = [p[:3] + [EOS] + p[3:] for p in random_prompts([6, 9, 2, 14, 7, 3], seed=3)]
+
+
+def test_finished_rows_leave_the_batch(model, monkeypatch):
+    """Once half the rows finished, the rest move to a smaller captured batch (a power of two): same
+    tokens, forwards and stop reasons as the eager loop, where every row decodes to its end."""
+    moves = []
+    move_rows = StaticForward.move_rows
+
+    def recorded(self, positions, target):
+        moves.append((self.batch, target.batch, len(positions)))
+        move_rows(self, positions, target)
+
+    monkeypatch.setattr(StaticForward, "move_rows", recorded)
+    prompts = random_prompts([2, 20, 5, 14, 9, 30], seed=4)  # max_length: each row its own budget
+    settings = dict(add_eos_length=3, refine_iter=2, max_new_tokens=60, max_length=40)
+    eager = run(model, prompts, **settings)
+    assert summary(run(model, prompts, backend="cuda_graph", **settings)) == summary(eager)
+    assert moves and moves[0][0] == 6 and all(new == count < old for old, new, count in moves), moves
+
+
+def test_bounded_attention_spans_give_the_same_tokens(model, monkeypatch):
+    """Passes attend to the used slots only (rounded up to ``span_step``): many spans, same tokens."""
+    monkeypatch.setattr(StaticForward, "span_step", 8)
+    for settings in (
+        dict(add_eos_length=7, refine_iter=2, max_new_tokens=40),
+        dict(add_eos_length=0, max_new_tokens=30),
+        dict(add_eos_length=3, lossless=True, adaptive_window=False, max_new_tokens=40),
+    ):
+        expected = summary(run(model, STOPPING, **settings))
+        assert summary(run(model, STOPPING, backend="cuda_graph", **settings)) == expected
+    static = cached_forward(model, len(STOPPING))
+    assert static.cache_len > 2 * StaticForward.span_step
+
+
 def test_exact_settings_equal_greedy_generate(model):
     ids, mask = left_pad(PROMPTS)
     expected = model.generate(
@@ -68,12 +103,14 @@ def test_cache_is_reused_for_the_same_shapes_and_rebuilt_for_others():
     model = tiny_llama()
     settings = dict(add_eos_length=7, refine_iter=2, max_new_tokens=20, backend="cuda_graph")
     first = summary(run(model, PROMPTS, **settings))
-    static = cached_forward(model)
-    assert summary(run(model, PROMPTS, **settings)) == first and cached_forward(model) is static
-    alone = summary(run(model, PROMPTS[1:2], **settings))  # batch 1: a new cache
-    assert cached_forward(model) is not static
+    static = cached_forward(model, 3)
+    assert summary(run(model, PROMPTS, **settings)) == first and cached_forward(model, 3) is static
+    alone = summary(run(model, PROMPTS[1:2], **settings))  # batch 1: its own cache, the batch of 3 kept
+    assert cached_forward(model, 1) is not None and cached_forward(model, 3) is static
     assert alone[0][0][:3] == first[0][1][:3]
-    assert summary(run(model, PROMPTS, **settings)) == first
+    assert summary(run(model, PROMPTS, **settings)) == first and cached_forward(model, 3) is static
+    run(model, PROMPTS, **{**settings, "max_new_tokens": 300})  # a longer cache: rebuilt
+    assert cached_forward(model, 3) is not static
     alive = weakref.ref(model)
     del model, static
     gc.collect()

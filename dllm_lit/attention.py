@@ -1,0 +1,63 @@
+"""Attention for the compiled path's fixed-shape forwards: grouped heads without copying K/V.
+
+With an explicit mask, transformers' SDPA path copies every K/V head once per query head of its group
+(``repeat_kv``), because PyTorch's fused kernels take ``enable_gqa`` only without a mask. Here the query
+heads of a group are stacked along the sequence axis instead (``[batch, kv_heads, group * q_len,
+head_dim]``) and the mask is repeated to match, so each K/V head is read once by one SDPA call: the
+same products, on any SDPA kernel. :class:`~dllm_lit.compiled.StaticForward` selects it for its own
+forwards only (:func:`grouped_attention`); every other forward of the model keeps its implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+NAME = "dllm_lit_grouped_sdpa"
+
+
+def grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Masked attention for ``query [b, h, q, d]`` over ``key``/``value [b, kv, s, d]`` (``h = g * kv``).
+
+    Anything this does not cover (no grouping, no mask, dropout, soft-capping, attention sinks) goes to
+    transformers' own SDPA function unchanged.
+    """
+    group = query.shape[1] // key.shape[1]
+    special = dropout > 0 or any(kwargs.get(name) is not None for name in ("softcap", "s_aux", "position_bias"))
+    if group == 1 or attention_mask is None or special:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    batch, heads, length, dim = query.shape
+    stacked = query.reshape(batch, key.shape[1], group * length, dim)  # head kv*g + j -> rows j*q ..
+    mask = attention_mask[:, :, :, : key.shape[2]].repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, grouped_sdpa)
+
+
+@contextmanager
+def grouped_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model``'s attention through :func:`grouped_sdpa` inside the block (a graph capture or a
+    compiled trace keeps it), and restore the model's own implementation after."""
+    config = model.config
+    own = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = own
