@@ -50,6 +50,9 @@ def main() -> None:
         metavar="WIDTH",
         help="also time lossless mode at these window widths (compared with HF generate)",
     )
+    parser.add_argument(
+        "--backends", nargs="+", default=["eager"], help="engine backends to time (eager, cuda_graph, inductor)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -86,36 +89,38 @@ def main() -> None:
         rows.append(
             (f"{label} reference no-cache loop", label, n / base_time, base_forwards, n / base_forwards, 1.0, "-")
         )
-        engine_time, result = timed(
-            lambda: generate_blocks(
-                model,
-                ids,
-                eos_token_id=eos,
-                add_eos_length=width - 1,
-                refine_iter=refine_iter,
-                max_new_tokens=n,
-                ignore_eos=True,
-            ),
-            args.repeats,
-        )
-        same = result.rows[0].token_ids == base_rows[0][0]
-        exact = refine_iter >= width
-        verdict = ("yes" if same else "NO") + (
-            f", = generate: {'yes' if result.rows[0].token_ids == greedy else 'NO'}" if exact else ""
-        )
-        rows.append(
-            (
-                f"{label} engine (prefix cache)",
-                label,
-                n / engine_time,
-                result.forwards,
-                result.tokens_per_forward,
-                base_time / engine_time,
-                verdict,
+        for backend in args.backends:
+            engine_time, result = timed(
+                lambda: generate_blocks(
+                    model,
+                    ids,
+                    eos_token_id=eos,
+                    add_eos_length=width - 1,
+                    refine_iter=refine_iter,
+                    max_new_tokens=n,
+                    ignore_eos=True,
+                    backend=backend,
+                ),
+                args.repeats,
             )
-        )
+            same = result.rows[0].token_ids == base_rows[0][0]
+            exact = refine_iter >= width
+            verdict = ("yes" if same else "NO") + (
+                f", = generate: {'yes' if result.rows[0].token_ids == greedy else 'NO'}" if exact else ""
+            )
+            rows.append(
+                (
+                    f"{label} engine ({backend})",
+                    label,
+                    n / engine_time,
+                    result.forwards,
+                    result.tokens_per_forward,
+                    base_time / engine_time,
+                    verdict,
+                )
+            )
 
-    for width in args.lossless:
+    for width, backend in ((width, backend) for width in args.lossless for backend in args.backends):
         lossless_time, result = timed(
             lambda: generate_blocks(
                 model,
@@ -125,13 +130,14 @@ def main() -> None:
                 max_new_tokens=n,
                 ignore_eos=True,
                 lossless=True,
+                backend=backend,
             ),
             args.repeats,
         )
         same = "= generate: " + ("yes" if result.rows[0].token_ids == greedy else "NO")
         rows.append(
             (
-                f"lossless W{width}",
+                f"lossless W{width} ({backend})",
                 "-",
                 n / lossless_time,
                 result.forwards,

