@@ -4,23 +4,28 @@
     python benchmarks/bench_hf_generate.py --shape tiny --device cpu --dtype float32 --new-tokens 32
 
 Issue 16 found ``generate`` at 16.8 tok/s inside bench_gpu.py where a plain eager ``generate`` of the
-same shape had read 38.5 tok/s. This times, in one process and on the same inputs, greedy
+same shape had read 38.5 tok/s; in the same bench_gpu run it read 59.6 ms/token with 1024 new tokens
+and 21.0 with 256 (prompt 512 both). This times, in one process and on the same inputs, greedy
 autoregressive decoding five ways: a bare loop (one forward over a ``DynamicCache`` and an argmax
 per token, no per-step host sync); ``generate``; ``generate`` with a static cache; and the engine at
-width 1, eager and compiled. Then it profiles a few ``generate`` steps and prints the operators
-that take the most host time.
+width 1, eager and compiled. Then the ms of each ``generate`` step (a logits-processor clock): with
+``max_new_tokens`` 128, with 1024 but stopped after 128 (does the setting matter?), and a whole
+1024-token run by quarter (does the position?). Last, the operators that take the most host time
+in a few profiled steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
+import time
 
 import torch
 from bench_gpu import SHAPES, add_model_arguments, build, device_name, roofline
 from timing import timed
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, StoppingCriteria
 
 from dllm_lit import generate_blocks
 
@@ -37,10 +42,46 @@ def bare_loop(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     return torch.cat(tokens, 1)
 
 
+class StepClock(LogitsProcessor):
+    """Records the time of every generation step (generate reads the stop flag each step, so the
+    host is in step with the device here)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+    def step_ms(self, parts: int = 1) -> list[float]:
+        """Median ms per step in each of ``parts`` equal stretches of the run."""
+        steps = [b - a for a, b in zip(self.times, self.times[1:])]
+        size = len(steps) // parts
+        return [1e3 * statistics.median(steps[i * size : (i + 1) * size]) for i in range(parts)]
+
+
+class StopAfter(StoppingCriteria):
+    def __init__(self, prompt_len: int, steps: int):
+        self.end = prompt_len + steps
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.end, device=input_ids.device)
+
+
+def generate_steps(model, ids: torch.Tensor, config, max_new: int, stop_after: int | None = None, parts: int = 1):
+    """Median ms per ``generate`` step (by stretch) with ``max_new_tokens=max_new``."""
+    config = copy.deepcopy(config)
+    config.update(max_new_tokens=max_new, min_new_tokens=None)
+    clock = StepClock()
+    stops = [StopAfter(ids.shape[1], stop_after)] if stop_after else []
+    model.generate(ids, generation_config=config, logits_processor=[clock], stopping_criteria=stops)
+    return clock.step_ms(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--prompts", type=int, nargs="+", default=[512, 2048], help="prompt lengths")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[512], help="prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -77,8 +118,13 @@ def main() -> None:
             reference = tokens if name.startswith("bare") else reference
             same = "-" if reference is None else f"{(tokens == reference).float().mean().item():.0%}"
             print(f"| {length} | {name} | {new / seconds:.1f} | {1e3 * seconds / new:.2f} | {same} |", flush=True)
-    activities = [torch.profiler.ProfilerActivity.CPU]
     ids = torch.randint(3, model.config.vocab_size, (1, args.prompts[0]), device=device)
+    print(f"\nms per `generate` step, prompt {ids.shape[1]}:\n")
+    print(f"- max_new_tokens {new}: {generate_steps(model, ids, config, new)[0]:.2f}")
+    print(f"- max_new_tokens 1024, stopped after {new}: {generate_steps(model, ids, config, 1024, new)[0]:.2f}")
+    quarters = ", ".join(f"{ms:.2f}" for ms in generate_steps(model, ids, config, 1024, parts=4))
+    print(f"- max_new_tokens 1024, by quarter of the run: {quarters}", flush=True)
+    activities = [torch.profiler.ProfilerActivity.CPU]
     few = copy.deepcopy(config)
     few.update(max_new_tokens=16, min_new_tokens=16)
     with torch.profiler.profile(activities=activities) as profile:

@@ -223,8 +223,16 @@ def distill(
     val_prompts = unique_prompts(val, seed + 1, exclude=set(train_prompts))
     assert not set(val_prompts) & set(train_prompts), "the held-out split overlaps the training split"
     for name, prompts in (("train", train_prompts), ("val", val_prompts)):
-        answer_all(model, tokenizer, prompts, settings, folder / f"{name}.jsonl", batch_size)
-    print(f"dllm_lit distill: wrote {folder / 'train.jsonl'} and {folder / 'val.jsonl'}", file=sys.stderr)
+        rows, skipped = answer_all(model, tokenizer, prompts, settings, folder / f"{name}.jsonl", batch_size)
+        print(
+            f"dllm_lit distill: {rows} rows -> {folder / name}.jsonl ({skipped} prompts skipped: no EOS "
+            f"within {settings.max_new_tokens} tokens)",
+            file=sys.stderr,
+        )
+        if not rows and prompts:
+            raise ValueError(
+                f"Every {name} answer ran past --model.max_new_tokens {settings.max_new_tokens}: raise it."
+            )
 
 
 def check_manifest(folder: Path, manifest: dict) -> None:
@@ -241,9 +249,12 @@ def check_manifest(folder: Path, manifest: dict) -> None:
     path.write_text(json.dumps(manifest, indent=2))
 
 
-def answer_all(model, tokenizer, prompts: list[str], settings: DecodeSettings, path: Path, batch_size: int):
+def answer_all(
+    model, tokenizer, prompts: list[str], settings: DecodeSettings, path: Path, batch_size: int
+) -> tuple[int, int]:
     """Append a row per prompt not answered yet (longest first, batch by batch, fsynced); prompts
-    whose answer hit the length limit are listed in ``<name>.skipped.json``."""
+    whose answer hit the length limit are listed in ``<name>.skipped.json``. Returns the rows and
+    skipped prompts in the split, this run's and earlier ones'."""
     skipped_path = path.with_name(f"{path.stem}.skipped.json")
     skipped = json.loads(skipped_path.read_text()) if skipped_path.is_file() else []
     answered = (
@@ -270,6 +281,7 @@ def answer_all(model, tokenizer, prompts: list[str], settings: DecodeSettings, p
             os.fsync(f.fileno())
             skipped_path.write_text(json.dumps(skipped))
             bar.update(len(batch))
+    return len(prompts) - len(skipped), len(skipped)
 
 
 def main(args: list[str]) -> None:

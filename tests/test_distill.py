@@ -65,3 +65,10 @@ def test_distill_writes_the_models_own_answers_and_resumes(tiny_dir, tmp_path, m
 
     with pytest.raises(ValueError, match="other settings"):
         distill(tiny_dir, False, SETTINGS, out=str(whole), train=25, val=8, batch_size=8)
+
+
+def test_answers_that_never_stop_are_one_clear_error(tiny_dir, tmp_path, capsys):
+    never = DecodeSettings(max_new_tokens=2)  # the random tiny model does not say EOS within 2 tokens
+    with pytest.raises(ValueError, match="Every train answer ran past --model.max_new_tokens 2: raise it."):
+        distill(tiny_dir, False, never, out=str(tmp_path / "d"), train=4, val=2, batch_size=4)
+    assert "0 rows" in capsys.readouterr().err
