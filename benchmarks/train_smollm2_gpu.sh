@@ -12,6 +12,8 @@
 # writes the adapter ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
 # Not yet run on a card (no GPU was lent when it was written): the sizes are estimates meant to fit
 # about 10 minutes (distill ~4, fit ~2-3, evaluation ~3); cut ROWS / STEPS / LIMIT if not.
+# To ship the result: copy $OUT/smollm2-fast/adapter_config.json and adapter_model.safetensors to
+# dllm_lit/weights/smollm2-fast/ (the `smollm2-fast` alias; its base is recorded as `smollm2`).
 # A dry run of the whole `train` step on a CPU, tiny sizes (about 5 minutes on 2 cores):
 #   PYTHON=.venv/bin/python DEVICE=cpu PRECISION=32-true ROWS=8 VAL=4 STEPS=2 LIMIT=2 ARITH=2 NEW=16 \
 #     BATCH=4 OUT=/tmp/dry bash benchmarks/train_smollm2_gpu.sh train

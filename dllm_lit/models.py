@@ -24,6 +24,13 @@ DEFAULT_MODEL = "smollm2"
 TINY_MODEL = "tiny-char"
 """Alias of a freshly initialised small Llama with a character tokenizer (seed 0), for toy tasks."""
 
+FAST_MODEL = "smollm2-fast"
+"""Alias of SmolLM2-135M-Instruct block-trained with ``dllm_lit fit``: a LoRA adapter shipped in this
+package (``dllm_lit/weights/smollm2-fast``), merged onto the embedded model at load."""
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+"""Where the package keeps its shipped adapters."""
+
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -97,6 +104,13 @@ def resolve(model_name_or_path: str) -> Path:
         return convert_gguf(embedded_gguf(), cache_dir() / "smollm2-135m-instruct")
     if model_name_or_path == TINY_MODEL:
         return _tiny_model(cache_dir() / TINY_MODEL)
+    if model_name_or_path == FAST_MODEL:
+        if not is_adapter(WEIGHTS / FAST_MODEL):
+            raise ModelLoadError(
+                f"This version of dllm_lit does not ship the {FAST_MODEL!r} adapter yet (it comes from a GPU "
+                f"run of benchmarks/train_smollm2_gpu.sh): use {DEFAULT_MODEL!r}."
+            )
+        return WEIGHTS / FAST_MODEL
     path = Path(model_name_or_path).expanduser()
     if not path.exists():
         raise ModelLoadError(

@@ -356,3 +356,25 @@ def test_a_lora_fit_lowers_the_loss_and_its_adapter_round_trips(tiny_dir, tmp_pa
         for m in (fitted, merged)
     ]
     assert answers[0] == answers[1] and answers[0]
+
+
+def test_the_shipped_adapter_alias_loads_offline_merged_onto_its_base(tiny_dir, tmp_path, monkeypatch):
+    """``smollm2-fast`` is an adapter in the package: it resolves without a hub, merged at load."""
+    from dllm_lit import models
+    from dllm_lit.adapters import add_lora
+
+    with pytest.raises(models.ModelLoadError, match="does not ship the 'smollm2-fast' adapter yet"):
+        monkeypatch.setattr(models, "WEIGHTS", tmp_path / "none")
+        models.load_model(models.FAST_MODEL)
+    adapted = add_lora(models.load_model(tiny_dir), 4, None, 0.0, base_name=tiny_dir)
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    adapted.save_pretrained(tmp_path / "weights" / models.FAST_MODEL)
+    monkeypatch.setattr(models, "WEIGHTS", tmp_path / "weights")
+    ids = models.load_tokenizer(models.FAST_MODEL)("12+34=", return_tensors="pt").input_ids
+    with torch.no_grad():
+        shipped = models.load_model(models.FAST_MODEL)(ids).logits
+        torch.testing.assert_close(shipped, adapted.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(shipped, models.load_model(tiny_dir)(ids).logits, atol=1e-3)
