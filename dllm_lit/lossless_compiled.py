@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dllm_lit.compiled import HostCopy, StaticForward
+from dllm_lit.compiled import HostCopy, StaticForward, compacted_positions
 from dllm_lit.ledger import RowLedger
 from dllm_lit.lossless import next_draft, verifier
 from dllm_lit.settings import DecodeSettings
@@ -34,70 +34,106 @@ def decode_lossless_static(
     longest = int(ledger.budget.max())
     # A finished row's slot may sit W - 1 past its budget, and a pass writes W more slots there.
     cache_len = -(-(prompt_len + longest + 2 * width) // 64) * 64  # round up: reuse graphs across calls
-    forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
+    inductor = settings.backend == "inductor"
+    forward = StaticForward.for_model(model, batch, cache_len, inductor)
     forward.reset(prompt_mask)
     verify = verifier(settings, device)
-    state = _DeviceRows(batch, longest + 2 * width, prompt_len - 1, device)
+    state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1)
     draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
     logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False)  # the prefill
     lag = device.type == "cuda"
     pending = None
     for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late read
         tokens, accepted, guesses = verify(logits, draft)
-        last = state.accept(tokens, accepted, ledger)
+        last = state.accept(tokens, accepted, ledger.stop_ids)
         draft = next_draft(guesses, accepted.clamp(min=1), fill)
         if lag:  # the host reads the state of one pass ago, the GPU stays busy
             seen, pending = (None if pending is None else pending.read().tolist()), HostCopy(state.progress())
-            # since then, each row's slot moved at most W: this pass writes below furthest + 2W
-            done, end = (False, None) if seen is None else (seen[0], seen[1] + 2 * width)
         else:
-            done, furthest = state.progress().tolist()
-            end = furthest + width
-        if done:
-            break
+            seen = state.progress().tolist()
+        if seen is None:
+            end = None
+        else:
+            finished, furthest = seen[:-1], seen[-1]
+            if all(finished):
+                break
+            # since the read, each row's slot moved at most W: this pass writes below furthest + 2W
+            end = furthest + (2 if lag else 1) * width
+            alive = [position for position, done in enumerate(finished) if not done]
+            if len(alive) <= forward.batch // 2:  # finished rows would cost compute: shrink the batch
+                positions = compacted_positions(list(range(forward.batch)), alive)
+                smaller = StaticForward.for_model(model, len(positions), cache_len, inductor)
+                forward.move_rows(positions, smaller)
+                forward, last, draft, pending = smaller, last[positions], draft[positions], None
+                state.keep(positions)
         logits = forward(torch.cat([last[:, None], draft], 1), state.start, width, end=end)
     state.replay_into(ledger)
 
 
 class _DeviceRows:
     """Per-row decoding state on device: output buffer, generated count, cache slot of the next
-    ``last`` token, whether the row finished and after how many passes, and the accepted counts."""
+    ``last`` token, whether the row finished and after how many passes, and the accepted counts.
+    ``rows`` are the ledger rows of the batch positions; rows that leave the batch are ``retired``."""
 
-    def __init__(self, batch: int, capacity: int, first_slot: int, device: torch.device):
+    def __init__(self, budget: torch.Tensor, capacity: int, first_slot: int):
+        batch, device = budget.shape[0], budget.device
+        self.rows = list(range(batch))
+        self.budget = budget
         self.out = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.generated = torch.zeros(batch, dtype=torch.long, device=device)
         self.start = torch.full((batch,), first_slot, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.finished_after = torch.zeros(batch, dtype=torch.long, device=device)
         self.accepted: list[torch.Tensor] = []
+        self.retired: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def accept(self, tokens: torch.Tensor, accepted: torch.Tensor, ledger: RowLedger) -> torch.Tensor:
+    def accept(self, tokens: torch.Tensor, accepted: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
         """Record one pass (finished rows accept nothing); return each row's new ``last`` token."""
         accepted = torch.where(self.done, 0, accepted)
         self.accepted.append(accepted)
         columns = self.generated[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         self.out.scatter_(1, columns, tokens)
         fresh = torch.arange(tokens.shape[1], device=tokens.device) < accepted[:, None]
-        stopped = (torch.isin(tokens, ledger.stop_ids) & fresh).any(1)
+        stopped = (torch.isin(tokens, stop_ids) & fresh).any(1)
         self.generated += accepted
         self.start += accepted
-        newly_done = ~self.done & (stopped | (self.generated >= ledger.budget))
+        newly_done = ~self.done & (stopped | (self.generated >= self.budget))
         self.finished_after = torch.where(newly_done, len(self.accepted), self.finished_after)
         self.done |= newly_done
         return tokens.gather(1, (accepted - 1).clamp(min=0)[:, None]).squeeze(1)
 
     def progress(self) -> torch.Tensor:
-        """``[every row finished, the furthest row's slot]`` as one device tensor (one host copy)."""
-        return torch.stack([self.done.all().long(), self.start.max()])
+        """Each position's ``done`` and the furthest row's slot, as one device tensor (one host copy)."""
+        return torch.cat([self.done.long(), self.start.max()[None]])
+
+    def keep(self, positions: list[int]) -> None:
+        """Keep only these batch positions, in this order; the others (finished) retire with their results."""
+        gone = [position for position in range(len(self.rows)) if position not in positions]
+        if gone:
+            self.retired.append(
+                ([self.rows[p] for p in gone], self.out[gone], self.generated[gone], self.finished_after[gone])
+            )
+        self.rows = [self.rows[p] for p in positions]
+        for name in ("budget", "out", "generated", "start", "done", "finished_after"):
+            setattr(self, name, getattr(self, name)[positions])
 
     def replay_into(self, ledger: RowLedger) -> None:
         """Give the ledger the passes as the eager loop would: forwards, accepted counts of the
         active rows, and each row's tokens at the pass it finished (the ledger cuts them)."""
-        finished_after = self.finished_after.tolist()
-        out, generated = self.out, self.generated
-        for index, counts in enumerate(torch.stack(self.accepted).tolist()[: max(finished_after)], start=1):
+        rows, out, generated, finished_after = self.rows, self.out, self.generated, self.finished_after
+        for retired_rows, *results in self.retired:
+            rows = rows + retired_rows
+            out, generated, finished_after = (
+                torch.cat([a, b]) for a, b in zip((out, generated, finished_after), results)
+            )
+        after = finished_after.tolist()
+        counts = torch.cat(self.accepted).tolist()  # one host copy, then split pass by pass
+        for index in range(1, max(after) + 1):
+            size = self.accepted[index - 1].shape[0]
             ledger.count_forward()
-            ledger.end_pass(torch.tensor([n for n in counts if n > 0]))
-            rows = [row for row, after in enumerate(finished_after) if after == index]
-            if rows:
-                ledger.commit(rows, out[rows], ledger.budget[rows], limit=generated[rows])
+            ledger.end_pass(torch.tensor([n for n in counts[:size] if n > 0]))
+            counts = counts[size:]
+            finishing = sorted((p for p, pass_index in enumerate(after) if pass_index == index), key=rows.__getitem__)
+            if finishing:
+                ledger_rows = [rows[p] for p in finishing]
+                ledger.commit(ledger_rows, out[finishing], ledger.budget[ledger_rows], limit=generated[finishing])

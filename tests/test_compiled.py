@@ -55,9 +55,10 @@ def test_rows_that_stop_at_different_times(model):
 STOPPING = [p[:3] + [EOS] + p[3:] for p in random_prompts([6, 9, 2, 14, 7, 3], seed=3)]
 
 
-def test_finished_rows_leave_the_batch(model, monkeypatch):
+@pytest.mark.parametrize("lossless", [False, True], ids=["block", "lossless"])
+def test_finished_rows_leave_the_batch(model, monkeypatch, lossless):
     """Once half the rows finished, the rest move to a smaller captured batch (a power of two): same
-    tokens, forwards and stop reasons as the eager loop, where every row decodes to its end."""
+    tokens, forwards, stop reasons (and accepted counts) as the eager loop, where rows decode to their end."""
     moves = []
     move_rows = StaticForward.move_rows
 
@@ -68,8 +69,11 @@ def test_finished_rows_leave_the_batch(model, monkeypatch):
     monkeypatch.setattr(StaticForward, "move_rows", recorded)
     prompts = random_prompts([2, 20, 5, 14, 9, 30], seed=4)  # max_length: each row its own budget
     settings = dict(add_eos_length=3, refine_iter=2, max_new_tokens=60, max_length=40)
+    if lossless:
+        settings.update(lossless=True, adaptive_window=False)
     eager = run(model, prompts, **settings)
-    assert summary(run(model, prompts, backend="cuda_graph", **settings)) == summary(eager)
+    compiled = run(model, prompts, backend="cuda_graph", **settings)
+    assert summary(compiled) == summary(eager) and compiled.accepted_per_pass == eager.accepted_per_pass
     assert moves and moves[0][0] == 6 and all(new == count < old for old, new, count in moves), moves
 
 
