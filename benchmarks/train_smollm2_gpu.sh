@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 GPU=.gpu
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" ROWS="${ROWS:-2000}" VAL="${VAL:-200}"
-STEPS="${STEPS:-800}" LIMIT="${LIMIT:-100}" ARITH="${ARITH:-40}" NEW="${NEW:-256}" BATCH="${BATCH:-16}"
+STEPS="${STEPS:-800}" LIMIT="${LIMIT:-100}" ARITH="${ARITH:-100}" NEW="${NEW:-256}" BATCH="${BATCH:-16}"
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
