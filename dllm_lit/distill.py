@@ -195,6 +195,10 @@ def distill(
 ) -> None:
     """Write ``OUT/train.jsonl`` and ``OUT/val.jsonl``: prompts and the model's own greedy answers.
 
+    Answers are decoded in lossless mode with a window of one token (``--model.add_eos_length`` is
+    ignored): the answer is the same at any window, and an ordinary model accepts almost no drafted
+    token, so in a batch wider windows only cost compute.
+
     Args:
         out: Output directory (resumed when it holds a run with the same settings).
         train: Training prompts.
@@ -205,7 +209,7 @@ def distill(
         device: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda``.
     """
     folder = Path(out)
-    settings = settings.replace(lossless=True, temperature=0.0, backend="eager")  # the model's own greedy answer
+    settings = settings.replace(lossless=True, add_eos_length=0, temperature=0.0, backend="eager")  # own greedy answer
     manifest = {
         "model": model_name_or_path,
         "train": train,

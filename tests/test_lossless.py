@@ -151,6 +151,9 @@ def test_the_window_narrows_while_drafts_fail_and_widens_when_one_is_accepted():
     widths += [schedule.next_width(8, two), schedule.next_width(8, one), schedule.next_width(8, one)]
     assert widths == [8, 1, 1, 1, 1, 8, 8, 1, 1, 1, 1, 1, 1, 1, 1, 8, 8, 8, 1]
     assert schedule.narrow_left == 3, "an accepted draft resets the back-off to 4"
+    batch = WindowSchedule(8, adaptive=True)
+    lone = torch.tensor([1, 1, 1, 2])  # one draft token over four rows does not pay for a wide pass
+    assert [batch.next_width(8, lone), batch.next_width(8, lone), batch.next_width(1, lone)] == [8, 1, 1]
     assert {WindowSchedule(8, adaptive=False).next_width(8, one) for _ in range(5)} == {8}
 
 
