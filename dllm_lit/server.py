@@ -29,6 +29,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
+from starlette.exceptions import HTTPException
 
 from dllm_lit.data import PromptError, encode_prompt
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
@@ -274,7 +275,20 @@ def build_server(
     spec = OpenAIBlockSpec(model_name_or_path, trust_remote_code, settings, served_model_name, api_key, cancelled)
     api = BlockDecodingAPI(spec, dtype, max_batch_size, batch_timeout)
     accelerator = "auto" if device == "auto" else device
-    return ls.LitServer(api, accelerator=accelerator, devices=1, timeout=timeout)
+    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=timeout)
+    server.app.add_exception_handler(HTTPException, openai_http_error)
+    return server
+
+
+async def openai_http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """FastAPI's own errors (unknown path, wrong method) in OpenAI's error body."""
+    message = str(error.detail)
+    if error.status_code in (404, 405):
+        message = (
+            f"No endpoint {request.method} {request.url.path}: this server has POST /v1/chat/completions, "
+            "POST /v1/completions and GET /v1/models."
+        )
+    return JSONResponse(OpenAIError(error.status_code, message).body(), error.status_code, headers=error.headers)
 
 
 def check_port(host: str, port: int) -> None:

@@ -103,6 +103,9 @@ def chat_text(client, model: str, content: str, stream: bool = False, **kwargs) 
 def test_models_and_health(server, client, tiny_dir):
     assert [m.id for m in client.models.list().data] == [tiny_dir]
     assert requests.get(f"{server[0]}/health").status_code == 200
+    for path, status in (("/v1/nothing", 404), ("/v1/completions", 405)):  # FastAPI's errors, OpenAI-shaped
+        reply = requests.get(f"{server[0]}{path}")
+        assert reply.status_code == status and "this server has POST /v1/chat" in reply.json()["error"]["message"]
 
 
 @pytest.mark.slow
