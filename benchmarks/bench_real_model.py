@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1, help="1 measures per-prompt latency, as generate")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--hf-limit", type=int, help="time HF generate on the first N prompts only (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", help="write tokens/forward against agreement to this PNG")
     args = parser.parse_args()
@@ -104,7 +105,7 @@ def main() -> None:
         model = load_model(name).to(args.device)
         limit = dict(max_new_tokens=args.max_new_tokens)
         if label == "base":
-            seconds, tokens = hf_generate_seconds(model, tokenizer, prompts, args.max_new_tokens)
+            seconds, tokens = hf_generate_seconds(model, tokenizer, prompts[: args.hf_limit], args.max_new_tokens)
             table.append((label, "HF generate", 1.0, tokens / seconds, None, None))
         own = None
         for mode in ["AR"] + [m for m in args.modes if m != "AR"]:

@@ -12,7 +12,10 @@
 # (examples/smollm2_distill, made on a CPU with `dllm_lit distill`), STEPS steps, and writes the adapter
 # ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
 # Not yet run on a card (no GPU was lent when it was written): the sizes are estimates meant to fit
-# about 10 minutes (fit ~5, evaluation ~3); cut STEPS / LIMIT if not.
+# about 8 minutes (fit ~4, a quick evaluation on 32 + 32 prompts ~2); cut STEPS / LIMIT if not. The
+# full evaluation (>= 200 prompts, every mode, the chart) runs on a CPU afterwards with the adapter:
+#   python benchmarks/bench_real_model.py --prompts examples/smollm2_distill/val.jsonl --limit 200 \
+#     --batch-size 16 --trained dllm_lit/weights/smollm2-fast --plot docs/speed_quality.png
 # To ship the result: copy $OUT/smollm2-fast/adapter_config.json and adapter_model.safetensors to
 # dllm_lit/weights/smollm2-fast/ (the `smollm2-fast` alias; its base is recorded as `smollm2`).
 # A dry run of the whole `train` step on a CPU, tiny sizes (about 5 minutes on 2 cores):
@@ -23,7 +26,7 @@ cd "$(dirname "$0")/.."
 GPU=.gpu
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" DATA=examples/smollm2_distill
-STEPS="${STEPS:-800}" LIMIT="${LIMIT:-100}" ARITH="${ARITH:-100}" NEW="${NEW:-256}" BATCH="${BATCH:-16}"
+STEPS="${STEPS:-800}" LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}" BATCH="${BATCH:-16}"
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
@@ -49,11 +52,12 @@ train)
   mkdir -p "$OUT"
   "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml --data.batch_size "$BATCH" \
     --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \
-    --trainer.max_steps "$STEPS" --trainer.val_check_interval "$(( (STEPS + 1) / 2 ))" \
+    --trainer.max_steps "$STEPS" --trainer.val_check_interval "$(( (STEPS + 1) / 2 ))" --trainer.limit_val_batches 2 \
     --trainer.enable_checkpointing false --trainer.logger.init_args.save_dir "$OUT/logs" \
     --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" 2>&1 | tail -20
   "$PY" benchmarks/bench_real_model.py --prompts "$DATA/val.jsonl" --limit "$LIMIT" --arithmetic "$ARITH" \
-    --max-new-tokens "$NEW" --batch-size 16 --trained "$OUT/smollm2-fast" --device "$DEVICE" | tee "$OUT/eval.md"
+    --max-new-tokens "$NEW" --batch-size 32 --hf-limit 8 --modes AR "lossless W16" "blk16 R2" \
+    --trained "$OUT/smollm2-fast" --device "$DEVICE" | tee "$OUT/eval.md"
   du -sh "$OUT"/*
   ;;
 *)
