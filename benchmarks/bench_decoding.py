@@ -18,6 +18,7 @@ import copy
 import os
 import platform
 import sys
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -65,6 +66,11 @@ def main() -> None:
     ids = tokenizer(TEXT * (args.prompt_tokens // 40 + 2), return_tensors="pt").input_ids[:, : args.prompt_tokens]
     n = args.new_tokens
 
+    def engine(**settings):
+        """Median seconds and the result of the engine on the prompt (EOS not a stop: n tokens)."""
+        run = partial(generate_blocks, model, ids, eos_token_id=eos, max_new_tokens=n, ignore_eos=True, **settings)
+        return timed(run, args.repeats)
+
     rows = []
     no_stop = copy.deepcopy(model.generation_config)
     no_stop.update(eos_token_id=None, pad_token_id=eos, max_new_tokens=n, do_sample=False)
@@ -90,19 +96,7 @@ def main() -> None:
             (f"{label} reference no-cache loop", label, n / base_time, base_forwards, n / base_forwards, 1.0, "-")
         )
         for backend in args.backends:
-            engine_time, result = timed(
-                lambda: generate_blocks(
-                    model,
-                    ids,
-                    eos_token_id=eos,
-                    add_eos_length=width - 1,
-                    refine_iter=refine_iter,
-                    max_new_tokens=n,
-                    ignore_eos=True,
-                    backend=backend,
-                ),
-                args.repeats,
-            )
+            engine_time, result = engine(add_eos_length=width - 1, refine_iter=refine_iter, backend=backend)
             same = result.rows[0].token_ids == base_rows[0][0]
             exact = refine_iter >= width
             verdict = ("yes" if same else "NO") + (
@@ -121,19 +115,7 @@ def main() -> None:
             )
 
     for width, backend in ((width, backend) for width in args.lossless for backend in args.backends):
-        lossless_time, result = timed(
-            lambda: generate_blocks(
-                model,
-                ids,
-                eos_token_id=eos,
-                add_eos_length=width - 1,
-                max_new_tokens=n,
-                ignore_eos=True,
-                lossless=True,
-                backend=backend,
-            ),
-            args.repeats,
-        )
+        lossless_time, result = engine(add_eos_length=width - 1, lossless=True, backend=backend)
         same = "= generate: " + ("yes" if result.rows[0].token_ids == greedy else "NO")
         rows.append(
             (

@@ -111,6 +111,13 @@ class StaticForward:
         self.valid[:, : prompt_mask.shape[1]] = prompt_mask.bool()
         self.pad.copy_((prompt_mask == 0).sum(1, keepdim=True))
 
+    def shrink(self, positions: list[int]) -> StaticForward:
+        """The model's :class:`StaticForward` for ``len(positions)`` rows, holding rows ``positions``
+        of this batch (in that order), to decode them on."""
+        smaller = StaticForward.for_model(self.model(), len(positions), self.cache_len, self.inductor)
+        self.move_rows(positions, smaller)
+        return smaller
+
     def move_rows(self, positions: list[int], target: StaticForward) -> None:
         """Copy rows ``positions`` of this batch (their cache, padding and valid slots) into ``target``,
         in that order, so that it decodes them on from here."""
@@ -226,8 +233,7 @@ def decode_static(
     budgets = ledger.budget.tolist()
     blocks = -(-max(budgets) // width)
     cache_len = -(-(prompt_len + blocks * width) // 64) * 64  # round up: reuse graphs across calls
-    inductor = settings.backend == "inductor"
-    forward = StaticForward.for_model(model, batch, cache_len, inductor)
+    forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
     pick = build_picker(settings, device)
     members = list(range(batch))  # the ledger row at each position of the batch
@@ -237,9 +243,7 @@ def decode_static(
         start = prompt_len + index * width  # cache slot of the block's first token
         if block is not None and len(alive) <= forward.batch // 2:
             positions = compacted_positions(members, alive)
-            smaller = StaticForward.for_model(model, len(positions), cache_len, inductor)
-            forward.move_rows(positions, smaller)
-            forward, block, members = smaller, block[positions], [members[p] for p in positions]
+            forward, block, members = forward.shrink(positions), block[positions], [members[p] for p in positions]
         on = torch.tensor([row in alive for row in members], device=device)
         room = torch.where(on, ledger.budget[members] - index * width, 0)
         fills = torch.full((forward.batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)

@@ -34,8 +34,7 @@ def decode_lossless_static(
     longest = int(ledger.budget.max())
     # A finished row's slot may sit W - 1 past its budget, and a pass writes W more slots there.
     cache_len = -(-(prompt_len + longest + 2 * width) // 64) * 64  # round up: reuse graphs across calls
-    inductor = settings.backend == "inductor"
-    forward = StaticForward.for_model(model, batch, cache_len, inductor)
+    forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
     verify = verifier(settings, device)
     state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1)
@@ -62,9 +61,7 @@ def decode_lossless_static(
             alive = [position for position, done in enumerate(finished) if not done]
             if len(alive) <= forward.batch // 2:  # finished rows would cost compute: shrink the batch
                 positions = compacted_positions(list(range(forward.batch)), alive)
-                smaller = StaticForward.for_model(model, len(positions), cache_len, inductor)
-                forward.move_rows(positions, smaller)
-                forward, last, draft, pending = smaller, last[positions], draft[positions], None
+                forward, last, draft, pending = forward.shrink(positions), last[positions], draft[positions], None
                 state.keep(positions)
         logits = forward(torch.cat([last[:, None], draft], 1), state.start, width, end=end)
     state.replay_into(ledger)
