@@ -12,7 +12,8 @@
 # 3. on the 8B shape: bench_gpu.py (graphs on the issue's workloads 0 5 6; lossless and HF generate
 #    at 512+256, workloads 7 8), bench_attention.py (one forward, old vs new attention) and
 #    bench_hf_generate.py (why generate read 16.8 tok/s); inductor only at workload 0.
-# CHECK_ACCEL=cpu runs steps 1-2 on the CPU (bf16 steps skipped) to check the script itself.
+# CHECK_ACCEL=cpu runs steps 1-2 on the CPU (bf16 steps skipped) to check the script itself;
+# CHECK_BENCH=0 skips step 3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -86,7 +87,7 @@ PYEOF
   fi
 done
 
-if [ "$ACCEL" = gpu ]; then
+if [ "$ACCEL" = gpu ] && [ "${CHECK_BENCH:-1}" = 1 ]; then
   log "3. 8B shape: bench_gpu.py, bench_attention.py, bench_hf_generate.py"
   "$PY" benchmarks/bench_gpu.py --modes compiled --workloads 0 5 6 --repeats 3 2>"$OUT/bench_gpu.err" \
     | tee "$OUT/bench_gpu.md"

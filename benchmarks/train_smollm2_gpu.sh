@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 GPU=.gpu
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" DATA=examples/smollm2_distill
-STEPS="${STEPS:-800}" LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}" BATCH="${BATCH:-16}"
+STEPS="${STEPS:-800}" MAX_TIME="${MAX_TIME:-00:00:05:00}" LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}" BATCH="${BATCH:-16}"
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
@@ -52,9 +52,11 @@ train)
   mkdir -p "$OUT"
   "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml --data.batch_size "$BATCH" \
     --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \
-    --trainer.max_steps "$STEPS" --trainer.val_check_interval "$(( (STEPS + 1) / 2 ))" --trainer.limit_val_batches 2 \
+    --trainer.max_steps "$STEPS" --trainer.max_time "$MAX_TIME" --trainer.val_check_interval "$(( (STEPS + 1) / 2 ))" --trainer.limit_val_batches 2 \
     --trainer.enable_checkpointing false --trainer.logger.init_args.save_dir "$OUT/logs" \
-    --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" 2>&1 | tail -20
+    --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" 2>&1 | tee "$OUT/fit.log" | tail -20
+  cp "$(find "$OUT/logs" -name metrics.csv | head -1)" "$OUT/metrics.csv"  # $OUT/logs/*/*/ is too deep to come back
+  (cd "$OUT/smollm2-fast" && rm -f README.md chat_template.jinja tokenizer.json tokenizer_config.json)
   "$PY" benchmarks/bench_real_model.py --prompts "$DATA/val.jsonl" --limit "$LIMIT" --arithmetic "$ARITH" \
     --max-new-tokens "$NEW" --batch-size 32 --hf-limit 8 --modes AR "lossless W16" "blk16 R2" \
     --trained "$OUT/smollm2-fast" --device "$DEVICE" | tee "$OUT/eval.md"
