@@ -52,7 +52,8 @@ def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path) -> Path:
 
 
 class HFExport(L.Callback):
-    """Save the trained model as a Hugging Face directory when ``fit`` ends (rank 0).
+    """Save the trained model as a Hugging Face directory when ``fit`` ends (rank 0), and after each
+    validation during ``fit``, so a run stopped early still leaves its latest model.
 
     Args:
         output_dir: Where to write the model and tokenizer.
@@ -64,6 +65,10 @@ class HFExport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
         if trainer.is_global_zero:
             save_hf(pl_module, self.output_dir)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.on_train_end(trainer, pl_module)
 
 
 def main(argv: list[str] | None = None) -> None:

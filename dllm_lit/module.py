@@ -17,7 +17,7 @@ from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import BlockGeneration
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
 from dllm_lit.settings import DecodeSettings
-from dllm_lit.training import iterative_refine_losses, response_cross_entropy, weighted_total
+from dllm_lit.training import iterative_refine_losses, weighted_total
 
 
 @dataclass
@@ -184,7 +184,7 @@ class BlockRefineLM(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The iterative refine loss; logs each round's loss and the weighted total."""
         hp = self.hparams
-        losses = iterative_refine_losses(
+        losses, ar_loss = iterative_refine_losses(
             self.model,
             batch["input_ids"],
             batch["response_mask"],
@@ -192,13 +192,12 @@ class BlockRefineLM(L.LightningModule):
             num_iterations=hp.num_iterations,
             noise_min=hp.noise_min,
             noise_max=hp.noise_max,
+            clean_loss=bool(hp.get("ar_loss_weight")),
         )
         for round_index, loss in enumerate(losses):
             self.log(f"train/loss_round{round_index}", loss)
         total = weighted_total(losses, hp.loss_weights)
-        if hp.get("ar_loss_weight"):
-            clean = self.model(input_ids=batch["input_ids"]).logits
-            ar_loss = response_cross_entropy(clean, batch["input_ids"], batch["response_mask"].bool())
+        if ar_loss is not None:
             self.log("train/loss_ar", ar_loss)
             total = total + hp.ar_loss_weight * ar_loss
         self.log("train/loss", total, prog_bar=True)

@@ -70,7 +70,8 @@ def iterative_refine_losses(
     noise_min: float = 0.0,
     noise_max: float = 1.0,
     generator: torch.Generator | None = None,
-) -> list[torch.Tensor]:
+    clean_loss: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """One loss per round; round ``k > 0`` feeds round ``k - 1``'s greedy predictions shifted by one.
 
     Args:
@@ -82,20 +83,30 @@ def iterative_refine_losses(
         noise_min: Lower bound of the per-row noise fraction.
         noise_max: Upper bound of the per-row noise fraction.
         generator: Random generator for the noise.
+        clean_loss: Also score the clean (un-noised) rows, the autoregressive loss, in the same
+            forward as round 0 (stacked along the batch: one pass fewer per step).
+
+    Returns:
+        The rounds' losses, and the autoregressive loss (None unless ``clean_loss``).
     """
     response_mask = response_mask.bool()
+    rows = input_ids.shape[0]
     inputs = noise_response(
         input_ids, response_mask, fill_id=fill_id, noise_min=noise_min, noise_max=noise_max, generator=generator
     )
-    losses = []
+    losses, clean = [], None
     for round_index in range(num_iterations):
-        logits = model(input_ids=inputs).logits
+        stack_clean = clean_loss and round_index == 0
+        logits = model(input_ids=torch.cat([inputs, input_ids]) if stack_clean else inputs).logits
+        if stack_clean:
+            logits, clean_logits = logits[:rows], logits[rows:]
+            clean = response_cross_entropy(clean_logits, input_ids, response_mask)
         losses.append(response_cross_entropy(logits, input_ids, response_mask))
         if round_index + 1 < num_iterations:
             predicted = logits.argmax(-1).detach()
             shifted = torch.cat([input_ids[:, :1], predicted[:, :-1]], dim=1)  # token p <- prediction at p-1
             inputs = torch.where(response_mask, shifted, input_ids)
-    return losses
+    return losses, clean
 
 
 def weighted_total(losses: Sequence[torch.Tensor], weights: Sequence[float] | None) -> torch.Tensor:

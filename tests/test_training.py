@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ import torch
 from conftest import EOS, MODELS, ROOT, run_dllm_lit
 from dllm_lit.answers import extract_answer, is_correct
 from dllm_lit.data import PromptError, SFTDataset
-from dllm_lit.export import export_checkpoint
+from dllm_lit.export import HFExport, export_checkpoint
+from dllm_lit.module import BlockRefineLM
 from dllm_lit.tasks import write_task
 from dllm_lit.tiny import char_tokenizer
 from dllm_lit.training import (
@@ -80,7 +82,7 @@ def test_every_round_has_gradients_and_later_rounds_feed_shifted_predictions():
     ids, mask = sft_batch()
     seen_inputs = []
     hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen_inputs.append(args[0].clone()))
-    losses = iterative_refine_losses(
+    losses, clean = iterative_refine_losses(
         model,
         ids,
         mask,
@@ -91,7 +93,7 @@ def test_every_round_has_gradients_and_later_rounds_feed_shifted_predictions():
         generator=torch.Generator().manual_seed(0),
     )
     hook.remove()
-    assert len(losses) == 3 and len(seen_inputs) == 3
+    assert len(losses) == 3 and len(seen_inputs) == 3 and clean is None
     for loss in losses:
         grads = torch.autograd.grad(loss, [p for p in model.parameters()], retain_graph=True, allow_unused=True)
         assert sum(g.abs().sum() for g in grads if g is not None) > 0
@@ -100,6 +102,41 @@ def test_every_round_has_gradients_and_later_rounds_feed_shifted_predictions():
     round1 = seen_inputs[1]
     assert torch.equal(round1[:, :5], ids[:, :5])
     assert torch.equal(round1[:, 5:], predicted[:, 4:13])
+
+
+def test_the_autoregressive_loss_shares_round_0s_forward():
+    model = MODELS["llama"]()
+    ids, mask = sft_batch()
+    ids[4:, 12:] = 0  # right padding makes rows of different lengths
+    mask[4:, 12:] = False
+    seed = dict(fill_id=EOS, num_iterations=2, noise_min=0.2, noise_max=0.8)
+    alone, none = iterative_refine_losses(model, ids, mask, generator=torch.Generator().manual_seed(3), **seed)
+    calls = []
+    record = lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape)  # noqa: E731
+    hook = model.register_forward_hook(record, with_kwargs=True)
+    stacked, clean = iterative_refine_losses(
+        model, ids, mask, generator=torch.Generator().manual_seed(3), clean_loss=True, **seed
+    )
+    hook.remove()
+    assert none is None and calls == [(16, 14), (8, 14)]  # two passes, not three
+    torch.testing.assert_close(torch.stack(stacked), torch.stack(alone))
+    expected = response_cross_entropy(model(input_ids=ids).logits, ids, mask)  # a separate clean pass
+    torch.testing.assert_close(clean, expected)
+    grads = torch.autograd.grad(clean, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+
+
+def test_the_export_is_refreshed_after_each_validation_during_fit(tiny_dir, tmp_path):
+    module = BlockRefineLM(model_name_or_path=tiny_dir)
+    module.configure_model()
+    export, out = HFExport(str(tmp_path / "out")), tmp_path / "out"
+    for fn, sanity in (("validate", False), ("fit", True)):
+        trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), sanity_checking=sanity, is_global_zero=True)
+        export.on_validation_end(trainer, module)
+        assert not out.exists()
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), sanity_checking=False, is_global_zero=True)
+    export.on_validation_end(trainer, module)
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
 
 
 def test_truncation_policies():
