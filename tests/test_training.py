@@ -75,6 +75,10 @@ def test_loss_ignores_prompt_positions():
     assert grad[:, :4].abs().sum() == 0
     assert grad[:, 4:13].abs().sum(-1).gt(0).all()
     assert grad[:, 13].abs().sum() == 0  # nothing follows the last position
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:13].reshape(-1, 96), ids[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    nothing = response_cross_entropy(logits, ids, torch.zeros_like(mask))
+    assert nothing.item() == 0 and torch.autograd.grad(nothing, logits)[0].abs().sum() == 0
 
 
 def test_every_round_has_gradients_and_later_rounds_feed_shifted_predictions():

@@ -1,0 +1,99 @@
+"""Time one LoRA training step of `dllm_lit fit`'s objective (issue 13), two ways side by side.
+
+    python benchmarks/bench_train_step.py                        # the launch-bound proxy, CPU
+    python benchmarks/bench_train_step.py --shape smollm2 --device cuda --dtype bfloat16
+
+A step is the iterative-refine rounds plus the autoregressive loss, backward, AdamW. "stacked" is what
+`fit` runs (the clean rows share round 0's forward: 2 passes for 2 rounds); "separate" is the earlier
+step (a third forward for the clean rows). ``--shape narrow`` keeps SmolLM2's 30 layers and LoRA on
+every linear layer but makes each layer tiny, so the time is the per-operation overhead that bounds a
+135M model on a GPU; ``--shape smollm2`` is the real size (random weights). Prints ms per step, rows
+per second and operators dispatched per step, for each batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from timing import timed
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dllm_lit.adapters import add_lora
+from dllm_lit.training import iterative_refine_losses, response_cross_entropy
+
+SMOLLM2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+SHAPES = {
+    "narrow": dict(SMOLLM2, hidden_size=72, intermediate_size=144, vocab_size=512),
+    "smollm2": dict(SMOLLM2, hidden_size=576, intermediate_size=1536, vocab_size=49152),
+}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operators dispatched (each one a kernel launch or more on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step(model, optimizer, ids, mask, stacked: bool) -> None:
+    """One training step: rounds + autoregressive loss, backward, optimizer."""
+    losses, clean = iterative_refine_losses(model, ids, mask, fill_id=0, num_iterations=2, clean_loss=stacked)
+    if not stacked:
+        clean = response_cross_entropy(model(input_ids=ids).logits, ids, mask)
+    (sum(losses) + clean).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="narrow")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="autocast dtype on CUDA (bfloat16), else float32")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--length", type=int, default=256, help="tokens per row (half prompt, half response)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(device)
+    model = add_lora(model, 8, 16, 0.0, base_name="random")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
+    print(f"`python benchmarks/bench_train_step.py --shape {args.shape} --device {args.device} --dtype {args.dtype}`")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {args.length} tokens a row, median of {args.repeats}\n")
+    print("| batch | step | ms/step | rows/s | operators/step | stacked vs separate |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batch_sizes:
+        ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (batch, args.length), device=device)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, args.length // 2 :] = True
+        seconds = {}
+        for stacked in (False, True):
+            with autocast:
+                step(model, optimizer, ids, mask, stacked)  # warm-up
+                counter = CountOps()
+                with counter:
+                    step(model, optimizer, ids, mask, stacked)
+                seconds[stacked], _ = timed(
+                    lambda: step(model, optimizer, ids, mask, stacked), args.repeats, device=device
+                )
+            name = "stacked" if stacked else "separate"
+            ratio = f"{seconds[False] / seconds[True]:.2f}x faster" if stacked else ""
+            ms, rate = seconds[stacked] * 1e3, batch / seconds[stacked]
+            print(f"| {batch} | {name} | {ms:.1f} | {rate:.1f} | {counter.count} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
