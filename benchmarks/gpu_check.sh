@@ -9,11 +9,12 @@
 #    summary line's tok/s;
 # 2. a few `dllm_lit fit` steps of the tiny model under --trainer.strategy fsdp (one process) and
 #    ddp: loss going down, a checkpoint saved and exported;
-# 3. on the 8B shape: bench_gpu.py (graphs on the issue's workloads 0 5 6; lossless and HF generate
-#    at 512+256, workloads 7 8), bench_attention.py (one forward, old vs new attention) and
-#    bench_hf_generate.py (why generate read 16.8 tok/s); inductor only at workload 0.
+# 3. on the 8B shape: bench_forward_profile.py (one forward's kernels by kind), bench_gpu.py (graphs
+#    on the issue's workloads 0 5 6; lossless and HF generate at 512+256, workloads 7 8),
+#    bench_attention.py (one forward, old vs new attention) and bench_hf_generate.py (why generate
+#    read 16.8 tok/s); inductor only at workload 0.
 # CHECK_ACCEL=cpu runs steps 1-2 on the CPU (bf16 steps skipped) to check the script itself;
-# CHECK_BENCH=0 skips step 3.
+# CHECK_STEPS picks the steps and their order (default "1 2 3"; "3" alone: the benchmarks).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -37,6 +38,7 @@ predict() {  # predict OUTPUT EXTRA...
   grep -h "tok/s" "$out.err" | tee -a "$OUT/summary.md"
   return $rc
 }
+step1() {  # predict on the accelerator: compiled against eager, three precisions
 log "1. predict on $ACCEL: compiled backend against the eager engine in fp32"
 for mode in block lossless; do
   predict "$WORK/eager-$mode.jsonl" --trainer.accelerator "$ACCEL" --model.lossless "$([ $mode = lossless ] && echo true || echo false)" \
@@ -64,6 +66,9 @@ PYEOF
   done
 done
 
+}
+
+step2() {  # a few fit steps of the tiny model under fsdp and ddp
 log "2. fit on $ACCEL under fsdp and ddp (tiny model, 30 steps)"
 "$PY" -m dllm_lit.tasks addition --out "$WORK/add" --train 512 --val 8 >/dev/null
 for strategy in fsdp ddp; do
@@ -87,15 +92,22 @@ PYEOF
   fi
 done
 
-if [ "$ACCEL" = gpu ] && [ "${CHECK_BENCH:-1}" = 1 ]; then
-  log "3. 8B shape: bench_gpu.py, bench_attention.py, bench_hf_generate.py"
-  "$PY" benchmarks/bench_gpu.py --modes compiled --workloads 0 5 6 --repeats 3 2>"$OUT/bench_gpu.err" \
+}
+
+step3() {  # the 8B-shape benchmarks, on a GPU only
+  [ "$ACCEL" = gpu ] || return 0
+  log "3. 8B shape: bench_forward_profile.py, bench_gpu.py, bench_hf_generate.py, bench_attention.py"
+  "$PY" benchmarks/bench_forward_profile.py 2>"$OUT/bench_profile.err" | tee "$OUT/bench_profile.md"
+  # Not yet measured first (2026-11-27 measured 0 5 6 alone): W = 1 against HF generate, and why generate is slow.
+  "$PY" benchmarks/bench_gpu.py --modes compiled lossless hf --workloads 7 8 --repeats 3 2>"$OUT/bench_gpu.err" \
     | tee "$OUT/bench_gpu.md"
-  "$PY" benchmarks/bench_gpu.py --modes compiled lossless hf --workloads 7 8 --repeats 3 2>>"$OUT/bench_gpu.err" \
+  "$PY" benchmarks/bench_hf_generate.py --new-tokens 64 --repeats 2 2>"$OUT/bench_hf.err" | tee "$OUT/bench_hf.md"
+  "$PY" benchmarks/bench_gpu.py --modes compiled --workloads 0 5 6 --repeats 3 2>>"$OUT/bench_gpu.err" \
     | tee -a "$OUT/bench_gpu.md"
   "$PY" benchmarks/bench_attention.py 2>"$OUT/bench_attention.err" | tee "$OUT/bench_attention.md"
-  "$PY" benchmarks/bench_hf_generate.py --new-tokens 64 --repeats 2 2>"$OUT/bench_hf.err" | tee "$OUT/bench_hf.md"
   "$PY" benchmarks/bench_gpu.py --modes inductor --workloads 0 --repeats 3 2>>"$OUT/bench_gpu.err" \
     | tee -a "$OUT/bench_gpu.md"
-fi
+}
+
+for step in ${CHECK_STEPS:-1 2 3}; do "step$step"; done
 cat "$OUT/summary.md"

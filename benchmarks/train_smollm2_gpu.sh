@@ -14,7 +14,7 @@
 # On an H200 (2026-11-27) a step of batch 16 took about 1 s (40 steps + 3 validations in 46 s), so 800
 # such steps overran the call and nothing came back. Now: batch 64 (a step costs about the same; the
 # card is far from busy), the fit stops itself at MAX_TIME, and the adapter is saved after every
-# validation, so even a cut call brings one back. Budget: start ~1.5 min, unpack ~0.5, fit <= 6 + ~1
+# validation, so even a cut call brings one back. Budget: start ~1.5 min, unpack ~0.5, fit <= 5 + ~1
 # of set-up, the quick evaluation on 32 + 32 prompts ~1.5: run `train` with timeout_s=600. The
 # full evaluation (>= 200 prompts, every mode, the chart) runs on a CPU afterwards with the adapter:
 #   python benchmarks/bench_real_model.py --prompts examples/smollm2_distill/val.jsonl --limit 200 \
@@ -29,7 +29,8 @@ cd "$(dirname "$0")/.."
 GPU=.gpu
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" DATA=examples/smollm2_distill
-STEPS="${STEPS:-600}" MAX_TIME="${MAX_TIME:-00:00:06:00}" LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}" BATCH="${BATCH:-64}"
+STEPS="${STEPS:-400}" MAX_TIME="${MAX_TIME:-00:00:05:00}" BATCH="${BATCH:-64}"
+LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}"
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
@@ -56,8 +57,9 @@ train)
   start=$SECONDS
   "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml --data.batch_size "$BATCH" \
     --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \
-    --trainer.max_steps "$STEPS" --trainer.max_time "$MAX_TIME" --trainer.val_check_interval "$(( (STEPS + 3) / 4 ))" --trainer.limit_val_batches 1 \
-    --trainer.log_every_n_steps 10 --trainer.enable_checkpointing false --trainer.logger.init_args.save_dir "$OUT/logs" \
+    --trainer.max_steps "$STEPS" --trainer.max_time "$MAX_TIME" --trainer.val_check_interval "$(( (STEPS + 3) / 4 ))" \
+    --trainer.limit_val_batches 1 --trainer.log_every_n_steps 10 --trainer.enable_checkpointing false \
+    --trainer.logger.init_args.save_dir "$OUT/logs" \
     --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" 2>&1 | tee "$OUT/fit.log" | tail -20
   echo "fit: $((SECONDS - start)) s"
   cp "$(find "$OUT/logs" -name metrics.csv | head -1)" "$OUT/metrics.csv"  # $OUT/logs/*/*/ is too deep to come back
