@@ -1,6 +1,6 @@
 """Speed against quality on a real LM: the base SmolLM2 and a block-trained one, per decoding mode.
 
-    python benchmarks/bench_real_model.py --prompts data/smollm2_distill/val.jsonl --limit 200 \
+    python benchmarks/bench_real_model.py --prompts examples/smollm2_distill/val.jsonl --limit 200 \
         --trained outputs/smollm2-fast --plot docs/speed_quality.png
 
 For each model (``smollm2``, and ``--trained`` if given: an adapter or HF directory) and each mode
