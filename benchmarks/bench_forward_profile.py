@@ -6,7 +6,8 @@
 Profiles one ``StaticForward`` pass (``width`` tokens ending at slot ``used``) run eagerly, sums the
 kernels' device time by kind (matrix products, attention, copies, the rest: norms, rotary, activations,
 casts), then times the same pass replayed as a CUDA graph. The replay minus the kernels' sum is the
-time between kernels. On a CPU the operators' own CPU time stands in for kernel time.
+time between kernels. The same pass with the model's own RMSNorm code (``fuse_norms = False``) is
+measured beside it. On a CPU the operators' own CPU time stands in for kernel time.
 """
 
 from __future__ import annotations
@@ -65,6 +66,21 @@ def print_breakdown(times: dict[str, list[float]], replay_ms: float, top: int) -
     print("\nslowest by name (count, ms): " + "; ".join(f"{n[:70]} ({c}, {us / 1e3:.2f})" for n, (c, us) in slowest))
 
 
+def measure(static: StaticForward, ids: torch.Tensor, start: int) -> tuple[dict[str, list[float]], float]:
+    """The kernels of one eager pass, and the median ms of its graph replay."""
+    device, width = ids.device, ids.shape[1]
+    for _ in range(3):  # warm up: cuBLAS heuristics, allocator, the graph's capture
+        static(ids, start, width, graph=False)
+        static(ids, start, width)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        static(ids, start, width, graph=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    replay, _ = timed(lambda: static(ids, start, width), 20, device=device)
+    return kernel_times(prof, device), replay * 1e3
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,26 +94,21 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = build(SHAPES[args.shape], device, dtype)
     _params, floor_of = roofline(model, args)
-    static = StaticForward(model, args.batch, args.cache_len)
-    static.reset(torch.ones(args.batch, 1, dtype=torch.long, device=device))
-    vocab = model.config.vocab_size
     print(f"\n`{' '.join(sys.argv)}`  \n{device_name(device)}, torch {torch.__version__}, {args.shape}, {args.dtype}")
+    forwards = {}
+    for fuse in (True, False):  # the engine's pass, and the same with the model's own RMSNorm code
+        forwards[fuse] = StaticForward(model, args.batch, args.cache_len)
+        forwards[fuse].fuse_norms = fuse
+        forwards[fuse].reset(torch.ones(args.batch, 1, dtype=torch.long, device=device))
     for width in args.widths:
-        ids = torch.randint(3, vocab, (args.batch, width), device=device)
-        start = args.used - width
-        for _ in range(3):  # warm up: cuBLAS heuristics, allocator, the graph's capture
-            static(ids, start, width, graph=False)
-            static(ids, start, width)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            static(ids, start, width, graph=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        replay, _ = timed(lambda: static(ids, start, width), 20, device=device)
-        print(
-            f"\nwidth {width}, {args.used} slots used, batch {args.batch}: floor {floor_of(args.batch * width):.2f} ms"
-        )
-        print_breakdown(kernel_times(prof, device), replay * 1e3, args.top)
+        ids = torch.randint(3, model.config.vocab_size, (args.batch, width), device=device)
+        (times, replay), (own_times, own_replay) = (measure(forwards[f], ids, args.used - width) for f in (True, False))
+        floor = floor_of(args.batch * width)
+        print(f"\nwidth {width}, {args.used} slots used, batch {args.batch}: floor {floor:.2f} ms")
+        print_breakdown(times, replay, args.top)
+        fused, own = (sum(count for count, _us in t.values()) for t in (times, own_times))
+        print(f"\nwith the model's own RMSNorm code: {own} kernels against {fused}, ", end="")
+        print(f"replay {own_replay:.2f} ms against {replay:.2f} ({own_replay / replay:.2f}x)")
 
 
 if __name__ == "__main__":

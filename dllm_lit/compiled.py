@@ -25,6 +25,7 @@ from transformers.cache_utils import StaticLayer
 
 from dllm_lit.attention import grouped_attention
 from dllm_lit.ledger import RowLedger
+from dllm_lit.norms import fused_norms
 from dllm_lit.sampling import Picker, build_picker
 from dllm_lit.settings import DecodeSettings
 
@@ -64,10 +65,12 @@ class StaticForward:
     A pass attends to the cache's first ``span`` slots only: the end of its writes rounded up to a
     multiple of :attr:`span_step` (one captured graph per width and span), or the whole cache under
     ``inductor`` (one compiled program per width). Grouped K/V heads are read once
-    (:mod:`dllm_lit.attention`).
+    (:mod:`dllm_lit.attention`), and Llama-style RMSNorms run as one call each (:mod:`dllm_lit.norms`;
+    :attr:`fuse_norms`, read when a pass runs or is captured).
     """
 
     span_step = 128
+    fuse_norms = True
 
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
         self.model = weakref.ref(model)  # the cache is keyed by the model: do not keep it alive
@@ -169,7 +172,7 @@ class StaticForward:
         for layer in self.cache.layers:
             layer.span = span
         model = self.model()
-        with grouped_attention(model):
+        with grouped_attention(model), fused_norms(model, self.fuse_norms):
             if not (graph and self.cache.is_initialized):
                 return self._run(model, ids, keep, span)
             if self.inductor:  # fused kernels; on CUDA also replayed as graphs (cudagraph trees)
