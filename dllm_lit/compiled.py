@@ -65,8 +65,8 @@ class StaticForward:
     A pass attends to the cache's first ``span`` slots only: the end of its writes rounded up to a
     multiple of :attr:`span_step` (one captured graph per width and span), or the whole cache under
     ``inductor`` (one compiled program per width). Grouped K/V heads are read once
-    (:mod:`dllm_lit.attention`), and Llama-style RMSNorms run as one call each (:mod:`dllm_lit.norms`;
-    :attr:`fuse_norms`, read when a pass runs or is captured).
+    (:mod:`dllm_lit.attention`), and, outside ``inductor``, Llama-style RMSNorms run as one call each
+    (:mod:`dllm_lit.norms`; :attr:`fuse_norms`, read when a pass runs or is captured).
     """
 
     span_step = 128
@@ -172,7 +172,8 @@ class StaticForward:
         for layer in self.cache.layers:
             layer.span = span
         model = self.model()
-        with grouped_attention(model), fused_norms(model, self.fuse_norms):
+        # Inductor fuses the norms itself (and a swapped forward per call would fail its guards).
+        with grouped_attention(model), fused_norms(model, self.fuse_norms and not self.inductor):
             if not (graph and self.cache.is_initialized):
                 return self._run(model, ids, keep, span)
             if self.inductor:  # fused kernels; on CUDA also replayed as graphs (cudagraph trees)
