@@ -62,6 +62,19 @@ class SaveFitConfig(SaveConfigCallback):
         self.already_saved = True
 
 
+class StderrProgressBar(RichProgressBar):
+    """Lightning's rich progress bar on stderr; a run bounded by steps alone (``max_epochs=-1``) reads
+    "Epoch 3", not "Epoch 3/-2"."""
+
+    def __init__(self):
+        super().__init__(console_kwargs={"stderr": True})
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs != -1:
+            return super()._get_train_description(current_epoch)
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"  # padded as Lightning does
+
+
 class DllmCLI(LightningCLI):
     """LightningCLI over BlockRefineLM + DataModule, with the prediction writer and summary."""
 
@@ -148,7 +161,7 @@ class DllmCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         for position, callback in enumerate(trainer.callbacks):
             if type(callback) is RichProgressBar and not callback._console_kwargs:
-                trainer.callbacks[position] = RichProgressBar(console_kwargs={"stderr": True})
+                trainer.callbacks[position] = StderrProgressBar()
         return trainer
 
     @staticmethod
