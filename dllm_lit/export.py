@@ -6,6 +6,7 @@ python -m dllm_lit.export path/to/last.ckpt path/to/hf_dir
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,10 +18,16 @@ from dllm_lit.settings import LEGACY_COMPILE
 
 
 def save_hf(module: BlockRefineLM, output_dir: str | Path) -> Path:
-    """Write ``module``'s model and tokenizer to ``output_dir`` (safetensors + tokenizer files)."""
+    """Write ``module``'s model and tokenizer to ``output_dir`` (safetensors + tokenizer files), each
+    file readable as the umask allows (transformers writes weights through a private temporary file)."""
     output_dir = Path(output_dir)
     module.model.save_pretrained(output_dir)
     module.tokenizer.save_pretrained(output_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in output_dir.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
     return output_dir
 
 

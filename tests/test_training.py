@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,8 +140,13 @@ def test_the_export_is_refreshed_after_each_validation_during_fit(tiny_dir, tmp_
         export.on_validation_end(trainer, module)
         assert not out.exists()
     trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), sanity_checking=False, is_global_zero=True)
-    export.on_validation_end(trainer, module)
+    umask = os.umask(0o022)
+    try:
+        export.on_validation_end(trainer, module)
+    finally:
+        os.umask(umask)
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o644}  # others may read the weights
 
 
 def test_truncation_policies():
