@@ -46,8 +46,9 @@ def _fused_forward(module: torch.nn.Module, hidden_states: torch.Tensor) -> torc
 
 @contextmanager
 def fused_norms(model: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Run ``model``'s Llama-style RMSNorms through ``F.rms_norm`` inside the block (a graph capture
-    or a compiled trace keeps it), and restore their own forward after."""
+    """Run ``model``'s Llama-style RMSNorms through ``F.rms_norm`` inside the block (a graph captured
+    there keeps it), and restore their own forward after. Not for ``torch.compile``: the swap is made
+    anew on each entry, which its guards would see as a new function."""
     norms = [m for m in model.modules() if is_llama_rms_norm(type(m))] if enabled else []
     for module in norms:
         module.forward = functools.partial(_fused_forward, module)
