@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 
 import torch
-from bench_gpu import SHAPES, add_model_arguments, build, device_name, roofline
+from bench_gpu import SHAPES, add_forward_arguments, add_model_arguments, build, device_name, roofline
 from timing import timed
 from torch.profiler import ProfilerActivity, profile
 
@@ -85,9 +85,7 @@ def measure(static: StaticForward, ids: torch.Tensor, start: int) -> tuple[dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--cache-len", type=int, default=1664)
-    parser.add_argument("--widths", type=int, nargs="+", default=[127, 255])
+    add_forward_arguments(parser)
     parser.add_argument("--used", type=int, default=640, help="filled cache slots after the pass")
     parser.add_argument("--top", type=int, default=8, help="slowest kernels listed by name")
     args = parser.parse_args()

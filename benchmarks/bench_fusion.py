@@ -17,7 +17,7 @@ import sys
 import time
 
 import torch
-from bench_gpu import SHAPES, add_model_arguments, build, device_name, roofline
+from bench_gpu import SHAPES, add_forward_arguments, add_model_arguments, build, device_name, roofline
 from timing import sync, timed
 
 from dllm_lit.compiled import StaticForward
@@ -31,9 +31,7 @@ def median_ms(fn, device: torch.device, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--cache-len", type=int, default=1664)
-    parser.add_argument("--widths", type=int, nargs="+", default=[127, 255])
+    add_forward_arguments(parser)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     device = torch.device(args.device)

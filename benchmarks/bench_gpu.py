@@ -154,6 +154,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_forward_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shape of one compiled-engine forward, shared by the single-forward GPU benchmarks."""
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--cache-len", type=int, default=1664)
+    parser.add_argument("--widths", type=int, nargs="+", default=[127, 255])
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
 

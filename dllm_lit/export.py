@@ -69,13 +69,16 @@ class HFExport(L.Callback):
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
+    def save(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
         if trainer.is_global_zero:
             save_hf(pl_module, self.output_dir)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
+        self.save(trainer, pl_module)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self.on_train_end(trainer, pl_module)
+            self.save(trainer, pl_module)
 
 
 def main(argv: list[str] | None = None) -> None:
