@@ -4,7 +4,9 @@ For each synthetic task (``dllm_lit.tasks``), trains the ``tiny-char`` model twi
 steps, batch and learning rate:
 
 * plain SFT: ``num_iterations=1``, no noise;
-* iterative refine: ``num_iterations=2``, noise fraction ``t ~ U[0, 1]``;
+* iterative refine: ``num_iterations=2``, noise fraction ``t ~ U[0, 1]`` scattered over the response;
+* refine, blocks: ``num_iterations=2``, ``noise_layout="blocks"`` (blocks of 16 after a clean prefix,
+  as decoding sees them; a window of W <= 16 sees the first W positions of such a block);
 
 then decodes the held-out set one prompt at a time (so tokens per forward is per prompt, not
 inflated or deflated by batching) with autoregressive decoding and several block settings, and
@@ -37,6 +39,7 @@ from dllm_lit.tasks import write_task
 VARIANTS = {
     "plain SFT": dict(num_iterations=1, noise_min=0.0, noise_max=0.0),
     "iterative refine": dict(num_iterations=2, noise_min=0.0, noise_max=1.0),
+    "refine, blocks": dict(num_iterations=2, noise_layout="blocks", add_eos_length=15),
 }
 SETTINGS = ["1:1", "4:1", "4:2", "8:1", "8:2", "16:1", "16:2", "16:3", "16:16", "16:lossless"]
 
@@ -61,7 +64,7 @@ def train(variant: dict, train_file: str, args) -> tuple[BlockRefineLM, float]:
     return module.eval(), time.perf_counter() - start
 
 
-def evaluate(module: BlockRefineLM, rows: list[dict], setting: str) -> tuple[float, float]:
+def evaluate(module: BlockRefineLM, rows: list[dict], setting: str, max_new_tokens: int) -> tuple[float, float]:
     """(accuracy in %, mean tokens per forward) over ``rows``, one prompt at a time.
     ``setting`` is ``WIDTH:REFINE_ITER`` (block mode) or ``WIDTH:lossless``."""
     width, mode = setting.split(":")
@@ -74,7 +77,7 @@ def evaluate(module: BlockRefineLM, rows: list[dict], setting: str) -> tuple[flo
             ids,
             eos_token_id=tokenizer.eos_token_id,
             add_eos_length=int(width) - 1,
-            max_new_tokens=16,
+            max_new_tokens=max_new_tokens,
             **decoding,
         ).rows[0]
         correct += is_correct(tokenizer.decode(out.token_ids, skip_special_tokens=True), row["answer"])
@@ -95,6 +98,7 @@ def main() -> None:
     )
     parser.add_argument("--min-digits", type=int, default=5)
     parser.add_argument("--max-digits", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--variants",
@@ -128,7 +132,7 @@ def main() -> None:
                 module, seconds = train(variant, str(folder / "train.jsonl"), args)
                 print(f"[{task}] {name}: trained {args.steps} steps in {seconds:.0f}s", file=sys.stderr, flush=True)
                 for setting in args.settings:
-                    results[name, setting] = evaluate(module, val_rows, setting)
+                    results[name, setting] = evaluate(module, val_rows, setting, args.max_new_tokens)
             print(f"**{task}** ({len(val_rows)} held-out prompts, {args.steps} steps x batch {args.batch_size})\n")
             print("| decoding | " + " | ".join(f"{n} acc % | {n} tok/fwd" for n in variants) + " |")
             print("|---|" + "---|---|" * len(variants))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -17,7 +18,7 @@ from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import BlockGeneration
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
 from dllm_lit.settings import DecodeSettings
-from dllm_lit.training import iterative_refine_losses, weighted_total
+from dllm_lit.training import block_refine_losses, iterative_refine_losses, weighted_total
 
 
 @dataclass
@@ -61,6 +62,10 @@ class BlockRefineLM(L.LightningModule):
         num_iterations: Training rounds of the iterative refine objective (1 = one noised pass).
         noise_min: Training: lower bound of the fraction of response tokens replaced by EOS.
         noise_max: Training: upper bound of that fraction (0 and 0 with one round = plain SFT).
+        noise_layout: Training: ``scattered`` replaces that fraction anywhere in the response;
+            ``blocks`` noises it the way decoding sees it: blocks of ``add_eos_length + 1`` tokens,
+            each an opening token then fills, each after a clean prefix (one forward for all blocks
+            under a block-causal mask; ``noise_min``/``noise_max`` are not used).
         loss_weights: Training: weight of each round's loss (default: 1 each).
         ar_loss_weight: Training: weight of a plain next-token loss on the clean response, added to
             the refine losses so answers stay the model's own (0: off).
@@ -84,6 +89,7 @@ class BlockRefineLM(L.LightningModule):
         num_iterations: int = 2,
         noise_min: float = 0.0,
         noise_max: float = 1.0,
+        noise_layout: Literal["scattered", "blocks"] = "scattered",
         loss_weights: list[float] | None = None,
         ar_loss_weight: float = 0.0,
         lora_rank: int = 0,
@@ -184,16 +190,13 @@ class BlockRefineLM(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The iterative refine loss; logs each round's loss and the weighted total."""
         hp = self.hparams
-        losses, ar_loss = iterative_refine_losses(
-            self.model,
-            batch["input_ids"],
-            batch["response_mask"],
-            fill_id=self.tokenizer.eos_token_id,
-            num_iterations=hp.num_iterations,
-            noise_min=hp.noise_min,
-            noise_max=hp.noise_max,
-            clean_loss=bool(hp.get("ar_loss_weight")),
-        )
+        rounds = dict(fill_id=self.tokenizer.eos_token_id, num_iterations=hp.num_iterations)
+        rounds["clean_loss"] = bool(hp.get("ar_loss_weight"))
+        if hp.get("noise_layout") == "blocks":
+            objective = partial(block_refine_losses, block_size=self.decoding.width, **rounds)
+        else:
+            objective = partial(iterative_refine_losses, noise_min=hp.noise_min, noise_max=hp.noise_max, **rounds)
+        losses, ar_loss = objective(self.model, batch["input_ids"], batch["response_mask"])
         for round_index, loss in enumerate(losses):
             self.log(f"train/loss_round{round_index}", loss)
         total = weighted_total(losses, hp.loss_weights)

@@ -5,6 +5,12 @@ tokens is replaced by the fill (EOS) token. Each later round feeds the prompt pl
 round's greedy predictions, shifted by one, in place of the response, the way a refine pass feeds
 the drafted block. Every round is scored with next-token cross-entropy against the clean sequence
 on response positions only.
+
+With ``block_size`` set, the noise has the layout decoding sees instead ("blocks"): the response is cut
+into blocks of ``block_size`` positions, each opened by a clean token and filled after it, and each
+block attends only to the clean sequence before it and to itself. One forward covers every block: the
+model reads ``[clean copy, block copy]`` under a block-causal mask, and the clean copy's predictions
+are the autoregressive loss for free.
 """
 
 from __future__ import annotations
@@ -111,6 +117,87 @@ def iterative_refine_losses(
             predicted = logits.argmax(-1).detach()
             shifted = torch.cat([input_ids[:, :1], predicted[:, :-1]], dim=1)  # token p <- prediction at p-1
             inputs = torch.where(response_mask, shifted, input_ids)
+    return losses, clean
+
+
+def block_starts(
+    response_mask: torch.Tensor, block_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """For every position, the position of the clean token that opens its decoding block.
+
+    The last prompt token opens the first block, as a decoding pass feeds it and then fills. The
+    blocks after it lie on a grid shifted by a random offset in ``[0, block_size)`` per row (the first
+    block is that much shorter), so training also sees the windows a sliding (lossless) decoder meets.
+    Prompt positions open their own block (they are never noised).
+    """
+    rows, length = response_mask.shape
+    device = response_mask.device
+    positions = torch.arange(length, device=device).expand(rows, length)
+    first = response_mask.int().argmax(1, keepdim=True) - 1
+    grid = first + torch.randint(block_size, (rows, 1), generator=generator, device=device)
+    on_grid = grid + (positions - grid).div(block_size, rounding_mode="floor") * block_size
+    return torch.where(positions >= grid, on_grid, torch.where(positions >= first, first, positions))
+
+
+def block_causal_mask(starts: torch.Tensor) -> torch.Tensor:
+    """``[batch, 1, 2L, 2L]`` attention of ``[clean copy, block copy]`` (True = attend).
+
+    A clean position sees the clean past; a block position sees the clean positions before its block's
+    opening token and its own block up to itself, which is what a decoding pass with a KV cache sees.
+    """
+    rows, length = starts.shape
+    positions = torch.arange(length, device=starts.device)
+    causal = (positions[:, None] >= positions[None, :]).expand(rows, length, length)
+    clean_past = positions[None, None, :] < starts[:, :, None]
+    own_block = (starts[:, :, None] == starts[:, None, :]) & causal
+    top = torch.cat([causal, torch.zeros_like(causal)], 2)
+    return torch.cat([top, torch.cat([clean_past, own_block], 2)], 1)[:, None]
+
+
+def attention_bias(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """``allowed`` as the 4D mask ``model``'s attention takes: boolean for SDPA, additive for eager."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    if implementation == "sdpa":
+        return allowed
+    if implementation != "eager":
+        raise ValueError(f"Block noise needs SDPA or eager attention, not {implementation!r}.")
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def block_refine_losses(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    fill_id: int,
+    block_size: int,
+    num_iterations: int = 2,
+    generator: torch.Generator | None = None,
+    clean_loss: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """:func:`iterative_refine_losses` with the "blocks" layout (see the module docstring).
+
+    Round 0's blocks are their opening token then fills; round ``k > 0`` fills them with round
+    ``k - 1``'s predictions shifted by one, as a refine pass does.
+    """
+    response_mask = response_mask.bool()
+    rows, length = input_ids.shape
+    starts = block_starts(response_mask, block_size, generator)
+    drafted = response_mask & (starts != torch.arange(length, device=input_ids.device))
+    mask = attention_bias(model, block_causal_mask(starts))
+    positions = torch.arange(length, device=input_ids.device).repeat(rows, 2)
+    block = torch.where(drafted, torch.full_like(input_ids, fill_id), input_ids)
+    losses, clean = [], None
+    for round_index in range(num_iterations):
+        both = model(input_ids=torch.cat([input_ids, block], 1), attention_mask=mask, position_ids=positions).logits
+        if clean_loss and round_index == 0:
+            clean = response_cross_entropy(both[:, :length], input_ids, response_mask)
+        logits = both[:, length:]
+        losses.append(response_cross_entropy(logits, input_ids, response_mask))
+        if round_index + 1 < num_iterations:
+            shifted = torch.cat([input_ids[:, :1], logits.argmax(-1).detach()[:, :-1]], dim=1)
+            block = torch.where(drafted, shifted, input_ids)
     return losses, clean
 
 

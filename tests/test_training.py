@@ -19,6 +19,8 @@ from dllm_lit.module import BlockRefineLM
 from dllm_lit.tasks import write_task
 from dllm_lit.tiny import char_tokenizer
 from dllm_lit.training import (
+    block_refine_losses,
+    block_starts,
     iterative_refine_losses,
     noise_mask,
     noise_response,
@@ -129,6 +131,65 @@ def test_the_autoregressive_loss_shares_round_0s_forward():
     torch.testing.assert_close(clean, expected)
     grads = torch.autograd.grad(clean, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
     assert sum(g.abs().sum() for g in grads if g is not None) > 0
+
+
+def test_blocks_open_after_the_prompt_on_a_grid_shifted_per_row():
+    ids, mask = sft_batch()  # response at positions 5..13
+    starts = block_starts(mask, 4, torch.Generator().manual_seed(0))
+    offsets = torch.randint(4, (8, 1), generator=torch.Generator().manual_seed(0))
+    assert len(set(offsets.flatten().tolist())) > 1
+    for row, offset in zip(starts.tolist(), offsets.flatten().tolist()):
+        grid = 4 + offset  # the last prompt token (4) opens the first block, the grid the others
+        expected = [p if p < 4 else 4 if p < grid else grid + (p - grid) // 4 * 4 for p in range(14)]
+        assert row == expected
+
+
+def test_block_noise_equals_decoding_each_block_after_its_clean_prefix(model):
+    """Oracle: every block run on its own, as a decoding pass sees it (clean prefix, opening token,
+    fills, then its own shifted predictions), gives the logits the one block-causal forward gives."""
+    ids, mask = sft_batch()
+    ids[4:, 12:] = 0  # right padding makes rows of different lengths
+    mask[4:, 12:] = False
+    width, seed = 4, 5
+    outputs = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: outputs.append(out.logits), with_kwargs=True)
+    losses, clean = block_refine_losses(
+        model, ids, mask, fill_id=EOS, block_size=width, generator=torch.Generator().manual_seed(seed), clean_loss=True
+    )
+    hook.remove()
+    starts = block_starts(mask, width, torch.Generator().manual_seed(seed))
+    expected = [torch.zeros_like(outputs[0][:, 14:]) for _ in range(2)]
+    with torch.no_grad():
+        for row in range(8):
+            for start in sorted(set(starts[row].tolist())):
+                span = [p for p in range(14) if starts[row, p] == start]
+                block = [ids[row, p] if p == start or not mask[row, p] else EOS for p in span]
+                for round_logits in expected:
+                    inputs = torch.cat([ids[row, :start], torch.tensor(block)])[None]
+                    round_logits[row, span] = model(input_ids=inputs).logits[0, start:]
+                    guesses = round_logits[row, span].argmax(-1).tolist()
+                    block = [
+                        ids[row, p] if p == start or not mask[row, p] else guesses[i - 1] for i, p in enumerate(span)
+                    ]
+    for round_index, round_logits in enumerate(expected):
+        torch.testing.assert_close(outputs[round_index][:, 14:], round_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(losses[round_index], response_cross_entropy(round_logits, ids, mask))
+    torch.testing.assert_close(clean, response_cross_entropy(model(input_ids=ids).logits, ids, mask))
+    grads = torch.autograd.grad(losses[1], [p for p in model.parameters()], allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+
+
+def test_block_noise_is_the_same_under_eager_attention():
+    ids, mask = sft_batch()
+    runs = []
+    for implementation in ("sdpa", "eager"):
+        model = MODELS["llama"]()
+        model.config._attn_implementation = implementation
+        generator = torch.Generator().manual_seed(1)
+        runs.append(
+            torch.stack(block_refine_losses(model, ids, mask, fill_id=EOS, block_size=3, generator=generator)[0])
+        )
+    torch.testing.assert_close(runs[0], runs[1])
 
 
 def test_the_export_is_refreshed_after_each_validation_during_fit(tiny_dir, tmp_path):
@@ -371,6 +432,7 @@ def test_a_lora_fit_lowers_the_loss_and_its_adapter_round_trips(tiny_dir, tmp_pa
             f"--model.model_name_or_path={tiny_dir}",
             "--model.lora_rank=8",
             "--model.ar_loss_weight=0.5",
+            "--model.noise_layout=blocks",
             "--model.gradient_checkpointing=true",
             "--model.learning_rate=0.01",
             "--model.warmup_steps=2",
