@@ -1,14 +1,16 @@
-"""Time one LoRA training step of `dllm_lit fit`'s objective (issue 13), two ways side by side.
+"""Time one LoRA training step of `dllm_lit fit`'s objective (issue 13), three ways side by side.
 
     python benchmarks/bench_train_step.py                        # the launch-bound proxy, CPU
     python benchmarks/bench_train_step.py --shape smollm2 --device cuda --dtype bfloat16
 
 A step is the iterative-refine rounds plus the autoregressive loss, backward, AdamW. "stacked" is what
-`fit` runs (the clean rows share round 0's forward: 2 passes for 2 rounds); "separate" is the earlier
-step (a third forward for the clean rows). ``--shape narrow`` keeps SmolLM2's 30 layers and LoRA on
-every linear layer but makes each layer tiny, so the time is the per-operation overhead that bounds a
-135M model on a GPU; ``--shape smollm2`` is the real size (random weights). Prints ms per step, rows
-per second and operators dispatched per step, for each batch size.
+`fit` runs with scattered noise (the clean rows share round 0's forward: 2 passes for 2 rounds);
+"separate" is the earlier step (a third forward for the clean rows); "blocks" is `noise_layout:
+blocks` (2 passes over the clean and the noised copy, twice as long, under a block-causal mask).
+``--shape narrow`` keeps SmolLM2's 30 layers and LoRA on every linear layer but makes each layer tiny,
+so the time is the per-operation overhead that bounds a 135M model on a GPU; ``--shape smollm2`` is
+the real size (random weights). Prints ms per step, rows per second and operators dispatched per
+step, for each batch size.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dllm_lit.adapters import add_lora
-from dllm_lit.training import iterative_refine_losses, response_cross_entropy
+from dllm_lit.training import block_refine_losses, iterative_refine_losses, response_cross_entropy
 
 SMOLLM2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+LAYOUTS = ("separate", "stacked", "blocks")
 SHAPES = {
     "narrow": dict(SMOLLM2, hidden_size=72, intermediate_size=144, vocab_size=512),
     "smollm2": dict(SMOLLM2, hidden_size=576, intermediate_size=1536, vocab_size=49152),
@@ -45,10 +48,14 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step(model, optimizer, ids, mask, stacked: bool) -> None:
+def step(model, optimizer, ids, mask, layout: str) -> None:
     """One training step: rounds + autoregressive loss, backward, optimizer."""
-    losses, clean = iterative_refine_losses(model, ids, mask, fill_id=0, num_iterations=2, clean_loss=stacked)
-    if not stacked:
+    rounds = dict(fill_id=0, num_iterations=2, clean_loss=layout != "separate")
+    if layout == "blocks":
+        losses, clean = block_refine_losses(model, ids, mask, block_size=16, **rounds)
+    else:
+        losses, clean = iterative_refine_losses(model, ids, mask, **rounds)
+    if layout == "separate":
         clean = response_cross_entropy(model(input_ids=ids).logits, ids, mask)
     (sum(losses) + clean).backward()
     optimizer.step()
@@ -73,26 +80,25 @@ def main() -> None:
     print(f"`python benchmarks/bench_train_step.py --shape {args.shape} --device {args.device} --dtype {args.dtype}`")
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {args.length} tokens a row, median of {args.repeats}\n")
-    print("| batch | step | ms/step | rows/s | operators/step | stacked vs separate |")
+    print("| batch | step | ms/step | rows/s | operators/step | speed vs separate |")
     print("|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (batch, args.length), device=device)
         mask = torch.zeros_like(ids, dtype=torch.bool)
         mask[:, args.length // 2 :] = True
         seconds = {}
-        for stacked in (False, True):
+        for layout in LAYOUTS:
             with autocast:
-                step(model, optimizer, ids, mask, stacked)  # warm-up
+                step(model, optimizer, ids, mask, layout)  # warm-up
                 counter = CountOps()
                 with counter:
-                    step(model, optimizer, ids, mask, stacked)
-                seconds[stacked], _ = timed(
-                    lambda: step(model, optimizer, ids, mask, stacked), args.repeats, device=device
+                    step(model, optimizer, ids, mask, layout)
+                seconds[layout], _ = timed(
+                    lambda: step(model, optimizer, ids, mask, layout), args.repeats, device=device
                 )
-            name = "stacked" if stacked else "separate"
-            ratio = f"{seconds[False] / seconds[True]:.2f}x faster" if stacked else ""
-            ms, rate = seconds[stacked] * 1e3, batch / seconds[stacked]
-            print(f"| {batch} | {name} | {ms:.1f} | {rate:.1f} | {counter.count} | {ratio} |")
+            ratio = f"{seconds['separate'] / seconds[layout]:.2f}x" if layout != "separate" else ""
+            ms, rate = seconds[layout] * 1e3, batch / seconds[layout]
+            print(f"| {batch} | {layout} | {ms:.1f} | {rate:.1f} | {counter.count} | {ratio} |")
 
 
 if __name__ == "__main__":

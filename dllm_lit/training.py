@@ -190,10 +190,16 @@ def block_refine_losses(
     block = torch.where(drafted, torch.full_like(input_ids, fill_id), input_ids)
     losses, clean = [], None
     for round_index in range(num_iterations):
-        both = model(input_ids=torch.cat([input_ids, block], 1), attention_mask=mask, position_ids=positions).logits
-        if clean_loss and round_index == 0:
-            clean = response_cross_entropy(both[:, :length], input_ids, response_mask)
-        logits = both[:, length:]
+        score_clean = clean_loss and round_index == 0
+        logits = model(
+            input_ids=torch.cat([input_ids, block], 1),
+            attention_mask=mask,
+            position_ids=positions,
+            logits_to_keep=0 if score_clean else length,  # 0: all; else the block copy's only
+        ).logits
+        if score_clean:
+            clean = response_cross_entropy(logits[:, :length], input_ids, response_mask)
+        logits = logits[:, -length:]
         losses.append(response_cross_entropy(logits, input_ids, response_mask))
         if round_index + 1 < num_iterations:
             shifted = torch.cat([input_ids[:, :1], logits.argmax(-1).detach()[:, :-1]], dim=1)
