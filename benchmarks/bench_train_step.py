@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,6 +63,21 @@ def step(model, optimizer, ids, mask, layout: str) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def measure(model, optimizer, ids, mask, layout: str, repeats: int, autocast) -> tuple[float, int, float]:
+    """``(median seconds, operators, peak GiB on CUDA)`` of one layout's step."""
+    device = ids.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with autocast:
+        step(model, optimizer, ids, mask, layout)  # warm-up
+        counter = CountOps()
+        with counter:
+            step(model, optimizer, ids, mask, layout)
+        seconds, _ = timed(lambda: step(model, optimizer, ids, mask, layout), repeats, device=device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return seconds, counter.count, peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="narrow")
@@ -70,35 +86,40 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--length", type=int, default=256, help="tokens per row (half prompt, half response)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(device)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable()
     model = add_lora(model, 8, 16, 0.0, base_name="random")
+    if args.checkpointing:
+        model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
-    print(f"`python benchmarks/bench_train_step.py --shape {args.shape} --device {args.device} --dtype {args.dtype}`")
+    print(f"`python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}`")
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {args.length} tokens a row, median of {args.repeats}\n")
-    print("| batch | step | ms/step | rows/s | operators/step | speed vs separate |")
-    print("|---|---|---|---|---|---|")
+    print("| batch | step | ms/step | rows/s | operators/step | speed vs first | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (batch, args.length), device=device)
         mask = torch.zeros_like(ids, dtype=torch.bool)
         mask[:, args.length // 2 :] = True
-        seconds = {}
-        for layout in LAYOUTS:
-            with autocast:
-                step(model, optimizer, ids, mask, layout)  # warm-up
-                counter = CountOps()
-                with counter:
-                    step(model, optimizer, ids, mask, layout)
-                seconds[layout], _ = timed(
-                    lambda: step(model, optimizer, ids, mask, layout), args.repeats, device=device
-                )
-            ratio = f"{seconds['separate'] / seconds[layout]:.2f}x" if layout != "separate" else ""
-            ms, rate = seconds[layout] * 1e3, batch / seconds[layout]
-            print(f"| {batch} | {layout} | {ms:.1f} | {rate:.1f} | {counter.count} | {ratio} |")
+        first = None
+        for layout in args.layouts:
+            try:
+                seconds, operators, peak = measure(model, optimizer, ids, mask, layout, args.repeats, autocast)
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                print(f"| {batch} | {layout} | out of memory | | | | |", flush=True)
+                continue
+            first = first or seconds
+            ms, rate = seconds * 1e3, batch / seconds
+            print(f"| {batch} | {layout} | {ms:.1f} | {rate:.1f} | {operators} | {first / seconds:.2f}x | {peak:.1f} |")
 
 
 if __name__ == "__main__":

