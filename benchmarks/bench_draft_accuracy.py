@@ -23,7 +23,7 @@ import torch
 
 from dllm_lit.data import RightPadCollator, SFTDataset, read_rows
 from dllm_lit.models import load_model, load_tokenizer
-from dllm_lit.training import block_causal_mask, block_starts
+from dllm_lit.training import attention_bias, block_causal_mask, block_starts, drafted_positions, read_blocks
 
 
 def accuracy_by_offset(model, batch: dict, fill_id: int, block_size: int, offsets: int) -> list[float]:
@@ -32,14 +32,10 @@ def accuracy_by_offset(model, batch: dict, fill_id: int, block_size: int, offset
     length = ids.shape[1]
     positions = torch.arange(length)
     starts = block_starts(response, block_size, torch.Generator().manual_seed(0))
-    block = torch.where(response & (starts != positions), torch.full_like(ids, fill_id), ids)
+    block = torch.where(drafted_positions(response, starts), torch.full_like(ids, fill_id), ids)
     with torch.no_grad():
-        logits = model(
-            input_ids=torch.cat([ids, block], 1),
-            attention_mask=block_causal_mask(starts),
-            position_ids=positions.repeat(ids.shape[0], 2),
-            logits_to_keep=length,
-        ).logits
+        mask = attention_bias(model, block_causal_mask(starts))
+        logits = read_blocks(model, ids, block, mask, logits_to_keep=length)
     right = logits.argmax(-1)[:, :-1] == ids[:, 1:]
     scored, offset = response[:, 1:], (positions - starts)[:, :-1]
     return [right[scored & (offset == k)].float().mean().item() for k in range(offsets)]

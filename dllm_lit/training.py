@@ -165,6 +165,22 @@ def attention_bias(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tenso
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def drafted_positions(response_mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """The response positions a decoding pass drafts: all but each block's opening token."""
+    return response_mask & (starts != torch.arange(starts.shape[1], device=starts.device))
+
+
+def read_blocks(
+    model: torch.nn.Module, input_ids: torch.Tensor, block: torch.Tensor, mask: torch.Tensor, logits_to_keep: int = 0
+) -> torch.Tensor:
+    """Logits of ``[clean copy, block copy]`` (both at positions 0..L-1) under the block-causal ``mask``;
+    ``logits_to_keep``: 0 for all, else the last that many (``L``: the block copy's)."""
+    rows, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device).repeat(rows, 2)
+    inputs = torch.cat([input_ids, block], 1)
+    return model(input_ids=inputs, attention_mask=mask, position_ids=positions, logits_to_keep=logits_to_keep).logits
+
+
 def block_refine_losses(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -182,21 +198,15 @@ def block_refine_losses(
     ``k - 1``'s predictions shifted by one, as a refine pass does.
     """
     response_mask = response_mask.bool()
-    rows, length = input_ids.shape
+    length = input_ids.shape[1]
     starts = block_starts(response_mask, block_size, generator)
-    drafted = response_mask & (starts != torch.arange(length, device=input_ids.device))
+    drafted = drafted_positions(response_mask, starts)
     mask = attention_bias(model, block_causal_mask(starts))
-    positions = torch.arange(length, device=input_ids.device).repeat(rows, 2)
     block = torch.where(drafted, torch.full_like(input_ids, fill_id), input_ids)
     losses, clean = [], None
     for round_index in range(num_iterations):
         score_clean = clean_loss and round_index == 0
-        logits = model(
-            input_ids=torch.cat([input_ids, block], 1),
-            attention_mask=mask,
-            position_ids=positions,
-            logits_to_keep=0 if score_clean else length,  # 0: all; else the block copy's only
-        ).logits
+        logits = read_blocks(model, input_ids, block, mask, logits_to_keep=0 if score_clean else length)
         if score_clean:
             clean = response_cross_entropy(logits[:, :length], input_ids, response_mask)
         logits = logits[:, -length:]
