@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from dllm_lit.models import DEFAULT_MODEL, load_tokenizer
 from dllm_lit.settings import DEFAULTS
@@ -336,10 +337,13 @@ class DataModule(L.LightningDataModule):
         prompts_file: Prompts to decode: ``.txt`` (one a line), or ``.jsonl``/``.json``/``.parquet``
             rows with ``prompt`` or ``messages``; other fields are copied to the output.
         train_file: Training rows (``.jsonl``/``.parquet``/``.json``) with ``prompt`` + ``response``,
-            or ``messages`` ending with the assistant's reply.
+            or ``messages`` ending with the assistant's reply; a list of files trains on all their rows.
         val_file: Held-out rows decoded during validation; scored against ``answer`` or ``response``.
         test_file: Rows decoded by ``dllm_lit test``; defaults to ``val_file``.
         batch_size: Prompts decoded together, or sequences per training step.
+        group_by_length: Train on batches of rows of similar length (transformers'
+            ``LengthGroupedSampler``: random groups, the longest batch first), so that little of a
+            step is padding.
         use_chat_template: Wrap each prompt as a user message with the tokenizer's chat template.
         sort_by_length: Decode prompts of similar length together (output keeps input order).
         max_length: Longest training sequence (prompt + response + EOS), linked to the model's.
@@ -357,10 +361,11 @@ class DataModule(L.LightningDataModule):
         prompt: str | None = None,
         prompts: list[str] | None = None,
         prompts_file: str | None = None,
-        train_file: str | None = None,
+        train_file: str | list[str] | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
         batch_size: int = 8,
+        group_by_length: bool = False,
         use_chat_template: bool = False,
         sort_by_length: bool = True,
         max_length: int = DEFAULTS.max_length,
@@ -375,7 +380,7 @@ class DataModule(L.LightningDataModule):
             raise PromptError(f"batch_size must be at least 1, got {batch_size}.")
         self.prompt, self.prompts, self.prompts_file = prompt, prompts, prompts_file
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file or val_file
-        self.batch_size = batch_size
+        self.batch_size, self.group_by_length = batch_size, group_by_length
         self.use_chat_template = use_chat_template
         self.sort_by_length = sort_by_length
         self.max_length = max_length
@@ -433,7 +438,17 @@ class DataModule(L.LightningDataModule):
             skip=skip,
         )
 
-    def _required(self, name: str) -> str:
+    def _sft_dataset(self, path: str) -> SFTDataset:
+        return SFTDataset(
+            read_rows(path),
+            self.tokenizer,
+            use_chat_template=self.use_chat_template,
+            max_length=self.max_length,
+            truncation=self.truncation,
+            source=path,
+        )
+
+    def _required(self, name: str) -> Any:
         value = getattr(self, name)
         if value is None:
             raise PromptError(f"This command needs --data.{name}.")
@@ -444,15 +459,9 @@ class DataModule(L.LightningDataModule):
         if stage == "predict" and "predict" not in self.datasets:
             self.datasets["predict"] = self._prompt_dataset(self.prompt_rows(), skip=self.skip_indices)
         if stage == "fit" and "train" not in self.datasets:
-            path = self._required("train_file")
-            self.datasets["train"] = SFTDataset(
-                read_rows(path),
-                self.tokenizer,
-                use_chat_template=self.use_chat_template,
-                max_length=self.max_length,
-                truncation=self.truncation,
-                source=path,
-            )
+            files = self._required("train_file")
+            files = [files] if isinstance(files, str) else files
+            self.datasets["train"] = ConcatDataset([self._sft_dataset(path) for path in files])
         if stage in ("fit", "validate") and "val" not in self.datasets and self.val_file is not None:
             self.datasets["val"] = self._prompt_dataset(read_rows(self.val_file))
         if stage == "validate" and "val" not in self.datasets:
@@ -475,10 +484,14 @@ class DataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        dataset, sampler = self.datasets["train"], None
+        if self.group_by_length:
+            sampler = LengthGroupedSampler(self.batch_size, lengths=[len(ids) for ids, _mask in dataset])
         return DataLoader(
-            self.datasets["train"],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=RightPadCollator(self.tokenizer.eos_token_id),
         )

@@ -3,7 +3,9 @@
 Prompts come from templates over many topics and task kinds (explanations, lists, comparisons,
 definitions, short math, code), and optionally from the model itself (``--magpie N``: user turns
 sampled from the chat template's user prefix, as Magpie does). They are deduplicated; the held-out
-split is drawn with another seed and checked for no overlap with the training split. Responses are
+split is drawn with another seed and checked for no overlap with the training split; ``--exclude``
+keeps the prompts of earlier row files out of both (to grow a data set without touching its held-out
+split). Responses are
 the model's greedy answers, decoded with the engine in lossless mode (exactly its autoregressive
 output) in batches. Rows are ``{"messages": [user, assistant]}`` lines that ``dllm_lit fit`` reads
 (``--data.train_file`` / ``--data.val_file``); answers cut by ``--max_new_tokens`` are left out.
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dllm_lit.data import encode_prompt, left_pad
+from dllm_lit.data import encode_prompt, left_pad, read_rows, split_row
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve_device
@@ -192,6 +194,7 @@ def distill(
     magpie: int = 0,
     batch_size: int = 16,
     device: str = "auto",
+    exclude: list[str] = (),
 ) -> None:
     """Write ``OUT/train.jsonl`` and ``OUT/val.jsonl``: prompts and the model's own greedy answers.
 
@@ -207,6 +210,8 @@ def distill(
         magpie: Also sample this many user turns from the model itself (training split).
         batch_size: Prompts decoded together.
         device: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda``.
+        exclude: Row files (for example an earlier run's ``train.jsonl`` and ``val.jsonl``) whose
+            prompts are drawn in neither split.
     """
     folder = Path(out)
     settings = settings.replace(lossless=True, add_eos_length=0, temperature=0.0, backend="eager")  # own greedy answer
@@ -219,12 +224,15 @@ def distill(
         "max_new_tokens": settings.max_new_tokens,
         "max_length": settings.max_length,
     }
+    if exclude:
+        manifest["exclude"] = list(exclude)
+    excluded = {prompt_text(row) for path in exclude for row in read_rows(path)}
     check_manifest(folder, manifest)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     model = load_model(model_name_or_path, trust_remote_code=trust_remote_code).to(resolve_device(device))
     extra = magpie_prompts(model, tokenizer, magpie, seed, batch_size) if magpie else []
-    train_prompts = unique_prompts(train + len(extra), seed, extra=extra)
-    val_prompts = unique_prompts(val, seed + 1, exclude=set(train_prompts))
+    train_prompts = unique_prompts(train + len(extra), seed, exclude=excluded, extra=extra)
+    val_prompts = unique_prompts(val, seed + 1, exclude=excluded | set(train_prompts))
     assert not set(val_prompts) & set(train_prompts), "the held-out split overlaps the training split"
     for name, prompts in (("train", train_prompts), ("val", val_prompts)):
         rows, skipped = answer_all(model, tokenizer, prompts, settings, folder / f"{name}.jsonl", batch_size)
@@ -237,6 +245,12 @@ def distill(
             raise ValueError(
                 f"Every {name} answer ran past --model.max_new_tokens {settings.max_new_tokens}: raise it."
             )
+
+
+def prompt_text(row: dict) -> str:
+    """The user's text of a prompt row (``prompt``, or the messages before the answer)."""
+    prompt, _response = split_row(row)
+    return prompt["messages"][-1]["content"] if "messages" in prompt else prompt["prompt"]
 
 
 def check_manifest(folder: Path, manifest: dict) -> None:

@@ -35,9 +35,10 @@ def test_config_parses_and_validates(config, monkeypatch):
     data = cli.datamodule
     if data.train_file is None:
         assert data.prompt_rows(), "the config's prompts must load"
-    else:  # the command that writes the training data is named in the config's header
-        assert f"--out {Path(data.train_file).parent}" in config.read_text()
-        assert cli.model.hparams.num_iterations >= 1 and Path(data.val_file).parent == Path(data.train_file).parent
+    else:  # the commands that write the training data are named in the config's header
+        train_files = [data.train_file] if isinstance(data.train_file, str) else data.train_file
+        assert all(f"--out {Path(path).parent}" in config.read_text() for path in train_files)
+        assert cli.model.hparams.num_iterations >= 1 and Path(data.val_file).parent == Path(train_files[0]).parent
         trainer = cli.trainer
         if isinstance(trainer.val_check_interval, int):  # steps, not batches of one epoch: fewer rows must not fail
             assert trainer.check_val_every_n_epoch is None

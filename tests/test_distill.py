@@ -66,6 +66,13 @@ def test_distill_writes_the_models_own_answers_and_resumes(tiny_dir, tmp_path, m
     with pytest.raises(ValueError, match="other settings"):
         distill(tiny_dir, False, SETTINGS, out=str(whole), train=25, val=8, batch_size=8)
 
+    grown, earlier = tmp_path / "grown", [str(whole / "train.jsonl"), str(whole / "val.jsonl")]
+    distill(tiny_dir, False, SETTINGS, out=str(grown), train=24, val=0, exclude=earlier, batch_size=8)
+    drawn = {r["messages"][0]["content"] for r in rows(grown / "train.jsonl")}
+    assert drawn and not drawn & {r["messages"][0]["content"] for r in train + val}, "the same seed, none reused"
+    with pytest.raises(ValueError, match="other settings"):
+        distill(tiny_dir, False, SETTINGS, out=str(grown), train=24, val=0, batch_size=8)
+
 
 def test_answers_that_never_stop_are_one_clear_error(tiny_dir, tmp_path, capsys):
     never = DecodeSettings(max_new_tokens=2)  # the random tiny model does not say EOS within 2 tokens

@@ -383,6 +383,48 @@ def test_parquet_and_chat_rows_train_like_jsonl(tmp_path):
     assert [tokenizer.decode([t]) for t, m in zip(ids, mask) if m] == ["4", "6", "</s>"]
 
 
+def test_a_list_of_train_files_trains_on_every_files_rows(tiny_dir, tmp_path):
+    from dllm_lit.data import DataModule
+
+    files = []
+    for name, rows in (("a", [{"prompt": "1+2=", "response": "3"}]), ("b", [{"prompt": "4+4=", "response": "8"}] * 2)):
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def encoded(train_file):
+        data = DataModule(train_file=train_file, model_name_or_path=tiny_dir)
+        data.setup("fit")
+        return [ids for ids, _mask in data.datasets["train"]]
+
+    both = encoded([str(path) for path in files])
+    assert len(both) == 3 and both == encoded(str(files[0])) + encoded(str(files[1]))
+    assert both[0] != both[1] == both[2]
+
+
+def test_group_by_length_batches_rows_of_similar_length_and_keeps_every_row(tiny_dir, tmp_path):
+    from dllm_lit.data import DataModule
+
+    path = tmp_path / "train.jsonl"
+    lengths = [1 + n % 64 for n in range(320)]
+    path.write_text("".join(json.dumps({"prompt": "q", "response": "7" * n}) + "\n" for n in lengths))
+
+    def epoch(group_by_length):
+        torch.manual_seed(0)
+        data = DataModule(
+            train_file=str(path), batch_size=8, group_by_length=group_by_length, model_name_or_path=tiny_dir
+        )
+        data.setup("fit")
+        return list(data.train_dataloader())
+
+    grouped, shuffled = epoch(True), epoch(False)
+    responses = sorted(int(n) for batch in grouped for n in batch["response_mask"].sum(1))
+    assert responses == sorted(n + 1 for n in lengths), "every row once (its response and EOS)"
+    size = lambda batches: sum(batch["input_ids"].numel() for batch in batches)  # noqa: E731
+    assert size(grouped) < 0.7 * size(shuffled)
+    widths = [batch["input_ids"].shape[1] for batch in grouped]
+    assert widths[0] == max(widths), "the longest batch comes first"
+
+
 @pytest.mark.slow
 def test_lossless_beats_the_exact_block_mode_on_a_refine_trained_model(trained):
     """Both give the model's greedy answers; lossless needs fewer forwards per token. The answers
