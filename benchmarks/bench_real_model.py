@@ -33,6 +33,10 @@ from dllm_lit.models import load_model, load_tokenizer
 MODES = {
     "AR": dict(add_eos_length=0),
     "lossless W16": dict(add_eos_length=15, lossless=True),
+    "lossless W4": dict(add_eos_length=3, lossless=True),
+    "lossless W4 lookup 3..2": dict(add_eos_length=3, lossless=True, prompt_lookup_max=3),
+    "lossless W4 lookup 3..1": dict(add_eos_length=3, lossless=True, prompt_lookup_max=3, prompt_lookup_min=1),
+    "lossless W16 lookup 3..2": dict(add_eos_length=15, lossless=True, prompt_lookup_max=3),
     "blk8 R1": dict(add_eos_length=7, refine_iter=1),
     "blk16 R2": dict(add_eos_length=15, refine_iter=2),
     "blk32 R2": dict(add_eos_length=31, refine_iter=2),
@@ -56,7 +60,7 @@ def decode(model, tokenizer, prompts: list[list[int]], batch: int, **settings) -
     return answers, generated, forwards, time.perf_counter() - start
 
 
-def hf_generate_seconds(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
+def hf_generate_seconds(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **extra) -> tuple[float, int]:
     """Seconds and tokens of greedy HF ``generate``, one prompt at a time."""
     start, tokens = time.perf_counter(), 0
     for p in prompts:
@@ -65,6 +69,7 @@ def hf_generate_seconds(model, tokenizer, prompts: list[list[int]], max_new_toke
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.eos_token_id,
+            **extra,
         )
         tokens += out.shape[1] - len(p)
     return time.perf_counter() - start, tokens
@@ -105,8 +110,13 @@ def main() -> None:
         model = load_model(name).to(args.device)
         limit = dict(max_new_tokens=args.max_new_tokens)
         if label == "base":
-            seconds, tokens = hf_generate_seconds(model, tokenizer, prompts[: args.hf_limit], args.max_new_tokens)
+            timed = prompts[: args.hf_limit]
+            seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens)
             table.append((label, "HF generate", 1.0, tokens / seconds, None, None))
+            if any("lookup" in mode for mode in args.modes):  # transformers' own prompt lookup decoding
+                extra = dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=3)
+                seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, **extra)
+                table.append((label, "HF generate, prompt lookup 3", None, tokens / seconds, None, None))
         own = None
         for mode in ["AR"] + [m for m in args.modes if m != "AR"]:
             answers, tokens, forwards, seconds = decode(
@@ -120,7 +130,7 @@ def main() -> None:
     print("| model | mode | tokens/forward | tok/s | agreement with own AR | arithmetic accuracy |")
     print("|---|---|---|---|---|---|")
     for label, mode, tpf, speed, agree, acc in table:
-        cells = [f"{tpf:.2f}", f"{speed:.1f}", "-" if agree is None else f"{100 * agree:.1f} %"]
+        cells = ["-" if tpf is None else f"{tpf:.2f}", f"{speed:.1f}", "-" if agree is None else f"{100 * agree:.1f} %"]
         cells.append("-" if acc is None else f"{100 * acc:.1f} %")
         print(f"| {label} | {mode} | " + " | ".join(cells) + " |")
     if args.plot:

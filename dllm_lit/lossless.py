@@ -5,7 +5,8 @@ yet) and ``draft`` holds ``W - 1`` guesses for the tokens after it (fill tokens 
 One pass feeds ``[last] + draft`` and predicts ``p_0 .. p_{W-1}``; ``p_0`` is accepted, and ``p_i``
 while every draft token before it was right (``draft_i == p_{i-1}``): those predictions saw only
 correct inputs, so with greedy picking they are exactly the autoregressive tokens. At least one
-token is accepted per pass. The rest of the predictions become the next draft.
+token is accepted per pass. The rest of the predictions become the next draft; while those do not pay
+(the eager backend's one-token passes), ``prompt_lookup_max`` drafts from the text itself instead.
 
 With sampling, draft token ``d_i`` is accepted with probability ``q_{i-1}(d_i)`` and a rejection
 samples from ``q_{i-1}`` without ``d_i``: the speculative-sampling rule for a deterministic draft,
@@ -113,6 +114,36 @@ def next_draft(guesses: torch.Tensor, accepted: torch.Tensor, fill: int, width: 
     return torch.where(index < fed, shifted, torch.full_like(shifted, fill))
 
 
+class PromptLookup:
+    """Drafts from the text itself, as prompt lookup decoding does: the tokens that followed the latest
+    earlier occurrence of the text's last ``n`` tokens (``n`` from ``longest`` down to ``shortest``)."""
+
+    def __init__(self, prompts: list[list[int]], longest: int, shortest: int = 1):
+        self.prompts, self.longest, self.shortest = prompts, longest, shortest
+        self.ends: list[dict[tuple[int, ...], int]] = [{} for _ in prompts]  # n-gram -> end of its latest one
+        self.indexed = [0] * len(prompts)  # the n-grams ending at 1 .. indexed[row] are in ends[row]
+
+    def draft(self, row: int, generated: list[int], size: int) -> list[int]:
+        """Up to ``size`` guesses for the tokens after ``prompt + generated`` (none without a match)."""
+        text, ends = self.prompts[row] + generated, self.ends[row]
+        for end in range(self.indexed[row] + 1, len(text)):  # the text's own last n-grams stay out
+            for n in range(self.shortest, min(self.longest, end) + 1):
+                ends[tuple(text[end - n : end])] = end
+        self.indexed[row] = max(self.indexed[row], len(text) - 1)
+        for n in range(min(self.longest, len(text)), self.shortest - 1, -1):
+            end = ends.get(tuple(text[-n:]))
+            if end is not None:
+                return text[end : end + size]
+        return []
+
+    def drafts(self, rows: list[int], generated: list[list[int]], size: int, fill: int, device) -> torch.Tensor:
+        """``[len(rows), k]`` drafts for ``rows``, topped up with fill tokens (``k``: the longest found)."""
+        found = [self.draft(row, generated[row], size) for row in rows]
+        width = max(map(len, found), default=0)
+        padded = [guesses + [fill] * (width - len(guesses)) for guesses in found]
+        return torch.tensor(padded, dtype=torch.long, device=device).view(len(rows), width)
+
+
 class WindowSchedule:
     """The width of the next eager pass (``adaptive_window``): the full window while drafts pay;
     after two wide passes that missed (the rows accepted fewer than 0.5 drafted tokens each on
@@ -159,7 +190,11 @@ def decode_lossless(
     batch = RaggedBatch(model, prompt_ids, prompt_mask)
     active = torch.arange(prompt_ids.shape[0], device=device)
     generated = torch.zeros_like(active)
-    schedule = WindowSchedule(settings.width, settings.adaptive_window)
+    schedule, width = WindowSchedule(settings.width, settings.adaptive_window), settings.width
+    lookup = None
+    if settings.prompt_lookup_max:
+        prompts = unpadded(prompt_ids, prompt_mask)
+        lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     while active.numel() > 0:
         tokens, accepted, guesses = verify(batch.forward(draft), draft)
@@ -169,11 +204,19 @@ def decode_lossless(
         ledger.end_pass(accepted)
         batch.accept(accepted, tokens.gather(1, (accepted - 1)[:, None]).squeeze(1))
         generated += accepted
-        draft = next_draft(guesses, accepted, fill, schedule.next_width(draft.shape[1] + 1, accepted))
+        width = schedule.next_width(width, accepted)  # a lookup pass counts as a one-token pass
+        draft = next_draft(guesses, accepted, fill, width)
         if bool(finished.any()):
             still = (~finished).nonzero().squeeze(1)
             active, generated, draft = active[still], generated[still], draft[still]
             batch.keep_rows(still)
+        if lookup is not None and width == 1:  # the model's own drafts do not pay: look the text up
+            draft = lookup.drafts(active.tolist(), ledger.tokens, settings.width - 1, fill, device)
+
+
+def unpadded(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's prompt tokens without its left padding."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
 
 
 def verifier(settings: DecodeSettings, device: torch.device):

@@ -49,6 +49,14 @@ class DecodeSettings:
             again. On a CPU a wide forward costs up to twice a one-token one, so a model that is not
             block-trained still decodes at autoregressive speed. Never changes the tokens. The
             compiled backends keep the full window (on a GPU a wide pass costs about a narrow one).
+        prompt_lookup_max: Lossless mode, eager backend: where the adaptive window runs one-token
+            passes (the model's own drafts do not pay), draft from the text instead, as prompt lookup
+            decoding does: the up to ``add_eos_length`` tokens that followed the latest earlier
+            occurrence of the text's last ``n`` tokens, ``n`` from this value down to
+            ``prompt_lookup_min``. Repetitive answers (code, lists, arithmetic) then take fewer
+            passes. Never changes the tokens; 0 is off.
+        prompt_lookup_min: The shortest match ``prompt_lookup_max`` drafts from. On SmolLM2's
+            answers a one-token match is right 0.27 times per pass at W = 4, a two-token one 0.99.
         backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
             fixed block shapes, each forward replayed as a CUDA graph (the fast path on a GPU; on
             CPU it runs eagerly). ``inductor``: the same through torch.compile, faster per pass after
@@ -70,6 +78,8 @@ class DecodeSettings:
     early_exit: bool = True
     lossless: bool = False
     adaptive_window: bool = True
+    prompt_lookup_max: int = 0
+    prompt_lookup_min: int = 2
     backend: Backend = "eager"
 
     def __post_init__(self) -> None:
@@ -90,6 +100,21 @@ class DecodeSettings:
             raise ValueError("lossless=True needs use_cache=True: it verifies drafts on top of a KV cache.")
         if self.backend != "eager" and not self.use_cache:
             raise ValueError(f"backend={self.backend!r} decodes with a static KV cache: it needs use_cache=True.")
+        self._check_prompt_lookup()
+
+    def _check_prompt_lookup(self) -> None:
+        longest, shortest = self.prompt_lookup_max, self.prompt_lookup_min
+        if longest < 0:
+            raise ValueError(f"prompt_lookup_max must be at least 0 (0: off), got {longest}.")
+        if longest and not 1 <= shortest <= longest:
+            raise ValueError(
+                f"prompt_lookup_min must be at least 1 and at most prompt_lookup_max, got {shortest} and {longest}."
+            )
+        if longest and not (self.lossless and self.adaptive_window and self.backend == "eager"):
+            raise ValueError(
+                "prompt_lookup_max drafts in the adaptive window's one-token passes: it needs lossless=True, "
+                "adaptive_window=True and backend='eager'."
+            )
 
     @property
     def width(self) -> int:

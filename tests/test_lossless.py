@@ -13,7 +13,7 @@ from transformers.generation.logits_process import LogitsProcessorList, TopKLogi
 
 from conftest import EOS, MODELS, left_pad, random_prompts
 from dllm_lit import generate_blocks
-from dllm_lit.lossless import WindowSchedule, verify_sampled
+from dllm_lit.lossless import PromptLookup, WindowSchedule, verify_sampled
 
 PROMPTS = random_prompts([5, 11, 2], seed=1)
 
@@ -157,6 +157,31 @@ def test_the_window_narrows_while_drafts_fail_and_widens_when_one_is_accepted():
     assert {WindowSchedule(8, adaptive=False).next_width(8, one) for _ in range(5)} == {8}
 
 
+def test_prompt_lookup_drafts_what_followed_the_latest_earlier_match():
+    lookup = PromptLookup([[5, 6, 7, 8]], longest=3)
+    assert lookup.draft(0, [5, 6], size=4) == [7, 8, 5, 6], "the 2-gram (5, 6) was followed by 7, 8"
+    assert lookup.draft(0, [5, 6, 9], size=4) == [], "9 never came before"
+    assert lookup.draft(0, [5, 6, 9, 9, 6, 7], size=3) == [8, 5, 6], "the longest match first: (6, 7)"
+    assert lookup.draft(0, [5, 6, 9, 9, 6, 7, 1, 6], size=2) == [7, 1], "after the latest of three earlier 6s"
+    two = PromptLookup([[5, 6, 7, 8]], longest=3, shortest=2)
+    assert two.draft(0, [6], size=2) == [] and two.draft(0, [6, 7], size=2) == [8, 6], "no match under 2 tokens"
+
+
+@pytest.mark.parametrize("width", [2, 8])
+def test_prompt_lookup_never_changes_the_tokens(model, width):
+    settings = dict(add_eos_length=width - 1, max_new_tokens=60, prompt_lookup_max=3, prompt_lookup_min=1)
+    result = run(model, PROMPTS, **settings)
+    assert [with_stop(row) for row in result.rows] == greedy(model, PROMPTS, 60)
+
+
+def test_prompt_lookup_saves_passes_where_the_models_drafts_do_not():
+    model, settings = MODELS["gpt2"](), dict(add_eos_length=7, max_new_tokens=200, ignore_eos=True)
+    plain = run(model, PROMPTS[:1], **settings)
+    lookup = run(model, PROMPTS[:1], prompt_lookup_max=3, prompt_lookup_min=1, **settings)
+    assert lookup.rows[0].token_ids == plain.rows[0].token_ids and plain.forwards == 200
+    assert lookup.forwards < 195
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2-drafty"])
 def test_the_adaptive_window_never_changes_the_tokens(name):
     model = LOSSLESS_MODELS[name]()
@@ -261,6 +286,10 @@ def test_sampled_lossless_matches_autoregressive_sampling(backend):
     "change,message",
     [
         (dict(use_cache=False), "lossless=True needs use_cache=True"),
+        (dict(prompt_lookup_max=-1), "prompt_lookup_max must be at least 0"),
+        (dict(prompt_lookup_max=2, prompt_lookup_min=3), "prompt_lookup_min must be at least 1 and at most"),
+        (dict(prompt_lookup_max=2, adaptive_window=False), "prompt_lookup_max drafts in the adaptive window's"),
+        (dict(prompt_lookup_max=2, backend="cuda_graph"), "it needs lossless=True, adaptive_window=True and"),
     ],
 )
 def test_unsupported_combinations_are_one_sentence(change, message):
