@@ -9,7 +9,8 @@
 #   run(carry=[".gpu/gguf.ab"], command="bash benchmarks/train_smollm2_gpu.sh train", timeout_s=600)
 #
 # `train` fits configs/train_smollm2.yaml on the distilled rows in the repository
-# (examples/smollm2_distill, made on a CPU with `dllm_lit distill`), STEPS steps, and writes the adapter
+# (examples/smollm2_distill{,_more}, made on a CPU with `dllm_lit distill`; batches grouped by length),
+# STEPS steps, and writes the adapter
 # ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
 # On an H200 (2026-11-27) a step of batch 16 took about 1 s (40 steps + 3 validations in 46 s), so 800
 # such steps overran the call and nothing came back. Now: batch 64 (a step costs about the same; the

@@ -5,9 +5,8 @@ definitions, short math, code), and optionally from the model itself (``--magpie
 sampled from the chat template's user prefix, as Magpie does). They are deduplicated; the held-out
 split is drawn with another seed and checked for no overlap with the training split; ``--exclude``
 keeps the prompts of earlier row files out of both (to grow a data set without touching its held-out
-split). Responses are
-the model's greedy answers, decoded with the engine in lossless mode (exactly its autoregressive
-output) in batches. Rows are ``{"messages": [user, assistant]}`` lines that ``dllm_lit fit`` reads
+split). Responses are the model's greedy answers, decoded with the engine in lossless mode (exactly
+its autoregressive output) in batches. Rows are ``{"messages": [user, assistant]}`` lines that ``dllm_lit fit`` reads
 (``--data.train_file`` / ``--data.val_file``); answers cut by ``--max_new_tokens`` are left out.
 
 The run is resumable: each finished batch is appended (and fsynced) to ``train.jsonl`` /

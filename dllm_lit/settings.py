@@ -110,10 +110,10 @@ class DecodeSettings:
             raise ValueError(
                 f"prompt_lookup_min must be at least 1 and at most prompt_lookup_max, got {shortest} and {longest}."
             )
-        if longest and not (self.lossless and self.adaptive_window and self.backend == "eager"):
+        if longest and not (self.lossless and self.adaptive_window and self.backend == "eager" and self.width > 1):
             raise ValueError(
-                "prompt_lookup_max drafts in the adaptive window's one-token passes: it needs lossless=True, "
-                "adaptive_window=True and backend='eager'."
+                "prompt_lookup_max drafts up to add_eos_length tokens in the adaptive window's one-token passes: "
+                "it needs lossless=True, adaptive_window=True, backend='eager' and add_eos_length >= 1."
             )
 
     @property

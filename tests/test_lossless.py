@@ -288,8 +288,9 @@ def test_sampled_lossless_matches_autoregressive_sampling(backend):
         (dict(use_cache=False), "lossless=True needs use_cache=True"),
         (dict(prompt_lookup_max=-1), "prompt_lookup_max must be at least 0"),
         (dict(prompt_lookup_max=2, prompt_lookup_min=3), "prompt_lookup_min must be at least 1 and at most"),
-        (dict(prompt_lookup_max=2, adaptive_window=False), "prompt_lookup_max drafts in the adaptive window's"),
-        (dict(prompt_lookup_max=2, backend="cuda_graph"), "it needs lossless=True, adaptive_window=True and"),
+        (dict(prompt_lookup_max=2, adaptive_window=False), "prompt_lookup_max drafts up to add_eos_length"),
+        (dict(prompt_lookup_max=2, backend="cuda_graph"), "it needs lossless=True, adaptive_window=True, backend="),
+        (dict(prompt_lookup_max=2, add_eos_length=0), "and add_eos_length >= 1"),
     ],
 )
 def test_unsupported_combinations_are_one_sentence(change, message):
