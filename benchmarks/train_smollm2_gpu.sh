@@ -24,8 +24,8 @@
 #     --batch-size 16 --trained dllm_lit/weights/smollm2-fast --plot docs/speed_quality.png
 # To ship the result: copy $OUT/smollm2-fast/adapter_config.json and adapter_model.safetensors to
 # dllm_lit/weights/smollm2-fast/ (the `smollm2-fast` alias; its base is recorded as `smollm2`).
-# A dry run of the whole `train` step on a CPU, tiny sizes (about 10 minutes on 2 cores, 5 of them before
-# the first step; not seen on the card):
+# A dry run of the whole `train` step on a CPU, tiny sizes (about 10 minutes on 2 cores while every
+# validation decoded the whole held-out set; see limit_val_batches below):
 #   PYTHON=.venv/bin/python DEVICE=cpu PRECISION=32-true STEPS=2 LIMIT=2 ARITH=2 NEW=16 BATCH=2 \
 #     OUT=/tmp/dry bash benchmarks/train_smollm2_gpu.sh train
 set -euo pipefail
