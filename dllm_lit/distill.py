@@ -6,8 +6,9 @@ sampled from the chat template's user prefix, as Magpie does). They are deduplic
 split is drawn with another seed and checked for no overlap with the training split; ``--exclude``
 keeps the prompts of earlier row files out of both (to grow a data set without touching its held-out
 split). Responses are the model's greedy answers, decoded with the engine in lossless mode (exactly
-its autoregressive output) in batches. Rows are ``{"messages": [user, assistant]}`` lines that ``dllm_lit fit`` reads
-(``--data.train_file`` / ``--data.val_file``); answers cut by ``--max_new_tokens`` are left out.
+its autoregressive output) in batches. Rows are ``{"messages": [user, assistant]}`` lines that
+``dllm_lit fit`` reads (``--data.train_file`` / ``--data.val_file``); answers cut by
+``--max_new_tokens`` are left out.
 
 The run is resumable: each finished batch is appended (and fsynced) to ``train.jsonl`` /
 ``val.jsonl``, ``distill.json`` records the settings, and a rerun with the same settings skips the
@@ -274,9 +275,7 @@ def answer_all(
     skipped prompts in the split, this run's and earlier ones'."""
     skipped_path = path.with_name(f"{path.stem}.skipped.json")
     skipped = json.loads(skipped_path.read_text()) if skipped_path.is_file() else []
-    answered = (
-        [json.loads(line)["messages"][0]["content"] for line in path.read_text().splitlines()] if path.is_file() else []
-    )
+    answered = [prompt_text(json.loads(line)) for line in path.read_text().splitlines()] if path.is_file() else []
     done = set(skipped) | set(answered)
     ids = {p: encode_prompt(tokenizer, {"messages": [{"role": "user", "content": p}]}, True) for p in prompts}
     todo = sorted((p for p in prompts if p not in done), key=lambda p: -len(ids[p]))

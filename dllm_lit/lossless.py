@@ -129,7 +129,7 @@ class PromptLookup:
         for end in range(self.indexed[row] + 1, len(text)):  # the text's own last n-grams stay out
             for n in range(self.shortest, min(self.longest, end) + 1):
                 ends[tuple(text[end - n : end])] = end
-        self.indexed[row] = max(self.indexed[row], len(text) - 1)
+        self.indexed[row] = len(text) - 1
         for n in range(min(self.longest, len(text)), self.shortest - 1, -1):
             end = ends.get(tuple(text[-n:]))
             if end is not None:
