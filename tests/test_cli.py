@@ -6,6 +6,7 @@ Oracles: the engine called directly on the same model, one-by-one runs, one-proc
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -396,3 +397,14 @@ def test_a_run_bounded_by_steps_alone_shows_its_epoch_without_a_limit():
     assert bar._get_train_description(3).rstrip() == "Epoch 3"
     bar._trainer = SimpleNamespace(max_epochs=5)
     assert bar._get_train_description(3).rstrip() == "Epoch 3/4"
+
+
+@pytest.mark.parametrize(("given", "expected"), [("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25)])
+def test_an_integral_batch_limit_counts_batches(given, expected, tiny_dir, monkeypatch):
+    """Lightning reads the float 1.0 as every batch and the int 1 as one batch: the command line's
+    ``1`` must stay an int (it was parsed as 1.0, so a 'one batch' validation decoded the whole set)."""
+    limits = ["--trainer.limit_val_batches", given, "--trainer.limit_train_batches", given]
+    monkeypatch.setattr(sys, "argv", ["dllm_lit", "--model.model_name_or_path", str(tiny_dir), *limits])
+    parsed = cli.DllmCLI(run=False)
+    assert parsed.trainer.limit_val_batches == expected and type(parsed.trainer.limit_val_batches) is type(expected)
+    assert type(parsed.trainer.limit_train_batches) is type(expected)
