@@ -11,7 +11,6 @@ import warnings
 from dataclasses import asdict
 from importlib import import_module
 from pathlib import Path
-from typing import Union
 
 # Lightning's own calls into jsonargparse trip its deprecation notices; they are not the user's.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
@@ -184,7 +183,7 @@ def prefer_int_batch_limits(parser) -> None:
     Integers are tried first now; ``1.0`` and ``0.25`` still mean fractions."""
     for action in parser._actions:
         if action.dest in LIMIT_BATCHES:
-            action._typehint = Union[int, float, None]
+            action._typehint = int | float | None
 
 
 def _interrupt_on_sigterm(signum, frame) -> None:
