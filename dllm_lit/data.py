@@ -25,33 +25,34 @@ class PromptError(ValueError):
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".tsv")
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
+def read_rows(path: str | Path, label: str = "Prompts file") -> list[dict[str, Any]]:
     """Rows from ``.txt`` (one prompt a line, blank lines skipped), ``.jsonl``, ``.json``, ``.parquet``,
     or ``.csv``/``.tsv`` (a header row naming the columns).
 
     Each row carries ``prompt`` (a string) or ``messages`` (chat messages); other fields pass through.
+    Errors name the file as ``label`` (for example ``--data.train_file``).
     """
     path = Path(path)
     kinds = ", ".join(SUFFIXES)
     if path.is_dir():
-        raise PromptError(f"Prompts file {path} is a directory: give a {kinds} file.")
+        raise PromptError(f"{label} {path} is a directory: give a {kinds} file.")
     if not path.exists():
-        raise PromptError(f"Prompts file {path} does not exist.")
+        raise PromptError(f"{label} {path} does not exist.")
     suffix = path.suffix.lower()
     if suffix and suffix not in SUFFIXES:  # a file without a suffix is read as text lines
-        raise PromptError(f"Prompts file {path} has an unknown kind ({suffix}): give a {kinds} file.")
+        raise PromptError(f"{label} {path} has an unknown kind ({suffix}): give a {kinds} file.")
     if suffix in (".parquet", ".csv", ".tsv"):
-        rows = _read_table(path, suffix)
+        rows = _read_table(path, suffix, label)
     else:
-        rows = _parse_text_rows(path, suffix, _read_text(path))
+        rows = _parse_text_rows(path, suffix, _read_text(path, label))
     if not rows:
-        raise PromptError(f"Prompts file {path} has no prompts.")
+        raise PromptError(f"{label} {path} has no prompts.")
     for number, row in enumerate(rows, start=1):
         _check_row(row, f"{path}, row {number}")
     return rows
 
 
-def _read_table(path: Path, suffix: str) -> list[dict[str, Any]]:
+def _read_table(path: Path, suffix: str, label: str) -> list[dict[str, Any]]:
     """Parquet rows through pyarrow; CSV/TSV rows with a header through :mod:`csv`, every value text
     (a prompt such as "007" stays the string it was written as)."""
     if suffix == ".parquet":
@@ -61,22 +62,20 @@ def _read_table(path: Path, suffix: str) -> list[dict[str, Any]]:
         try:
             return pyarrow.parquet.read_table(path).to_pylist()
         except (pyarrow.ArrowException, OSError) as error:
-            raise PromptError(
-                f"Prompts file {path} cannot be read as parquet: {' '.join(str(error).split())}"
-            ) from None
+            raise PromptError(f"{label} {path} cannot be read as parquet: {' '.join(str(error).split())}") from None
     try:
-        return list(csv.DictReader(io.StringIO(_read_text(path)), delimiter="\t" if suffix == ".tsv" else ","))
+        return list(csv.DictReader(io.StringIO(_read_text(path, label)), delimiter="\t" if suffix == ".tsv" else ","))
     except csv.Error as error:
-        raise PromptError(f"Prompts file {path} cannot be read as {suffix[1:]}: {error}.") from None
+        raise PromptError(f"{label} {path} cannot be read as {suffix[1:]}: {error}.") from None
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, label: str) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not part of the text
     except UnicodeDecodeError as error:
-        raise PromptError(f"Prompts file {path} is not UTF-8 text (byte {error.start}).") from None
+        raise PromptError(f"{label} {path} is not UTF-8 text (byte {error.start}).") from None
     except OSError as error:
-        raise PromptError(f"Prompts file {path} cannot be read: {error.strerror}.") from None
+        raise PromptError(f"{label} {path} cannot be read: {error.strerror}.") from None
 
 
 def _parse_text_rows(path: Path, suffix: str, text: str) -> list[Any]:
@@ -440,7 +439,7 @@ class DataModule(L.LightningDataModule):
 
     def _sft_dataset(self, path: str) -> SFTDataset:
         return SFTDataset(
-            read_rows(path),
+            read_rows(path, "--data.train_file"),
             self.tokenizer,
             use_chat_template=self.use_chat_template,
             max_length=self.max_length,
@@ -463,11 +462,11 @@ class DataModule(L.LightningDataModule):
             files = [files] if isinstance(files, str) else files
             self.datasets["train"] = ConcatDataset([self._sft_dataset(path) for path in files])
         if stage in ("fit", "validate") and "val" not in self.datasets and self.val_file is not None:
-            self.datasets["val"] = self._prompt_dataset(read_rows(self.val_file))
+            self.datasets["val"] = self._prompt_dataset(read_rows(self.val_file, "--data.val_file"))
         if stage == "validate" and "val" not in self.datasets:
             self._required("val_file")
         if stage == "test" and "test" not in self.datasets:
-            self.datasets["test"] = self._prompt_dataset(read_rows(self._required("test_file")))
+            self.datasets["test"] = self._prompt_dataset(read_rows(self._required("test_file"), "--data.test_file"))
 
     def _decode_loader(self, name: str) -> DataLoader:
         dataset, sampler = self.datasets[name], None

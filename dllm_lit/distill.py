@@ -226,7 +226,7 @@ def distill(
     }
     if exclude:
         manifest["exclude"] = list(exclude)
-    excluded = {prompt_text(row) for path in exclude for row in read_rows(path)}
+    excluded = {prompt_text(row) for path in exclude for row in read_rows(path, "--exclude file")}
     check_manifest(folder, manifest)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     model = load_model(model_name_or_path, trust_remote_code=trust_remote_code).to(resolve_device(device))

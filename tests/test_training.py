@@ -383,6 +383,17 @@ def test_parquet_and_chat_rows_train_like_jsonl(tmp_path):
     assert [tokenizer.decode([t]) for t, m in zip(ids, mask) if m] == ["4", "6", "</s>"]
 
 
+@pytest.mark.parametrize("name", ["train_file", "val_file"])
+def test_a_missing_training_file_is_named_by_its_flag(name, tiny_dir, tmp_path):
+    from dllm_lit.data import DataModule
+
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"prompt": "1+2=", "response": "3"}) + "\n")
+    files = {"train_file": str(train), "val_file": str(train), name: str(tmp_path / "missing.jsonl")}
+    with pytest.raises(PromptError, match=rf"^--data.{name} .*missing.jsonl does not exist.$"):
+        DataModule(**files, model_name_or_path=tiny_dir).setup("fit")
+
+
 def test_a_list_of_train_files_trains_on_every_files_rows(tiny_dir, tmp_path):
     from dllm_lit.data import DataModule
 
