@@ -39,6 +39,8 @@ APPS = {
     "distill": "dllm_lit.distill",
 }
 """Subcommands outside LightningCLI (no Trainer): the module whose ``main(args)`` runs them."""
+CHECKPOINT_STRUCTURE = {"model_name_or_path": DEFAULT_MODEL, "lora_rank": 0, "lora_alpha": None}
+"""What a checkpoint's weights need (with the defaults a checkpoint may fill in), unlike decoding settings."""
 LIMIT_BATCHES = [f"trainer.limit_{stage}_batches" for stage in ("train", "val", "test", "predict")]
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, MisconfigurationException)
 
@@ -108,10 +110,11 @@ class DllmCLI(LightningCLI):
         prefer_int_batch_limits(parser)
 
     def _parse_ckpt_path(self) -> None:
-        """``--ckpt_path`` supplies weights, and the base model when ``model_name_or_path`` is left at
-        its default. Decoding settings always come from the config and the command line (Lightning's
-        own version lets the checkpoint's hyperparameters override flags the user gave). Only local
-        files are read, with ``weights_only=True`` (:mod:`dllm_lit.checkpoints`)."""
+        """``--ckpt_path`` supplies weights, and the model they fit (base model, LoRA rank and alpha)
+        where those flags are left at their defaults. Decoding settings always come from the config
+        and the command line (Lightning's own version lets the checkpoint's hyperparameters override
+        flags the user gave). Only local files are read, with ``weights_only=True``
+        (:mod:`dllm_lit.checkpoints`)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
@@ -120,9 +123,10 @@ class DllmCLI(LightningCLI):
         if "weights_only" in self.config[subcommand]:
             self.config[subcommand]["weights_only"] = True
         model = self.config[subcommand]["model"]
-        if "model_name_or_path" in hparams and model["model_name_or_path"] == DEFAULT_MODEL:
-            model["model_name_or_path"] = hparams["model_name_or_path"]
-            self.config[subcommand]["data"]["model_name_or_path"] = hparams["model_name_or_path"]
+        for name, default in CHECKPOINT_STRUCTURE.items():
+            if name in hparams and model[name] == default:
+                model[name] = hparams[name]
+        self.config[subcommand]["data"]["model_name_or_path"] = model["model_name_or_path"]
 
     def before_instantiate_classes(self) -> None:
         """Prediction logs nothing by default (fit/validate/test keep Lightning's default logger)."""

@@ -47,7 +47,8 @@ def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path) -> Path:
     module = BlockRefineLM(**hparams)
     module.configure_model()
     try:
-        module.load_state_dict(checkpoint["state_dict"])
+        module.on_load_checkpoint(checkpoint)  # an adapter-only checkpoint: checked, then loaded non-strictly
+        module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
     except RuntimeError:
         raise CheckpointError(
             f"Checkpoint {ckpt_path} does not match its model {module.hparams.model_name_or_path!r}."

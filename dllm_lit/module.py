@@ -14,6 +14,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from dllm_lit.adapters import add_lora
 from dllm_lit.answers import is_correct
+from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import BlockGeneration
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -245,6 +246,25 @@ class BlockRefineLM(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._score(batch, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A LoRA fit's checkpoint keeps only the weights that train (the adapter: megabytes, not the
+        base model's hundreds); loading rebuilds the base from ``model_name_or_path``."""
+        if self.hparams.get("lora_rank"):
+            trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["adapter_only"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """An adapter-only checkpoint loads non-strictly, once its names and shapes are this model's
+        trainable ones."""
+        self.strict_loading = not checkpoint.get("adapter_only")
+        trainable = {name: p.shape for name, p in self.named_parameters() if p.requires_grad}
+        if not self.strict_loading and {k: v.shape for k, v in checkpoint["state_dict"].items()} != trainable:
+            raise CheckpointError(
+                f"The checkpoint's adapter does not fit {self.hparams.model_name_or_path!r} with "
+                f"lora_rank={self.hparams.get('lora_rank')}: give the base model and LoRA settings it was trained with."
+            )
 
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # only the adapter under LoRA
