@@ -376,7 +376,7 @@ class DataModule(L.LightningDataModule):
     ):
         super().__init__()
         if batch_size < 1:
-            raise PromptError(f"batch_size must be at least 1, got {batch_size}.")
+            raise PromptError(f"--data.batch_size must be at least 1, got {batch_size}.")
         self.prompt, self.prompts, self.prompts_file = prompt, prompts, prompts_file
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file or val_file
         self.batch_size, self.group_by_length = batch_size, group_by_length

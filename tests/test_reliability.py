@@ -80,6 +80,7 @@ def messy(tmp_path) -> Path:
         (["--data.prompt=hi", "--trainer.devices=0"], ["value is not a valid input"]),
         (["--data.prompt=hi", "--trainer.accelerator=gpu"], ["No supported gpu backend found"]),
         (["--data.prompt=hi", "--model.num_iterations=0"], ["--model.num_iterations must be at least 1"]),
+        (["--data.prompt=hi", "--data.batch_size=0"], ["--data.batch_size must be at least 1, got 0."]),
         (["--data.prompt=hi", "--model.noise_min=0.8", "--model.noise_max=0.2"], ["0 <= noise_min <= noise_max"]),
         (["--data.prompt=hi", "--model.temperature=-1"], ["--model.temperature must be 0 (greedy) or above"]),
         (["--data.prompt=hi", "--model.top_p=1.5"], ["--model.top_p must be above 0 and at most 1, got 1.5."]),
