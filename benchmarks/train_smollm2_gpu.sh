@@ -79,7 +79,7 @@ train)
   cp "$(find "$OUT/logs" -name metrics.csv | head -1)" "$OUT/metrics.csv"  # $OUT/logs/*/*/ is too deep to come back
   (cd "$OUT/smollm2-fast" && rm -f README.md chat_template.jinja tokenizer.json tokenizer_config.json)
   "$PY" benchmarks/bench_real_model.py --prompts "$DATA/val.jsonl" --limit "$LIMIT" --arithmetic "$ARITH" \
-    --max-new-tokens "$NEW" --batch-size 32 --hf-limit 8 --modes AR "lossless W16" "blk16 R2" \
+    --max-new-tokens "$NEW" --batch-size 32 --hf-limit 8 --modes AR "lossless W16" "lossless W16 fixed" "blk16 R2" \
     --trained "$OUT/smollm2-fast" --device "$DEVICE" | tee "$OUT/eval.md"
   du -sh "$OUT"/*
   ;;
