@@ -8,7 +8,8 @@ For each model (``smollm2``, and ``--trained`` if given: an adapter or HF direct
 ``--arithmetic`` generated one-digit addition questions, and prints one Markdown table: tokens per forward,
 tok/s, agreement (the response equals the same model's own autoregressive answer, token for token)
 and arithmetic accuracy (checked with math-verify). HF ``generate`` on the base model is timed in
-the same process. ``--plot`` draws tokens/forward against agreement (needs matplotlib).
+the same process, on the same batches (``--batch-size``; its prompt lookup only takes one prompt).
+``--plot`` draws tokens/forward against agreement (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -61,18 +62,24 @@ def decode(model, tokenizer, prompts: list[list[int]], batch: int, **settings) -
     return answers, generated, forwards, time.perf_counter() - start
 
 
-def hf_generate_seconds(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, **extra) -> tuple[float, int]:
-    """Seconds and tokens of greedy HF ``generate``, one prompt at a time."""
-    start, tokens = time.perf_counter(), 0
-    for p in prompts:
+def hf_generate_seconds(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int, **extra
+) -> tuple[float, int]:
+    """Seconds and tokens (each row's up to its EOS) of greedy HF ``generate`` over batches of
+    left-padded prompts, the batches :func:`decode` runs."""
+    start, tokens, eos = time.perf_counter(), 0, tokenizer.eos_token_id
+    for first in range(0, len(prompts), batch):
+        ids, mask = left_pad(prompts[first : first + batch], tokenizer.pad_token_id)
         out = model.generate(
-            torch.tensor([p], device=model.device),
+            ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
+            pad_token_id=eos,
             **extra,
         )
-        tokens += out.shape[1] - len(p)
+        for row in out[:, ids.shape[1] :].tolist():
+            tokens += row.index(eos) + 1 if eos in row else len(row)
     return time.perf_counter() - start, tokens
 
 
@@ -88,7 +95,12 @@ def main() -> None:
     )
     parser.add_argument("--trained", help="the block-trained model: an adapter or HF directory")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=1, help="1 measures per-prompt latency, as generate")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="prompts per batch, all modes and HF generate (1: latency)",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--hf-limit", type=int, help="time HF generate on the first N prompts only (default: all)")
     parser.add_argument("--device", default="cpu")
@@ -112,12 +124,12 @@ def main() -> None:
         limit = dict(max_new_tokens=args.max_new_tokens)
         if label == "base":
             timed = prompts[: args.hf_limit]
-            seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens)
+            seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, args.batch_size)
             table.append((label, "HF generate", 1.0, tokens / seconds, None, None))
-            if any("lookup" in mode for mode in args.modes):  # transformers' own prompt lookup decoding
+            if any("lookup" in mode for mode in args.modes):  # transformers' prompt lookup: one prompt at a time
                 extra = dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=3)
-                seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, **extra)
-                table.append((label, "HF generate, prompt lookup 3", None, tokens / seconds, None, None))
+                seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, 1, **extra)
+                table.append((label, "HF generate, prompt lookup 3, batch 1", None, tokens / seconds, None, None))
         own = None
         for mode in ["AR"] + [m for m in args.modes if m != "AR"]:
             answers, tokens, forwards, seconds = decode(
