@@ -74,8 +74,22 @@ class HFExport(L.Callback):
         if trainer.is_global_zero:
             save_hf(pl_module, self.output_dir)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
+        """Say what trains and where the model will be (stderr, rank 0)."""
+        if trainer.is_global_zero:
+            weights = list(pl_module.model.parameters())
+            trainable, total = sum(p.numel() for p in weights if p.requires_grad), sum(p.numel() for p in weights)
+            kind = f"LoRA rank {pl_module.hparams.lora_rank}" if pl_module.hparams.get("lora_rank") else "all weights"
+            print(
+                f"Training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f} %, {kind}); "
+                f"the model is exported to {self.output_dir} after each validation and at the end.",
+                file=sys.stderr,
+            )
+
     def on_train_end(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
         self.save(trainer, pl_module)
+        if trainer.is_global_zero:
+            print(f"Exported: dllm_lit predict --model.model_name_or_path {self.output_dir} ...", file=sys.stderr)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:

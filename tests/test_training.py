@@ -467,7 +467,7 @@ def test_lossless_beats_the_exact_block_mode_on_a_refine_trained_model(trained):
 
 
 @pytest.mark.slow
-def test_a_lora_fit_lowers_the_loss_and_its_adapter_round_trips(tiny_dir, tmp_path, monkeypatch):
+def test_a_lora_fit_lowers_the_loss_and_its_adapter_round_trips(tiny_dir, tmp_path, monkeypatch, capsys):
     """LoRA (peft) with the autoregressive loss term: the loss falls, the export is a small adapter
     that names its base, and loading it (merged at load) gives the trained model's logits and answers."""
     from safetensors.torch import load_file
@@ -501,6 +501,10 @@ def test_a_lora_fit_lowers_the_loss_and_its_adapter_round_trips(tiny_dir, tmp_pa
             f"--trainer.callbacks.init_args.output_dir={adapter}",
         ]
     ).model.model.eval()  # the trained PeftModel, adapter not merged
+    trainable, total = fitted.get_nb_trainable_parameters()  # peft's own count
+    said = capsys.readouterr().err
+    assert f"Training {trainable:,} of {total:,} parameters" in said and "LoRA rank 8" in said
+    assert f"Exported: dllm_lit predict --model.model_name_or_path {adapter}" in said
     rows = read_metrics(tmp_path / "logs")
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) >= 4 and losses[-1] < losses[0]
