@@ -249,11 +249,13 @@ class BlockRefineLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A LoRA fit's checkpoint keeps only the weights that train (the adapter: megabytes, not the
-        base model's hundreds); loading rebuilds the base from ``model_name_or_path``."""
+        base model's hundreds); loading rebuilds the base from ``model_name_or_path``. Where the saved
+        names are not the module's own (a strategy that renames them), it keeps everything."""
         if self.hparams.get("lora_rank"):
             trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-            checkpoint["adapter_only"] = True
+            adapter = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            if len(adapter) == len(trainable):
+                checkpoint["state_dict"], checkpoint["adapter_only"] = adapter, True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """An adapter-only checkpoint loads non-strictly, once its names and shapes are this model's

@@ -566,6 +566,9 @@ def test_a_lora_checkpoint_holds_the_adapter_alone_and_loads_back(tiny_dir):
         torch.testing.assert_close(loaded.state_dict()[name], weight, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match=r"adapter does not fit .* with lora_rank=8: give the base model"):
         module(8).on_load_checkpoint(checkpoint)
+    renamed = {"state_dict": {f"wrapped.{name}": weight for name, weight in trained.state_dict().items()}}
+    trained.on_save_checkpoint(renamed)  # names not the module's own: every weight kept, loaded strictly
+    assert len(renamed["state_dict"]) == len(trained.state_dict()) and "adapter_only" not in renamed
 
 
 def test_the_shipped_adapter_alias_loads_offline_merged_onto_its_base(tiny_dir, tmp_path, monkeypatch):
