@@ -252,7 +252,7 @@ class BlockRefineLM(L.LightningModule):
         base model's hundreds); loading rebuilds the base from ``model_name_or_path``. Where the saved
         names are not the module's own (a strategy that renames them), it keeps everything."""
         if self.hparams.get("lora_rank"):
-            trainable = {name for name, parameter in self.named_parameters() if parameter.requires_grad}
+            trainable = self._trainable_shapes()
             adapter = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
             if len(adapter) == len(trainable):
                 checkpoint["state_dict"], checkpoint["adapter_only"] = adapter, True
@@ -261,12 +261,17 @@ class BlockRefineLM(L.LightningModule):
         """An adapter-only checkpoint loads non-strictly, once its names and shapes are this model's
         trainable ones."""
         self.strict_loading = not checkpoint.get("adapter_only")
-        trainable = {name: p.shape for name, p in self.named_parameters() if p.requires_grad}
-        if not self.strict_loading and {k: v.shape for k, v in checkpoint["state_dict"].items()} != trainable:
+        if self.strict_loading:
+            return
+        if {k: v.shape for k, v in checkpoint["state_dict"].items()} != self._trainable_shapes():
             raise CheckpointError(
                 f"The checkpoint's adapter does not fit {self.hparams.model_name_or_path!r} with "
                 f"lora_rank={self.hparams.get('lora_rank')}: give the base model and LoRA settings it was trained with."
             )
+
+    def _trainable_shapes(self) -> dict[str, torch.Size]:
+        """Name -> shape of every parameter that trains (the adapter's alone under LoRA)."""
+        return {name: parameter.shape for name, parameter in self.named_parameters() if parameter.requires_grad}
 
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # only the adapter under LoRA
