@@ -35,7 +35,7 @@ def accuracy_by_offset(model, batch: dict, fill_id: int, block_size: int, offset
     block = torch.where(drafted_positions(response, starts), torch.full_like(ids, fill_id), ids)
     with torch.no_grad():
         mask = attention_bias(model, block_causal_mask(starts))
-        logits = read_blocks(model, ids, block, mask, logits_to_keep=length)
+        logits = read_blocks(model, ids, block, mask, logits_to_keep=length).logits
     right = logits.argmax(-1)[:, :-1] == ids[:, 1:]
     scored, offset = response[:, 1:], (positions - starts)[:, :-1]
     return [right[scored & (offset == k)].float().mean().item() for k in range(offsets)]

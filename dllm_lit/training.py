@@ -10,7 +10,8 @@ With ``block_size`` set, the noise has the layout decoding sees instead ("blocks
 into blocks of ``block_size`` positions, each opened by a clean token and filled after it, and each
 block attends only to the clean sequence before it and to itself. One forward covers every block: the
 model reads ``[clean copy, block copy]`` under a block-causal mask, and the clean copy's predictions
-are the autoregressive loss for free.
+are the autoregressive loss for free. Later rounds read only a new block copy against the clean copy's
+cached keys and values.
 """
 
 from __future__ import annotations
@@ -172,13 +173,32 @@ def drafted_positions(response_mask: torch.Tensor, starts: torch.Tensor) -> torc
 
 def read_blocks(
     model: torch.nn.Module, input_ids: torch.Tensor, block: torch.Tensor, mask: torch.Tensor, logits_to_keep: int = 0
-) -> torch.Tensor:
-    """Logits of ``[clean copy, block copy]`` (both at positions 0..L-1) under the block-causal ``mask``;
-    ``logits_to_keep``: 0 for all, else the last that many (``L``: the block copy's)."""
+):
+    """The model's output on ``[clean copy, block copy]`` (both at positions 0..L-1) under the block-causal
+    ``mask``; ``logits_to_keep``: 0 for all logits, else the last that many (``L``: the block copy's).
+
+    Its ``past_key_values`` hold both copies' keys and values unless the model checkpoints its layers
+    (caching is off then)."""
     rows, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device).repeat(rows, 2)
     inputs = torch.cat([input_ids, block], 1)
-    return model(input_ids=inputs, attention_mask=mask, position_ids=positions, logits_to_keep=logits_to_keep).logits
+    caching = not getattr(model, "is_gradient_checkpointing", False)
+    return model(
+        input_ids=inputs, attention_mask=mask, position_ids=positions, logits_to_keep=logits_to_keep, use_cache=caching
+    )
+
+
+def reread_block_copy(model: torch.nn.Module, cache, block: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits of a new block copy alone, attending to the clean copy's keys and values in ``cache`` (from
+    :func:`read_blocks`; its block copy is dropped first). The clean copy never sees the block copy, so
+    this equals rereading both copies, at half the tokens, and the gradient reaches the clean copy
+    through the cache."""
+    rows, length = block.shape
+    cache.crop(-length)
+    positions = torch.arange(length, device=block.device).repeat(rows, 1)
+    return model(
+        input_ids=block, attention_mask=mask[..., length:, :], position_ids=positions, past_key_values=cache
+    ).logits
 
 
 def block_refine_losses(
@@ -195,7 +215,8 @@ def block_refine_losses(
     """:func:`iterative_refine_losses` with the "blocks" layout (see the module docstring).
 
     Round 0's blocks are their opening token then fills; round ``k > 0`` fills them with round
-    ``k - 1``'s predictions shifted by one, as a refine pass does.
+    ``k - 1``'s predictions shifted by one, as a refine pass does, and reads only the block copy
+    (round 0's cache holds the clean copy) unless the model checkpoints its layers.
     """
     response_mask = response_mask.bool()
     length = input_ids.shape[1]
@@ -203,17 +224,21 @@ def block_refine_losses(
     drafted = drafted_positions(response_mask, starts)
     mask = attention_bias(model, block_causal_mask(starts))
     block = torch.where(drafted, torch.full_like(input_ids, fill_id), input_ids)
-    losses, clean = [], None
+    output = read_blocks(model, input_ids, block, mask, logits_to_keep=0 if clean_loss else length)
+    logits, cache, clean = output.logits, output.past_key_values, None
+    if clean_loss:
+        clean = response_cross_entropy(logits[:, :length], input_ids, response_mask)
+    losses = []
     for round_index in range(num_iterations):
-        score_clean = clean_loss and round_index == 0
-        logits = read_blocks(model, input_ids, block, mask, logits_to_keep=0 if score_clean else length)
-        if score_clean:
-            clean = response_cross_entropy(logits[:, :length], input_ids, response_mask)
-        logits = logits[:, -length:]
-        losses.append(response_cross_entropy(logits, input_ids, response_mask))
-        if round_index + 1 < num_iterations:
+        if round_index > 0:
             shifted = torch.cat([input_ids[:, :1], logits.argmax(-1).detach()[:, :-1]], dim=1)
             block = torch.where(drafted, shifted, input_ids)
+            if cache is None:
+                logits = read_blocks(model, input_ids, block, mask, logits_to_keep=length).logits
+            else:
+                logits = reread_block_copy(model, cache, block, mask)
+        logits = logits[:, -length:]
+        losses.append(response_cross_entropy(logits, input_ids, response_mask))
     return losses, clean
 
 
