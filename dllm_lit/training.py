@@ -140,18 +140,20 @@ def block_starts(
     return torch.where(positions >= grid, on_grid, torch.where(positions >= first, first, positions))
 
 
-def block_causal_mask(starts: torch.Tensor) -> torch.Tensor:
-    """``[batch, 1, 2L, 2L]`` attention of ``[clean copy, block copy]`` (True = attend).
+def block_causal_mask(starts: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """``[batch, 1, L + B, L + B]`` attention of ``[clean copy, block copy]`` (True = attend), where the
+    block copy holds positions ``skip..L-1`` (``B = L - skip``).
 
     A clean position sees the clean past; a block position sees the clean positions before its block's
     opening token and its own block up to itself, which is what a decoding pass with a KV cache sees.
     """
     rows, length = starts.shape
     positions = torch.arange(length, device=starts.device)
-    causal = (positions[:, None] >= positions[None, :]).expand(rows, length, length)
-    clean_past = positions[None, None, :] < starts[:, :, None]
-    own_block = (starts[:, :, None] == starts[:, None, :]) & causal
-    top = torch.cat([causal, torch.zeros_like(causal)], 2)
+    causal = positions[:, None] >= positions[None, :]
+    block_starts_, block_causal = starts[:, skip:], causal[skip:, skip:]
+    clean_past = positions[None, None, :] < block_starts_[:, :, None]
+    own_block = (block_starts_[:, :, None] == block_starts_[:, None, :]) & block_causal
+    top = torch.cat([causal.expand(rows, length, length), causal.new_zeros(rows, length, length - skip)], 2)
     return torch.cat([top, torch.cat([clean_past, own_block], 2)], 1)[:, None]
 
 
@@ -171,16 +173,24 @@ def drafted_positions(response_mask: torch.Tensor, starts: torch.Tensor) -> torc
     return response_mask & (starts != torch.arange(starts.shape[1], device=starts.device))
 
 
+def first_opening(response_mask: torch.Tensor) -> int:
+    """The earliest position that opens a block in any row (the last prompt token before the response):
+    the block copy starts there, as the positions before it are prompt in every row and score nothing."""
+    return max(int(response_mask.int().argmax(1).min()) - 1, 0)
+
+
 def read_blocks(
     model: torch.nn.Module, input_ids: torch.Tensor, block: torch.Tensor, mask: torch.Tensor, logits_to_keep: int = 0
 ):
-    """The model's output on ``[clean copy, block copy]`` (both at positions 0..L-1) under the block-causal
-    ``mask``; ``logits_to_keep``: 0 for all logits, else the last that many (``L``: the block copy's).
+    """The model's output on ``[clean copy, block copy]`` under the block-causal ``mask``: the clean copy
+    at positions 0..L-1, the block copy (``B <= L`` tokens) at the last ``B`` of them; ``logits_to_keep``:
+    0 for all logits, else the last that many (``B``: the block copy's).
 
     Its ``past_key_values`` hold both copies' keys and values unless the model checkpoints its layers
     (caching is off then)."""
     rows, length = input_ids.shape
-    positions = torch.arange(length, device=input_ids.device).repeat(rows, 2)
+    positions = torch.arange(length, device=input_ids.device)
+    positions = torch.cat([positions, positions[length - block.shape[1] :]]).repeat(rows, 1)
     inputs = torch.cat([input_ids, block], 1)
     caching = not getattr(model, "is_gradient_checkpointing", False)
     return model(
@@ -191,11 +201,12 @@ def read_blocks(
 def reread_block_copy(model: torch.nn.Module, cache, block: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits of a new block copy alone, attending to the clean copy's keys and values in ``cache`` (from
     :func:`read_blocks`; its block copy is dropped first). The clean copy never sees the block copy, so
-    this equals rereading both copies, at half the tokens, and the gradient reaches the clean copy
+    this equals rereading both copies, at fewer tokens, and the gradient reaches the clean copy
     through the cache."""
-    rows, length = block.shape
-    cache.crop(-length)
-    positions = torch.arange(length, device=block.device).repeat(rows, 1)
+    rows, width = block.shape
+    cache.crop(-width)
+    length = cache.get_seq_length()
+    positions = torch.arange(length - width, length, device=block.device).repeat(rows, 1)
     return model(
         input_ids=block, attention_mask=mask[..., length:, :], position_ids=positions, past_key_values=cache
     ).logits
@@ -216,29 +227,32 @@ def block_refine_losses(
 
     Round 0's blocks are their opening token then fills; round ``k > 0`` fills them with round
     ``k - 1``'s predictions shifted by one, as a refine pass does, and reads only the block copy
-    (round 0's cache holds the clean copy) unless the model checkpoints its layers.
+    (round 0's cache holds the clean copy) unless the model checkpoints its layers. The block copy
+    leaves out the prompt positions every row shares (:func:`first_opening`).
     """
     response_mask = response_mask.bool()
     length = input_ids.shape[1]
     starts = block_starts(response_mask, block_size, generator)
-    drafted = drafted_positions(response_mask, starts)
-    mask = attention_bias(model, block_causal_mask(starts))
-    block = torch.where(drafted, torch.full_like(input_ids, fill_id), input_ids)
-    output = read_blocks(model, input_ids, block, mask, logits_to_keep=0 if clean_loss else length)
+    skip = first_opening(response_mask)
+    mask = attention_bias(model, block_causal_mask(starts, skip))
+    ids, scored = input_ids[:, skip:], response_mask[:, skip:]  # the block copy's positions
+    drafted = drafted_positions(response_mask, starts)[:, skip:]
+    block = torch.where(drafted, torch.full_like(ids, fill_id), ids)
+    output = read_blocks(model, input_ids, block, mask, logits_to_keep=0 if clean_loss else length - skip)
     logits, cache, clean = output.logits, output.past_key_values, None
     if clean_loss:
         clean = response_cross_entropy(logits[:, :length], input_ids, response_mask)
     losses = []
     for round_index in range(num_iterations):
         if round_index > 0:
-            shifted = torch.cat([input_ids[:, :1], logits.argmax(-1).detach()[:, :-1]], dim=1)
-            block = torch.where(drafted, shifted, input_ids)
+            shifted = torch.cat([ids[:, :1], logits.argmax(-1).detach()[:, :-1]], dim=1)
+            block = torch.where(drafted, shifted, ids)
             if cache is None:
-                logits = read_blocks(model, input_ids, block, mask, logits_to_keep=length).logits
+                logits = read_blocks(model, input_ids, block, mask, logits_to_keep=length - skip).logits
             else:
                 logits = reread_block_copy(model, cache, block, mask)
-        logits = logits[:, -length:]
-        losses.append(response_cross_entropy(logits, input_ids, response_mask))
+        logits = logits[:, skip - length :]
+        losses.append(response_cross_entropy(logits, ids, scored))
     return losses, clean
 
 
