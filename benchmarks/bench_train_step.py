@@ -88,7 +88,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", help="autocast dtype on CUDA (bfloat16), else float32")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--length", type=int, default=256, help="tokens per row (half prompt, half response)")
+    parser.add_argument("--length", type=int, default=256, help="tokens per row")
+    parser.add_argument("--prompt", type=int, help="prompt tokens per row (default: half the row)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (less memory)")
@@ -105,13 +106,15 @@ def main() -> None:
     autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
     print(f"`python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}`")
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads, {args.length} tokens a row, median of {args.repeats}\n")
+    prompt = args.length // 2 if args.prompt is None else args.prompt
+    print(f"torch {torch.__version__}, {threads} threads, rows of {args.length} tokens ({prompt} prompt), ", end="")
+    print(f"median of {args.repeats}\n")
     print("| batch | step | ms/step | rows/s | operators/step | speed vs first | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         ids = torch.randint(1, SHAPES[args.shape]["vocab_size"], (batch, args.length), device=device)
         mask = torch.zeros_like(ids, dtype=torch.bool)
-        mask[:, args.length // 2 :] = True
+        mask[:, prompt:] = True
         first = None
         for layout in args.layouts:
             try:

@@ -5,8 +5,16 @@
 # call carries at most 64 MiB: the 98 MB GGUF travels in two halves, in two calls on the warm machine.
 #
 #   PYTHON=.venv/bin/python bash benchmarks/train_smollm2_gpu.sh prepare   # here: wheels + the two halves
-#   run(carry=[".gpu/whl", ".gpu/gguf.aa"], command="bash benchmarks/train_smollm2_gpu.sh unpack")
-#   run(carry=[".gpu/gguf.ab"], command="bash benchmarks/train_smollm2_gpu.sh train", timeout_s=600)
+#   run(carry=[".gpu/whl", ".gpu/gguf.aa"], timeout_s=200,
+#       command="bash benchmarks/train_smollm2_gpu.sh unpack && CHECK_STEPS=4 OUT=$OUT bash benchmarks/gpu_check.sh")
+#   run(carry=[".gpu/gguf.ab"], command="BATCH=... STEPS=... OUT=$OUT bash benchmarks/train_smollm2_gpu.sh train",
+#       timeout_s=560)
+#
+# The device time is 900 s, start-up (~90 s) included, so the two calls get ~200 + ~560 s. The first
+# (gpu_check.sh step 4) times the training step at batch 64/128/256: take the largest batch that fits
+# and costs well under its share of 64's step, and STEPS = 300 s / its step (the cosine schedule runs
+# over STEPS; MAX_TIME only guards). Issue 16's card checks (gpu_check.sh step 3) need a session of
+# their own.
 #
 # `train` fits configs/train_smollm2.yaml on the distilled rows in the repository
 # (examples/smollm2_distill{,_more}, made on a CPU with `dllm_lit distill`; batches grouped by length),
