@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 def trailing_fill_run(input_ids: torch.Tensor, response_mask: torch.Tensor, fill_id: int) -> torch.Tensor:
@@ -181,7 +183,7 @@ def first_opening(response_mask: torch.Tensor) -> int:
 
 def read_blocks(
     model: torch.nn.Module, input_ids: torch.Tensor, block: torch.Tensor, mask: torch.Tensor, logits_to_keep: int = 0
-):
+) -> CausalLMOutputWithPast:
     """The model's output on ``[clean copy, block copy]`` under the block-causal ``mask``: the clean copy
     at positions 0..L-1, the block copy (``B <= L`` tokens) at the last ``B`` of them; ``logits_to_keep``:
     0 for all logits, else the last that many (``B``: the block copy's).
@@ -198,7 +200,7 @@ def read_blocks(
     )
 
 
-def reread_block_copy(model: torch.nn.Module, cache, block: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reread_block_copy(model: torch.nn.Module, cache: Cache, block: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits of a new block copy alone, attending to the clean copy's keys and values in ``cache`` (from
     :func:`read_blocks`; its block copy is dropped first). The clean copy never sees the block copy, so
     this equals rereading both copies, at fewer tokens, and the gradient reaches the clean copy
