@@ -17,7 +17,7 @@
 # their own.
 #
 # `train` fits configs/train_smollm2.yaml on the distilled rows in the repository
-# (examples/smollm2_distill{,_more}, made on a CPU with `dllm_lit distill`; batches grouped by length),
+# (examples/smollm2_distill{,_more,_3}, made on a CPU with `dllm_lit distill`; batches grouped by length),
 # STEPS steps, and writes the adapter
 # ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
 # On an H200 (2026-11-27) a step of batch 16 took about 1 s (40 steps + 3 validations in 46 s), so 800
