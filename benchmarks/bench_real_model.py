@@ -9,7 +9,7 @@ For each model (``smollm2``, and ``--trained`` if given: an adapter or HF direct
 tok/s, agreement (the response equals the same model's own autoregressive answer, token for token)
 and arithmetic accuracy (checked with math-verify). HF ``generate`` on the base model is timed in
 the same process, on the same batches (``--batch-size``; its prompt lookup only takes one prompt).
-``--plot`` draws tokens/forward against agreement (needs matplotlib).
+``--plot`` draws tokens/forward against agreement and accuracy (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import sys
 import time
 
@@ -102,9 +103,12 @@ def main() -> None:
         help="prompts per batch, all modes and HF generate (1: latency)",
     )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument(
+        "--base-modes", nargs="+", choices=list(MODES), help="the base model's modes (default: --modes; AR always runs)"
+    )
     parser.add_argument("--hf-limit", type=int, help="time HF generate on the first N prompts only (default: all)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--plot", help="write tokens/forward against agreement to this PNG")
+    parser.add_argument("--plot", help="write tokens/forward against agreement and accuracy to this PNG")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer("smollm2")
@@ -116,22 +120,23 @@ def main() -> None:
     arithmetic = chat_ids(tokenizer, [f"What is {a} + {b}? Answer with the number." for a, b in pairs])
     prompts = held_out + arithmetic
     models = {"base": "smollm2", **({"trained": args.trained} if args.trained else {})}
-    print(f"\n`python benchmarks/bench_real_model.py {' '.join(sys.argv[1:])}`  ")
+    print(f"\n`python benchmarks/bench_real_model.py {shlex.join(sys.argv[1:])}`  ")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}\n")
     table = []
     for label, name in models.items():
         model = load_model(name).to(args.device)
         limit = dict(max_new_tokens=args.max_new_tokens)
+        modes = (args.base_modes or args.modes) if label == "base" else args.modes
         if label == "base":
             timed = prompts[: args.hf_limit]
             seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, args.batch_size)
             table.append((label, "HF generate", 1.0, tokens / seconds, None, None))
-            if any("lookup" in mode for mode in args.modes):  # transformers' prompt lookup: one prompt at a time
+            if any("lookup" in mode for mode in modes):  # transformers' prompt lookup: one prompt at a time
                 extra = dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=3)
                 seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, 1, **extra)
                 table.append((label, "HF generate, prompt lookup 3, batch 1", None, tokens / seconds, None, None))
         own = None
-        for mode in ["AR"] + [m for m in args.modes if m != "AR"]:
+        for mode in ["AR"] + [m for m in modes if m != "AR"]:
             answers, tokens, forwards, seconds = decode(
                 model, tokenizer, prompts, args.batch_size, **MODES[mode], **limit
             )
@@ -151,20 +156,23 @@ def main() -> None:
 
 
 def plot(table: list[tuple], path: str) -> None:
+    """Tokens/forward against agreement with the own AR answer (left) and arithmetic accuracy (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for label, marker in (("base", "o"), ("trained", "s")):
-        points = [(t[2], 100 * t[4], t[1]) for t in table if t[0] == label and t[4] is not None]
-        axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
-        for x, y, mode in points:
-            axis.annotate(mode, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    axis.set_xlabel("tokens per forward")
-    axis.set_ylabel("agreement with own AR answer (%)")
-    axis.legend()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = ((axes[0], 4, "agreement with own AR answer (%)"), (axes[1], 5, "arithmetic accuracy (%)"))
+    for axis, column, name in panels:
+        for label, marker in (("base", "o"), ("trained", "s")):
+            points = [(t[2], 100 * t[column], t[1]) for t in table if t[0] == label and t[column] is not None]
+            axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+            for x, y, mode in points:
+                axis.annotate(mode, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel("tokens per forward")
+        axis.set_ylabel(name)
+        axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 

@@ -3,7 +3,10 @@ configs/demo.yaml`."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -17,3 +20,24 @@ def test_demo_config_answers_2_plus_2(dllm_lit):
     response = out.split("Response (")[1].split("\n", 1)[1]
     assert "4" in response.split("=" * 77)[0]
     assert "tok/s" in done.stderr and "forwards/token" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_shipped_fast_model_decodes_its_own_greedy_answer_in_fewer_passes(dllm_lit, tmp_path):
+    """``smollm2-fast`` (the block-trained adapter in the package) in lossless mode: exactly what greedy
+    ``generate`` gives with the merged adapter, at more than one token per pass (the base reads 1.00)."""
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import FAST_MODEL, load_model, load_tokenizer
+
+    out = tmp_path / "fast.jsonl"
+    prompt = "Name three colors of the rainbow."
+    flags = [f"--model.model_name_or_path={FAST_MODEL}", "--model.adaptive_window=false", f"--data.prompt={prompt}"]
+    done = dllm_lit(["predict", "--config", "configs/demo.yaml", *flags, f"--writer.output_file={out}"], ROOT)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())
+    tokenizer, model = load_tokenizer(FAST_MODEL), load_model(FAST_MODEL).eval()
+    ids = torch.tensor([encode_prompt(tokenizer, {"prompt": prompt}, True)])
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert row["response"] == tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
+    assert row["tokens_per_forward"] > 1.2
