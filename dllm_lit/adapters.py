@@ -56,6 +56,19 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, dropout: fl
     return wrapped
 
 
+def continue_adapter(base_model: torch.nn.Module, path: str | Path, rank: int):
+    """``base_model`` with the adapter at ``path`` attached unmerged and trainable, to train it further
+    (its alpha, dropout and targets are its own; its rank must be ``rank``)."""
+    from peft import PeftModel
+
+    path = Path(path).expanduser()
+    saved = json.loads((path / ADAPTER_CONFIG).read_text()).get("r")
+    if saved != rank:
+        hint = f"train it further with --model.lora_rank {saved}"
+        raise AdapterError(f"The adapter {path} has LoRA rank {saved}: {hint}.")
+    return PeftModel.from_pretrained(base_model, str(path), is_trainable=True)
+
+
 def merge_adapter(base_model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """``base_model`` with the adapter at ``path`` applied and merged into its weights."""
     from peft import PeftModel

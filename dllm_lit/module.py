@@ -12,12 +12,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
-from dllm_lit.adapters import add_lora
+from dllm_lit.adapters import adapter_base, add_lora, continue_adapter, is_adapter
 from dllm_lit.answers import is_correct
 from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import BlockGeneration
-from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
+from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.training import block_refine_losses, iterative_refine_losses, weighted_total
 
@@ -71,7 +71,8 @@ class BlockRefineLM(L.LightningModule):
         ar_loss_weight: Training: weight of a plain next-token loss on the clean response, added to
             the refine losses so answers stay the model's own (0: off).
         lora_rank: Training: LoRA rank on every linear layer but the output head (peft); only the
-            adapter trains, and the export is the adapter. 0: full fine-tuning.
+            adapter trains, and the export is the adapter. 0: full fine-tuning. With an adapter as
+            ``model_name_or_path`` (``smollm2-fast``), that adapter trains further (its rank).
         lora_alpha: Training: LoRA scaling numerator (default: twice the rank).
         lora_dropout: Training: dropout on the LoRA branch.
         gradient_checkpointing: Training: recompute activations in the backward pass (less memory).
@@ -124,15 +125,18 @@ class BlockRefineLM(L.LightningModule):
             return
         name, trust = self.hparams.model_name_or_path, self.hparams.trust_remote_code
         self.tokenizer = load_tokenizer(name, trust_remote_code=trust)
-        model = load_model(name, trust_remote_code=trust)
         hp = self.hparams
+        adapter = resolve(name) if hp.get("lora_rank") and is_adapter(resolve(name)) else None
+        model = load_model(adapter_base(adapter) if adapter else name, trust_remote_code=trust)
         if hp.get("gradient_checkpointing"):
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
-        if hp.get("lora_rank"):
+        if adapter:  # LoRA on an adapter: train that adapter further, on its own base
+            model = continue_adapter(model, adapter, hp.lora_rank)
+        elif hp.get("lora_rank"):
             model = add_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, base_name=name)
-            if hp.get("gradient_checkpointing"):
-                model.enable_input_require_grads()
+        if hp.get("lora_rank") and hp.get("gradient_checkpointing"):
+            model.enable_input_require_grads()
         self.model = model.train(self.training)
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:

@@ -595,6 +595,32 @@ def test_a_lora_checkpoint_holds_the_adapter_alone_and_loads_back(tiny_dir):
     assert len(renamed["state_dict"]) == len(trained.state_dict()) and "adapter_only" not in renamed
 
 
+def test_lora_on_an_adapter_trains_that_adapter_further_on_its_base(tiny_dir, tmp_path):
+    """``fit`` from an adapter with ``lora_rank`` starts from it (the merged adapter's logits), trains only
+    its weights and saves an adapter on the same base; another rank is one sentence."""
+    from dllm_lit.adapters import AdapterError, add_lora
+    from dllm_lit.models import load_model
+
+    torch.manual_seed(0)
+    adapted = add_lora(load_model(tiny_dir), 4, None, 0.0, base_name=tiny_dir)
+    with torch.no_grad():
+        for name, weight in adapted.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    adapted.save_pretrained(tmp_path / "first")
+    module = BlockRefineLM(model_name_or_path=str(tmp_path / "first"), lora_rank=4)
+    module.configure_model()
+    ids = torch.tensor([[5, 9, 12, 7]])
+    with torch.no_grad():
+        merged = load_model(str(tmp_path / "first"))(ids).logits
+        torch.testing.assert_close(module.model.eval()(input_ids=ids).logits, merged, atol=1e-5, rtol=1e-5)
+    assert set(module._trainable_shapes()) == {n for n, _ in module.named_parameters() if "lora_" in n}
+    module.model.save_pretrained(tmp_path / "second")
+    assert json.loads((tmp_path / "second/adapter_config.json").read_text())["base_model_name_or_path"] == tiny_dir
+    with pytest.raises(AdapterError, match="has LoRA rank 4: train it further with --model.lora_rank 4"):
+        BlockRefineLM(model_name_or_path=str(tmp_path / "first"), lora_rank=8).configure_model()
+
+
 def test_the_shipped_adapter_alias_loads_offline_merged_onto_its_base(tiny_dir, tmp_path, monkeypatch):
     """``smollm2-fast`` is an adapter in the package: it resolves without a hub, merged at load."""
     from dllm_lit import models
