@@ -91,6 +91,26 @@ def dllm_lit():
     return run_dllm_lit
 
 
+@pytest.fixture
+def dllm_lit_here(capfd, monkeypatch):
+    """The `dllm_lit` command run in this process, as ``dllm_lit`` runs it in a subprocess (the same
+    result, seconds sooner): for the many one-line-error cases. An exception that escapes fails the test."""
+    from importlib import import_module
+
+    def run(args: list[str], cwd: Path, module: str = "dllm_lit.cli") -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        capfd.readouterr()
+        try:
+            import_module(module).main(list(args))
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(["dllm_lit", *args], code, out, err)
+
+    return run
+
+
 def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str, prefix: str = "dllm_lit: error:") -> str:
     """Exit status 2, no traceback, exactly one error line on stderr, holding every fragment."""
     assert done.returncode == 2, done.stderr

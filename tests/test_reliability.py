@@ -91,12 +91,29 @@ def messy(tmp_path) -> Path:
     ],
 )
 @pytest.mark.slow
-def test_bad_input_gives_one_line(tiny_dir, messy, args, fragments, dllm_lit):
+def test_bad_input_gives_one_line(tiny_dir, messy, args, fragments, dllm_lit_here):
     """A run that fails, before or after the model loads, leaves no output file and no parts."""
-    done = dllm_lit(
+    done = dllm_lit_here(
         ["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, "--writer.output_file=out.jsonl", *args], messy
     )
     assert_one_line_error(done, *fragments)
+    assert not list(messy.glob("*.jsonl.parts")) and not (messy / "out.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--data.prompts_file=noprompt.jsonl"], "row 2: each row needs a 'prompt'"),  # before the model loads
+        (["--data.prompts_file=long.txt", "--model.max_length=100"], "Prompt 1 has 301 tokens"),  # after
+    ],
+)
+def test_the_real_command_gives_the_same_one_line(tiny_dir, messy, args, fragment, dllm_lit):
+    """The cases above run in-process for speed; the installed command's own process gives the same."""
+    done = dllm_lit(
+        ["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, "--writer.output_file=out.jsonl", *args], messy
+    )
+    assert_one_line_error(done, fragment)
     assert not list(messy.glob("*.jsonl.parts")) and not (messy / "out.jsonl").exists()
 
 
@@ -150,8 +167,8 @@ def broken_models(tmp_path, tiny_dir) -> Path:
     ],
 )
 @pytest.mark.slow
-def test_bad_models_give_one_line(broken_models, model, extra, fragments, dllm_lit):
-    done = dllm_lit(
+def test_bad_models_give_one_line(broken_models, model, extra, fragments, dllm_lit_here):
+    done = dllm_lit_here(
         ["predict", f"--model.model_name_or_path={model}", "--data.prompt=hi", *FAST, *extra], broken_models
     )
     assert_one_line_error(done, *fragments)

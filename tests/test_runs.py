@@ -255,12 +255,12 @@ def good_checkpoint(tiny_dir, tmp_path) -> Path:
         ("good.ckpt", "/proc/hf", "Cannot write the export"),
     ],
 )
-def test_export_errors_are_one_line(good_checkpoint, tmp_path, dllm_lit, source, target, fragment):
+def test_export_errors_are_one_line(good_checkpoint, tmp_path, dllm_lit_here, source, target, fragment):
     write(tmp_path / "garbage.ckpt", b"not a checkpoint")
     write(tmp_path / "a_file", "x")
     (tmp_path / "full_dir").mkdir()
     write(tmp_path / "full_dir" / "x", "x")
-    done = dllm_lit([source, target], tmp_path, module="dllm_lit.export")
+    done = dllm_lit_here([source, target], tmp_path, module="dllm_lit.export")
     assert_one_line_error(done, fragment, prefix="dllm_lit.export: error:")
 
 
