@@ -29,15 +29,18 @@ def test_the_shipped_fast_model_decodes_its_own_greedy_answer_in_fewer_passes(dl
     from dllm_lit.data import encode_prompt
     from dllm_lit.models import FAST_MODEL, load_model, load_tokenizer
 
+    import yaml
+
     out = tmp_path / "fast.jsonl"
-    prompt = "What is 2+2?"  # the demo's
+    demo = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
     flags = [f"--model.model_name_or_path={FAST_MODEL}", "--model.adaptive_window=false"]
     done = dllm_lit(["predict", "--config", "configs/demo.yaml", *flags, f"--writer.output_file={out}"], ROOT)
     assert done.returncode == 0, done.stderr
     row = json.loads(out.read_text())
     tokenizer, model = load_tokenizer(FAST_MODEL), load_model(FAST_MODEL).eval()
-    ids = torch.tensor([encode_prompt(tokenizer, {"prompt": prompt}, True)])
+    ids = torch.tensor([encode_prompt(tokenizer, {"prompt": demo["data"]["prompt"]}, True)])
+    limit = demo["model"]["max_new_tokens"]
     with torch.no_grad():
-        greedy = model.generate(ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        greedy = model.generate(ids, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert row["response"] == tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
     assert row["tokens_per_forward"] > 1.15  # 1.23: 38 tokens in 31 passes
