@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -100,11 +101,14 @@ def dllm_lit_here(capfd, monkeypatch):
     def run(args: list[str], cwd: Path, module: str = "dllm_lit.cli") -> subprocess.CompletedProcess:
         monkeypatch.chdir(cwd)
         capfd.readouterr()
+        on_sigterm = signal.getsignal(signal.SIGTERM)  # predict sets its own: pytest keeps pytest's
         try:
             import_module(module).main(list(args))
             code = 0
         except SystemExit as stop:
             code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        finally:
+            signal.signal(signal.SIGTERM, on_sigterm)
         out, err = capfd.readouterr()
         return subprocess.CompletedProcess(["dllm_lit", *args], code, out, err)
 

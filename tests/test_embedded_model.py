@@ -26,10 +26,10 @@ def test_demo_config_answers_2_plus_2(dllm_lit):
 def test_the_shipped_fast_model_decodes_its_own_greedy_answer_in_fewer_passes(dllm_lit, tmp_path):
     """``smollm2-fast`` (the block-trained adapter in the package) in lossless mode: exactly what greedy
     ``generate`` gives with the merged adapter, at more than one token per pass (the base reads 1.00)."""
+    import yaml
+
     from dllm_lit.data import encode_prompt
     from dllm_lit.models import FAST_MODEL, load_model, load_tokenizer
-
-    import yaml
 
     out = tmp_path / "fast.jsonl"
     demo = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
