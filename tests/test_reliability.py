@@ -1,4 +1,5 @@
-"""Bad input through the real `dllm_lit` command, and running out of memory.
+"""Bad input through the `dllm_lit` command (in-process for speed; two cases as a real subprocess), and
+running out of memory.
 
 Every bad input must give one line on stderr, exit code 2, no traceback and no output file.
 """
