@@ -126,7 +126,9 @@ class BlockRefineLM(L.LightningModule):
         name, trust = self.hparams.model_name_or_path, self.hparams.trust_remote_code
         self.tokenizer = load_tokenizer(name, trust_remote_code=trust)
         hp = self.hparams
-        adapter = resolve(name) if hp.get("lora_rank") and is_adapter(resolve(name)) else None
+        adapter = resolve(name) if hp.get("lora_rank") else None
+        if adapter is not None and not is_adapter(adapter):
+            adapter = None
         model = load_model(adapter_base(adapter) if adapter else name, trust_remote_code=trust)
         if hp.get("gradient_checkpointing"):
             model.gradient_checkpointing_enable()

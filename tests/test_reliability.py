@@ -94,7 +94,12 @@ def messy(tmp_path) -> Path:
 @pytest.mark.slow
 def test_bad_input_gives_one_line(tiny_dir, messy, args, fragments, dllm_lit_here):
     """A run that fails, before or after the model loads, leaves no output file and no parts."""
-    done = dllm_lit_here(
+    assert_fails_cleanly(dllm_lit_here, tiny_dir, messy, args, fragments)
+
+
+def assert_fails_cleanly(run, tiny_dir: str, messy: Path, args: list[str], fragments: list[str]) -> None:
+    """``predict ARGS`` through ``run``: one error line holding ``fragments``, no output file, no parts."""
+    done = run(
         ["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, "--writer.output_file=out.jsonl", *args], messy
     )
     assert_one_line_error(done, *fragments)
@@ -111,11 +116,7 @@ def test_bad_input_gives_one_line(tiny_dir, messy, args, fragments, dllm_lit_her
 )
 def test_the_real_command_gives_the_same_one_line(tiny_dir, messy, args, fragment, dllm_lit):
     """The cases above run in-process for speed; the installed command's own process gives the same."""
-    done = dllm_lit(
-        ["predict", f"--model.model_name_or_path={tiny_dir}", *FAST, "--writer.output_file=out.jsonl", *args], messy
-    )
-    assert_one_line_error(done, fragment)
-    assert not list(messy.glob("*.jsonl.parts")) and not (messy / "out.jsonl").exists()
+    assert_fails_cleanly(dllm_lit, tiny_dir, messy, args, [fragment])
 
 
 @pytest.mark.slow

@@ -595,19 +595,28 @@ def test_a_lora_checkpoint_holds_the_adapter_alone_and_loads_back(tiny_dir):
     assert len(renamed["state_dict"]) == len(trained.state_dict()) and "adapter_only" not in renamed
 
 
-def test_lora_on_an_adapter_trains_that_adapter_further_on_its_base(tiny_dir, tmp_path):
-    """``fit`` from an adapter with ``lora_rank`` starts from it (the merged adapter's logits), trains only
-    its weights and saves an adapter on the same base; another rank is one sentence."""
-    from dllm_lit.adapters import AdapterError, add_lora
+def save_random_adapter(tiny_dir: str, directory: Path):
+    """A rank-4 LoRA adapter on ``tiny_dir`` with random (nonzero) B matrices, saved to ``directory``."""
+    from dllm_lit.adapters import add_lora
     from dllm_lit.models import load_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # lora_A's initialisation: not the earlier tests' random state
     adapted = add_lora(load_model(tiny_dir), 4, None, 0.0, base_name=tiny_dir)
     with torch.no_grad():
         for name, weight in adapted.named_parameters():
             if "lora_B" in name:
                 weight.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
-    adapted.save_pretrained(tmp_path / "first")
+    adapted.save_pretrained(directory)
+    return adapted
+
+
+def test_lora_on_an_adapter_trains_that_adapter_further_on_its_base(tiny_dir, tmp_path):
+    """``fit`` from an adapter with ``lora_rank`` starts from it (the merged adapter's logits), trains only
+    its weights and saves an adapter on the same base; another rank is one sentence."""
+    from dllm_lit.adapters import AdapterError
+    from dllm_lit.models import load_model
+
+    save_random_adapter(tiny_dir, tmp_path / "first")
     module = BlockRefineLM(model_name_or_path=str(tmp_path / "first"), lora_rank=4)
     module.configure_model()
     ids = torch.tensor([[5, 9, 12, 7]])
@@ -624,18 +633,11 @@ def test_lora_on_an_adapter_trains_that_adapter_further_on_its_base(tiny_dir, tm
 def test_the_shipped_adapter_alias_loads_offline_merged_onto_its_base(tiny_dir, tmp_path, monkeypatch):
     """``smollm2-fast`` is an adapter in the package: it resolves without a hub, merged at load."""
     from dllm_lit import models
-    from dllm_lit.adapters import add_lora
 
     with pytest.raises(models.ModelLoadError, match="does not ship the 'smollm2-fast' adapter yet"):
         monkeypatch.setattr(models, "WEIGHTS", tmp_path / "none")
         models.load_model(models.FAST_MODEL)
-    torch.manual_seed(0)  # lora_A's initialisation: not the earlier tests' random state
-    adapted = add_lora(models.load_model(tiny_dir), 4, None, 0.0, base_name=tiny_dir)
-    with torch.no_grad():
-        for name, weight in adapted.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
-    adapted.save_pretrained(tmp_path / "weights" / models.FAST_MODEL)
+    adapted = save_random_adapter(tiny_dir, tmp_path / "weights" / models.FAST_MODEL)
     monkeypatch.setattr(models, "WEIGHTS", tmp_path / "weights")
     ids = models.load_tokenizer(models.FAST_MODEL)("12+34=", return_tensors="pt").input_ids
     with torch.no_grad():
