@@ -9,7 +9,8 @@ For each model (``smollm2``, and ``--trained`` if given: an adapter or HF direct
 tok/s, agreement (the response equals the same model's own autoregressive answer, token for token)
 and arithmetic accuracy (checked with math-verify). HF ``generate`` on the base model is timed in
 the same process, on the same batches (``--batch-size``; its prompt lookup only takes one prompt).
-``--plot`` draws tokens/forward against agreement and accuracy (needs matplotlib).
+``--plot`` draws tokens/forward against agreement and accuracy (needs matplotlib); ``--answers`` writes
+every arithmetic response, graded, as JSON lines to read the accuracy column by.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def decode(model, tokenizer, prompts: list[list[int]], batch: int, **settings) -
     return answers, generated, forwards, time.perf_counter() - start
 
 
+def grade(tokenizer, answers: list[list[int]], pairs: list[tuple[int, int]], limit: int) -> list[dict]:
+    """Each arithmetic response, its text, whether math-verify finds ``a + b`` in it, and its length."""
+    rows = []
+    for (a, b), ids in zip(pairs, answers):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        rows.append(dict(question=f"{a} + {b}", response=text, correct=is_correct(text, str(a + b))))
+        rows[-1] |= dict(tokens=len(ids), at_limit=len(ids) >= limit)
+    return rows
+
+
 def hf_generate_seconds(
     model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int, **extra
 ) -> tuple[float, int]:
@@ -109,6 +120,7 @@ def main() -> None:
     parser.add_argument("--hf-limit", type=int, help="time HF generate on the first N prompts only (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", help="write tokens/forward against agreement and accuracy to this PNG")
+    parser.add_argument("--answers", help="write each arithmetic response, graded, to this .jsonl")
     args = parser.parse_args()
 
     tokenizer = load_tokenizer("smollm2")
@@ -122,7 +134,7 @@ def main() -> None:
     models = {"base": "smollm2", **({"trained": args.trained} if args.trained else {})}
     print(f"\n`python benchmarks/bench_real_model.py {shlex.join(sys.argv[1:])}`  ")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}\n")
-    table = []
+    table, graded = [], []
     for label, name in models.items():
         model = load_model(name).to(args.device)
         limit = dict(max_new_tokens=args.max_new_tokens)
@@ -142,8 +154,9 @@ def main() -> None:
             )
             own = own or answers
             agreement = sum(a == b for a, b in zip(answers, own)) / len(own)
-            texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers[len(held_out) :]]
-            accuracy = sum(is_correct(t, str(a + b)) for t, (a, b) in zip(texts, pairs)) / max(len(pairs), 1)
+            rows = grade(tokenizer, answers[len(held_out) :], pairs, args.max_new_tokens)
+            graded += [dict(model=label, mode=mode) | row for row in rows]
+            accuracy = sum(row["correct"] for row in rows) / max(len(pairs), 1)
             table.append((label, mode, tokens / forwards, tokens / seconds, agreement, accuracy))
     print("| model | mode | tokens/forward | tok/s | agreement with own AR | arithmetic accuracy |")
     print("|---|---|---|---|---|---|")
@@ -153,6 +166,9 @@ def main() -> None:
         print(f"| {label} | {mode} | " + " | ".join(cells) + " |")
     if args.plot:
         plot(table, args.plot)
+    if args.answers:
+        with open(args.answers, "w") as sink:
+            sink.writelines(json.dumps(row) + "\n" for row in graded)
 
 
 def plot(table: list[tuple], path: str) -> None:

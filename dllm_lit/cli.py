@@ -26,6 +26,7 @@ from dllm_lit.data import DataModule
 from dllm_lit.models import DEFAULT_MODEL, resolve
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.outputs import model_identity, run_fingerprint
+from dllm_lit.progress import progress_bar
 from dllm_lit.summary import PredictionSummary
 from dllm_lit.writer import PredictionWriter
 
@@ -63,19 +64,6 @@ class SaveFitConfig(SaveConfigCallback):
             folder.mkdir(parents=True, exist_ok=True)
             self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, multifile=False)
         self.already_saved = True
-
-
-class StderrProgressBar(RichProgressBar):
-    """Lightning's rich progress bar on stderr; a run bounded by steps alone (``max_epochs=-1``) reads
-    "Epoch 3", not "Epoch 3/-2"."""
-
-    def __init__(self):
-        super().__init__(console_kwargs={"stderr": True})
-
-    def _get_train_description(self, current_epoch: int) -> str:
-        if self.trainer.max_epochs != -1:
-            return super()._get_train_description(current_epoch)
-        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"  # padded as Lightning does
 
 
 class DllmCLI(LightningCLI):
@@ -163,11 +151,12 @@ class DllmCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        """Lightning's trainer, with its default progress bar drawn on stderr (stdout is for results)."""
+        """Lightning's trainer, with its default progress bar on stderr (stdout is for results): rich on a
+        terminal, plain lines in a log file."""
         trainer = super().instantiate_trainer(**kwargs)
         for position, callback in enumerate(trainer.callbacks):
             if type(callback) is RichProgressBar and not callback._console_kwargs:
-                trainer.callbacks[position] = StderrProgressBar()
+                trainer.callbacks[position] = progress_bar()
         return trainer
 
     @staticmethod

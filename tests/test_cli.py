@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 
 from dllm_lit import cli, demo, generate_blocks
-from dllm_lit.cli import StderrProgressBar
 from dllm_lit.data import DataModule
 from dllm_lit.models import load_model, load_tokenizer
 from dllm_lit.module import BlockRefineLM
@@ -389,14 +387,6 @@ def test_the_legacy_front_end_keeps_stdout_for_results(tiny_dir, tmp_path, dllm_
         module="dllm_lit.demo",
     )
     assert trusted.returncode == 0 and trusted.stderr.count("trust_remote_code is on") == 1
-
-
-def test_a_run_bounded_by_steps_alone_shows_its_epoch_without_a_limit():
-    bar = StderrProgressBar()
-    bar._trainer = SimpleNamespace(max_epochs=-1)
-    assert bar._get_train_description(3).rstrip() == "Epoch 3"
-    bar._trainer = SimpleNamespace(max_epochs=5)
-    assert bar._get_train_description(3).rstrip() == "Epoch 3/4"
 
 
 @pytest.mark.parametrize(("given", "expected"), [("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25)])

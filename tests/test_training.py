@@ -303,11 +303,15 @@ def trained(tmp_path_factory):
         work,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    (work / "stderr.txt").write_text(done.stderr)
     return work
 
 
 @pytest.mark.slow
 def test_fit_lowers_the_loss_and_logs_validation(trained):
+    progress = (trained / "stderr.txt").read_text().splitlines()  # a pipe, not a terminal: plain lines
+    assert any(line.startswith("Training: step 40/40 (100 %), ") and "train/loss " in line for line in progress)
+    assert sum(line.startswith("Validation: batch 1/1 (100 %)") for line in progress) == 2
     rows = read_metrics(trained / "logs")
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) >= 4 and losses[-1] < losses[0]
