@@ -8,8 +8,10 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from dllm_lit import cli
 from dllm_lit.progress import LineProgress, StderrProgressBar, progress_bar
 
 
@@ -87,3 +89,10 @@ def test_a_run_bounded_by_steps_alone_shows_its_epoch_without_a_limit():
     assert bar._get_train_description(3).rstrip() == "Epoch 3"
     bar._trainer = SimpleNamespace(max_epochs=5)
     assert bar._get_train_description(3).rstrip() == "Epoch 3/4"
+
+
+def test_the_command_line_can_choose_the_lines_and_their_interval(tiny_dir, monkeypatch):
+    flags = ["--trainer.callbacks+=dllm_lit.progress.LineProgress", "--trainer.callbacks.interval=5"]
+    monkeypatch.setattr(sys, "argv", ["dllm_lit", "--model.model_name_or_path", str(tiny_dir), *flags])
+    bars = [c for c in cli.DllmCLI(run=False).trainer.callbacks if isinstance(c, ProgressBar)]
+    assert [(type(bar), bar.interval) for bar in bars] == [(LineProgress, 5)]
