@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from peft import PeftModel
 
 from dllm_lit.checkpoints import CheckpointError, load_checkpoint
 from dllm_lit.module import BlockRefineLM
@@ -21,7 +22,10 @@ def save_hf(module: BlockRefineLM, output_dir: str | Path) -> Path:
     """Write ``module``'s model and tokenizer to ``output_dir`` (safetensors + tokenizer files), each
     file readable as the umask allows (transformers writes weights through a private temporary file)."""
     output_dir = Path(output_dir)
-    module.model.save_pretrained(output_dir)
+    if isinstance(module.model, PeftModel):  # LoRA never touches the vocabulary: peft need not look for the base
+        module.model.save_pretrained(output_dir, save_embedding_layers=False)
+    else:
+        module.model.save_pretrained(output_dir)
     module.tokenizer.save_pretrained(output_dir)
     umask = os.umask(0)
     os.umask(umask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -648,3 +649,19 @@ def test_the_shipped_adapter_alias_loads_offline_merged_onto_its_base(tiny_dir, 
         shipped = models.load_model(models.FAST_MODEL)(ids).logits
         torch.testing.assert_close(shipped, adapted.eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
         assert not torch.allclose(shipped, models.load_model(tiny_dir)(ids).logits, atol=1e-3)
+
+
+def test_an_adapter_on_an_aliased_base_exports_without_peft_looking_for_the_base(tiny_dir, tmp_path):
+    """peft's default save looks for the base's config to see if the vocabulary grew; an alias such as
+    ``smollm2`` is not a path, so it warned on every export. LoRA never resizes the vocabulary."""
+    from dllm_lit.adapters import add_lora
+    from dllm_lit.export import save_hf
+    from dllm_lit.models import load_model, load_tokenizer
+
+    adapted = add_lora(load_model(tiny_dir), 4, None, 0.0, base_name="smollm2")
+    module = SimpleNamespace(model=adapted, tokenizer=load_tokenizer(tiny_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_hf(module, tmp_path / "exported")
+    saved = json.loads((tmp_path / "exported/adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "smollm2" and (tmp_path / "exported/adapter_model.safetensors").is_file()
