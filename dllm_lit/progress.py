@@ -9,8 +9,8 @@ metrics.
 from __future__ import annotations
 
 import sys
-import time
 from datetime import timedelta
+from time import monotonic
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
@@ -35,7 +35,8 @@ class LineProgress(ProgressBar):
     def __init__(self, interval: float = 30.0):
         super().__init__()
         self.interval, self.enabled = interval, True
-        self.clocks: dict[str, list[float]] = {}  # stage -> [started, last line]
+        self.clocks: dict[str, tuple[float, int]] = {}  # stage -> (started, steps or batches done then)
+        self.shown: dict[str, float] = {}  # stage -> its last line's time
 
     def disable(self) -> None:
         self.enabled = False
@@ -43,14 +44,18 @@ class LineProgress(ProgressBar):
     def enable(self) -> None:
         self.enabled = True
 
+    def start(self, stage: str, done: int = 0) -> None:
+        self.clocks[stage] = (monotonic(), done)
+        self.shown.pop(stage, None)
+
     def on_train_start(self, trainer, pl_module) -> None:
-        self.clocks[self.train_description] = [time.monotonic()] * 2
+        self.start(self.train_description, trainer.global_step)  # a resumed fit counts from its step
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self.clocks[self.validation_stage(trainer)] = [time.monotonic()] * 2
+        self.start(self.validation_stage(trainer))
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.clocks[self.predict_description] = [time.monotonic()] * 2
+        self.start(self.predict_description)
 
     def validation_stage(self, trainer) -> str:
         return self.sanity_check_description if trainer.sanity_checking else self.validation_description
@@ -69,12 +74,12 @@ class LineProgress(ProgressBar):
 
     def report(self, stage: str, unit: str, done: int, total: int | float, metrics: dict) -> None:
         """Print the line when it is due: the first, the last, or ``interval`` seconds after the previous."""
-        now, known = time.monotonic(), 0 < total < float("inf")
-        started, shown = self.clocks.setdefault(stage, [now, now])
-        last = known and done >= total
-        if not self.enabled or (done > 1 and now - shown < self.interval and not last):
+        now, known = monotonic(), 0 < total < float("inf")
+        started, before = self.clocks.setdefault(stage, (now, 0))
+        due = stage not in self.shown or now - self.shown[stage] >= self.interval or (known and done >= total)
+        if not self.enabled or not due:
             return
-        self.clocks[stage][1], each = now, (now - started) / max(done, 1)
+        self.shown[stage], each = now, (now - started) / max(done - before, 1)
         parts = [f"{stage}: {unit} {done}" + (f"/{int(total)} ({100 * done / total:.0f} %)" if known else "")]
         parts.append(f"{each:.2f} s/{unit}")
         if known:

@@ -11,7 +11,7 @@ import pytest
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from dllm_lit import cli
+from dllm_lit import cli, progress
 from dllm_lit.progress import LineProgress, StderrProgressBar, progress_bar
 
 
@@ -80,6 +80,22 @@ def test_a_long_interval_shows_each_stages_first_and_last_line_only(tmp_path, ca
         "Validation: batch 2/2",
         "Predicting: batch 1/4",
         "Predicting: batch 4/4",
+    ]
+
+
+def test_a_resumed_fit_counts_from_its_step_and_times_only_its_own_steps(tmp_path, capsys, monkeypatch):
+    quiet = dict(logger=False, limit_val_batches=0, enable_model_summary=False, default_root_dir=tmp_path)
+    L.Trainer(max_steps=4, **quiet).fit(LoggingModel())
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    capsys.readouterr()
+    ticks = iter(range(1000))
+    monkeypatch.setattr(progress, "monotonic", lambda: float(next(ticks)))  # one second a reading
+    resumed = L.Trainer(max_steps=7, callbacks=[LineProgress(interval=3600)], **quiet)
+    resumed.fit(LoggingModel(), ckpt_path=checkpoint)
+    lines = [line.split(", ")[:3] for line in progress_lines(capsys.readouterr().err)]
+    assert lines == [
+        ["Training: step 5/7 (71 %)", "1.00 s/step", "0:00:02 left"],
+        ["Training: step 7/7 (100 %)", "1.00 s/step", "0:00:00 left"],
     ]
 
 
