@@ -67,12 +67,17 @@ def decode(model, tokenizer, prompts: list[list[int]], batch: int, **settings) -
 
 def grade(tokenizer, answers: list[list[int]], pairs: list[tuple[int, int]], limit: int) -> list[dict]:
     """Each arithmetic response, its text, whether math-verify finds ``a + b`` in it, and its length."""
-    rows = []
-    for (a, b), ids in zip(pairs, answers):
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        rows.append(dict(question=f"{a} + {b}", response=text, correct=is_correct(text, str(a + b))))
-        rows[-1] |= dict(tokens=len(ids), at_limit=len(ids) >= limit)
-    return rows
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+    return [
+        dict(
+            question=f"{a} + {b}",
+            response=text,
+            correct=is_correct(text, str(a + b)),
+            tokens=len(ids),
+            at_limit=len(ids) >= limit,
+        )
+        for (a, b), text, ids in zip(pairs, texts, answers)
+    ]
 
 
 def hf_generate_seconds(
