@@ -53,16 +53,15 @@ class CountOps(TorchDispatchMode):
 
 def step(model, optimizer, ids, mask, layout: str) -> None:
     """One training step: rounds + autoregressive loss, backward, optimizer."""
-    rounds = dict(fill_id=0, num_iterations=2, clean_loss=layout != "separate")
+    rounds = dict(fill_id=0, num_iterations=2, clean_logits=layout != "separate")
     if layout.startswith("blocks"):
         # The flag that makes block_refine_losses skip the cache, set on the inner model, where it checkpoints nothing.
         model.get_base_model().model.gradient_checkpointing = layout == "blocks-reread"
         losses, clean = block_refine_losses(model, ids, mask, block_size=16, **rounds)
     else:
         losses, clean = iterative_refine_losses(model, ids, mask, **rounds)
-    if layout == "separate":
-        clean = response_cross_entropy(model(input_ids=ids).logits, ids, mask)
-    (sum(losses) + clean).backward()
+    clean = model(input_ids=ids).logits if layout == "separate" else clean
+    (sum(losses) + response_cross_entropy(clean, ids, mask)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -19,7 +19,13 @@ from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import BlockGeneration
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from dllm_lit.settings import DecodeSettings
-from dllm_lit.training import block_refine_losses, iterative_refine_losses, weighted_total
+from dllm_lit.training import (
+    block_refine_losses,
+    iterative_refine_losses,
+    response_cross_entropy,
+    response_kl,
+    weighted_total,
+)
 
 
 @dataclass
@@ -70,6 +76,10 @@ class BlockRefineLM(L.LightningModule):
         loss_weights: Training: weight of each round's loss (default: 1 each).
         ar_loss_weight: Training: weight of a plain next-token loss on the clean response, added to
             the refine losses so answers stay the model's own (0: off).
+        ar_loss_target: Training: what that loss matches. ``data``: the rows' response tokens
+            (cross-entropy). ``base``: the base model's whole next-token distribution on them (KL
+            divergence; the adapter is switched off for a pass without gradients, so it needs
+            ``lora_rank``), which holds answers to the base's own beyond the training rows.
         lora_rank: Training: LoRA rank on every linear layer but the output head (peft); only the
             adapter trains, and the export is the adapter. 0: full fine-tuning. With an adapter as
             ``model_name_or_path`` (``smollm2-fast``), that adapter trains further (its rank).
@@ -94,6 +104,7 @@ class BlockRefineLM(L.LightningModule):
         noise_layout: Literal["scattered", "blocks"] = "scattered",
         loss_weights: list[float] | None = None,
         ar_loss_weight: float = 0.0,
+        ar_loss_target: Literal["data", "base"] = "data",
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
@@ -109,6 +120,8 @@ class BlockRefineLM(L.LightningModule):
             check_training(num_iterations, noise_min, noise_max, loss_weights)
             if lora_rank < 0 or ar_loss_weight < 0:
                 raise ValueError("lora_rank and ar_loss_weight must be 0 or more.")
+            if ar_loss_target == "base" and not lora_rank:
+                raise ValueError("ar_loss_target base needs a lora_rank: the base is the model with its adapter off.")
         except ValueError as error:
             raise ValueError(f"--model.{error}") from None
         self.save_hyperparameters()
@@ -198,20 +211,30 @@ class BlockRefineLM(L.LightningModule):
         """The iterative refine loss; logs each round's loss and the weighted total."""
         hp = self.hparams
         rounds = dict(fill_id=self.tokenizer.eos_token_id, num_iterations=hp.num_iterations)
-        rounds["clean_loss"] = bool(hp.get("ar_loss_weight"))
+        rounds["clean_logits"] = bool(hp.get("ar_loss_weight"))
         if hp.get("noise_layout") == "blocks":
             objective = partial(block_refine_losses, block_size=self.decoding.width, **rounds)
         else:
             objective = partial(iterative_refine_losses, noise_min=hp.noise_min, noise_max=hp.noise_max, **rounds)
-        losses, ar_loss = objective(self.model, batch["input_ids"], batch["response_mask"])
+        losses, clean_logits = objective(self.model, batch["input_ids"], batch["response_mask"])
         for round_index, loss in enumerate(losses):
             self.log(f"train/loss_round{round_index}", loss)
         total = weighted_total(losses, hp.loss_weights)
-        if ar_loss is not None:
+        if clean_logits is not None:
+            ar_loss = self.autoregressive_loss(clean_logits, batch["input_ids"], batch["response_mask"].bool())
             self.log("train/loss_ar", ar_loss)
             total = total + hp.ar_loss_weight * ar_loss
         self.log("train/loss", total, prog_bar=True)
         return total
+
+    def autoregressive_loss(self, clean_logits: torch.Tensor, ids: torch.Tensor, response_mask: torch.Tensor):
+        """The clean rows' loss: cross-entropy against the response, or KL from the base model's
+        distributions (``ar_loss_target: base``)."""
+        if self.hparams.get("ar_loss_target", "data") == "data":
+            return response_cross_entropy(clean_logits, ids, response_mask)
+        with torch.no_grad(), self.model.disable_adapter():
+            teacher = self.model(input_ids=ids).logits
+        return response_kl(clean_logits, teacher, response_mask)
 
     def _score(self, batch: dict[str, Any], prefix: str) -> None:
         """Decode held-out prompts with the same engine as predict; log accuracy, speed and agreement

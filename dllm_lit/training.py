@@ -61,17 +61,29 @@ def noise_response(input_ids: torch.Tensor, response_mask: torch.Tensor, *, fill
     return torch.where(chosen, torch.full_like(input_ids, fill_id), input_ids)
 
 
-def response_cross_entropy(logits: torch.Tensor, clean_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``logits`` against ``clean_ids`` on response positions.
+def predicting_response(logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``[scored positions, vocab]``: the logits that predict response tokens, in float32 (only these:
+    about half of a batch's logits, the largest tensors of a step)."""
+    return logits[:, :-1][response_mask[:, 1:]].float()
 
-    Only the scored positions are taken to float32 (about half of a batch's logits, the largest
-    tensors of a step), and a batch with none scores 0.
-    """
-    scored = response_mask[:, 1:]
-    picked = logits[:, :-1][scored].float()
+
+def response_cross_entropy(logits: torch.Tensor, clean_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``logits`` against ``clean_ids`` on response positions; a batch
+    with none scores 0."""
+    picked = predicting_response(logits, response_mask)
     if picked.shape[0] == 0:
         return logits.sum() * 0.0  # keeps the graph, so backward still runs on every rank
-    return F.cross_entropy(picked, clean_ids[:, 1:][scored])
+    return F.cross_entropy(picked, clean_ids[:, 1:][response_mask[:, 1:]])
+
+
+def response_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean ``KL(teacher || model)`` of the next-token distributions on response positions; a batch with
+    none scores 0."""
+    picked = predicting_response(logits, response_mask)
+    if picked.shape[0] == 0:
+        return logits.sum() * 0.0
+    teacher = predicting_response(teacher_logits, response_mask).log_softmax(-1)
+    return F.kl_div(picked.log_softmax(-1), teacher, log_target=True, reduction="batchmean")
 
 
 def iterative_refine_losses(
@@ -84,7 +96,7 @@ def iterative_refine_losses(
     noise_min: float = 0.0,
     noise_max: float = 1.0,
     generator: torch.Generator | None = None,
-    clean_loss: bool = False,
+    clean_logits: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """One loss per round; round ``k > 0`` feeds round ``k - 1``'s greedy predictions shifted by one.
 
@@ -97,11 +109,11 @@ def iterative_refine_losses(
         noise_min: Lower bound of the per-row noise fraction.
         noise_max: Upper bound of the per-row noise fraction.
         generator: Random generator for the noise.
-        clean_loss: Also score the clean (un-noised) rows, the autoregressive loss, in the same
+        clean_logits: Also read the clean (un-noised) rows, for the autoregressive loss, in the same
             forward as round 0 (stacked along the batch: one pass fewer per step).
 
     Returns:
-        The rounds' losses, and the autoregressive loss (None unless ``clean_loss``).
+        The rounds' losses, and the clean rows' logits (None unless ``clean_logits``).
     """
     response_mask = response_mask.bool()
     rows = input_ids.shape[0]
@@ -110,11 +122,10 @@ def iterative_refine_losses(
     )
     losses, clean = [], None
     for round_index in range(num_iterations):
-        stack_clean = clean_loss and round_index == 0
+        stack_clean = clean_logits and round_index == 0
         logits = model(input_ids=torch.cat([inputs, input_ids]) if stack_clean else inputs).logits
         if stack_clean:
-            logits, clean_logits = logits[:rows], logits[rows:]
-            clean = response_cross_entropy(clean_logits, input_ids, response_mask)
+            logits, clean = logits[:rows], logits[rows:]
         losses.append(response_cross_entropy(logits, input_ids, response_mask))
         if round_index + 1 < num_iterations:
             predicted = logits.argmax(-1).detach()
@@ -223,7 +234,7 @@ def block_refine_losses(
     block_size: int,
     num_iterations: int = 2,
     generator: torch.Generator | None = None,
-    clean_loss: bool = False,
+    clean_logits: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """:func:`iterative_refine_losses` with the "blocks" layout (see the module docstring).
 
@@ -240,10 +251,9 @@ def block_refine_losses(
     ids, scored = input_ids[:, skip:], response_mask[:, skip:]  # the block copy's positions
     drafted = drafted_positions(response_mask, starts)[:, skip:]
     block = torch.where(drafted, torch.full_like(ids, fill_id), ids)
-    output = read_blocks(model, input_ids, block, mask, logits_to_keep=0 if clean_loss else length - skip)
-    logits, cache, clean = output.logits, output.past_key_values, None
-    if clean_loss:
-        clean = response_cross_entropy(logits[:, :length], input_ids, response_mask)
+    output = read_blocks(model, input_ids, block, mask, logits_to_keep=0 if clean_logits else length - skip)
+    logits, cache = output.logits, output.past_key_values
+    clean = logits[:, :length] if clean_logits else None
     losses = []
     for round_index in range(num_iterations):
         if round_index > 0:

@@ -81,6 +81,7 @@ def messy(tmp_path) -> Path:
         (["--data.prompt=hi", "--trainer.devices=0"], ["value is not a valid input"]),
         (["--data.prompt=hi", "--trainer.accelerator=gpu"], ["No supported gpu backend found"]),
         (["--data.prompt=hi", "--model.num_iterations=0"], ["--model.num_iterations must be at least 1"]),
+        (["--data.prompt=hi", "--model.ar_loss_target=base"], ["--model.ar_loss_target base needs a lora_rank"]),
         (["--data.prompt=hi", "--data.batch_size=0"], ["--data.batch_size must be at least 1, got 0."]),
         (["--data.prompt=hi", "--model.noise_min=0.8", "--model.noise_max=0.2"], ["0 <= noise_min <= noise_max"]),
         (["--data.prompt=hi", "--model.temperature=-1"], ["--model.temperature must be 0 (greedy) or above"]),

@@ -124,12 +124,13 @@ def test_the_autoregressive_loss_shares_round_0s_forward():
     record = lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape)  # noqa: E731
     hook = model.register_forward_hook(record, with_kwargs=True)
     stacked, clean = iterative_refine_losses(
-        model, ids, mask, generator=torch.Generator().manual_seed(3), clean_loss=True, **seed
+        model, ids, mask, generator=torch.Generator().manual_seed(3), clean_logits=True, **seed
     )
     hook.remove()
     assert none is None and calls == [(16, 14), (8, 14)]  # two passes, not three
     torch.testing.assert_close(torch.stack(stacked), torch.stack(alone))
     expected = response_cross_entropy(model(input_ids=ids).logits, ids, mask)  # a separate clean pass
+    clean = response_cross_entropy(clean, ids, mask)
     torch.testing.assert_close(clean, expected)
     grads = torch.autograd.grad(clean, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
     assert sum(g.abs().sum() for g in grads if g is not None) > 0
@@ -157,7 +158,7 @@ def test_block_noise_equals_decoding_each_block_after_its_clean_prefix(model):
     outputs = []
     hook = model.register_forward_hook(lambda m, args, kwargs, out: outputs.append(out.logits), with_kwargs=True)
     losses, clean = block_refine_losses(
-        model, ids, mask, fill_id=EOS, block_size=width, generator=torch.Generator().manual_seed(seed), clean_loss=True
+        model, ids, mask, fill_id=EOS, block_size=width, generator=torch.Generator().manual_seed(seed), clean_logits=True
     )
     hook.remove()
     starts = block_starts(mask, width, torch.Generator().manual_seed(seed))
@@ -178,7 +179,8 @@ def test_block_noise_equals_decoding_each_block_after_its_clean_prefix(model):
     for round_index, round_logits in enumerate(expected):
         torch.testing.assert_close(outputs[round_index][:, -12:], round_logits[:, 2:], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(losses[round_index], response_cross_entropy(round_logits, ids, mask))
-    torch.testing.assert_close(clean, response_cross_entropy(model(input_ids=ids).logits, ids, mask))
+    expected = response_cross_entropy(model(input_ids=ids).logits, ids, mask)
+    torch.testing.assert_close(response_cross_entropy(clean, ids, mask), expected)
     grads = torch.autograd.grad(losses[1], [p for p in model.parameters()], allow_unused=True)
     assert sum(g.abs().sum() for g in grads if g is not None) > 0
 
@@ -633,6 +635,39 @@ def test_lora_on_an_adapter_trains_that_adapter_further_on_its_base(tiny_dir, tm
     assert json.loads((tmp_path / "second/adapter_config.json").read_text())["base_model_name_or_path"] == tiny_dir
     with pytest.raises(AdapterError, match="has LoRA rank 4: train it further with --model.lora_rank 4"):
         BlockRefineLM(model_name_or_path=str(tmp_path / "first"), lora_rank=8).configure_model()
+
+
+def test_the_base_target_scores_the_adapter_against_the_base_model_with_its_adapter_off(tiny_dir, tmp_path):
+    """``ar_loss_target: base``: the clean rows' loss is KL(base || model), the base being an independently
+    loaded base model and the model the merged adapter; only the adapter gets a gradient, and it is
+    switched on again after the teacher's pass. A fresh adapter (B = 0) scores 0 there, not with ``data``."""
+    from dllm_lit.models import load_model
+
+    save_random_adapter(tiny_dir, tmp_path / "first")
+    ids, mask = sft_batch()
+    with torch.no_grad():
+        base = load_model(tiny_dir)(input_ids=ids).logits[:, :-1][mask[:, 1:]].log_softmax(-1)
+        merged = load_model(str(tmp_path / "first"))(input_ids=ids).logits[:, :-1][mask[:, 1:]].log_softmax(-1)
+    expected = (base.exp() * (base - merged)).sum(-1).mean()
+    module = BlockRefineLM(model_name_or_path=str(tmp_path / "first"), lora_rank=4, ar_loss_target="base")
+    module.configure_model()
+    logits = module.model(input_ids=ids).logits
+    loss = module.autoregressive_loss(logits, ids, mask)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+    assert expected > 0.01
+    loss.backward()
+    graded = {name for name, weight in module.named_parameters() if weight.grad is not None and weight.grad.any()}
+    assert graded and all("lora_" in name for name in graded)
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(input_ids=ids).logits, logits.detach())  # adapter on again
+
+    fresh = BlockRefineLM(model_name_or_path=tiny_dir, lora_rank=4, ar_loss_target="base")
+    fresh.configure_model()
+    data = BlockRefineLM(model_name_or_path=tiny_dir, lora_rank=4)
+    data.configure_model()
+    with torch.no_grad():
+        assert fresh.autoregressive_loss(fresh.model(input_ids=ids).logits, ids, mask).abs() < 1e-6
+        assert data.autoregressive_loss(data.model(input_ids=ids).logits, ids, mask) > 1.0
 
 
 def test_the_shipped_adapter_alias_loads_offline_merged_onto_its_base(tiny_dir, tmp_path, monkeypatch):
