@@ -6,8 +6,9 @@
 For each model (``smollm2``, and ``--trained`` if given: an adapter or HF directory) and each mode
 (autoregressive, lossless, and approximate blocks), decodes the held-out chat prompts and
 ``--arithmetic`` generated one-digit addition questions, and prints one Markdown table: tokens per forward,
-tok/s, agreement (the response equals the same model's own autoregressive answer, token for token)
-and arithmetic accuracy (checked with math-verify). HF ``generate`` on the base model is timed in
+tok/s, agreement (the response equals the same model's own autoregressive answer, token for token),
+the share equal to the base model's autoregressive answer (how far training moved the answers) and
+arithmetic accuracy (checked with math-verify). HF ``generate`` on the base model is timed in
 the same process, on the same batches (``--batch-size``; its prompt lookup only takes one prompt).
 ``--plot`` draws tokens/forward against agreement and accuracy (needs matplotlib); ``--answers`` writes
 every arithmetic response, graded, as JSON lines to read the accuracy column by.
@@ -140,7 +141,7 @@ def main() -> None:
     models = {"base": "smollm2", **({"trained": args.trained} if args.trained else {})}
     print(f"\n`python benchmarks/bench_real_model.py {shlex.join(sys.argv[1:])}`  ")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}\n")
-    table, graded = [], []
+    table, graded, base_ar = [], [], None
     for label, name in models.items():
         model = load_model(name).to(args.device)
         limit = dict(max_new_tokens=args.max_new_tokens)
@@ -148,27 +149,28 @@ def main() -> None:
         if label == "base":
             timed = prompts[: args.hf_limit]
             seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, args.batch_size)
-            table.append((label, "HF generate", 1.0, tokens / seconds, None, None))
+            table.append((label, "HF generate", 1.0, tokens / seconds, None, None, None))
             if any("lookup" in mode for mode in modes):  # transformers' prompt lookup: one prompt at a time
                 extra = dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=3)
                 seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, 1, **extra)
-                table.append((label, "HF generate, prompt lookup 3, batch 1", None, tokens / seconds, None, None))
+                table.append((label, "HF generate, prompt lookup 3, batch 1", None, tokens / seconds, None, None, None))
         own = None
         for mode in ["AR"] + [m for m in modes if m != "AR"]:
             answers, tokens, forwards, seconds = decode(
                 model, tokenizer, prompts, args.batch_size, **MODES[mode], **limit
             )
-            own = own or answers
+            own, base_ar = own or answers, base_ar or answers
             agreement = sum(a == b for a, b in zip(answers, own)) / len(own)
+            as_base = sum(a == b for a, b in zip(answers, base_ar)) / len(base_ar)
             rows = grade(tokenizer, answers[len(held_out) :], pairs, args.max_new_tokens)
             graded += [dict(model=label, mode=mode) | row for row in rows]
             accuracy = sum(row["correct"] for row in rows) / max(len(pairs), 1)
-            table.append((label, mode, tokens / forwards, tokens / seconds, agreement, accuracy))
-    print("| model | mode | tokens/forward | tok/s | agreement with own AR | arithmetic accuracy |")
-    print("|---|---|---|---|---|---|")
-    for label, mode, tpf, speed, agree, acc in table:
-        cells = ["-" if tpf is None else f"{tpf:.2f}", f"{speed:.1f}", "-" if agree is None else f"{100 * agree:.1f} %"]
-        cells.append("-" if acc is None else f"{100 * acc:.1f} %")
+            table.append((label, mode, tokens / forwards, tokens / seconds, agreement, accuracy, as_base))
+    print("| model | mode | tokens/forward | tok/s | agreement with own AR | arithmetic accuracy | same as base AR |")
+    print("|---|---|---|---|---|---|---|")
+    for label, mode, tpf, speed, agree, acc, as_base in table:
+        cells = ["-" if tpf is None else f"{tpf:.2f}", f"{speed:.1f}"]
+        cells += ["-" if share is None else f"{100 * share:.1f} %" for share in (agree, acc, as_base)]
         print(f"| {label} | {mode} | " + " | ".join(cells) + " |")
     if args.plot:
         plot(table, args.plot)

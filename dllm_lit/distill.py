@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dllm_lit.data import encode_prompt, left_pad, read_rows, split_row
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve_device
+from dllm_lit.progress import counter
 from dllm_lit.settings import DecodeSettings
 
 TOPICS = [
@@ -279,7 +279,7 @@ def answer_all(
     done = set(skipped) | set(answered)
     ids = {p: encode_prompt(tokenizer, {"messages": [{"role": "user", "content": p}]}, True) for p in prompts}
     todo = sorted((p for p in prompts if p not in done), key=lambda p: -len(ids[p]))
-    with path.open("a") as f, tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=path.stem) as bar:
+    with path.open("a") as f, counter(len(prompts), len(prompts) - len(todo), path.stem, "prompt") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             input_ids, mask = left_pad([ids[p] for p in batch], tokenizer.pad_token_id)

@@ -20,10 +20,10 @@ from typing import Any
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from tqdm import tqdm
 
 from dllm_lit.data import encode_prompt
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from dllm_lit.progress import counter
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs
 
@@ -65,7 +65,9 @@ class DllmLM(HFLM):
         for index, request in enumerate(requests):
             groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)
         answers: list[str] = [""] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate_until (dllm_lit)")
+        bar = counter(
+            len(requests), desc="generate_until (dllm_lit)", unit="request", disable=disable_tqdm or self.rank != 0
+        )
         for indices in groups.values():
             settings, until = self._settings_for(requests[indices[0]].args[1])
             ids = {i: encode_prompt(self.tokenizer, {"prompt": requests[i].args[0]}, False) for i in indices}

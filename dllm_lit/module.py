@@ -233,7 +233,7 @@ class BlockRefineLM(L.LightningModule):
         if self.hparams.get("ar_loss_target", "data") == "data":
             return response_cross_entropy(clean_logits, ids, response_mask)
         with torch.no_grad(), self.model.disable_adapter():
-            teacher = self.model(input_ids=ids).logits
+            teacher = self.model(input_ids=ids, use_cache=False).logits
         return response_kl(clean_logits, teacher, response_mask)
 
     def _score(self, batch: dict[str, Any], prefix: str) -> None:

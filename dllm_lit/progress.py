@@ -1,9 +1,10 @@
-"""Progress on stderr: Lightning's rich bar in a terminal, plain lines in a log file.
+"""Progress on stderr: a live bar in a terminal, plain lines in a log file.
 
 Rich redraws a live bar only on a terminal; under ``nohup``, a batch scheduler or CI it prints nothing
-until the epoch ends, so a long ``fit`` looks hung. :func:`progress_bar` picks :class:`LineProgress`
-there: one line every ``interval`` seconds with the step, the rate, the time left and the logged
-metrics.
+until the epoch ends, so a long ``fit`` looks hung, and tqdm fills a log file with carriage-return
+redraws. Off a terminal, :func:`progress_bar` (Lightning) and :func:`counter` (``distill``,
+``evaluate``) print :class:`RateLine` lines instead: one every ``interval`` seconds with the count,
+the rate, the time left and the logged metrics.
 """
 
 from __future__ import annotations
@@ -13,6 +14,58 @@ from datetime import timedelta
 from time import monotonic
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from tqdm import tqdm
+
+
+class RateLine:
+    """One stage's lines, ``Training: step 50/800 (6 %), 6.10 s/step, 1:16:15 left, train/loss 9.76``:
+    at its first count, every ``interval`` seconds and at its last; the rate counts from ``done``."""
+
+    def __init__(self, stage: str, unit: str, done: int = 0, interval: float = 30.0):
+        self.stage, self.unit, self.interval = stage, unit, interval
+        self.started, self.before, self.shown = monotonic(), done, None
+
+    def show(self, done: int, total: int | float, metrics: dict | None = None) -> None:
+        """Print the line for ``done`` of ``total`` (``inf`` or 0: unknown) when it is due."""
+        now, known = monotonic(), 0 < total < float("inf")
+        due = self.shown is None or now - self.shown >= self.interval or (known and done >= total)
+        if not due:
+            return
+        self.shown, each = now, (now - self.started) / max(done - self.before, 1)
+        parts = [f"{self.stage}: {self.unit} {done}" + (f"/{int(total)} ({100 * done / total:.0f} %)" if known else "")]
+        parts.append(f"{each:.2f} s/{self.unit}")
+        if known:
+            parts.append(f"{timedelta(seconds=round(each * (total - done)))} left")
+        parts += [f"{name} {value:.4g}" for name, value in (metrics or {}).items() if isinstance(value, float)]
+        print(", ".join(parts), file=sys.stderr, flush=True)
+
+
+class LineCounter:
+    """tqdm's counting (``update``, ``close``, a context manager) printed as :class:`RateLine` lines."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", unit: str = "it", interval: float = 30.0):
+        self.total, self.done = total, initial
+        self.line = RateLine(desc, unit, initial, interval)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.line.show(self.done, self.total)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LineCounter:
+        return self
+
+    def __exit__(self, *error) -> None:
+        self.close()
+
+
+def counter(total: int, initial: int = 0, desc: str = "", unit: str = "it", disable: bool = False):
+    """A tqdm bar on a terminal (or none: ``disable``), :class:`LineCounter` lines off one."""
+    if disable or sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable)
+    return LineCounter(total, initial, desc, unit)
 
 
 class StderrProgressBar(RichProgressBar):
@@ -35,8 +88,7 @@ class LineProgress(ProgressBar):
     def __init__(self, interval: float = 30.0):
         super().__init__()
         self.interval, self.enabled = interval, True
-        self.clocks: dict[str, tuple[float, int]] = {}  # stage -> (started, steps or batches done then)
-        self.shown: dict[str, float] = {}  # stage -> its last line's time
+        self.lines: dict[str, RateLine] = {}
 
     def disable(self) -> None:
         self.enabled = False
@@ -44,12 +96,11 @@ class LineProgress(ProgressBar):
     def enable(self) -> None:
         self.enabled = True
 
-    def start(self, stage: str, done: int = 0) -> None:
-        self.clocks[stage] = (monotonic(), done)
-        self.shown.pop(stage, None)
+    def start(self, stage: str, unit: str = "batch", done: int = 0) -> None:
+        self.lines[stage] = RateLine(stage, unit, done, self.interval)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.start(self.train_description, trainer.global_step)  # a resumed fit counts from its step
+        self.start(self.train_description, "step", trainer.global_step)  # a resumed fit counts from its step
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.start(self.validation_stage(trainer))
@@ -62,30 +113,21 @@ class LineProgress(ProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         metrics = self.get_metrics(trainer, pl_module)
-        self.report(self.train_description, "step", trainer.global_step, trainer.estimated_stepping_batches, metrics)
+        self.report(self.train_description, trainer.global_step, trainer.estimated_stepping_batches, metrics)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         totals = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
-        self.report(self.validation_stage(trainer), "batch", batch_idx + 1, totals[dataloader_idx], {})
+        self.report(self.validation_stage(trainer), batch_idx + 1, totals[dataloader_idx], {})
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         total = trainer.num_predict_batches[dataloader_idx]
-        self.report(self.predict_description, "batch", batch_idx + 1, total, {})
+        self.report(self.predict_description, batch_idx + 1, total, {})
 
-    def report(self, stage: str, unit: str, done: int, total: int | float, metrics: dict) -> None:
-        """Print the line when it is due: the first, the last, or ``interval`` seconds after the previous."""
-        now, known = monotonic(), 0 < total < float("inf")
-        started, before = self.clocks.setdefault(stage, (now, 0))
-        due = stage not in self.shown or now - self.shown[stage] >= self.interval or (known and done >= total)
-        if not self.enabled or not due:
-            return
-        self.shown[stage], each = now, (now - started) / max(done - before, 1)
-        parts = [f"{stage}: {unit} {done}" + (f"/{int(total)} ({100 * done / total:.0f} %)" if known else "")]
-        parts.append(f"{each:.2f} s/{unit}")
-        if known:
-            parts.append(f"{timedelta(seconds=round(each * (total - done)))} left")
-        parts += [f"{name} {value:.4g}" for name, value in metrics.items() if isinstance(value, float)]
-        print(", ".join(parts), file=sys.stderr, flush=True)
+    def report(self, stage: str, done: int, total: int | float, metrics: dict) -> None:
+        if self.enabled:
+            if stage not in self.lines:
+                self.start(stage)
+            self.lines[stage].show(done, total, metrics)
 
 
 def progress_bar(interval: float = 30.0) -> ProgressBar:

@@ -27,12 +27,15 @@ def test_prompts_are_distinct_and_the_held_out_split_never_overlaps():
     assert unique_prompts(50, seed=0) == train[:50], "deterministic"
 
 
-def test_distill_writes_the_models_own_answers_and_resumes(tiny_dir, tmp_path, monkeypatch):
+def test_distill_writes_the_models_own_answers_and_resumes(tiny_dir, tmp_path, monkeypatch, capsys):
     from dllm_lit.data import encode_prompt
     from dllm_lit.models import load_model, load_tokenizer
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     distill(tiny_dir, False, SETTINGS, out=str(whole), train=24, val=8, batch_size=8)
+    err = capsys.readouterr().err  # not a terminal: progress lines, no carriage-return redraws
+    assert "train: prompt 8/24 (33 %), " in err and "train: prompt 24/24 (100 %), " in err
+    assert "val: prompt 8/8 (100 %), " in err and "\rtrain" not in err and "\rval" not in err
     calls = {"n": 0}
     real = distill_module.generate_blocks
 

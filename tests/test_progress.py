@@ -10,9 +10,10 @@ import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.demos.boring_classes import BoringModel
+from tqdm import tqdm
 
 from dllm_lit import cli, progress
-from dllm_lit.progress import LineProgress, StderrProgressBar, progress_bar
+from dllm_lit.progress import LineCounter, LineProgress, StderrProgressBar, counter, progress_bar
 
 
 class LoggingModel(BoringModel):
@@ -112,3 +113,22 @@ def test_the_command_line_can_choose_the_lines_and_their_interval(tiny_dir, monk
     monkeypatch.setattr(sys, "argv", ["dllm_lit", "--model.model_name_or_path", str(tiny_dir), *flags])
     bars = [c for c in cli.DllmCLI(run=False).trainer.callbacks if isinstance(c, ProgressBar)]
     assert [(type(bar), bar.interval) for bar in bars] == [(LineProgress, 5)]
+
+
+def test_a_counter_is_tqdm_on_a_terminal_and_lines_off_one(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert type(counter(10)) is tqdm
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert type(counter(10, disable=True)) is tqdm
+    capsys.readouterr()  # the first bar's own output
+    ticks = iter(range(1000))
+    monkeypatch.setattr(progress, "monotonic", lambda: float(next(ticks)))  # one second a reading
+    with counter(10, 4, "train", "prompt") as bar:  # resumed at 4: the rate counts from there
+        assert type(bar) is LineCounter
+        bar.update(2)
+        bar.update(1)  # within the interval: no line
+        bar.update(3)
+    assert capsys.readouterr().err.splitlines() == [
+        "train: prompt 6/10 (60 %), 0.50 s/prompt, 0:00:02 left",
+        "train: prompt 10/10 (100 %), 0.50 s/prompt, 0:00:00 left",
+    ]

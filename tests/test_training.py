@@ -158,7 +158,13 @@ def test_block_noise_equals_decoding_each_block_after_its_clean_prefix(model):
     outputs = []
     hook = model.register_forward_hook(lambda m, args, kwargs, out: outputs.append(out.logits), with_kwargs=True)
     losses, clean = block_refine_losses(
-        model, ids, mask, fill_id=EOS, block_size=width, generator=torch.Generator().manual_seed(seed), clean_logits=True
+        model,
+        ids,
+        mask,
+        fill_id=EOS,
+        block_size=width,
+        generator=torch.Generator().manual_seed(seed),
+        clean_logits=True,
     )
     hook.remove()
     starts = block_starts(mask, width, torch.Generator().manual_seed(seed))
