@@ -43,4 +43,4 @@ def test_the_shipped_fast_model_decodes_its_own_greedy_answer_in_fewer_passes(dl
     with torch.no_grad():
         greedy = model.generate(ids, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert row["response"] == tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
-    assert row["tokens_per_forward"] > 1.05  # 1.125: "2 + 2 = 4." in 8 passes (the base: 1.00)
+    assert row["tokens_per_forward"] > 1.25  # 1.50: 45 tokens in 30 passes (the base: 1.00)
