@@ -7,8 +7,11 @@ For each model (``smollm2``, and ``--trained`` if given: an adapter or HF direct
 (autoregressive, lossless, and approximate blocks), decodes the held-out chat prompts and
 ``--arithmetic`` generated one-digit addition questions, and prints one Markdown table: tokens per forward,
 tok/s, agreement (the response equals the same model's own autoregressive answer, token for token),
-the share equal to the base model's autoregressive answer (how far training moved the answers) and
-arithmetic accuracy (checked with math-verify). HF ``generate`` on the base model is timed in
+the share equal to the base model's autoregressive answer (how far training moved the answers),
+the base model's negative log-likelihood per response token, mean over responses and the share above
+1.5 nats (a quality gate: a broken answer reads as improbable to the base, a reworded one does not;
+the base's own greedy answers score about 0.5, none above 1.5) and arithmetic accuracy (checked with
+math-verify). HF ``generate`` on the base model is timed in
 the same process, on the same batches (``--batch-size``; its prompt lookup only takes one prompt).
 ``--plot`` draws tokens/forward against agreement and accuracy (needs matplotlib); ``--answers`` writes
 every arithmetic response, graded, as JSON lines to read the accuracy column by.
@@ -81,6 +84,17 @@ def grade(tokenizer, answers: list[list[int]], pairs: list[tuple[int, int]], lim
     ]
 
 
+@torch.no_grad()
+def base_nll(base, prompts: list[list[int]], answers: list[list[int]]) -> list[float]:
+    """The negative log-likelihood per token, in nats, that ``base`` gives each answer after its prompt."""
+    scores = []
+    for prompt, answer in zip(prompts, answers):
+        ids = torch.tensor([prompt + answer], device=base.device)
+        logits = base(ids).logits[0, len(prompt) - 1 : -1].float()
+        scores.append(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :]).item() if answer else 0.0)
+    return scores
+
+
 def hf_generate_seconds(
     model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch: int, **extra
 ) -> tuple[float, int]:
@@ -149,11 +163,12 @@ def main() -> None:
         if label == "base":
             timed = prompts[: args.hf_limit]
             seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, args.batch_size)
-            table.append((label, "HF generate", 1.0, tokens / seconds, None, None, None))
+            base = model
+            table.append((label, "HF generate", 1.0, tokens / seconds, None, None, None, None))
             if any("lookup" in mode for mode in modes):  # transformers' prompt lookup: one prompt at a time
                 extra = dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=3)
                 seconds, tokens = hf_generate_seconds(model, tokenizer, timed, args.max_new_tokens, 1, **extra)
-                table.append((label, "HF generate, prompt lookup 3, batch 1", None, tokens / seconds, None, None, None))
+                table.append((label, "HF generate, prompt lookup 3, batch 1", None, tokens / seconds) + (None,) * 4)
         own = None
         for mode in ["AR"] + [m for m in modes if m != "AR"]:
             answers, tokens, forwards, seconds = decode(
@@ -165,12 +180,18 @@ def main() -> None:
             rows = grade(tokenizer, answers[len(held_out) :], pairs, args.max_new_tokens)
             graded += [dict(model=label, mode=mode) | row for row in rows]
             accuracy = sum(row["correct"] for row in rows) / max(len(pairs), 1)
-            table.append((label, mode, tokens / forwards, tokens / seconds, agreement, accuracy, as_base))
-    print("| model | mode | tokens/forward | tok/s | agreement with own AR | arithmetic accuracy | same as base AR |")
-    print("|---|---|---|---|---|---|---|")
-    for label, mode, tpf, speed, agree, acc, as_base in table:
+            scores = base_nll(base, prompts, answers)
+            nll = (sum(scores) / len(scores), sum(score > 1.5 for score in scores) / len(scores))
+            table.append((label, mode, tokens / forwards, tokens / seconds, agreement, accuracy, as_base, nll))
+    print(
+        "| model | mode | tokens/forward | tok/s | agreement with own AR | arithmetic accuracy | same as base AR "
+        "| base NLL/token (share > 1.5) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for label, mode, tpf, speed, agree, acc, as_base, nll in table:
         cells = ["-" if tpf is None else f"{tpf:.2f}", f"{speed:.1f}"]
         cells += ["-" if share is None else f"{100 * share:.1f} %" for share in (agree, acc, as_base)]
+        cells.append("-" if nll is None else f"{nll[0]:.2f} ({100 * nll[1]:.1f} %)")
         print(f"| {label} | {mode} | " + " | ".join(cells) + " |")
     if args.plot:
         plot(table, args.plot)
