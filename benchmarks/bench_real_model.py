@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--plot", help="write tokens/forward against agreement and accuracy to this PNG")
     parser.add_argument("--answers", help="write each arithmetic response, graded, to this .jsonl")
     args = parser.parse_args()
+    if args.plot:
+        import matplotlib  # noqa: F401  (fail before the long run, not after it)
 
     tokenizer = load_tokenizer("smollm2")
     with open(args.prompts) as source:
@@ -193,11 +195,11 @@ def main() -> None:
         cells += ["-" if share is None else f"{100 * share:.1f} %" for share in (agree, acc, as_base)]
         cells.append("-" if nll is None else f"{nll[0]:.2f} ({100 * nll[1]:.1f} %)")
         print(f"| {label} | {mode} | " + " | ".join(cells) + " |")
-    if args.plot:
-        plot(table, args.plot)
     if args.answers:
         with open(args.answers, "w") as sink:
             sink.writelines(json.dumps(row) + "\n" for row in graded)
+    if args.plot:
+        plot(table, args.plot)
 
 
 def plot(table: list[tuple], path: str) -> None:
