@@ -85,14 +85,16 @@ def grade(tokenizer, answers: list[list[int]], pairs: list[tuple[int, int]], lim
 
 
 @torch.no_grad()
-def base_nll(base, prompts: list[list[int]], answers: list[list[int]]) -> list[float]:
-    """The negative log-likelihood per token, in nats, that ``base`` gives each answer after its prompt."""
-    scores = []
+def base_nll(base, prompts: list[list[int]], answers: list[list[int]], known: dict) -> list[float]:
+    """The negative log-likelihood per token, in nats, that ``base`` gives each non-empty answer after its
+    prompt; ``known`` keeps the scores already computed (lossless modes repeat the AR answers)."""
     for prompt, answer in zip(prompts, answers):
-        ids = torch.tensor([prompt + answer], device=base.device)
-        logits = base(ids).logits[0, len(prompt) - 1 : -1].float()
-        scores.append(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :]).item() if answer else 0.0)
-    return scores
+        key = (tuple(prompt), tuple(answer))
+        if answer and key not in known:
+            ids = torch.tensor([prompt + answer], device=base.device)
+            logits = base(ids).logits[0, len(prompt) - 1 : -1].float()
+            known[key] = torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :]).item()
+    return [known[(tuple(prompt), tuple(answer))] for prompt, answer in zip(prompts, answers) if answer]
 
 
 def hf_generate_seconds(
@@ -157,7 +159,7 @@ def main() -> None:
     models = {"base": "smollm2", **({"trained": args.trained} if args.trained else {})}
     print(f"\n`python benchmarks/bench_real_model.py {shlex.join(sys.argv[1:])}`  ")
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}\n")
-    table, graded, base_ar = [], [], None
+    table, graded, base_ar, scored = [], [], None, {}
     for label, name in models.items():
         model = load_model(name).to(args.device)
         limit = dict(max_new_tokens=args.max_new_tokens)
@@ -182,8 +184,8 @@ def main() -> None:
             rows = grade(tokenizer, answers[len(held_out) :], pairs, args.max_new_tokens)
             graded += [dict(model=label, mode=mode) | row for row in rows]
             accuracy = sum(row["correct"] for row in rows) / max(len(pairs), 1)
-            scores = base_nll(base, prompts, answers)
-            nll = (sum(scores) / len(scores), sum(score > 1.5 for score in scores) / len(scores))
+            scores = base_nll(base, prompts, answers, scored)
+            nll = (sum(scores) / max(len(scores), 1), sum(score > 1.5 for score in scores) / max(len(scores), 1))
             table.append((label, mode, tokens / forwards, tokens / seconds, agreement, accuracy, as_base, nll))
     print(
         "| model | mode | tokens/forward | tok/s | agreement with own AR | arithmetic accuracy | same as base AR "
