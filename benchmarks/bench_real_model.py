@@ -35,6 +35,7 @@ import torch
 from dllm_lit import generate_blocks
 from dllm_lit.answers import is_correct
 from dllm_lit.data import encode_prompt, left_pad
+from dllm_lit.distill import answer_nll
 from dllm_lit.models import load_model, load_tokenizer
 
 MODES = {
@@ -84,16 +85,13 @@ def grade(tokenizer, answers: list[list[int]], pairs: list[tuple[int, int]], lim
     ]
 
 
-@torch.no_grad()
 def base_nll(base, prompts: list[list[int]], answers: list[list[int]], known: dict) -> list[float]:
-    """The negative log-likelihood per token, in nats, that ``base`` gives each non-empty answer after its
-    prompt; ``known`` keeps the scores already computed (lossless modes repeat the AR answers)."""
+    """:func:`~dllm_lit.distill.answer_nll` of each non-empty answer under ``base``; ``known`` keeps the
+    scores already computed (lossless modes repeat the AR answers)."""
     for prompt, answer in zip(prompts, answers):
         key = (tuple(prompt), tuple(answer))
         if answer and key not in known:
-            ids = torch.tensor([prompt + answer], device=base.device)
-            logits = base(ids).logits[0, len(prompt) - 1 : -1].float()
-            known[key] = torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :]).item()
+            known[key] = answer_nll(base, prompt, answer)
     return [known[(tuple(prompt), tuple(answer))] for prompt, answer in zip(prompts, answers) if answer]
 
 

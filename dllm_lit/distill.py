@@ -8,7 +8,8 @@ keeps the prompts of earlier row files out of both (to grow a data set without t
 split). Responses are the model's greedy answers, decoded with the engine in lossless mode (exactly
 its autoregressive output) in batches. Rows are ``{"messages": [user, assistant]}`` lines that
 ``dllm_lit fit`` reads (``--data.train_file`` / ``--data.val_file``); answers cut by
-``--max_new_tokens`` are left out.
+``--max_new_tokens`` are left out, and so, with ``--gate_model``, are answers that model finds unlikely
+(more than ``--max_gate_nll`` nats a token: a quality gate when a trained model answers its own rows).
 
 The run is resumable: each finished batch is appended (and fsynced) to ``train.jsonl`` /
 ``val.jsonl``, ``distill.json`` records the settings, and a rerun with the same settings skips the
@@ -195,6 +196,8 @@ def distill(
     batch_size: int = 16,
     device: str = "auto",
     exclude: list[str] = (),
+    gate_model: str | None = None,
+    max_gate_nll: float = 1.5,
 ) -> None:
     """Write ``OUT/train.jsonl`` and ``OUT/val.jsonl``: prompts and the model's own greedy answers.
 
@@ -212,6 +215,10 @@ def distill(
         device: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda``.
         exclude: Row files (for example an earlier run's ``train.jsonl`` and ``val.jsonl``) whose
             prompts are drawn in neither split.
+        gate_model: Leave out answers this model (same tokenizer; for example the base of an adapter)
+            finds unlikely.
+        max_gate_nll: The gate: the most negative log-likelihood per answer token, in nats, that
+            ``gate_model`` may give a kept answer (SmolLM2's own greedy answers average 0.57).
     """
     folder = Path(out)
     settings = settings.replace(lossless=True, add_eos_length=0, temperature=0.0, backend="eager")  # own greedy answer
@@ -226,19 +233,24 @@ def distill(
     }
     if exclude:
         manifest["exclude"] = list(exclude)
+    if gate_model:
+        manifest["gate"] = {"model": gate_model, "max_nll": max_gate_nll}
     excluded = {prompt_text(row) for path in exclude for row in read_rows(path, "--exclude file")}
     check_manifest(folder, manifest)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     model = load_model(model_name_or_path, trust_remote_code=trust_remote_code).to(resolve_device(device))
+    gate = (load_gate(gate_model, model, trust_remote_code), max_gate_nll) if gate_model else None
     extra = magpie_prompts(model, tokenizer, magpie, seed, batch_size) if magpie else []
     train_prompts = unique_prompts(train + len(extra), seed, exclude=excluded, extra=extra)
     val_prompts = unique_prompts(val, seed + 1, exclude=excluded | set(train_prompts))
     assert not set(val_prompts) & set(train_prompts), "the held-out split overlaps the training split"
     for name, prompts in (("train", train_prompts), ("val", val_prompts)):
-        rows, skipped = answer_all(model, tokenizer, prompts, settings, folder / f"{name}.jsonl", batch_size)
+        rows, skipped = answer_all(model, tokenizer, prompts, settings, folder / f"{name}.jsonl", batch_size, gate)
+        why = f"no EOS within {settings.max_new_tokens} tokens" + (
+            f", or over --max_gate_nll {max_gate_nll}" if gate else ""
+        )
         print(
-            f"dllm_lit distill: {rows} rows -> {folder / name}.jsonl ({skipped} prompts skipped: no EOS "
-            f"within {settings.max_new_tokens} tokens)",
+            f"dllm_lit distill: {rows} rows -> {folder / name}.jsonl ({skipped} prompts skipped: {why})",
             file=sys.stderr,
         )
         if not rows and prompts:
@@ -267,12 +279,28 @@ def check_manifest(folder: Path, manifest: dict) -> None:
     path.write_text(json.dumps(manifest, indent=2))
 
 
+def load_gate(name: str, model, trust_remote_code: bool):
+    """The ``--gate_model``, on ``model``'s device; it must share ``model``'s vocabulary."""
+    gate = load_model(name, trust_remote_code=trust_remote_code).to(model.device).eval()
+    if gate.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"--gate_model {name} has another vocabulary than the model: it must share its tokenizer.")
+    return gate
+
+
+@torch.no_grad()
+def answer_nll(model, prompt: list[int], answer: list[int]) -> float:
+    """The negative log-likelihood per token, in nats, that ``model`` gives ``answer`` after ``prompt``."""
+    ids = torch.tensor([prompt + answer], device=model.device)
+    logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :]).item()
+
+
 def answer_all(
-    model, tokenizer, prompts: list[str], settings: DecodeSettings, path: Path, batch_size: int
+    model, tokenizer, prompts: list[str], settings: DecodeSettings, path: Path, batch_size: int, gate=None
 ) -> tuple[int, int]:
     """Append a row per prompt not answered yet (longest first, batch by batch, fsynced); prompts
-    whose answer hit the length limit are listed in ``<name>.skipped.json``. Returns the rows and
-    skipped prompts in the split, this run's and earlier ones'."""
+    whose answer hit the length limit, or fails the ``(gate model, max NLL)`` gate, are listed in
+    ``<name>.skipped.json``. Returns the rows and skipped prompts in the split, this run's and earlier ones'."""
     skipped_path = path.with_name(f"{path.stem}.skipped.json")
     skipped = json.loads(skipped_path.read_text()) if skipped_path.is_file() else []
     answered = [prompt_text(json.loads(line)) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -287,7 +315,8 @@ def answer_all(
                 model, input_ids, settings, attention_mask=mask, eos_token_id=tokenizer.eos_token_id
             )
             for prompt, row in zip(batch, result.rows):
-                if row.stop_reason != "eos":
+                answer_ids = row.token_ids + [row.stop_token_id]
+                if row.stop_reason != "eos" or (gate and answer_nll(gate[0], ids[prompt], answer_ids) > gate[1]):
                     skipped.append(prompt)
                     continue
                 answer = tokenizer.decode(row.token_ids, skip_special_tokens=True).strip()

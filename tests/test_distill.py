@@ -82,3 +82,36 @@ def test_answers_that_never_stop_are_one_clear_error(tiny_dir, tmp_path, capsys)
     with pytest.raises(ValueError, match="Every train answer ran past --model.max_new_tokens 2: raise it."):
         distill(tiny_dir, False, never, out=str(tmp_path / "d"), train=4, val=2, batch_size=4)
     assert "0 rows" in capsys.readouterr().err
+
+
+def test_the_gate_leaves_out_exactly_the_answers_the_gate_model_finds_unlikely(tiny_dir, tmp_path, capsys):
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_model, load_tokenizer
+
+    distill(tiny_dir, False, SETTINGS, out=str(tmp_path / "all"), train=24, val=0, batch_size=8)
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir).eval()
+    scores = {}
+    for row in rows(tmp_path / "all" / "train.jsonl"):  # the oracle: generate, then transformers' shifted loss
+        prompt = encode_prompt(tokenizer, {"messages": row["messages"][:1]}, True)
+        stops = [tokenizer.eos_token_id, 12]
+        ids = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=stops)
+        labels = ids.clone()
+        labels[0, : len(prompt)] = -100
+        with torch.no_grad():
+            scores[row["messages"][0]["content"]] = model(ids, labels=labels).loss.item()
+    threshold = sorted(scores.values())[len(scores) // 2]
+    gated = tmp_path / "gated"
+    distill(
+        tiny_dir,
+        False,
+        SETTINGS,
+        out=str(gated),
+        train=24,
+        val=0,
+        batch_size=8,
+        gate_model=tiny_dir,
+        max_gate_nll=threshold,
+    )
+    kept = {row["messages"][0]["content"] for row in rows(gated / "train.jsonl")}
+    assert kept == {prompt for prompt, score in scores.items() if score <= threshold + 1e-5}
+    assert 0 < len(kept) < len(scores) and "or over --max_gate_nll" in capsys.readouterr().err
