@@ -168,18 +168,20 @@ def magpie_prompts(model, tokenizer, count: int, seed: int, batch_size: int) -> 
     prefix = tokenizer(text[: text.index(marker)], add_special_tokens=False).input_ids
     settings = DecodeSettings(add_eos_length=0, max_new_tokens=48, temperature=1.0, top_p=0.95, lossless=True)
     found: list[str] = []
-    for start in range(0, count, batch_size):
-        rows = min(batch_size, count - start)
-        result = generate_blocks(
-            model,
-            torch.tensor([prefix] * rows, device=model.device),
-            settings.replace(seed=seed + start),
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for row in result.rows:
-            turn = tokenizer.decode(row.token_ids, skip_special_tokens=True).strip()
-            if row.stop_reason == "eos" and 10 <= len(turn) <= 300:
-                found.append(turn)
+    with counter(count, 0, "magpie", "turn") as bar:
+        for start in range(0, count, batch_size):
+            rows = min(batch_size, count - start)
+            result = generate_blocks(
+                model,
+                torch.tensor([prefix] * rows, device=model.device),
+                settings.replace(seed=seed + start),
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for row in result.rows:
+                turn = tokenizer.decode(row.token_ids, skip_special_tokens=True).strip()
+                if row.stop_reason == "eos" and 10 <= len(turn) <= 300:
+                    found.append(turn)
+            bar.update(rows)
     return found
 
 

@@ -115,3 +115,15 @@ def test_the_gate_leaves_out_exactly_the_answers_the_gate_model_finds_unlikely(t
     kept = {row["messages"][0]["content"] for row in rows(gated / "train.jsonl")}
     assert kept == {prompt for prompt, score in scores.items() if score <= threshold + 1e-5}
     assert 0 < len(kept) < len(scores) and "or over --max_gate_nll" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_magpie_samples_distinct_user_turns_from_the_embedded_models_user_prefix(capsys):
+    from dllm_lit.distill import magpie_prompts
+    from dllm_lit.models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer("smollm2"), load_model("smollm2").eval()
+    turns = magpie_prompts(model, tokenizer, 6, seed=0, batch_size=3)
+    assert turns and len(set(turns)) == len(turns) and all(10 <= len(turn) <= 300 for turn in turns)
+    assert "magpie: turn 3/6 (50 %)" in capsys.readouterr().err
+    assert magpie_prompts(model, tokenizer, 6, seed=0, batch_size=3) == turns, "seeded"
