@@ -181,7 +181,7 @@ def main() -> None:
             as_base = sum(a == b for a, b in zip(answers, base_ar)) / len(base_ar)
             rows = grade(tokenizer, answers[len(held_out) :], pairs, args.max_new_tokens)
             graded += [dict(model=label, mode=mode) | row for row in rows]
-            accuracy = sum(row["correct"] for row in rows) / max(len(pairs), 1)
+            accuracy = sum(row["correct"] for row in rows) / len(pairs) if pairs else None  # "-" without sums
             scores = base_nll(base, prompts, answers, scored)
             nll = (sum(scores) / max(len(scores), 1), sum(score > 1.5 for score in scores) / max(len(scores), 1))
             table.append((label, mode, tokens / forwards, tokens / seconds, agreement, accuracy, as_base, nll))
