@@ -32,6 +32,7 @@ from dllm_lit.model_args import add_function_flags, function_flags, model_parser
 from dllm_lit.models import load_model, load_tokenizer, resolve_device
 from dllm_lit.progress import counter
 from dllm_lit.settings import DecodeSettings
+from dllm_lit.training import response_cross_entropy
 
 TOPICS = [
     "photosynthesis",
@@ -291,10 +292,11 @@ def load_gate(name: str, model, trust_remote_code: bool):
 
 @torch.no_grad()
 def answer_nll(model, prompt: list[int], answer: list[int]) -> float:
-    """The negative log-likelihood per token, in nats, that ``model`` gives ``answer`` after ``prompt``."""
+    """The negative log-likelihood per token, in nats, that ``model`` gives ``answer`` after ``prompt``
+    (the training's AR loss, :func:`~dllm_lit.training.response_cross_entropy`, on one row)."""
     ids = torch.tensor([prompt + answer], device=model.device)
-    logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-    return torch.nn.functional.cross_entropy(logits, ids[0, len(prompt) :]).item()
+    response = torch.arange(ids.shape[1], device=model.device)[None] >= len(prompt)
+    return response_cross_entropy(model(ids).logits, ids, response).item()
 
 
 def answer_all(
@@ -317,8 +319,8 @@ def answer_all(
                 model, input_ids, settings, attention_mask=mask, eos_token_id=tokenizer.eos_token_id
             )
             for prompt, row in zip(batch, result.rows):
-                answer_ids = row.token_ids + [row.stop_token_id]
-                if row.stop_reason != "eos" or (gate and answer_nll(gate[0], ids[prompt], answer_ids) > gate[1]):
+                scored = [*row.token_ids, row.stop_token_id]  # the answer as a training row holds it
+                if row.stop_reason != "eos" or (gate and answer_nll(gate[0], ids[prompt], scored) > gate[1]):
                     skipped.append(prompt)
                     continue
                 answer = tokenizer.decode(row.token_ids, skip_special_tokens=True).strip()
