@@ -1,12 +1,13 @@
 """``dllm_lit chat``: talk to the model in the terminal, the answer streaming block by block.
 
 Multi-turn: each turn sends the whole history through the chat template. ``/reset`` clears the
-history, ``/exit`` (or Ctrl-D) leaves, Ctrl-C stops the current answer (within one block) and keeps
+history, ``/exit`` (or Ctrl-D) leaves, Ctrl-C stops the current answer (at the next commit) and keeps
 what was said so far; at the prompt, Ctrl-C clears the line.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Literal
 
@@ -67,18 +68,24 @@ def chat(
 
 
 def answer(model, tokenizer, job: Job) -> str:
-    """Print the answer as it is committed; Ctrl-C stops it. Returns the text printed."""
+    """Print the answer as it is committed; Ctrl-C stops it at the next commit. Returns the text printed.
+
+    Ctrl-C only sets a flag that the engine reads at each commit (as a server's cancelled request):
+    a ``KeyboardInterrupt`` raised at an arbitrary point of the queue and thread code that streams
+    could leave a lock held and hang the answer."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     text = ""
     try:
-        for (event,) in stream_jobs(model, tokenizer, [job]):
+        for (event,) in stream_jobs(model, tokenizer, [job], is_cancelled=lambda uid: bool(interrupted)):
             piece = event.get("text", "")
             print(piece, end="", flush=True)
             text += piece
             if "error" in event:
                 print(f"\n[{event['error']}]", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(" [stopped]", end="")
-    print()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(" [stopped]" if interrupted else "")
     return text
 
 

@@ -272,6 +272,34 @@ def test_a_decoding_failure_becomes_an_error_event_for_its_jobs_only(tiny_dir):
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_full_answer(tiny_dir, capsys):
+    """The SIGINT comes from the decoding thread at its fifth forward, as a terminal's would at any moment."""
+    from dllm_lit.chat import answer
+    from dllm_lit.models import load_model, load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    settings = DecodeSettings(add_eos_length=0, max_new_tokens=60, ignore_eos=True)
+    job = Job("t", tokenizer("go on")["input_ids"], settings)
+    full = answer(model, tokenizer, job)
+    forwards = []
+
+    def interrupt_at_the_fifth_forward(module, args):
+        forwards.append(1)
+        if len(forwards) == 5:
+            signal.raise_signal(signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    hook = model.register_forward_pre_hook(interrupt_at_the_fifth_forward)
+    try:
+        stopped = answer(model, tokenizer, job)
+    finally:
+        hook.remove()
+    assert 0 < len(stopped) < len(full) / 2 and full.startswith(stopped)
+    assert capsys.readouterr().out.endswith(stopped + " [stopped]\n")
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 def test_chat_keeps_the_history_and_ctrl_c_stops_an_answer(tiny_dir, tmp_path):
     import pexpect
 
