@@ -158,6 +158,10 @@ def wait_for_rows(parts: Path, at_least: int, timeout: float = 300) -> None:
     raise AssertionError("the run never wrote rows")
 
 
+def write_forty_prompts(directory: Path) -> Path:
+    return write(directory / "p.txt", "".join(f"prompt number {i} {'x' * (i % 7)}\n" for i in range(40)))
+
+
 @pytest.fixture
 def forty_prompts(tmp_path) -> Path:
-    return write(tmp_path / "p.txt", "".join(f"prompt number {i} {'x' * (i % 7)}\n" for i in range(40)))
+    return write_forty_prompts(tmp_path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_one_line_error, predict_args, start_dllm_lit, wait_for_rows, write
+from conftest import assert_one_line_error, predict_args, start_dllm_lit, wait_for_rows, write, write_forty_prompts
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.tasks import write_task
 
@@ -34,11 +34,12 @@ def saved_rows(parts: Path) -> list[dict]:
     return [json.loads(line) for p in parts.glob("rank*.jsonl") for line in p.read_text().splitlines()]
 
 
-@pytest.fixture
-def reference(tiny_dir, tmp_path, forty_prompts) -> Path:
-    """The uninterrupted result of the run the tests interrupt."""
-    path = tmp_path / "reference.jsonl"
-    assert start_run(tiny_dir, tmp_path, path, forty_prompts).wait() == 0
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tmp_path_factory) -> Path:
+    """The uninterrupted result of the run the tests interrupt (the same forty prompts, decoded once)."""
+    where = tmp_path_factory.mktemp("reference")
+    path = where / "reference.jsonl"
+    assert start_run(tiny_dir, where, path, write_forty_prompts(where)).wait() == 0
     return path
 
 
@@ -90,12 +91,12 @@ def test_sigterm_stops_every_rank_of_a_two_process_run(tiny_dir, tmp_path, forty
     assert out.read_text() == reference.read_text()
 
 
-def test_a_second_run_on_the_same_output_is_refused(tiny_dir, tmp_path, dllm_lit):
+def test_a_second_run_on_the_same_output_is_refused(tiny_dir, tmp_path, dllm_lit_here):
     prompts = write(tmp_path / "many.txt", "".join(f"prompt {i}\n" for i in range(2000)))  # a long first run
     out, parts = tmp_path / "out.jsonl", tmp_path / ".out.jsonl.parts"
     first = start_run(tiny_dir, tmp_path, out, prompts)
     wait_for_rows(parts, 2)
-    second = dllm_lit(predict_args(tiny_dir, out, prompts, "--writer.overwrite=true"), tmp_path)
+    second = dllm_lit_here(predict_args(tiny_dir, out, prompts, "--writer.overwrite=true"), tmp_path)
     assert_one_line_error(second, "is being written by another dllm_lit run (PID", str(first.pid))
     assert first.poll() is None, "the first run must still be running"
     before = len(saved_rows(parts))
@@ -104,7 +105,7 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_dir, tmp_path, dllm_lit
     assert "finished responses are kept" in stderr and len(saved_rows(parts)) >= before > 0
 
 
-def test_resume_refuses_rows_of_another_run(tiny_dir, tmp_path, forty_prompts, dllm_lit):
+def test_resume_refuses_rows_of_another_run(tiny_dir, tmp_path, forty_prompts, dllm_lit_here):
     out, parts = tmp_path / "out.jsonl", tmp_path / ".out.jsonl.parts"
     run = start_run(tiny_dir, tmp_path, out, forty_prompts)
     wait_for_rows(parts, 4)
@@ -120,23 +121,23 @@ def test_resume_refuses_rows_of_another_run(tiny_dir, tmp_path, forty_prompts, d
         (forty_prompts, ["--model.model_name_or_path=tiny-char"], "a different model"),
     ]
     for prompts, extra, fragment in cases:
-        done = dllm_lit(predict_args(tiny_dir, out, prompts, *extra, "--writer.resume=true"), tmp_path)
+        done = dllm_lit_here(predict_args(tiny_dir, out, prompts, *extra, "--writer.resume=true"), tmp_path)
         assert_one_line_error(done, f"Cannot resume {out}", fragment, "--writer.overwrite true")
     assert sorted(map(json.dumps, saved_rows(parts))) == kept and not out.exists()
 
 
-def test_resume_and_overwrite_say_what_they_would_do(tiny_dir, tmp_path, dllm_lit):
+def test_resume_and_overwrite_say_what_they_would_do(tiny_dir, tmp_path, dllm_lit_here):
     prompts = write(tmp_path / "p.txt", "one\ntwo\n")
     out = tmp_path / "out.jsonl"
     args = predict_args(tiny_dir, out, prompts)
-    assert dllm_lit([*args, "--writer.resume=true"], tmp_path).returncode == 0  # nothing to resume: a fresh run
+    assert dllm_lit_here([*args, "--writer.resume=true"], tmp_path).returncode == 0  # nothing to resume: a fresh run
     finished = out.read_text()
-    assert_one_line_error(dllm_lit(args, tmp_path), f"Output file {out} exists", "--writer.overwrite true")
-    assert_one_line_error(dllm_lit([*args, "--writer.resume=true"], tmp_path), "Nothing to resume")
+    assert_one_line_error(dllm_lit_here(args, tmp_path), f"Output file {out} exists", "--writer.overwrite true")
+    assert_one_line_error(dllm_lit_here([*args, "--writer.resume=true"], tmp_path), "Nothing to resume")
     assert out.read_text() == finished
 
 
-def test_a_failing_run_leaves_the_output_as_it_was(tiny_dir, tmp_path, dllm_lit):
+def test_a_failing_run_leaves_the_output_as_it_was(tiny_dir, tmp_path, dllm_lit_here):
     import shutil
 
     no_weights = tmp_path / "no_weights"
@@ -144,25 +145,25 @@ def test_a_failing_run_leaves_the_output_as_it_was(tiny_dir, tmp_path, dllm_lit)
     (no_weights / "model.safetensors").unlink()
     prompts = write(tmp_path / "p.txt", "one\ntwo\n")
     out = write(tmp_path / "out.jsonl", "finished rows\n")
-    done = dllm_lit(predict_args(str(no_weights), out, prompts, "--writer.overwrite=true"), tmp_path)
+    done = dllm_lit_here(predict_args(str(no_weights), out, prompts, "--writer.overwrite=true"), tmp_path)
     assert_one_line_error(done, "Could not load model weights")
-    bad_stop = dllm_lit(
+    bad_stop = dllm_lit_here(
         predict_args(tiny_dir, out, prompts, "--writer.overwrite=true", "--model.stop_token_ids=[9999]"), tmp_path
     )
     assert_one_line_error(bad_stop, "outside the model's vocabulary")
     assert out.read_text() == "finished rows\n"
     new = tmp_path / "new.jsonl"
-    assert_one_line_error(dllm_lit(predict_args(str(no_weights), new, prompts), tmp_path), "Could not load")
+    assert_one_line_error(dllm_lit_here(predict_args(str(no_weights), new, prompts), tmp_path), "Could not load")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights", "out.jsonl", "p.txt"]
 
 
-def test_a_symlinked_output_keeps_its_link(tiny_dir, tmp_path, dllm_lit):
+def test_a_symlinked_output_keeps_its_link(tiny_dir, tmp_path, dllm_lit_here):
     prompts = write(tmp_path / "p.txt", "one\ntwo\n")
     (tmp_path / "results").mkdir()
     target = write(tmp_path / "results" / "latest.jsonl", "old\n")
     link = tmp_path / "out.jsonl"
     link.symlink_to(target)
-    assert dllm_lit(predict_args(tiny_dir, link, prompts, "--writer.overwrite=true"), tmp_path).returncode == 0
+    assert dllm_lit_here(predict_args(tiny_dir, link, prompts, "--writer.overwrite=true"), tmp_path).returncode == 0
     assert link.is_symlink() and len(target.read_text().splitlines()) == 2
 
 
@@ -210,7 +211,7 @@ def served(tmp_path):
     server.shutdown()
 
 
-def test_checkpoints_never_run_code(tiny_dir, tmp_path, served, dllm_lit):
+def test_checkpoints_never_run_code(tiny_dir, tmp_path, served, dllm_lit_here):
     url, root = served
     marker = tmp_path / "code-ran"
     module = BlockRefineLM(model_name_or_path=tiny_dir)
@@ -225,12 +226,12 @@ def test_checkpoints_never_run_code(tiny_dir, tmp_path, served, dllm_lit):
     assert marker.exists()
     marker.unlink()
     for ckpt in (f"{url}/evil.ckpt", str(root / "evil.ckpt")):
-        done = dllm_lit(
+        done = dllm_lit_here(
             ["predict", f"--ckpt_path={ckpt}", f"--model.model_name_or_path={tiny_dir}", "--data.prompt=hi", *FAST],
             tmp_path,
         )
         assert_one_line_error(done, "Checkpoint", "remote" if "://" in ckpt else "refused")
-        export = dllm_lit([ckpt, str(tmp_path / "hf")], tmp_path, module="dllm_lit.export")
+        export = dllm_lit_here([ckpt, str(tmp_path / "hf")], tmp_path, module="dllm_lit.export")
         assert_one_line_error(export, "Checkpoint", prefix="dllm_lit.export: error:")
     assert not marker.exists()
 
@@ -264,15 +265,15 @@ def test_export_errors_are_one_line(good_checkpoint, tmp_path, dllm_lit_here, so
     assert_one_line_error(done, fragment, prefix="dllm_lit.export: error:")
 
 
-def test_export_round_trips_a_checkpoint(good_checkpoint, tiny_dir, tmp_path, dllm_lit):
-    done = dllm_lit([str(good_checkpoint), "hf"], tmp_path, module="dllm_lit.export")
+def test_export_round_trips_a_checkpoint(good_checkpoint, tiny_dir, tmp_path, dllm_lit_here):
+    done = dllm_lit_here([str(good_checkpoint), "hf"], tmp_path, module="dllm_lit.export")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "hf" / "config.json").is_file()
     prompts = write(tmp_path / "p.txt", "one\ntwo\n")
     outputs = []
     for model_dir in (tiny_dir, str(tmp_path / "hf")):
         out = tmp_path / f"{len(outputs)}.jsonl"
-        assert dllm_lit(predict_args(model_dir, out, prompts, *FAST), tmp_path).returncode == 0
+        assert dllm_lit_here(predict_args(model_dir, out, prompts, *FAST), tmp_path).returncode == 0
         outputs.append([json.loads(line)["response"] for line in out.read_text().splitlines()])
     assert outputs[0] == outputs[1]
 
