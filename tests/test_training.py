@@ -334,7 +334,8 @@ def test_fit_lowers_the_loss_and_logs_validation(trained):
 
 
 @pytest.mark.slow
-def test_checkpoint_round_trips_to_predict(trained):
+def test_checkpoint_round_trips_to_predict(trained, dllm_lit_here, monkeypatch):
+    monkeypatch.setenv("DLLM_LIT_CACHE", str(trained / "cache"))
     (ckpt,) = (trained / "logs").rglob("*.ckpt")
     export_checkpoint(ckpt, trained / "from_ckpt")
     outputs = {}
@@ -344,7 +345,7 @@ def test_checkpoint_round_trips_to_predict(trained):
         "ckpt_path": [f"--ckpt_path={ckpt}"],  # the base model (tiny-char) comes from the checkpoint
     }.items():
         out = trained / f"{name}.jsonl"
-        done = cli(
+        done = dllm_lit_here(
             [
                 "predict",
                 *args,
@@ -359,7 +360,7 @@ def test_checkpoint_round_trips_to_predict(trained):
         outputs[name] = [json.loads(line)["response"] for line in out.read_text().splitlines()]
     assert outputs["exported"] == outputs["from_ckpt"] == outputs["ckpt_path"]
     fresh = trained / "fresh.jsonl"
-    cli(
+    dllm_lit_here(
         [
             "predict",
             "--model.model_name_or_path=tiny-char",
