@@ -200,7 +200,8 @@ def quiet_libraries() -> None:
 def main(args: list[str] | None = None) -> None:
     """Run ``dllm_lit {fit,validate,test,predict,serve,chat}``.
 
-    A user error prints one line and exits 2; set ``DLLM_LIT_DEBUG=1`` for the traceback.
+    A user error prints one line and exits 2; set ``DLLM_LIT_DEBUG=1`` for the traceback. Ctrl-C
+    exits 130 without one.
     """
     quiet_libraries()
     command = sys.argv[1:] if args is None else list(args)
@@ -209,6 +210,9 @@ def main(args: list[str] | None = None) -> None:
             import_module(APPS[command[0]]).main(command[1:])
         else:
             DllmCLI(args=args)
+    except KeyboardInterrupt:  # chat, serve, evaluate, distill; predict and fit: Lightning's own handling
+        print("\ndllm_lit: interrupted", file=sys.stderr)
+        sys.exit(130)
     except ArgumentError as error:
         message = " ".join(str(error).split())
         print(f"dllm_lit: error: {message} (see dllm_lit --help, or dllm_lit SUBCOMMAND --help)", file=sys.stderr)

@@ -300,6 +300,19 @@ def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_fu
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+def test_ctrl_c_while_chat_loads_exits_130_without_a_traceback(tiny_dir, capsys, monkeypatch):
+    from dllm_lit import chat
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat, "load_model", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["chat", f"--model.model_name_or_path={tiny_dir}"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.endswith("\ndllm_lit: interrupted\n")
+
+
 def test_chat_keeps_the_history_and_ctrl_c_stops_an_answer(tiny_dir, tmp_path):
     import pexpect
 
