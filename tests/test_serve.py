@@ -271,7 +271,6 @@ def test_a_decoding_failure_becomes_an_error_event_for_its_jobs_only(tiny_dir):
     assert good[-1]["finish_reason"] == "length" and "".join(e["text"] for e in good)
 
 
-@pytest.mark.slow
 def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_full_answer(tiny_dir, capsys):
     """The SIGINT comes from the decoding thread at its fifth forward, as a terminal's would at any moment."""
     from dllm_lit.chat import answer
@@ -313,6 +312,7 @@ def test_ctrl_c_while_chat_loads_exits_130_without_a_traceback(tiny_dir, capsys,
     assert capsys.readouterr().err.endswith("\ndllm_lit: interrupted\n")
 
 
+@pytest.mark.slow
 def test_chat_keeps_the_history_and_ctrl_c_stops_an_answer(tiny_dir, tmp_path):
     import pexpect
 
