@@ -10,6 +10,7 @@ adapter and merges it, so decoding runs on a plain model. Only safetensors adapt
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,13 +70,86 @@ def continue_adapter(base_model: torch.nn.Module, path: str | Path, rank: int):
     return PeftModel.from_pretrained(base_model, str(path), is_trainable=True)
 
 
-def merge_adapter(base_model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """``base_model`` with the adapter at ``path`` applied and merged into its weights."""
+def apply_adapter(base_model: torch.nn.Module, path: str | Path):
+    """``base_model`` with the adapter at ``path`` injected (a peft model, unmerged, frozen)."""
     from peft import PeftModel
 
     try:
-        adapted = PeftModel.from_pretrained(base_model, str(Path(path).expanduser()), is_trainable=False)
+        return PeftModel.from_pretrained(base_model, str(Path(path).expanduser()), is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         reason = " ".join(str(error).split())[:300]
         raise AdapterError(f"Could not apply the adapter {path}: {reason}") from None
-    return adapted.merge_and_unload()
+
+
+def merge_adapter(base_model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """``base_model`` with the adapter at ``path`` applied and merged into its weights."""
+    return apply_adapter(base_model, path).merge_and_unload()
+
+
+DRAFTER_FILE = "dllm_lit_drafter.json"
+"""Present in an adapter directory trained with ``draft_adapter``: the adapter drafts, the base decides."""
+
+
+def is_drafter(path: str | Path) -> bool:
+    return (Path(path).expanduser() / DRAFTER_FILE).is_file()
+
+
+def mark_drafter(path: str | Path) -> None:
+    """Record in an exported adapter directory that the adapter only drafts (loading keeps it unmerged)."""
+    note = {"draft_adapter": True, "use": "lossless decoding drafts with the adapter and verifies with the base"}
+    (Path(path) / DRAFTER_FILE).write_text(json.dumps(note, indent=2) + "\n")
+
+
+class DraftGate:
+    """A LoRA adapter that serves only the tokens a forward marks: the draft branch of lossless decoding.
+
+    Every other token, and every forward outside :meth:`tokens`, runs the base model exactly (the
+    adapter layers are switched off), so a model carrying a gate decodes as its base does; lossless
+    mode (:mod:`dllm_lit.lossless`) feeds a draft branch under :meth:`tokens` and verifies with the base.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.mask: torch.Tensor | None = None
+        for layer in self.layers:
+            for branch in layer.lora_B.values():
+                branch.register_forward_hook(self._gate)
+        self.enable(False)
+
+    def _gate(self, module, inputs, output):
+        return output if self.mask is None else output * self.mask.to(output.dtype)
+
+    def enable(self, on: bool) -> None:
+        """Switch the adapter layers on or off, leaving which weights train as it was (peft's switch
+        also freezes or unfreezes them)."""
+        trains = [(p, p.requires_grad) for layer in self.layers for p in layer.parameters()]
+        for layer in self.layers:
+            layer.enable_adapters(on)
+        for parameter, requires_grad in trains:
+            parameter.requires_grad_(requires_grad)
+
+    @contextmanager
+    def tokens(self, mask: torch.Tensor | None):
+        """The adapter on for the tokens where ``mask`` (``[rows, tokens, 1]``) is 1; None: on for all."""
+        self.mask = mask
+        self.enable(True)
+        try:
+            yield
+        finally:
+            self.mask = None
+            self.enable(False)
+
+
+def draft_gate(model: torch.nn.Module) -> DraftGate | None:
+    """The :class:`DraftGate` a model carries (``model.draft_gate``), if any."""
+    return getattr(model, "draft_gate", None)
+
+
+def attach_drafter(base_model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """``base_model`` with the draft adapter at ``path`` injected unmerged behind a :class:`DraftGate`
+    (``model.draft_gate``), switched off outside the draft branch."""
+    model = apply_adapter(base_model, path).get_base_model()
+    model.draft_gate = DraftGate(model)
+    return model

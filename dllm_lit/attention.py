@@ -61,3 +61,14 @@ def grouped_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = own
+
+
+def attention_bias(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """``allowed`` as the 4D mask ``model``'s attention takes: boolean for SDPA, additive for eager."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    if implementation == "sdpa":
+        return allowed
+    if implementation != "eager":
+        raise ValueError(f"A 4D attention mask needs SDPA or eager attention, not {implementation!r}.")
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -24,6 +24,8 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from dllm_lit.adapters import draft_gate
+from dllm_lit.attention import attention_bias
 from dllm_lit.ledger import RowLedger
 from dllm_lit.sampling import build_warpers
 from dllm_lit.settings import DecodeSettings
@@ -32,22 +34,57 @@ from dllm_lit.settings import DecodeSettings
 class RaggedBatch:
     """Rows of different lengths over one ``DynamicCache``: ``valid`` marks, per row, the cached
     columns whose K/V are final; ``pending`` are the tokens to feed before the draft (the prompt at
-    first, then the last accepted token)."""
+    first, then the last accepted token). A model with a draft adapter (``model.draft_gate``) also
+    reads a draft branch in each wide pass (:meth:`forward_with_drafter`)."""
 
     def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        self.model = model
+        self.model, self.gate = model, draft_gate(model)
         self.cache = DynamicCache()
         self.valid = prompt_mask[:, :0]  # [rows, cached columns]
         self.pending, self.pending_mask = prompt_ids, prompt_mask
         self.keep_kwarg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.branch = 0  # columns of the last pass's draft branch, after its verified ones
 
-    def forward(self, draft: torch.Tensor) -> torch.Tensor:
-        """Logits ``[rows, W, vocab]`` of ``pending[-1] + draft`` on top of the cache."""
+    def forward(self, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits ``[rows, W, vocab]`` of ``pending[-1] + draft`` on top of the cache, and the draft
+        branch's logits at the same positions (None without a draft adapter or for a one-token pass)."""
+        if self.gate is not None and draft.shape[1] > 0:
+            return self.forward_with_drafter(draft)
         width = draft.shape[1] + 1
         tokens = torch.cat([self.pending, draft], dim=1)
         mask = torch.cat([self.valid, self.pending_mask, torch.ones_like(draft)], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, self.valid.shape[1] :]
-        kwargs = {"logits_to_keep": width} if self.keep_kwarg else {}
+        self.branch = 0
+        return self._run(tokens, mask, positions, width)[:, -width:], None
+
+    def forward_with_drafter(self, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of two branches: ``pending + draft`` read by the base model (the verified branch,
+        as :meth:`forward`), and ``pending[-1] + draft`` again, at the same positions, read with the
+        draft adapter on; it sees the cache and the pending tokens before the last, not the first branch."""
+        width, cached, fed = draft.shape[1] + 1, self.valid.shape[1], self.pending.shape[1] + draft.shape[1]
+        tokens = torch.cat([self.pending, draft], dim=1)
+        mask = torch.cat([self.valid, self.pending_mask, torch.ones_like(draft)], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, cached:]
+        keys = torch.cat([mask, torch.ones_like(draft[:, :1]), torch.ones_like(draft)], dim=1).bool()
+        column = torch.arange(keys.shape[1], device=draft.device)[None, :]
+        query = torch.arange(fed + width, device=draft.device)[:, None]
+        in_branch = query >= fed
+        verified = ~in_branch & (column < cached + fed) & (column - cached <= query)
+        seen = (column < cached + fed - width) | ((column >= cached + fed) & (column - cached - fed <= query - fed))
+        allowed = (keys[:, None, :] & (verified | (in_branch & seen))) | (column - cached == query)
+        gate = in_branch.to(draft.device).float().expand(draft.shape[0], -1, -1)
+        self.branch = width
+        with self.gate.tokens(gate):
+            logits = self._run(
+                torch.cat([tokens, tokens[:, -width:]], dim=1),
+                attention_bias(self.model, allowed[:, None]),
+                torch.cat([positions, positions[:, -width:]], dim=1),
+                2 * width,
+            )
+        return logits[:, -2 * width : -width], logits[:, -width:]
+
+    def _run(self, tokens, mask, positions, keep: int) -> torch.Tensor:
+        kwargs = {"logits_to_keep": keep} if self.keep_kwarg else {}
         out = self.model(
             input_ids=tokens,
             attention_mask=mask,
@@ -56,12 +93,12 @@ class RaggedBatch:
             use_cache=True,
             **kwargs,
         )
-        return out.logits[:, -width:]
+        return out.logits[:, -keep:]
 
     def accept(self, accepted: torch.Tensor, last: torch.Tensor) -> None:
         """Keep the K/V of the pending tokens and of each row's ``accepted - 1`` right draft tokens;
         ``last`` (``[rows]``) is the new pending token."""
-        drafted = self.cache.get_seq_length() - self.valid.shape[1] - self.pending.shape[1]
+        drafted = self.cache.get_seq_length() - self.valid.shape[1] - self.pending.shape[1] - self.branch
         slots = torch.arange(1, drafted + 1, device=accepted.device)
         right = (slots[None, :] < accepted[:, None]).long()
         valid = torch.cat([self.valid, self.pending_mask, right], dim=1)
@@ -197,7 +234,10 @@ def decode_lossless(
         lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     while active.numel() > 0:
-        tokens, accepted, guesses = verify(batch.forward(draft), draft)
+        logits, drafted = batch.forward(draft)
+        tokens, accepted, guesses = verify(logits, draft)
+        if drafted is not None:  # a draft adapter guesses the next draft; the base verified this one
+            guesses = drafted.argmax(-1)
         ledger.count_forward()
         room = ledger.budget[active] - generated
         finished = ledger.commit(active.tolist(), tokens, room, limit=accepted)

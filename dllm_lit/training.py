@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from transformers import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from dllm_lit.attention import attention_bias
+
 
 def trailing_fill_run(input_ids: torch.Tensor, response_mask: torch.Tensor, fill_id: int) -> torch.Tensor:
     """Mask of each row's trailing run of fill tokens inside the response (its EOS tail)."""
@@ -170,17 +172,6 @@ def block_causal_mask(starts: torch.Tensor, skip: int = 0) -> torch.Tensor:
     return torch.cat([top, torch.cat([clean_past, own_block], 2)], 1)[:, None]
 
 
-def attention_bias(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
-    """``allowed`` as the 4D mask ``model``'s attention takes: boolean for SDPA, additive for eager."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
-    if implementation == "sdpa":
-        return allowed
-    if implementation != "eager":
-        raise ValueError(f"Block noise needs SDPA or eager attention, not {implementation!r}.")
-    dtype = next(model.parameters()).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 def drafted_positions(response_mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     """The response positions a decoding pass drafts: all but each block's opening token."""
     return response_mask & (starts != torch.arange(starts.shape[1], device=starts.device))
@@ -213,16 +204,27 @@ def read_blocks(
 
 def reread_block_copy(model: torch.nn.Module, cache: Cache, block: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits of a new block copy alone, attending to the clean copy's keys and values in ``cache`` (from
-    :func:`read_blocks`; its block copy is dropped first). The clean copy never sees the block copy, so
-    this equals rereading both copies, at fewer tokens, and the gradient reaches the clean copy
-    through the cache."""
+    :func:`read_blocks` or :func:`base_cache`; a block copy in it is dropped first). The clean copy never
+    sees the block copy, so this equals rereading both copies, at fewer tokens, and the gradient
+    reaches the clean copy through the cache."""
     rows, width = block.shape
-    cache.crop(-width)
-    length = cache.get_seq_length()
+    length = mask.shape[-1] - width
+    cache.crop(length)
     positions = torch.arange(length - width, length, device=block.device).repeat(rows, 1)
     return model(
         input_ids=block, attention_mask=mask[..., length:, :], position_ids=positions, past_key_values=cache
     ).logits
+
+
+def base_cache(model: torch.nn.Module, input_ids: torch.Tensor) -> Cache:
+    """The keys and values of the clean sequence as the base model reads it: a peft model's adapter
+    off, no gradient (a draft adapter's view: the base reads every accepted token)."""
+    was_training = model.training
+    with torch.no_grad(), model.disable_adapter():
+        model.train(False)  # a checkpointing model caches only outside training mode
+        cache = model(input_ids=input_ids, use_cache=True).past_key_values
+    model.train(was_training)
+    return cache
 
 
 def block_refine_losses(
@@ -235,13 +237,15 @@ def block_refine_losses(
     num_iterations: int = 2,
     generator: torch.Generator | None = None,
     clean_logits: bool = False,
+    clean_by_base: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """:func:`iterative_refine_losses` with the "blocks" layout (see the module docstring).
 
     Round 0's blocks are their opening token then fills; round ``k > 0`` fills them with round
     ``k - 1``'s predictions shifted by one, as a refine pass does, and reads only the block copy
     (round 0's cache holds the clean copy) unless the model checkpoints its layers. The block copy
-    leaves out the prompt positions every row shares (:func:`first_opening`).
+    leaves out the prompt positions every row shares (:func:`first_opening`). ``clean_by_base``: the
+    clean copy is read by the base model alone (:func:`base_cache`), as a draft adapter meets it.
     """
     response_mask = response_mask.bool()
     length = input_ids.shape[1]
@@ -251,9 +255,13 @@ def block_refine_losses(
     ids, scored = input_ids[:, skip:], response_mask[:, skip:]  # the block copy's positions
     drafted = drafted_positions(response_mask, starts)[:, skip:]
     block = torch.where(drafted, torch.full_like(ids, fill_id), ids)
-    output = read_blocks(model, input_ids, block, mask, logits_to_keep=0 if clean_logits else length - skip)
-    logits, cache = output.logits, output.past_key_values
-    clean = logits[:, :length] if clean_logits else None
+    if clean_by_base:
+        cache, clean = base_cache(model, input_ids), None
+        logits = reread_block_copy(model, cache, block, mask)
+    else:
+        output = read_blocks(model, input_ids, block, mask, logits_to_keep=0 if clean_logits else length - skip)
+        logits, cache = output.logits, output.past_key_values
+        clean = logits[:, :length] if clean_logits else None
     losses = []
     for round_index in range(num_iterations):
         if round_index > 0:
