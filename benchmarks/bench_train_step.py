@@ -8,7 +8,9 @@ A step is the iterative-refine rounds plus the autoregressive loss, backward, Ad
 "separate" is the earlier step (a third forward for the clean rows); "blocks" is `noise_layout:
 blocks` (round 0 reads the clean and the noised copy, twice as long, under a block-causal mask; round 1
 reads a new noised copy against round 0's cached clean copy); "blocks-reread" is blocks as it was before
-that cache (round 1 reads both copies again), as a model with gradient checkpointing still runs it.
+that cache (round 1 reads both copies again), as a model with gradient checkpointing still runs it;
+"draft" is ``draft_adapter: true`` (the base reads the clean copy without gradients, the adapter the
+noised copies; no autoregressive loss).
 ``--shape narrow`` keeps SmolLM2's 30 layers and LoRA on every linear layer but makes each layer tiny,
 so the time is the per-operation overhead that bounds a 135M model on a GPU; ``--shape smollm2`` is
 the real size (random weights). Prints ms per step, rows per second and operators dispatched per
@@ -32,7 +34,7 @@ from dllm_lit.adapters import add_lora
 from dllm_lit.training import block_refine_losses, iterative_refine_losses, response_cross_entropy
 
 SMOLLM2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
-LAYOUTS = ("separate", "stacked", "blocks", "blocks-reread")
+LAYOUTS = ("separate", "stacked", "blocks", "blocks-reread", "draft")
 SHAPES = {
     "narrow": dict(SMOLLM2, hidden_size=72, intermediate_size=144, vocab_size=512),
     "smollm2": dict(SMOLLM2, hidden_size=576, intermediate_size=1536, vocab_size=49152),
@@ -53,15 +55,19 @@ class CountOps(TorchDispatchMode):
 
 def step(model, optimizer, ids, mask, layout: str) -> None:
     """One training step: rounds + autoregressive loss, backward, optimizer."""
-    rounds = dict(fill_id=0, num_iterations=2, clean_logits=layout != "separate")
-    if layout.startswith("blocks"):
+    rounds = dict(fill_id=0, num_iterations=2, clean_logits=layout not in ("separate", "draft"))
+    if layout == "draft":
+        losses, clean = block_refine_losses(model, ids, mask, block_size=16, clean_by_base=True, **rounds)
+        sum(losses).backward()
+    elif layout.startswith("blocks"):
         # The flag that makes block_refine_losses skip the cache, set on the inner model, where it checkpoints nothing.
         model.get_base_model().model.gradient_checkpointing = layout == "blocks-reread"
         losses, clean = block_refine_losses(model, ids, mask, block_size=16, **rounds)
     else:
         losses, clean = iterative_refine_losses(model, ids, mask, **rounds)
-    clean = model(input_ids=ids).logits if layout == "separate" else clean
-    (sum(losses) + response_cross_entropy(clean, ids, mask)).backward()
+    if layout != "draft":
+        clean = model(input_ids=ids).logits if layout == "separate" else clean
+        (sum(losses) + response_cross_entropy(clean, ids, mask)).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -13,9 +13,9 @@
 #    on the issue's workloads 0 5 6; lossless and HF generate at 512+256, workloads 7 8),
 #    bench_attention.py (one forward, old vs new attention) and bench_hf_generate.py (why generate
 #    read 16.8 tok/s); inductor only at workload 0.
-# 4. (issue 13) the SmolLM2-shape LoRA training step (blocks layout, rows of 300 tokens with a 40-token
-#    prompt: the longest batch of the distilled rows) at batch 64, 128 and 256, and 64/128 with
-#    gradient checkpointing: ms, operators and peak GiB. Pick the largest batch whose step costs well
+# 4. (issue 13) the SmolLM2-shape LoRA training step (the draft adapter's layout, rows of 300 tokens with
+#    a 40-token prompt: the longest batch of the distilled rows) at batch 64, 128 and 256: ms, operators
+#    and peak GiB. Pick the largest batch whose step costs well
 #    under its share (the step was bound by operators dispatched at 64) and fits: BATCH=... below.
 # CHECK_ACCEL=cpu runs steps 1-2 on the CPU (bf16 steps skipped) to check the script itself;
 # CHECK_STEPS picks the steps and their order (default "1 2 3"; next session: "4 3").
@@ -116,11 +116,8 @@ step3() {  # the 8B-shape benchmarks, on a GPU only
 step4() {  # issue 13's training step at the real size: ms, operators and peak memory per layout
   [ "$ACCEL" = gpu ] || return 0
   log "4. SmolLM2-shape LoRA training step (bench_train_step.py), bf16 autocast"
-  for run in "64 128 256" "64 128 --checkpointing"; do
-    # shellcheck disable=SC2086  # $run is the batch sizes, then maybe a flag
-    "$PY" benchmarks/bench_train_step.py --shape smollm2 --device cuda --dtype bfloat16 --length 300 --prompt 40 \
-      --repeats 3 --layouts blocks --batch-sizes $run 2>>"$OUT/bench_train_step.err" | tee -a "$OUT/bench_train_step.md"
-  done
+  "$PY" benchmarks/bench_train_step.py --shape smollm2 --device cuda --dtype bfloat16 --length 300 --prompt 40 \
+    --repeats 3 --layouts draft --batch-sizes 64 128 256 2>>"$OUT/bench_train_step.err" | tee -a "$OUT/bench_train_step.md"
 }
 
 for step in ${CHECK_STEPS:-1 2 3}; do "step$step"; done

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 from peft import PeftModel
 
-from dllm_lit.adapters import mark_drafter
+from dllm_lit.adapters import draft_gate, mark_drafter
 from dllm_lit.checkpoints import CheckpointError, load_checkpoint
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.settings import LEGACY_COMPILE
@@ -25,7 +25,7 @@ def save_hf(module: BlockRefineLM, output_dir: str | Path) -> Path:
     output_dir = Path(output_dir)
     if isinstance(module.model, PeftModel):  # LoRA never touches the vocabulary: peft need not look for the base
         module.model.save_pretrained(output_dir, save_embedding_layers=False)
-        if module.hparams.get("draft_adapter"):
+        if draft_gate(module.model) is not None:
             mark_drafter(output_dir)
     else:
         module.model.save_pretrained(output_dir)

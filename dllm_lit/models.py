@@ -25,8 +25,9 @@ TINY_MODEL = "tiny-char"
 """Alias of a freshly initialised small Llama with a character tokenizer (seed 0), for toy tasks."""
 
 FAST_MODEL = "smollm2-fast"
-"""Alias of SmolLM2-135M-Instruct block-trained with ``dllm_lit fit``: a LoRA adapter shipped in this
-package (``dllm_lit/weights/smollm2-fast``), merged onto the embedded model at load."""
+"""Alias of SmolLM2-135M-Instruct with a draft adapter trained by ``dllm_lit fit --model.draft_adapter
+true``: a LoRA adapter shipped in this package (``dllm_lit/weights/smollm2-fast``), kept unmerged on
+the embedded model. It decodes exactly as ``smollm2``; in lossless mode the adapter drafts."""
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 """Where the package keeps its shipped adapters."""

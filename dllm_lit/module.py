@@ -61,8 +61,9 @@ class BlockRefineLM(L.LightningModule):
 
     Args:
         model_name_or_path: A local HF directory, a ``.gguf`` file, a peft adapter directory (merged
-            onto its base at load), ``smollm2`` (the embedded SmolLM2-135M-Instruct) or ``tiny-char``
-            (a fresh tiny model for toy tasks).
+            onto its base at load; a draft adapter stays apart and drafts in lossless mode),
+            ``smollm2`` (the embedded SmolLM2-135M-Instruct), ``smollm2-fast`` (the same with the
+            shipped draft adapter) or ``tiny-char`` (a fresh tiny model for toy tasks).
         trust_remote_code: Run the Python code shipped in the model directory (off by default; only
             for models whose code you trust).
         full_text: Also write ``full_text`` (prompt and response decoded as one text) and

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_lossless import LOSSLESS_MODELS, greedy, with_stop
 
 from conftest import EOS, MODELS, ROOT, left_pad, random_prompts
 from dllm_lit import generate_blocks
 from dllm_lit.adapters import DraftGate, add_lora
-from test_lossless import LOSSLESS_MODELS, greedy, with_stop
 
 PROMPTS = random_prompts([5, 11, 2], seed=1)
 
@@ -75,17 +75,22 @@ def test_lossless_with_a_draft_adapter_equals_the_base_models_greedy_generate(na
     assert lossless(drafter).accepted_per_pass != lossless(base).accepted_per_pass, "the adapter drafts"
 
 
-def test_other_modes_decode_the_base_model():
-    base, drafter = with_drafter("llama", 0.5)
+@pytest.mark.parametrize(
+    "mode", [dict(refine_iter=2), dict(refine_iter=2, backend="cuda_graph"), dict(lossless=True, backend="cuda_graph")]
+)
+def test_other_modes_decode_the_base_model(mode):
+    """Block mode, and the compiled path (which has no draft branch): the adapter stays off."""
+    base, drafter = with_drafter("llama-drafty", 0.5)
     ids, mask = left_pad(PROMPTS)
-    settings = dict(attention_mask=mask, eos_token_id=EOS, add_eos_length=3, refine_iter=2, max_new_tokens=20)
-    assert generate_blocks(drafter, ids, **settings).rows == generate_blocks(base, ids, **settings).rows
+    settings = dict(attention_mask=mask, eos_token_id=EOS, add_eos_length=3, max_new_tokens=20, **mode)
+    expected = generate_blocks(base, ids, **settings)
+    assert generate_blocks(drafter, ids, **settings).rows == expected.rows
+    assert expected.accepted_per_pass == generate_blocks(drafter, ids, **settings).accepted_per_pass
 
 
 def test_gpt2_models_take_a_draft_adapter_too():
     base, drafter = with_drafter("gpt2", 0.5)
     assert [with_stop(row) for row in lossless(drafter).rows] == greedy(base, PROMPTS, 40)
-    assert MODELS  # the same tiny models as every other engine test
 
 
 def test_a_draft_adapter_trains_on_the_blocks_while_the_base_reads_the_clean_tokens():
@@ -113,10 +118,8 @@ def test_a_draft_adapter_trains_on_the_blocks_while_the_base_reads_the_clean_tok
                 parameter.normal_(std=0.3, generator=torch.Generator().manual_seed(len(name)))
     model.draft_gate = gate = DraftGate(model)
     with gate.tokens(None):
-        (loss,), _ = block_refine_losses(
-            model, ids, mask, fill_id=EOS, block_size=4, num_iterations=1,
-            generator=torch.Generator().manual_seed(2), clean_by_base=True,
-        )  # fmt: skip
+        noise = dict(block_size=4, num_iterations=1, generator=torch.Generator().manual_seed(2))
+        (loss,), _ = block_refine_losses(model, ids, mask, fill_id=EOS, clean_by_base=True, **noise)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
