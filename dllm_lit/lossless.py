@@ -72,7 +72,7 @@ class RaggedBatch:
         verified = ~in_branch & (column < cached + fed) & (column - cached <= query)
         seen = (column < cached + fed - width) | ((column >= cached + fed) & (column - cached - fed <= query - fed))
         allowed = (keys[:, None, :] & (verified | (in_branch & seen))) | (column - cached == query)
-        gate = in_branch.to(draft.device).float().expand(draft.shape[0], -1, -1)
+        gate = in_branch.float().expand(draft.shape[0], -1, -1)
         self.branch = width
         with self.gate.tokens(gate):
             logits = self._run(

@@ -224,8 +224,7 @@ class BlockRefineLM(L.LightningModule):
         """The iterative refine loss; logs each round's loss and the weighted total."""
         hp = self.hparams
         rounds = dict(fill_id=self.tokenizer.eos_token_id, num_iterations=hp.num_iterations)
-        rounds["clean_logits"] = bool(hp.get("ar_loss_weight"))
-        rounds["clean_logits"] = rounds["clean_logits"] and not hp.get("draft_adapter")
+        rounds["clean_logits"] = bool(hp.get("ar_loss_weight")) and not hp.get("draft_adapter")
         if hp.get("noise_layout") == "blocks":
             blocks = dict(block_size=self.decoding.width, clean_by_base=bool(hp.get("draft_adapter")))
             objective = partial(block_refine_losses, **blocks, **rounds)
