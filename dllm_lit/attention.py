@@ -6,6 +6,8 @@ heads of a group are stacked along the sequence axis instead (``[batch, kv_heads
 head_dim]``) and the mask is repeated to match, so each K/V head is read once by one SDPA call: the
 same products, on any SDPA kernel. :class:`~dllm_lit.compiled.StaticForward` selects it for its own
 forwards only (:func:`grouped_attention`); every other forward of the model keeps its implementation.
+:func:`attention_bias` turns a boolean 4D mask into what SDPA or eager attention takes (the training
+blocks and the lossless draft branch).
 """
 
 from __future__ import annotations
