@@ -35,7 +35,7 @@ class RaggedBatch:
     """Rows of different lengths over one ``DynamicCache``: ``valid`` marks, per row, the cached
     columns whose K/V are final; ``pending`` are the tokens to feed before the draft (the prompt at
     first, then the last accepted token). A model with a draft adapter (``model.draft_gate``) also
-    reads a draft branch in each wide pass (:meth:`forward_with_drafter`)."""
+    reads a draft branch in each wide pass (:meth:`_with_draft_branch`)."""
 
     def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         self.model, self.gate = model, draft_gate(model)
@@ -48,32 +48,28 @@ class RaggedBatch:
     def forward(self, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits ``[rows, W, vocab]`` of ``pending[-1] + draft`` on top of the cache, and the draft
         branch's logits at the same positions (None without a draft adapter or for a one-token pass)."""
-        if self.gate is not None and draft.shape[1] > 0:
-            return self.forward_with_drafter(draft)
         width = draft.shape[1] + 1
         tokens = torch.cat([self.pending, draft], dim=1)
         mask = torch.cat([self.valid, self.pending_mask, torch.ones_like(draft)], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, self.valid.shape[1] :]
-        self.branch = 0
-        return self._run(tokens, mask, positions, width)[:, -width:], None
+        self.branch = width if self.gate is not None and width > 1 else 0
+        if not self.branch:
+            return self._run(tokens, mask, positions, width), None
+        return self._with_draft_branch(tokens, mask, positions, width)
 
-    def forward_with_drafter(self, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _with_draft_branch(self, tokens, mask, positions, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass of two branches: ``pending + draft`` read by the base model (the verified branch,
-        as :meth:`forward`), and ``pending[-1] + draft`` again, at the same positions, read with the
+        as without an adapter), and ``pending[-1] + draft`` again, at the same positions, read with the
         draft adapter on; it sees the cache and the pending tokens before the last, not the first branch."""
-        width, cached, fed = draft.shape[1] + 1, self.valid.shape[1], self.pending.shape[1] + draft.shape[1]
-        tokens = torch.cat([self.pending, draft], dim=1)
-        mask = torch.cat([self.valid, self.pending_mask, torch.ones_like(draft)], dim=1)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, cached:]
-        keys = torch.cat([mask, torch.ones_like(draft[:, :1]), torch.ones_like(draft)], dim=1).bool()
-        column = torch.arange(keys.shape[1], device=draft.device)[None, :]
-        query = torch.arange(fed + width, device=draft.device)[:, None]
+        cached, fed, device = self.valid.shape[1], tokens.shape[1], tokens.device
+        keys = torch.cat([mask, torch.ones_like(mask[:, :width])], dim=1).bool()
+        column = torch.arange(keys.shape[1], device=device)[None, :]
+        query = torch.arange(fed + width, device=device)[:, None]
         in_branch = query >= fed
         verified = ~in_branch & (column < cached + fed) & (column - cached <= query)
         seen = (column < cached + fed - width) | ((column >= cached + fed) & (column - cached - fed <= query - fed))
         allowed = (keys[:, None, :] & (verified | (in_branch & seen))) | (column - cached == query)
-        gate = in_branch.float().expand(draft.shape[0], -1, -1)
-        self.branch = width
+        gate = in_branch.float().expand(tokens.shape[0], -1, -1)
         with self.gate.tokens(gate):
             logits = self._run(
                 torch.cat([tokens, tokens[:, -width:]], dim=1),
@@ -81,7 +77,7 @@ class RaggedBatch:
                 torch.cat([positions, positions[:, -width:]], dim=1),
                 2 * width,
             )
-        return logits[:, -2 * width : -width], logits[:, -width:]
+        return logits[:, :width], logits[:, width:]
 
     def _run(self, tokens, mask, positions, keep: int) -> torch.Tensor:
         kwargs = {"logits_to_keep": keep} if self.keep_kwarg else {}
