@@ -212,16 +212,35 @@ def plot(table: list[tuple], path: str) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     panels = ((axes[0], 4, "agreement with own AR answer (%)"), (axes[1], 5, "arithmetic accuracy (%)"))
     for axis, column, name in panels:
+        named = []
         for label, marker in (("base", "o"), ("trained", "s")):
-            points = [(t[2], 100 * t[column], t[1]) for t in table if t[0] == label and t[column] is not None]
+            points = [(t[2], 100 * t[column], f"{label} {t[1]}") for t in table if t[0] == label and t[column] is not None]
             axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
-            for x, y, mode in points:
-                axis.annotate(mode, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            named += points
+        for x, y, text in near_points_labelled(named):
+            axis.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.margins(x=0.3, y=0.15)  # room for the labels right of the last point
         axis.set_xlabel("tokens per forward")
         axis.set_ylabel(name)
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def near_points_labelled(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """One label per cluster of points closer than 0.15 tokens/forward and 1 point of percentage, its
+    lines the points' names with their tokens/forward, so that no label covers another."""
+    clusters: list[list[tuple[float, float, str]]] = []
+    for point in sorted(points):
+        last = clusters[-1][-1] if clusters else None
+        if last and point[0] - last[0] < 0.15 and abs(point[1] - last[1]) < 1:
+            clusters[-1].append(point)
+        else:
+            clusters.append([point])
+    return [
+        (cluster[0][0], cluster[0][1], "\n".join(f"{name} ({x:.2f})" for x, _, name in cluster))
+        for cluster in clusters
+    ]
 
 
 if __name__ == "__main__":
