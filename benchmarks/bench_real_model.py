@@ -214,7 +214,8 @@ def plot(table: list[tuple], path: str) -> None:
     for axis, column, name in panels:
         named = []
         for label, marker in (("base", "o"), ("trained", "s")):
-            points = [(t[2], 100 * t[column], f"{label} {t[1]}") for t in table if t[0] == label and t[column] is not None]
+            rows = [t for t in table if t[0] == label and t[column] is not None]
+            points = [(t[2], 100 * t[column], f"{label} {t[1]}") for t in rows]
             axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
             named += points
         for x, y, text in near_points_labelled(named):
@@ -238,8 +239,7 @@ def near_points_labelled(points: list[tuple[float, float, str]]) -> list[tuple[f
         else:
             clusters.append([point])
     return [
-        (cluster[0][0], cluster[0][1], "\n".join(f"{name} ({x:.2f})" for x, _, name in cluster))
-        for cluster in clusters
+        (cluster[0][0], cluster[0][1], "\n".join(f"{name} ({x:.2f})" for x, _, name in cluster)) for cluster in clusters
     ]
 
 
