@@ -18,11 +18,13 @@ pass, at a compile of tens of seconds per batch size and block width.
 from __future__ import annotations
 
 import weakref
+from contextlib import ExitStack
 
 import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
+from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import grouped_attention
 from dllm_lit.ledger import RowLedger
 from dllm_lit.norms import fused_norms
@@ -67,6 +69,11 @@ class StaticForward:
     ``inductor`` (one compiled program per width). Grouped K/V heads are read once
     (:mod:`dllm_lit.attention`), and, outside ``inductor``, Llama-style RMSNorms run as one call each
     (:mod:`dllm_lit.norms`; :attr:`fuse_norms`, read when a pass runs or is captured).
+
+    ``branch``: the last ``branch`` fed tokens are a lossless draft branch. They repeat the
+    ``branch`` tokens before them at the same positions, read through the model's draft adapter
+    (:class:`~dllm_lit.adapters.DraftGate`), and see the slots before the tokens they repeat and,
+    causally, each other; the repeated tokens never see them (they sit at later slots).
     """
 
     span_step = 128
@@ -92,7 +99,8 @@ class StaticForward:
         self.use_graphs = self.device.type == "cuda"
         self.inductor = inductor
         self.fused = None  # torch.compile(self._run), built at the first graph-eligible call
-        self.graphs: dict[tuple[int, int, int], tuple] = {}  # (width, keep, span) -> (graph, ids input, logits)
+        self.graphs: dict[tuple[int, ...], tuple] = {}  # (width, keep, span, branch) -> (graph, ids input, logits)
+        self.branch_gates: dict[tuple[int, int], torch.Tensor] = {}  # (width, branch) -> the gate's token mask
         self.pool = None  # one memory pool for all the graphs: they never run at the same time
 
     @classmethod
@@ -140,29 +148,43 @@ class StaticForward:
             return self.cache_len
         return min(self.cache_len, -(-end // self.span_step) * self.span_step)
 
-    def _run(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int) -> torch.Tensor:
-        slots = self.slots[:span]
-        cols = self.start[:, None] + slots[: ids.shape[1]]  # [batch, fed]: the slot of each fed token
+    def _run(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int, branch: int = 0) -> torch.Tensor:
+        slots, fed = self.slots[:span], ids.shape[1]
+        cols = self.start[:, None] + slots[:fed]  # [batch, fed]: the slot of each fed token
         causal = slots <= cols[:, :, None]
+        positions = cols - self.pad
+        if branch:  # the branch skips the tokens it repeats, and takes their positions
+            repeated = cols[:, fed - 2 * branch, None, None]  # the slot of the first repeated token
+            skipped = (slots >= repeated) & (slots < repeated + branch)
+            in_branch = slots[:fed] >= fed - branch
+            causal &= ~(in_branch[None, :, None] & skipped)
+            positions = positions - branch * in_branch
         see = (causal & self.valid[:, None, :span]) | (slots == cols[:, :, None])  # a pad query sees itself
         bias = torch.zeros(see.shape, dtype=self.dtype, device=self.device)
         bias.masked_fill_(~see, torch.finfo(self.dtype).min)
         return model(
             input_ids=ids,
             attention_mask=bias[:, None],
-            position_ids=(cols - self.pad).clamp(min=0),
+            position_ids=positions.clamp(min=0),
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=keep,
         ).logits
 
     def __call__(
-        self, ids: torch.Tensor, start: int | torch.Tensor, keep: int, *, end: int | None = None, graph: bool = True
+        self,
+        ids: torch.Tensor,
+        start: int | torch.Tensor,
+        keep: int,
+        *,
+        end: int | None = None,
+        graph: bool = True,
+        branch: int = 0,
     ) -> torch.Tensor:
         """Logits ``[batch, keep, vocab]``. ``end``: no row writes at or past this slot (default:
         ``start + width`` for an int ``start``, the cache's end for a tensor). ``graph=False`` always
-        runs eagerly (the prefill). A graph's logits are overwritten by the next replay of any of
-        this forward's graphs: use them before the next call."""
+        runs eagerly (the prefill). ``branch``: see the class. A graph's logits are overwritten by the
+        next replay of any of this forward's graphs: use them before the next call."""
         if isinstance(start, torch.Tensor):
             self.start.copy_(start)
         else:
@@ -171,27 +193,41 @@ class StaticForward:
         span = self.span_for(self.cache_len if end is None else end)
         for layer in self.cache.layers:
             layer.span = span
-        model = self.model()
-        # Inductor fuses the norms itself (and a swapped forward per call would fail its guards).
-        with grouped_attention(model), fused_norms(model, self.fuse_norms and not self.inductor):
-            if not (graph and self.cache.is_initialized):
-                return self._run(model, ids, keep, span)
-            if self.inductor:  # fused kernels; on CUDA also replayed as graphs (cudagraph trees)
-                if self.fused is None:
-                    mode = "reduce-overhead" if self.use_graphs else "default"
-                    self.fused = torch.compile(self._run, mode=mode, dynamic=False)
-                return self.fused(model, ids, keep, span)
-            if not self.use_graphs:
-                return self._run(model, ids, keep, span)
-            key = (ids.shape[1], keep, span)
-            if key not in self.graphs:
-                self.graphs[key] = self._capture(model, ids, keep, span)
+        key = (ids.shape[1], keep, span, branch)
+        replay = graph and self.cache.is_initialized and self.use_graphs and not self.inductor
+        if not (replay and key in self.graphs):
+            model = self.model()
+            with self._patched(model, ids.shape[1], branch):
+                if not (graph and self.cache.is_initialized):
+                    return self._run(model, ids, keep, span, branch)
+                if self.inductor:  # fused kernels; on CUDA also replayed as graphs (cudagraph trees)
+                    if self.fused is None:
+                        mode = "reduce-overhead" if self.use_graphs else "default"
+                        self.fused = torch.compile(self._run, mode=mode, dynamic=False)
+                    return self.fused(model, ids, keep, span, branch)
+                if not self.use_graphs:
+                    return self._run(model, ids, keep, span, branch)
+                self.graphs[key] = self._capture(model, ids, keep, span, branch)
         cuda_graph, ids_in, logits = self.graphs[key]
         ids_in.copy_(ids)
         cuda_graph.replay()
         return logits
 
-    def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int):
+    def _patched(self, model: torch.nn.Module, fed: int, branch: int) -> ExitStack:
+        """What a pass runs under (a captured graph keeps it): grouped attention, fused norms (not
+        under inductor, which fuses them itself and whose guards would see a new forward per call),
+        and for a draft branch the adapter switched on for the branch's tokens."""
+        stack = ExitStack()
+        stack.enter_context(grouped_attention(model))
+        stack.enter_context(fused_norms(model, self.fuse_norms and not self.inductor))
+        if branch:
+            if (fed, branch) not in self.branch_gates:  # kept: a captured graph reads it at every replay
+                in_branch = torch.arange(fed, device=self.device) >= fed - branch
+                self.branch_gates[fed, branch] = in_branch.to(self.dtype)[None, :, None]
+            stack.enter_context(draft_gate(model).tokens(self.branch_gates[fed, branch]))
+        return stack
+
+    def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int, branch: int):
         """Warm up on a side stream, then capture; both run the real pass (same slots, same inputs)."""
         ids_in = ids.clone()
         # Under autocast (bf16-mixed), cached weight casts would be freed when the context exits:
@@ -206,13 +242,13 @@ class StaticForward:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), autocast:
             for _ in range(2):
-                self._run(model, ids_in, keep, span)
+                self._run(model, ids_in, keep, span, branch)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph, pool=self.pool), autocast:
-            logits = self._run(model, ids_in, keep, span)
+            logits = self._run(model, ids_in, keep, span, branch)
         return cuda_graph, ids_in, logits
 
 

@@ -7,12 +7,17 @@ each row's output buffer are all device tensors: the host only learns, one pass 
 every row has finished, and reads the results once at the end, where the ledger replays them pass by
 pass (same tokens, forwards and accepted counts as the eager loop). Finished rows stay in the batch
 with nothing accepted (their slot no longer moves) until the last row finishes.
+
+A model with a draft adapter (``model.draft_gate``) reads ``[last] + draft`` twice per pass, as the
+eager loop does: once with the base weights (verified) and once, at the same positions, through the
+adapter (the next draft), one fixed shape of ``2 W`` tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dllm_lit.adapters import draft_gate
 from dllm_lit.compiled import HostCopy, StaticForward, compacted_positions
 from dllm_lit.ledger import RowLedger
 from dllm_lit.lossless import next_draft, verifier
@@ -32,18 +37,23 @@ def decode_lossless_static(
     batch, prompt_len = prompt_ids.shape
     device, width = prompt_ids.device, settings.width
     longest = int(ledger.budget.max())
-    # A finished row's slot may sit W - 1 past its budget, and a pass writes W more slots there.
-    cache_len = -(-(prompt_len + longest + 2 * width) // 64) * 64  # round up: reuse graphs across calls
+    branch = width if draft_gate(model) is not None and width > 1 else 0
+    fed = width + branch  # tokens a pass writes, from the slot of ``last``
+    # A finished row's slot may sit W - 1 past its budget, and a pass writes ``fed`` more slots there.
+    cache_len = -(-(prompt_len + longest + width + fed) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
     verify = verifier(settings, device)
     state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1)
     draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
-    logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False)  # the prefill
+    ids = torch.cat([prompt_ids, draft] + ([prompt_ids[:, -1:], draft] if branch else []), 1)
+    logits = forward(ids, 0, fed, graph=False, branch=branch)  # the prefill
     lag = device.type == "cuda"
     pending = None
     for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late read
-        tokens, accepted, guesses = verify(logits, draft)
+        tokens, accepted, guesses = verify(logits[:, :width], draft)
+        if branch:  # the draft adapter guesses the next draft; the base verified this one
+            guesses = logits[:, width:].argmax(-1)
         last = state.accept(tokens, accepted, ledger.stop_ids)
         draft = next_draft(guesses, accepted.clamp(min=1), fill)
         if lag:  # the host reads the state of one pass ago, the GPU stays busy
@@ -56,14 +66,15 @@ def decode_lossless_static(
             finished, furthest = seen[:-1], seen[-1]
             if all(finished):
                 break
-            # since the read, each row's slot moved at most W: this pass writes below furthest + 2W
-            end = furthest + (2 if lag else 1) * width
+            # since the read, each row's slot moved at most W: this pass writes below furthest + W + fed
+            end = furthest + (width if lag else 0) + fed
             alive = [position for position, done in enumerate(finished) if not done]
             if len(alive) <= forward.batch // 2:  # finished rows would cost compute: shrink the batch
                 positions = compacted_positions(list(range(forward.batch)), alive)
                 forward, last, draft, pending = forward.shrink(positions), last[positions], draft[positions], None
                 state.keep(positions)
-        logits = forward(torch.cat([last[:, None], draft], 1), state.start, width, end=end)
+        fresh = torch.cat([last[:, None], draft], 1)
+        logits = forward(torch.cat([fresh, fresh], 1) if branch else fresh, state.start, fed, end=end, branch=branch)
     state.replay_into(ledger)
 
 

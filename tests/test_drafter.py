@@ -75,11 +75,24 @@ def test_lossless_with_a_draft_adapter_equals_the_base_models_greedy_generate(na
     assert lossless(drafter).accepted_per_pass != lossless(base).accepted_per_pass, "the adapter drafts"
 
 
-@pytest.mark.parametrize(
-    "mode", [dict(refine_iter=2), dict(refine_iter=2, backend="cuda_graph"), dict(lossless=True, backend="cuda_graph")]
-)
+@pytest.mark.parametrize("name", ["llama", "llama-drafty"])
+@pytest.mark.parametrize("backend", ["cuda_graph", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_the_compiled_path_drafts_with_the_adapter_as_the_eager_loop_does(name, backend):
+    """One fixed shape of ``2 W`` tokens per pass: the same tokens and the same accepted counts, pass
+    for pass, as the eager loop's draft branch, so also the base model's greedy output."""
+    base, drafter = with_drafter(name, 0.5)
+    for prompts in (PROMPTS[:1], PROMPTS):
+        eager = lossless(drafter, prompts)
+        compiled = lossless(drafter, prompts, backend=backend)
+        assert compiled.rows == eager.rows
+        assert compiled.accepted_per_pass == eager.accepted_per_pass
+    assert [with_stop(row) for row in compiled.rows] == greedy(base, PROMPTS, 40)
+    assert compiled.accepted_per_pass != lossless(base, backend=backend).accepted_per_pass, "the adapter drafts"
+
+
+@pytest.mark.parametrize("mode", [dict(refine_iter=2), dict(refine_iter=2, backend="cuda_graph")])
 def test_other_modes_decode_the_base_model(mode):
-    """Block mode, and the compiled path (which has no draft branch): the adapter stays off."""
+    """Block mode, eager or compiled: the adapter stays off."""
     base, drafter = with_drafter("llama-drafty", 0.5)
     ids, mask = left_pad(PROMPTS)
     settings = dict(attention_mask=mask, eos_token_id=EOS, add_eos_length=3, max_new_tokens=20, **mode)
