@@ -43,6 +43,8 @@ MODES = {
     "lossless W16": dict(add_eos_length=15, lossless=True),
     "lossless W16 fixed": dict(add_eos_length=15, lossless=True, adaptive_window=False),  # every pass wide
     "lossless W8 fixed": dict(add_eos_length=7, lossless=True, adaptive_window=False),
+    "lossless W8 graphs": dict(add_eos_length=7, lossless=True, backend="cuda_graph"),  # fixed shapes
+    "lossless W16 graphs": dict(add_eos_length=15, lossless=True, backend="cuda_graph"),
     "lossless W4": dict(add_eos_length=3, lossless=True),
     "lossless W4 lookup 3..2": dict(add_eos_length=3, lossless=True, prompt_lookup_max=3),
     "lossless W4 lookup 3..1": dict(add_eos_length=3, lossless=True, prompt_lookup_max=3, prompt_lookup_min=1),

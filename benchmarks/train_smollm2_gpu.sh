@@ -91,7 +91,7 @@ train)
   cp "$(find "$OUT/logs" -name metrics.csv | head -1)" "$OUT/metrics.csv"  # $OUT/logs/*/*/ is too deep to come back
   (cd "$OUT/smollm2-fast" && rm -f README.md chat_template.jinja tokenizer.json tokenizer_config.json)
   "$PY" benchmarks/bench_real_model.py --prompts "$DATA/val.jsonl" --limit "$LIMIT" --arithmetic "$ARITH" \
-    --max-new-tokens "$NEW" --batch-size 32 --hf-limit 8 --modes AR "lossless W16 fixed" "lossless W8 fixed" \
+    --max-new-tokens "$NEW" --batch-size 32 --hf-limit 8 --modes AR "lossless W16 fixed" "lossless W8 fixed" "lossless W16 graphs" \
     --trained "$OUT/smollm2-fast" --device "$DEVICE" | tee "$OUT/eval.md"
   du -sh "$OUT"/*
   ;;

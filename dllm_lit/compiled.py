@@ -18,7 +18,8 @@ pass, at a compile of tens of seconds per batch size and block width.
 from __future__ import annotations
 
 import weakref
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import StaticCache
@@ -213,19 +214,19 @@ class StaticForward:
         cuda_graph.replay()
         return logits
 
-    def _patched(self, model: torch.nn.Module, fed: int, branch: int) -> ExitStack:
+    @contextmanager
+    def _patched(self, model: torch.nn.Module, fed: int, branch: int) -> Iterator[None]:
         """What a pass runs under (a captured graph keeps it): grouped attention, fused norms (not
         under inductor, which fuses them itself and whose guards would see a new forward per call),
         and for a draft branch the adapter switched on for the branch's tokens."""
-        stack = ExitStack()
-        stack.enter_context(grouped_attention(model))
-        stack.enter_context(fused_norms(model, self.fuse_norms and not self.inductor))
+        gate = nullcontext()
         if branch:
             if (fed, branch) not in self.branch_gates:  # kept: a captured graph reads it at every replay
                 in_branch = torch.arange(fed, device=self.device) >= fed - branch
                 self.branch_gates[fed, branch] = in_branch.to(self.dtype)[None, :, None]
-            stack.enter_context(draft_gate(model).tokens(self.branch_gates[fed, branch]))
-        return stack
+            gate = draft_gate(model).tokens(self.branch_gates[fed, branch])
+        with grouped_attention(model), fused_norms(model, self.fuse_norms and not self.inductor), gate:
+            yield
 
     def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int, branch: int):
         """Warm up on a side stream, then capture; both run the real pass (same slots, same inputs)."""
