@@ -71,10 +71,11 @@ class StaticForward:
     (:mod:`dllm_lit.attention`), and, outside ``inductor``, Llama-style RMSNorms run as one call each
     (:mod:`dllm_lit.norms`; :attr:`fuse_norms`, read when a pass runs or is captured).
 
-    ``branch``: the last ``branch`` fed tokens are a lossless draft branch. They repeat the
-    ``branch`` tokens before them at the same positions, read through the model's draft adapter
-    (:class:`~dllm_lit.adapters.DraftGate`), and see the slots before the tokens they repeat and,
-    causally, each other; the repeated tokens never see them (they sit at later slots).
+    ``branch``: the last ``branch`` tokens of ``ids`` are fed a second time, after ``ids``, as a
+    lossless draft branch: at the same positions, read through the model's draft adapter
+    (:class:`~dllm_lit.adapters.DraftGate`), seeing the slots before the tokens they repeat and,
+    causally, each other; the repeated tokens never see them (they sit at later slots). The logits
+    kept are then ``keep`` of ``ids`` followed by the branch's ``branch``.
     """
 
     span_step = 128
@@ -182,10 +183,12 @@ class StaticForward:
         graph: bool = True,
         branch: int = 0,
     ) -> torch.Tensor:
-        """Logits ``[batch, keep, vocab]``. ``end``: no row writes at or past this slot (default:
+        """Logits ``[batch, keep (+ branch), vocab]``. ``end``: no row writes at or past this slot (default:
         ``start + width`` for an int ``start``, the cache's end for a tensor). ``graph=False`` always
         runs eagerly (the prefill). ``branch``: see the class. A graph's logits are overwritten by the
         next replay of any of this forward's graphs: use them before the next call."""
+        if branch:
+            ids, keep = torch.cat([ids, ids[:, -branch:]], 1), keep + branch
         if isinstance(start, torch.Tensor):
             self.start.copy_(start)
         else:

@@ -46,8 +46,7 @@ def decode_lossless_static(
     verify = verifier(settings, device)
     state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1)
     draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
-    ids = torch.cat([prompt_ids, draft] + ([prompt_ids[:, -1:], draft] if branch else []), 1)
-    logits = forward(ids, 0, fed, graph=False, branch=branch)  # the prefill
+    logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False, branch=branch)  # the prefill
     lag = device.type == "cuda"
     pending = None
     for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late read
@@ -73,8 +72,7 @@ def decode_lossless_static(
                 positions = compacted_positions(list(range(forward.batch)), alive)
                 forward, last, draft, pending = forward.shrink(positions), last[positions], draft[positions], None
                 state.keep(positions)
-        fresh = torch.cat([last[:, None], draft], 1)
-        logits = forward(torch.cat([fresh, fresh], 1) if branch else fresh, state.start, fed, end=end, branch=branch)
+        logits = forward(torch.cat([last[:, None], draft], 1), state.start, width, end=end, branch=branch)
     state.replay_into(ledger)
 
 
