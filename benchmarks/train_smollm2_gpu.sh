@@ -3,6 +3,8 @@
 #
 # The device machine has python3 with torch, transformers, lightning and peft, but no network, and a
 # call carries at most 64 MiB: the 98 MB GGUF travels in two halves, in two calls on the warm machine.
+# Each call also carries the working tree (about 15 MB with the rows and the shipped adapter): the
+# halves are cut at 47 MiB so that both calls stay under the limit (`prepare` prints each call's size).
 #
 #   PYTHON=.venv/bin/python bash benchmarks/train_smollm2_gpu.sh prepare   # here: wheels + the two halves
 #   run(carry=[".gpu/whl", ".gpu/gguf.aa"], timeout_s=200,
@@ -17,7 +19,8 @@
 # their own.
 #
 # `train` fits configs/train_smollm2.yaml on the distilled rows in the repository
-# (examples/smollm2_distill{,_more,_3}, made on a CPU with `dllm_lit distill`; batches grouped by length),
+# (examples/smollm2_distill{,_more,_3} and smollm2_magpie, made on a CPU with `dllm_lit distill`; batches
+# grouped by length),
 # STEPS steps, and writes the adapter
 # ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
 # On an H200 (2026-11-27) a step of batch 16 took about 1 s (40 steps + 3 validations in 46 s), so 800
@@ -26,7 +29,7 @@
 # validation, so even a cut call brings one back. A fit that fails (out of memory: batch 64 of the
 # blocks layout was never run on a card; see gpu_check.sh step 4) reruns at half the batch (a draft
 # adapter's fit does not combine with gradient checkpointing). Budget: start ~1.5 min, unpack ~0.5, fit <= 5 + ~1 of set-up,
-# the quick evaluation on 32 + 32 prompts ~1.5: run `train` with timeout_s=600. The
+# the quick evaluations on 32 + 32 template prompts and 32 everyday ones ~2: run `train` with timeout_s=600. The
 # full evaluation (>= 200 prompts, every mode, the chart) runs on a CPU afterwards with the adapter:
 #   python benchmarks/bench_real_model.py --prompts examples/smollm2_distill/val.jsonl --limit 200 \
 #     --batch-size 16 --trained dllm_lit/weights/smollm2-fast --plot docs/speed_quality.png
@@ -56,8 +59,12 @@ prepare)
     "jsonargparse[signatures]==4.53.0" docstring-parser typeshed-client "gguf==0.19.0" \
     "math-verify==0.9.0" "latex2sympy2_extended" "antlr4-python3-runtime==4.13.2"
   gguf=$("$PY" -c "from dllm_lit.models import embedded_gguf; print(embedded_gguf())")
-  split -b 48M "$gguf" "$GPU/gguf."
-  ls -la "$GPU" "$GPU/whl"
+  rm -f "$GPU"/gguf.*
+  split -b 47M "$gguf" "$GPU/gguf."
+  tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 cat | wc -c)
+  first=$((tree + $(cat "$GPU"/whl/* "$GPU/gguf.aa" | wc -c))) second=$((tree + $(wc -c <"$GPU/gguf.ab")))
+  echo "call 1 carries $first bytes, call 2 $second (the limit: $((64 << 20)))"
+  [ "$first" -lt $((64 << 20)) ] && [ "$second" -lt $((64 << 20)) ]
   ;;
 unpack)
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$GPU/site" "$GPU"/whl/*.whl
@@ -93,6 +100,9 @@ train)
   "$PY" benchmarks/bench_real_model.py --prompts "$DATA/val.jsonl" --limit "$LIMIT" --arithmetic "$ARITH" \
     --max-new-tokens "$NEW" --batch-size 32 --hf-limit 8 --modes AR "lossless W16 fixed" "lossless W8 fixed" "lossless W16 graphs" \
     --trained "$OUT/smollm2-fast" --device "$DEVICE" | tee "$OUT/eval.md"
+  "$PY" benchmarks/bench_real_model.py --prompts examples/smollm2_everyday/prompts.jsonl --limit "$LIMIT" \
+    --arithmetic 0 --max-new-tokens "$NEW" --batch-size 32 --hf-limit 8 --modes AR "lossless W8 fixed" \
+    --base-modes AR "lossless W8 fixed" --trained "$OUT/smollm2-fast" --device "$DEVICE" | tee "$OUT/everyday.md"
   du -sh "$OUT"/*
   ;;
 *)

@@ -117,6 +117,8 @@ def _check_row(row: Any, where: str) -> None:
             raise PromptError(f"{where}: 'messages' holds only the assistant's reply; add the user turn before it.")
     elif not isinstance(row["prompt"], str):
         raise PromptError(f"{where}: 'prompt' must be a string.")
+    if not isinstance(row.get("finished", True), bool):
+        raise PromptError(f"{where}: 'finished' must be true or false.")
     for name, value in row.items():
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -225,7 +227,8 @@ class PromptDataset(Dataset):
 
 
 class SFTDataset(Dataset):
-    """Prompt + response + EOS token ids, with a mask of the response positions (EOS included)."""
+    """Prompt + response + EOS token ids, with a mask of the response positions (EOS included). A row
+    with ``"finished": false`` (an answer cut at a length limit) gets no EOS."""
 
     def __init__(
         self,
@@ -245,7 +248,8 @@ class SFTDataset(Dataset):
                     f"{source}, row {number}: training rows need a 'response' (or a final assistant message)."
                 )
             prompt = encode_prompt(tokenizer, prompt_row, use_chat_template)
-            answer = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            answer = tokenizer(response, add_special_tokens=False).input_ids
+            answer += [tokenizer.eos_token_id] if row.get("finished", True) else []
             ids = truncate(prompt + answer, max_length, truncation, f"{source}, row {number}")
             dropped = len(prompt) + len(answer) - len(ids)
             prompt_left = len(prompt) - dropped if truncation == "left" else len(prompt)

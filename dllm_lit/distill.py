@@ -201,6 +201,7 @@ def distill(
     exclude: list[str] = (),
     gate_model: str | None = None,
     max_gate_nll: float = 1.5,
+    keep_unfinished: bool = False,
 ) -> None:
     """Write ``OUT/train.jsonl`` and ``OUT/val.jsonl``: prompts and the model's own greedy answers.
 
@@ -222,6 +223,9 @@ def distill(
             finds unlikely.
         max_gate_nll: The gate: the most negative log-likelihood per answer token, in nats, that
             ``gate_model`` may give a kept answer (SmolLM2's own greedy answers average 0.57).
+        keep_unfinished: Keep answers cut at ``--model.max_new_tokens`` as rows marked
+            ``"finished": false`` instead of skipping them: the text is still the model's own greedy
+            answer, and training adds no EOS after it (drafting data from prompts with long answers).
     """
     folder = Path(out)
     settings = settings.replace(lossless=True, add_eos_length=0, temperature=0.0, backend="eager")  # own greedy answer
@@ -238,6 +242,8 @@ def distill(
         manifest["exclude"] = list(exclude)
     if gate_model:
         manifest["gate"] = {"model": gate_model, "max_nll": max_gate_nll}
+    if keep_unfinished:
+        manifest["keep_unfinished"] = True
     excluded = {prompt_text(row) for path in exclude for row in read_rows(path, "--exclude file")}
     check_manifest(folder, manifest)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
@@ -248,14 +254,13 @@ def distill(
     val_prompts = unique_prompts(val, seed + 1, exclude=excluded | set(train_prompts))
     assert not set(val_prompts) & set(train_prompts), "the held-out split overlaps the training split"
     for name, prompts in (("train", train_prompts), ("val", val_prompts)):
-        rows, skipped = answer_all(model, tokenizer, prompts, settings, folder / f"{name}.jsonl", batch_size, gate)
-        why = f"no EOS within {settings.max_new_tokens} tokens" + (
-            f", or over --max_gate_nll {max_gate_nll}" if gate else ""
+        path = folder / f"{name}.jsonl"
+        rows, skipped = answer_all(model, tokenizer, prompts, settings, path, batch_size, gate, keep_unfinished)
+        reasons = ([] if keep_unfinished else [f"no EOS within {settings.max_new_tokens} tokens"]) + (
+            [f"over --max_gate_nll {max_gate_nll}"] if gate else []
         )
-        print(
-            f"dllm_lit distill: {rows} rows -> {folder / name}.jsonl ({skipped} prompts skipped: {why})",
-            file=sys.stderr,
-        )
+        why = ": " + ", or ".join(reasons) if reasons else ""
+        print(f"dllm_lit distill: {rows} rows -> {path} ({skipped} prompts skipped{why})", file=sys.stderr)
         if not rows and prompts:
             raise ValueError(
                 f"Every {name} answer ran past --model.max_new_tokens {settings.max_new_tokens}: raise it."
@@ -299,12 +304,33 @@ def answer_nll(model, prompt: list[int], answer: list[int]) -> float:
     return response_cross_entropy(model(ids).logits, ids, response).item()
 
 
+def training_row(tokenizer, prompt: str, row, keep_unfinished: bool) -> tuple[dict, list[int]] | None:
+    """``(the .jsonl row, its answer tokens as training reads them)`` for one decoded answer, or None
+    when it hit the length limit (and unfinished answers are not kept) or is empty."""
+    finished = row.stop_reason == "eos"
+    answer = tokenizer.decode(row.token_ids, skip_special_tokens=True).strip()
+    if not (finished or (keep_unfinished and answer)):
+        return None
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    if finished:
+        return {"messages": messages}, [*row.token_ids, row.stop_token_id]
+    return {"messages": messages, "finished": False}, row.token_ids
+
+
 def answer_all(
-    model, tokenizer, prompts: list[str], settings: DecodeSettings, path: Path, batch_size: int, gate=None
+    model,
+    tokenizer,
+    prompts: list[str],
+    settings: DecodeSettings,
+    path: Path,
+    batch_size: int,
+    gate=None,
+    keep_unfinished: bool = False,
 ) -> tuple[int, int]:
     """Append a row per prompt not answered yet (longest first, batch by batch, fsynced); prompts
-    whose answer hit the length limit, or fails the ``(gate model, max NLL)`` gate, are listed in
-    ``<name>.skipped.json``. Returns the rows and skipped prompts in the split, this run's and earlier ones'."""
+    whose answer hit the length limit (unless ``keep_unfinished``), or fails the ``(gate model, max
+    NLL)`` gate, are listed in ``<name>.skipped.json``. Returns the rows and skipped prompts in the
+    split, this run's and earlier ones'."""
     skipped_path = path.with_name(f"{path.stem}.skipped.json")
     skipped = json.loads(skipped_path.read_text()) if skipped_path.is_file() else []
     answered = [prompt_text(json.loads(line)) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -319,13 +345,11 @@ def answer_all(
                 model, input_ids, settings, attention_mask=mask, eos_token_id=tokenizer.eos_token_id
             )
             for prompt, row in zip(batch, result.rows):
-                scored = [*row.token_ids, row.stop_token_id]  # the answer as a training row holds it
-                if row.stop_reason != "eos" or (gate and answer_nll(gate[0], ids[prompt], scored) > gate[1]):
+                kept = training_row(tokenizer, prompt, row, keep_unfinished)
+                if kept is None or (gate and answer_nll(gate[0], ids[prompt], kept[1]) > gate[1]):
                     skipped.append(prompt)
                     continue
-                answer = tokenizer.decode(row.token_ids, skip_special_tokens=True).strip()
-                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-                f.write(json.dumps({"messages": messages}) + "\n")
+                f.write(json.dumps(kept[0]) + "\n")
             f.flush()
             os.fsync(f.fileno())
             skipped_path.write_text(json.dumps(skipped))

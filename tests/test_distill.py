@@ -84,6 +84,23 @@ def test_answers_that_never_stop_are_one_clear_error(tiny_dir, tmp_path, capsys)
     assert "0 rows" in capsys.readouterr().err
 
 
+def test_unfinished_answers_are_kept_when_asked_as_the_models_own_greedy_prefix(tiny_dir, tmp_path, capsys):
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_model, load_tokenizer
+
+    never = DecodeSettings(max_new_tokens=2)  # the random tiny model does not say EOS within 2 tokens
+    distill(tiny_dir, False, never, out=str(tmp_path / "d"), train=6, val=2, batch_size=4, keep_unfinished=True)
+    assert "(0 prompts skipped)" in capsys.readouterr().err
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    kept = rows(tmp_path / "d" / "train.jsonl")
+    assert kept and all(row["finished"] is False for row in kept)
+    for row in kept:
+        ids = encode_prompt(tokenizer, {"messages": row["messages"][:1]}, True)
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=2, do_sample=False)
+        answer = tokenizer.decode(greedy[0, len(ids) :].tolist(), skip_special_tokens=True).strip()
+        assert row["messages"][1]["content"] == answer
+
+
 def test_the_gate_leaves_out_exactly_the_answers_the_gate_model_finds_unlikely(tiny_dir, tmp_path, capsys):
     from dllm_lit.data import encode_prompt
     from dllm_lit.models import load_model, load_tokenizer
