@@ -258,25 +258,17 @@ def test_truncation_policies():
         SFTDataset(rows, tokenizer, use_chat_template=False, max_length=9, truncation="right", source="t")
 
 
-def test_an_unfinished_answer_trains_without_an_eos():
+def test_an_unfinished_answer_trains_without_an_eos(tmp_path):
+    from dllm_lit.data import read_rows
+
     tokenizer = char_tokenizer()
     rows = [{"prompt": "ab", "response": "xyz", "finished": False}, {"prompt": "ab", "response": "xyz"}]
     cut, whole = SFTDataset(rows, tokenizer, use_chat_template=False, max_length=16, truncation="error", source="t")
     assert tokenizer.decode(cut[0]) == "<s>abxyz" and cut[1] == [False] * 3 + [True] * 3
     assert tokenizer.decode(whole[0]) == "<s>abxyz</s>" and whole[1] == [False] * 3 + [True] * 4
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "ab", "response": "x", "finished": "no"}) + "\n")
     with pytest.raises(PromptError, match="row 1: 'finished' must be true or false"):
-        read_rows_from([{"prompt": "ab", "response": "x", "finished": "no"}])
-
-
-def read_rows_from(rows: list[dict]) -> list[dict]:
-    import tempfile
-
-    from dllm_lit.data import read_rows
-
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in rows))
-        f.flush()
-        return read_rows(f.name)
+        read_rows(tmp_path / "rows.jsonl")
 
 
 @pytest.mark.parametrize(
