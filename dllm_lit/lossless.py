@@ -20,6 +20,8 @@ on its batch. The cache is cropped to the longest row after every pass.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -34,8 +36,8 @@ from dllm_lit.settings import DecodeSettings
 class RaggedBatch:
     """Rows of different lengths over one ``DynamicCache``: ``valid`` marks, per row, the cached
     columns whose K/V are final; ``pending`` are the tokens to feed before the draft (the prompt at
-    first, then the last accepted token). A model with a draft adapter (``model.draft_gate``) also
-    reads a draft branch in each wide pass (:meth:`_with_draft_branch`)."""
+    first, then the last accepted token). A pass may also feed alternatives for the first draft token
+    and, for a model with a draft adapter (``model.draft_gate``), a draft branch (:func:`pass_mask`)."""
 
     def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
         self.model, self.gate = model, draft_gate(model)
@@ -43,41 +45,33 @@ class RaggedBatch:
         self.valid = prompt_mask[:, :0]  # [rows, cached columns]
         self.pending, self.pending_mask = prompt_ids, prompt_mask
         self.keep_kwarg = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.branch = 0  # columns of the last pass's draft branch, after its verified ones
+        self.fed = (0, 0, 0)  # the last pass's draft tokens, alternatives and branch tokens
 
-    def forward(self, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits ``[rows, W, vocab]`` of ``pending[-1] + draft`` on top of the cache, and the draft
-        branch's logits at the same positions (None without a draft adapter or for a one-token pass)."""
+    COMPACT_AT = 64
+
+    def forward(self, draft: torch.Tensor, alternatives: torch.Tensor | None = None) -> PassLogits:
+        """The logits of ``pending[-1] + draft`` on top of the cache, of each alternative (read in
+        place of the first draft token) and of the draft branch (``pending[-1] + draft`` again, at the
+        same positions, adapter on; only with a draft adapter and a draft)."""
         width = draft.shape[1] + 1
-        tokens = torch.cat([self.pending, draft], dim=1)
+        branch = width if self.gate is not None and width > 1 else 0
+        others = alternatives if alternatives is not None else draft[:, :0]
+        self.fed = (width - 1, others.shape[1], branch)
+        tokens = torch.cat([self.pending, draft, others, self.pending[:, -1:], draft][: 5 if branch else 3], dim=1)
         mask = torch.cat([self.valid, self.pending_mask, torch.ones_like(draft)], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, self.valid.shape[1] :]
-        self.branch = width if self.gate is not None and width > 1 else 0
-        if not self.branch:
-            return self._run(tokens, mask, positions, width), None
-        return self._with_draft_branch(tokens, mask, positions, width)
-
-    def _with_draft_branch(self, tokens, mask, positions, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass of two branches: ``pending + draft`` read by the base model (the verified branch,
-        as without an adapter), and ``pending[-1] + draft`` again, at the same positions, read with the
-        draft adapter on; it sees the cache and the pending tokens before the last, not the first branch."""
-        cached, fed, device = self.valid.shape[1], tokens.shape[1], tokens.device
-        keys = torch.cat([mask, torch.ones_like(mask[:, :width])], dim=1).bool()
-        column = torch.arange(keys.shape[1], device=device)[None, :]
-        query = torch.arange(fed + width, device=device)[:, None]
-        in_branch = query >= fed
-        verified = ~in_branch & (column < cached + fed) & (column - cached <= query)
-        seen = (column < cached + fed - width) | ((column >= cached + fed) & (column - cached - fed <= query - fed))
-        allowed = (keys[:, None, :] & (verified | (in_branch & seen))) | (column - cached == query)
-        gate = in_branch.float().expand(tokens.shape[0], -1, -1)
-        with self.gate.tokens(gate):
-            logits = self._run(
-                torch.cat([tokens, tokens[:, -width:]], dim=1),
-                attention_bias(self.model, allowed[:, None]),
-                torch.cat([positions, positions[:, -width:]], dim=1),
-                2 * width,
-            )
-        return logits[:, :width], logits[:, width:]
+        first = positions[:, -width:][:, 1:2].expand(-1, others.shape[1])  # where the first draft token sits
+        positions = torch.cat([positions, first, positions[:, -width:][:, :branch]], dim=1)
+        keep = width + others.shape[1] + branch
+        if keep == width:
+            logits = self._run(tokens, mask, positions, keep)
+        else:
+            allowed = pass_mask(self.valid, self.pending_mask, *self.fed)
+            gate = torch.zeros(tokens.shape[1], device=tokens.device)
+            gate[tokens.shape[1] - branch :] = 1.0
+            with self.gate.tokens(gate.expand(tokens.shape[0], -1)[..., None]) if branch else nullcontext():
+                logits = self._run(tokens, attention_bias(self.model, allowed[:, None]), positions, keep)
+        return PassLogits(logits[:, :width], logits[:, width : keep - branch], logits[:, keep - branch :])
 
     def _run(self, tokens, mask, positions, keep: int) -> torch.Tensor:
         kwargs = {"logits_to_keep": keep} if self.keep_kwarg else {}
@@ -91,24 +85,65 @@ class RaggedBatch:
         )
         return out.logits[:, -keep:]
 
-    def accept(self, accepted: torch.Tensor, last: torch.Tensor) -> None:
-        """Keep the K/V of the pending tokens and of each row's ``accepted - 1`` right draft tokens;
-        ``last`` (``[rows]``) is the new pending token."""
-        drafted = self.cache.get_seq_length() - self.valid.shape[1] - self.pending.shape[1] - self.branch
+    def accept(self, accepted: torch.Tensor, last: torch.Tensor, taken: torch.Tensor | None = None) -> None:
+        """Keep the K/V of the pending tokens and of each row's ``accepted - 1`` right draft tokens, or
+        of the alternative it took (``taken``, ``[rows]``, -1: none); ``last`` (``[rows]``) is the new
+        pending token."""
+        drafted, alternatives, _ = self.fed
         slots = torch.arange(1, drafted + 1, device=accepted.device)
-        right = (slots[None, :] < accepted[:, None]).long()
-        valid = torch.cat([self.valid, self.pending_mask, right], dim=1)
-        keep = valid.shape[1] - drafted + int(accepted.max()) - 1  # the longest row's last final column
+        taken = taken if taken is not None else torch.full_like(accepted, -1)
+        right = (slots[None, :] < accepted[:, None]) & (taken < 0)[:, None]
+        took = torch.arange(alternatives, device=accepted.device)[None, :] == taken[:, None]
+        valid = torch.cat([self.valid, self.pending_mask, right.long(), took.long()], dim=1)
+        keep = int(valid.any(0).nonzero().max()) + 1  # the last column any row keeps
         if keep < self.cache.get_seq_length():
             self.cache.crop(keep - self.cache.get_seq_length())  # negative: drop the columns no row keeps
-        self.valid = valid[:, :keep]
+        self.valid = self._compacted(valid[:, :keep])
         self.pending = last[:, None]
         self.pending_mask = torch.ones_like(self.pending)
+
+    def _compacted(self, valid: torch.Tensor) -> torch.Tensor:
+        """Once ``COMPACT_AT`` cached columns are read by no row (drafts rejected behind a kept
+        alternative, or in every row), drop them from the cache: attention stops paying for them."""
+        read = valid.any(0)
+        if int((~read).sum()) < self.COMPACT_AT:
+            return valid
+        kept = read.nonzero().squeeze(1)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, kept], layer.values[:, :, kept]
+        return valid[:, kept]
 
     def keep_rows(self, still: torch.Tensor) -> None:
         self.valid, self.pending, self.pending_mask = self.valid[still], self.pending[still], self.pending_mask[still]
         if still.numel() > 0:
             self.cache.batch_select_indices(still)
+
+
+class PassLogits(NamedTuple):
+    """One pass's logits: ``verified`` ``[rows, W, vocab]`` (the base model's, of ``pending[-1] +
+    draft``), ``alternatives`` ``[rows, S, vocab]`` and ``branch`` ``[rows, W or 0, vocab]``."""
+
+    verified: torch.Tensor
+    alternatives: torch.Tensor
+    branch: torch.Tensor
+
+
+def pass_mask(valid: torch.Tensor, pending_mask: torch.Tensor, drafted: int, alternatives: int, branch: int):
+    """``[rows, fed, cached + fed]`` booleans: the columns each fed token reads. Fed, in order: the
+    pending tokens and the draft (causally, on the valid cache); each alternative (the cache, the pending
+    tokens and itself); the draft branch (the cache, the pending tokens before the last, its own tokens
+    causally). Every token reads its own column."""
+    device, pending = valid.device, pending_mask.shape[1]
+    sizes = torch.tensor([pending + drafted, alternatives, branch], device=device)
+    part = torch.repeat_interleave(torch.arange(3, device=device), sizes)
+    index = torch.arange(part.numel(), device=device)
+    query, column = index[:, None], index[None, :]
+    own = (part[:, None] == part[None, :]) & (column <= query) & ((part[:, None] != 1) | (column == query))
+    prefix = (part[:, None] > 0) & (column < pending - (part[:, None] == 2).long())
+    keys = torch.cat([valid, pending_mask, torch.ones_like(pending_mask[:, :1]).expand(-1, index.numel() - pending)], 1)
+    reads = torch.cat([torch.ones_like(own[:, :1]).expand(-1, valid.shape[1]), own | prefix], dim=1)
+    diagonal = torch.cat([torch.zeros_like(reads[:, : valid.shape[1]]), index[:, None] == index[None, :]], dim=1)
+    return (keys.bool()[:, None, :] & reads[None]) | diagonal[None]
 
 
 def verify_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -228,26 +263,61 @@ def decode_lossless(
     if settings.prompt_lookup_max:
         prompts = unpadded(prompt_ids, prompt_mask)
         lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
+    count = settings.draft_alternatives if settings.temperature <= 0 else 0
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    alternatives = None
     while active.numel() > 0:
-        logits, drafted = batch.forward(draft)
-        tokens, accepted, guesses = verify(logits, draft)
-        if drafted is not None:  # a draft adapter guesses the next draft; the base verified this one
-            guesses = drafted.argmax(-1)
+        tokens, accepted, taken, guess_logits, guesses = verify_pass(
+            verify, batch.forward(draft, alternatives), draft, alternatives
+        )
         ledger.count_forward()
         room = ledger.budget[active] - generated
         finished = ledger.commit(active.tolist(), tokens, room, limit=accepted)
         ledger.end_pass(accepted)
-        batch.accept(accepted, tokens.gather(1, (accepted - 1)[:, None]).squeeze(1))
+        batch.accept(accepted, tokens.gather(1, (accepted - 1)[:, None]).squeeze(1), taken)
         generated += accepted
         width = schedule.next_width(width, accepted)  # a lookup pass counts as a one-token pass
         draft = next_draft(guesses, accepted, fill, width)
+        alternatives = next_alternatives(guess_logits, accepted, count, fill) if count and width > 1 else None
         if bool(finished.any()):
             still = (~finished).nonzero().squeeze(1)
             active, generated, draft = active[still], generated[still], draft[still]
+            alternatives = alternatives[still] if alternatives is not None else None
             batch.keep_rows(still)
         if lookup is not None and width == 1:  # the model's own drafts do not pay: look the text up
             draft = lookup.drafts(active.tolist(), ledger.tokens, settings.width - 1, fill, device)
+
+
+def verify_pass(verify, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):
+    """``(tokens, accepted, taken, guess logits, guesses)`` of one pass: the base's verdict on the draft
+    (and on the alternatives), and what guesses the next draft (a draft adapter's branch, or the base)."""
+    tokens, accepted, guesses = verify(logits.verified, draft)
+    taken = None
+    if alternatives is not None:
+        tokens, accepted, taken = take_alternative(tokens, accepted, alternatives, logits.alternatives)
+    if logits.branch.shape[1]:  # a draft adapter guesses the next draft; the base verified this one
+        return tokens, accepted, taken, logits.branch, logits.branch.argmax(-1)
+    return tokens, accepted, taken, logits.verified, guesses
+
+
+def take_alternative(tokens: torch.Tensor, accepted: torch.Tensor, alternatives: torch.Tensor, logits: torch.Tensor):
+    """``(tokens, accepted, taken)``: a row whose first draft token was wrong (one token accepted) and
+    one of whose alternatives is the right token takes that alternative (``taken``: its index, -1:
+    none) and the base's prediction after it, two tokens."""
+    hit = alternatives == tokens[:, :1]
+    taken = torch.where((accepted == 1) & hit.any(1), hit.long().argmax(1), -1)
+    after = logits.argmax(-1).gather(1, taken.clamp(min=0)[:, None])
+    second = torch.where(taken[:, None] >= 0, after, tokens[:, 1:2])
+    return torch.cat([tokens[:, :1], second, tokens[:, 2:]], dim=1), accepted + (taken >= 0).long(), taken
+
+
+def next_alternatives(logits: torch.Tensor, accepted: torch.Tensor, count: int, fill: int) -> torch.Tensor:
+    """``[rows, count]``: the next ``count`` most likely guesses for the next draft's first token after
+    the one drafted (fill tokens where that token lies beyond this pass's guesses)."""
+    fed, vocab = logits.shape[1], logits.shape[2]
+    at = logits.gather(1, accepted.clamp(max=fed - 1)[:, None, None].expand(-1, 1, vocab)).squeeze(1)
+    top = at.topk(count + 1, dim=-1).indices[:, 1:]
+    return torch.where((accepted < fed)[:, None], top, torch.full_like(top, fill))
 
 
 def unpadded(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:

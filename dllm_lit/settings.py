@@ -57,6 +57,10 @@ class DecodeSettings:
             passes. Never changes the tokens; 0 is off.
         prompt_lookup_min: The shortest match ``prompt_lookup_max`` drafts from. On SmolLM2's
             answers a one-token match is right 0.27 times per pass at W = 4, a two-token one 0.99.
+        draft_alternatives: Lossless mode, greedy, eager backend: also verify the next this many most
+            likely guesses for the first draft token, each read in its place in the same pass (a token
+            tree one level deep). Where the draft's first token is wrong and an alternative is right,
+            the pass accepts two tokens instead of one. Never changes the tokens; 0 is off.
         backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
             fixed block shapes, each forward replayed as a CUDA graph (the fast path on a GPU; on
             CPU it runs eagerly). ``inductor``: the same through torch.compile, faster per pass after
@@ -80,6 +84,7 @@ class DecodeSettings:
     adaptive_window: bool = True
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 2
+    draft_alternatives: int = 3
     backend: Backend = "eager"
 
     def __post_init__(self) -> None:
@@ -100,6 +105,8 @@ class DecodeSettings:
             raise ValueError("lossless=True needs use_cache=True: it verifies drafts on top of a KV cache.")
         if self.backend != "eager" and not self.use_cache:
             raise ValueError(f"backend={self.backend!r} decodes with a static KV cache: it needs use_cache=True.")
+        if self.draft_alternatives < 0:
+            raise ValueError(f"draft_alternatives must be at least 0 (0: off), got {self.draft_alternatives}.")
         self._check_prompt_lookup()
 
     def _check_prompt_lookup(self) -> None:

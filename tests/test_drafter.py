@@ -75,6 +75,14 @@ def test_lossless_with_a_draft_adapter_equals_the_base_models_greedy_generate(na
     assert lossless(drafter).accepted_per_pass != lossless(base).accepted_per_pass, "the adapter drafts"
 
 
+def test_alternatives_come_from_the_draft_adapter_and_save_passes():
+    base, drafter = with_drafter("llama", 0.5)
+    without = lossless(drafter, draft_alternatives=0)
+    with_them = lossless(drafter, draft_alternatives=4)
+    assert [with_stop(row) for row in with_them.rows] == greedy(base, PROMPTS, 40)
+    assert with_them.forwards < without.forwards
+
+
 @pytest.mark.parametrize("name", ["llama", "llama-drafty"])
 @pytest.mark.parametrize("backend", ["cuda_graph", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_the_compiled_path_drafts_with_the_adapter_as_the_eager_loop_does(name, backend):
@@ -82,7 +90,7 @@ def test_the_compiled_path_drafts_with_the_adapter_as_the_eager_loop_does(name, 
     for pass, as the eager loop's draft branch, so also the base model's greedy output."""
     base, drafter = with_drafter(name, 0.5)
     for prompts in (PROMPTS[:1], PROMPTS):
-        eager = lossless(drafter, prompts)
+        eager = lossless(drafter, prompts, draft_alternatives=0)  # the compiled path verifies none
         compiled = lossless(drafter, prompts, backend=backend)
         assert compiled.rows == eager.rows
         assert compiled.accepted_per_pass == eager.accepted_per_pass

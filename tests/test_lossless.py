@@ -13,7 +13,7 @@ from transformers.generation.logits_process import LogitsProcessorList, TopKLogi
 
 from conftest import EOS, MODELS, left_pad, random_prompts
 from dllm_lit import generate_blocks
-from dllm_lit.lossless import PromptLookup, WindowSchedule, verify_sampled
+from dllm_lit.lossless import PromptLookup, RaggedBatch, WindowSchedule, verify_sampled
 
 PROMPTS = random_prompts([5, 11, 2], seed=1)
 
@@ -135,6 +135,7 @@ def test_compiled_equals_eager(model, width):
         dict(max_new_tokens=21, ignore_eos=True),
     ):
         settings["adaptive_window"] = False  # the compiled path always keeps the full window
+        settings["draft_alternatives"] = 0  # and verifies no alternatives
         eager = run(model, prompts, add_eos_length=width - 1, **settings)
         assert summary(run(model, prompts, add_eos_length=width - 1, backend="cuda_graph", **settings)) == summary(
             eager
@@ -175,7 +176,8 @@ def test_prompt_lookup_never_changes_the_tokens(model, width):
 
 
 def test_prompt_lookup_saves_passes_where_the_models_drafts_do_not():
-    model, settings = MODELS["gpt2"](), dict(add_eos_length=7, max_new_tokens=200, ignore_eos=True)
+    model = MODELS["gpt2"]()
+    settings = dict(add_eos_length=7, max_new_tokens=200, ignore_eos=True, draft_alternatives=0)
     plain = run(model, PROMPTS[:1], **settings)
     lookup = run(model, PROMPTS[:1], prompt_lookup_max=3, prompt_lookup_min=1, **settings)
     assert lookup.rows[0].token_ids == plain.rows[0].token_ids and plain.forwards == 200
@@ -186,11 +188,51 @@ def test_prompt_lookup_saves_passes_where_the_models_drafts_do_not():
 def test_the_adaptive_window_never_changes_the_tokens(name):
     model = LOSSLESS_MODELS[name]()
     fixed, adaptive = (
-        run(model, PROMPTS, add_eos_length=7, max_new_tokens=60, adaptive_window=on) for on in (False, True)
+        run(model, PROMPTS, add_eos_length=7, max_new_tokens=60, adaptive_window=on, draft_alternatives=0)
+        for on in (False, True)
     )
     assert [with_stop(r) for r in adaptive.rows] == [with_stop(r) for r in fixed.rows]
     if name == "llama":  # drafts are never right: the adaptive window spends one-token passes
         assert adaptive.forwards == fixed.forwards == max(r.num_generated for r in fixed.rows)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "llama-drafty"])
+@pytest.mark.parametrize("width", [2, 8])
+def test_alternatives_for_the_first_draft_token_save_passes_and_never_change_the_tokens(name, width):
+    """Where the draft's first token is wrong and an alternative is right, a pass accepts two tokens
+    read at different columns of one cache: greedy ``generate``'s tokens, batched or alone, in fewer
+    passes than without alternatives."""
+    model = LOSSLESS_MODELS[name]()
+    settings = dict(add_eos_length=width - 1, max_new_tokens=60, adaptive_window=False)
+    without = run(model, PROMPTS, draft_alternatives=0, **settings)
+    for count in (1, 5):
+        batched = run(model, PROMPTS, draft_alternatives=count, **settings)
+        assert [with_stop(row) for row in batched.rows] == greedy(model, PROMPTS, 60)
+        alone = [run(model, [prompt], draft_alternatives=count, **settings).rows[0] for prompt in PROMPTS]
+        assert batched.rows == alone
+        assert sum(row.forwards for row in batched.rows) < sum(row.forwards for row in without.rows)
+
+
+def test_dropping_the_cache_columns_no_row_reads_never_changes_the_tokens(monkeypatch):
+    model, settings = LOSSLESS_MODELS["gpt2"](), dict(add_eos_length=3, max_new_tokens=60, adaptive_window=False)
+    expected = run(model, PROMPTS, **settings)
+    dropped, compact = [], RaggedBatch._compacted
+
+    def recorded(self, valid):
+        kept = compact(self, valid)
+        dropped.append(valid.shape[1] - kept.shape[1])
+        return kept
+
+    monkeypatch.setattr(RaggedBatch, "COMPACT_AT", 1)
+    monkeypatch.setattr(RaggedBatch, "_compacted", recorded)
+    assert run(model, PROMPTS, **settings) == expected
+    assert sum(dropped) > 10
+
+
+def test_sampling_verifies_no_alternatives():
+    """The sampling rule is for one draft token per slot: the same draws with or without them."""
+    model, settings = LOSSLESS_MODELS["llama-drafty"](), dict(add_eos_length=3, max_new_tokens=30, temperature=1.0)
+    assert run(model, PROMPTS, seed=4, **settings) == run(model, PROMPTS, seed=4, draft_alternatives=0, **settings)
 
 
 @BACKENDS
