@@ -43,6 +43,9 @@ MODES = {
     "lossless W16": dict(add_eos_length=15, lossless=True),
     "lossless W16 fixed": dict(add_eos_length=15, lossless=True, adaptive_window=False),  # every pass wide
     "lossless W8 fixed": dict(add_eos_length=7, lossless=True, adaptive_window=False),
+    "lossless W8 fixed, no alternatives": dict(
+        add_eos_length=7, lossless=True, adaptive_window=False, draft_alternatives=0
+    ),
     "lossless W8 graphs": dict(add_eos_length=7, lossless=True, backend="cuda_graph"),  # fixed shapes
     "lossless W16 graphs": dict(add_eos_length=15, lossless=True, backend="cuda_graph"),
     "lossless W4": dict(add_eos_length=3, lossless=True),

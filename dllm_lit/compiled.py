@@ -76,6 +76,10 @@ class StaticForward:
     (:class:`~dllm_lit.adapters.DraftGate`), seeing the slots before the tokens they repeat and,
     causally, each other; the repeated tokens never see them (they sit at later slots). The logits
     kept are then ``keep`` of ``ids`` followed by the branch's ``branch``.
+
+    ``alternatives``: the last ``alternatives`` tokens of ``ids`` (before a branch) are lossless
+    alternatives for the token after the first fed one: each reads the slots up to that first token's
+    and its own, at the next position (:meth:`keep_alternative` moves a taken one into place).
     """
 
     span_step = 128
@@ -144,23 +148,42 @@ class StaticForward:
         target.valid.copy_(self.valid[index])
         target.pad.copy_(self.pad[index])
 
+    def keep_alternative(self, taken: torch.Tensor, width: int) -> None:
+        """After a lossless pass with alternatives: a row that took alternative ``taken[row]`` (-1: none)
+        gets its K/V (slot ``start + width + taken``) in the first draft token's slot (``start + 1``),
+        so that its accepted tokens sit in consecutive slots."""
+        target = self.start + 1
+        source = target + torch.where(taken >= 0, width - 1 + taken, 0)
+        for layer in self.cache.layers:
+            for cache in (layer.keys, layer.values):
+                heads, dim = cache.shape[1], cache.shape[3]
+                moved = cache.gather(2, source[:, None, None, None].expand(-1, heads, 1, dim))
+                cache.scatter_(2, target[:, None, None, None].expand(-1, heads, 1, dim), moved)
+
     def span_for(self, end: int) -> int:
         """Cache slots a pass reads when no row writes at or past slot ``end``."""
         if self.inductor:
             return self.cache_len
         return min(self.cache_len, -(-end // self.span_step) * self.span_step)
 
-    def _run(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int, branch: int = 0) -> torch.Tensor:
+    def _run(
+        self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int, branch: int = 0, alternatives: int = 0
+    ) -> torch.Tensor:
         slots, fed = self.slots[:span], ids.shape[1]
         cols = self.start[:, None] + slots[:fed]  # [batch, fed]: the slot of each fed token
         causal = slots <= cols[:, :, None]
         positions = cols - self.pad
-        if branch:  # the branch skips the tokens it repeats, and takes their positions
-            repeated = cols[:, fed - 2 * branch, None, None]  # the slot of the first repeated token
-            skipped = (slots >= repeated) & (slots < repeated + branch)
+        if alternatives:  # each reads the slots up to the first fed token's and its own, at the next position
+            first = fed - branch - alternatives
+            in_alternatives = (slots[:fed] >= first) & (slots[:fed] < fed - branch)
+            causal &= ~(in_alternatives[None, :, None] & (slots > self.start[:, None, None]))
+            positions = torch.where(in_alternatives, self.start[:, None] + 1 - self.pad, positions)
+        if branch:  # the branch skips the tokens it repeats (and the alternatives), and takes their positions
+            repeated = cols[:, fed - 2 * branch - alternatives, None, None]  # the slot of the first repeated token
+            skipped = (slots >= repeated) & (slots < repeated + branch + alternatives)
             in_branch = slots[:fed] >= fed - branch
             causal &= ~(in_branch[None, :, None] & skipped)
-            positions = positions - branch * in_branch
+            positions = positions - (branch + alternatives) * in_branch
         see = (causal & self.valid[:, None, :span]) | (slots == cols[:, :, None])  # a pad query sees itself
         bias = torch.zeros(see.shape, dtype=self.dtype, device=self.device)
         bias.masked_fill_(~see, torch.finfo(self.dtype).min)
@@ -182,13 +205,17 @@ class StaticForward:
         end: int | None = None,
         graph: bool = True,
         branch: int = 0,
+        alternatives: int = 0,
     ) -> torch.Tensor:
-        """Logits ``[batch, keep (+ branch), vocab]``. ``end``: no row writes at or past this slot (default:
-        ``start + width`` for an int ``start``, the cache's end for a tensor). ``graph=False`` always
-        runs eagerly (the prefill). ``branch``: see the class. A graph's logits are overwritten by the
-        next replay of any of this forward's graphs: use them before the next call."""
+        """Logits ``[batch, keep (+ alternatives + branch), vocab]``. ``end``: no row writes at or past
+        this slot (default: ``start + width`` for an int ``start``, the cache's end for a tensor).
+        ``graph=False`` always runs eagerly (the prefill). ``branch`` and ``alternatives`` (the last
+        tokens of ``ids``): see the class. A graph's logits are overwritten by the next replay of any of
+        this forward's graphs: use them before the next call."""
         if branch:
-            ids, keep = torch.cat([ids, ids[:, -branch:]], 1), keep + branch
+            repeated = ids[:, ids.shape[1] - alternatives - branch : ids.shape[1] - alternatives]
+            ids = torch.cat([ids, repeated], 1)
+        keep += alternatives + branch
         if isinstance(start, torch.Tensor):
             self.start.copy_(start)
         else:
@@ -197,21 +224,21 @@ class StaticForward:
         span = self.span_for(self.cache_len if end is None else end)
         for layer in self.cache.layers:
             layer.span = span
-        key = (ids.shape[1], keep, span, branch)
+        key = (ids.shape[1], keep, span, branch, alternatives)
         replay = graph and self.cache.is_initialized and self.use_graphs and not self.inductor
         if not (replay and key in self.graphs):
             model = self.model()
             with self._patched(model, ids.shape[1], branch):
                 if not (graph and self.cache.is_initialized):
-                    return self._run(model, ids, keep, span, branch)
+                    return self._run(model, ids, keep, span, branch, alternatives)
                 if self.inductor:  # fused kernels; on CUDA also replayed as graphs (cudagraph trees)
                     if self.fused is None:
                         mode = "reduce-overhead" if self.use_graphs else "default"
                         self.fused = torch.compile(self._run, mode=mode, dynamic=False)
-                    return self.fused(model, ids, keep, span, branch)
+                    return self.fused(model, ids, keep, span, branch, alternatives)
                 if not self.use_graphs:
-                    return self._run(model, ids, keep, span, branch)
-                self.graphs[key] = self._capture(model, ids, keep, span, branch)
+                    return self._run(model, ids, keep, span, branch, alternatives)
+                self.graphs[key] = self._capture(model, ids, keep, span, branch, alternatives)
         cuda_graph, ids_in, logits = self.graphs[key]
         ids_in.copy_(ids)
         cuda_graph.replay()
@@ -231,7 +258,7 @@ class StaticForward:
         with grouped_attention(model), fused_norms(model, self.fuse_norms and not self.inductor), gate:
             yield
 
-    def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int, branch: int):
+    def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int, branch: int, alternatives: int):
         """Warm up on a side stream, then capture; both run the real pass (same slots, same inputs)."""
         ids_in = ids.clone()
         # Under autocast (bf16-mixed), cached weight casts would be freed when the context exits:
@@ -246,13 +273,13 @@ class StaticForward:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), autocast:
             for _ in range(2):
-                self._run(model, ids_in, keep, span, branch)
+                self._run(model, ids_in, keep, span, branch, alternatives)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph, pool=self.pool), autocast:
-            logits = self._run(model, ids_in, keep, span, branch)
+            logits = self._run(model, ids_in, keep, span, branch, alternatives)
         return cuda_graph, ids_in, logits
 
 

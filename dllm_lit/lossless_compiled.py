@@ -10,7 +10,10 @@ with nothing accepted (their slot no longer moves) until the last row finishes.
 
 A model with a draft adapter (``model.draft_gate``) reads ``[last] + draft`` twice per pass, as the
 eager loop does: once with the base weights (verified) and once, at the same positions, through the
-adapter (the next draft), one fixed shape of ``2 W`` tokens.
+adapter (the next draft), one fixed shape of ``2 W`` tokens. Greedy passes also feed the draft's
+alternatives between the two (``draft_alternatives``); a row that takes one has its K/V moved into the
+first draft slot (:meth:`~dllm_lit.compiled.StaticForward.keep_alternative`), so accepted tokens stay
+in consecutive slots.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from dllm_lit.adapters import draft_gate
 from dllm_lit.compiled import HostCopy, StaticForward, compacted_positions
 from dllm_lit.ledger import RowLedger
-from dllm_lit.lossless import next_draft, verifier
+from dllm_lit.lossless import PassLogits, next_alternatives, next_draft, verifier, verify_pass
 from dllm_lit.settings import DecodeSettings
 
 
@@ -38,7 +41,8 @@ def decode_lossless_static(
     device, width = prompt_ids.device, settings.width
     longest = int(ledger.budget.max())
     branch = width if draft_gate(model) is not None and width > 1 else 0
-    fed = width + branch  # tokens a pass writes, from the slot of ``last``
+    count = settings.draft_alternatives if settings.temperature <= 0 and width > 1 else 0
+    fed = width + count + branch  # tokens a pass writes, from the slot of ``last``
     # A finished row's slot may sit W - 1 past its budget, and a pass writes ``fed`` more slots there.
     cache_len = -(-(prompt_len + longest + width + fed) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
@@ -48,13 +52,16 @@ def decode_lossless_static(
     draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
     logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False, branch=branch)  # the prefill
     lag = device.type == "cuda"
-    pending = None
+    pending, alternatives = None, None
     for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late read
-        tokens, accepted, guesses = verify(logits[:, :width], draft)
-        if branch:  # the draft adapter guesses the next draft; the base verified this one
-            guesses = logits[:, width:].argmax(-1)
+        split = width + (0 if alternatives is None else count)  # the prefill feeds no alternatives
+        logits = PassLogits(logits[:, :width], logits[:, width:split], logits[:, split:])
+        tokens, accepted, taken, guess_logits, guesses = verify_pass(verify, logits, draft, alternatives)
+        if taken is not None:
+            forward.keep_alternative(taken, width)
         last = state.accept(tokens, accepted, ledger.stop_ids)
         draft = next_draft(guesses, accepted.clamp(min=1), fill)
+        alternatives = next_alternatives(guess_logits, accepted.clamp(min=1), count, fill) if count else None
         if lag:  # the host reads the state of one pass ago, the GPU stays busy
             seen, pending = (None if pending is None else pending.read().tolist()), HostCopy(state.progress())
         else:
@@ -71,8 +78,10 @@ def decode_lossless_static(
             if len(alive) <= forward.batch // 2:  # finished rows would cost compute: shrink the batch
                 positions = compacted_positions(list(range(forward.batch)), alive)
                 forward, last, draft, pending = forward.shrink(positions), last[positions], draft[positions], None
+                alternatives = alternatives[positions] if count else None
                 state.keep(positions)
-        logits = forward(torch.cat([last[:, None], draft], 1), state.start, width, end=end, branch=branch)
+        ids = torch.cat([last[:, None], draft] + ([alternatives] if count else []), 1)
+        logits = forward(ids, state.start, width, end=end, branch=branch, alternatives=count)
     state.replay_into(ledger)
 
 

@@ -57,10 +57,10 @@ class DecodeSettings:
             passes. Never changes the tokens; 0 is off.
         prompt_lookup_min: The shortest match ``prompt_lookup_max`` drafts from. On SmolLM2's
             answers a one-token match is right 0.27 times per pass at W = 4, a two-token one 0.99.
-        draft_alternatives: Lossless mode, greedy, eager backend: also verify the next this many most
-            likely guesses for the first draft token, each read in its place in the same pass (a token
-            tree one level deep). Where the draft's first token is wrong and an alternative is right,
-            the pass accepts two tokens instead of one. Never changes the tokens; 0 is off.
+        draft_alternatives: Lossless mode, greedy: also verify the next this many most likely guesses
+            for the first draft token, each read in its place in the same pass (a token tree one level
+            deep). Where the draft's first token is wrong and an alternative is right, the pass accepts
+            two tokens instead of one. Never changes the tokens; 0 is off. Sampling verifies none.
         backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
             fixed block shapes, each forward replayed as a CUDA graph (the fast path on a GPU; on
             CPU it runs eagerly). ``inductor``: the same through torch.compile, faster per pass after

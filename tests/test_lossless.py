@@ -135,7 +135,6 @@ def test_compiled_equals_eager(model, width):
         dict(max_new_tokens=21, ignore_eos=True),
     ):
         settings["adaptive_window"] = False  # the compiled path always keeps the full window
-        settings["draft_alternatives"] = 0  # and verifies no alternatives
         eager = run(model, prompts, add_eos_length=width - 1, **settings)
         assert summary(run(model, prompts, add_eos_length=width - 1, backend="cuda_graph", **settings)) == summary(
             eager
@@ -198,12 +197,13 @@ def test_the_adaptive_window_never_changes_the_tokens(name):
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "llama-drafty"])
 @pytest.mark.parametrize("width", [2, 8])
-def test_alternatives_for_the_first_draft_token_save_passes_and_never_change_the_tokens(name, width):
+@pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
+def test_alternatives_for_the_first_draft_token_save_passes_and_never_change_the_tokens(name, width, backend):
     """Where the draft's first token is wrong and an alternative is right, a pass accepts two tokens
-    read at different columns of one cache: greedy ``generate``'s tokens, batched or alone, in fewer
-    passes than without alternatives."""
+    read at different columns of one cache (eager) or moved into consecutive slots (compiled): greedy
+    ``generate``'s tokens, batched or alone, in fewer passes than without alternatives."""
     model = LOSSLESS_MODELS[name]()
-    settings = dict(add_eos_length=width - 1, max_new_tokens=60, adaptive_window=False)
+    settings = dict(add_eos_length=width - 1, max_new_tokens=60, adaptive_window=False, backend=backend)
     without = run(model, PROMPTS, draft_alternatives=0, **settings)
     for count in (1, 5):
         batched = run(model, PROMPTS, draft_alternatives=count, **settings)
