@@ -262,9 +262,8 @@ def distill(
         why = ": " + ", or ".join(reasons) if reasons else ""
         print(f"dllm_lit distill: {rows} rows -> {path} ({skipped} prompts skipped{why})", file=sys.stderr)
         if not rows and prompts:
-            raise ValueError(
-                f"Every {name} answer ran past --model.max_new_tokens {settings.max_new_tokens}: raise it."
-            )
+            limits = ([] if keep_unfinished else ["--model.max_new_tokens"]) + (["--max_gate_nll"] if gate else [])
+            raise ValueError(f"Every {name} prompt was skipped ({', or '.join(reasons)}): raise {' or '.join(limits)}.")
 
 
 def prompt_text(row: dict) -> str:

@@ -79,9 +79,13 @@ def test_distill_writes_the_models_own_answers_and_resumes(tiny_dir, tmp_path, m
 
 def test_answers_that_never_stop_are_one_clear_error(tiny_dir, tmp_path, capsys):
     never = DecodeSettings(max_new_tokens=2)  # the random tiny model does not say EOS within 2 tokens
-    with pytest.raises(ValueError, match="Every train answer ran past --model.max_new_tokens 2: raise it."):
+    message = r"Every train prompt was skipped \(no EOS within 2 tokens\): raise --model.max_new_tokens."
+    with pytest.raises(ValueError, match=message):
         distill(tiny_dir, False, never, out=str(tmp_path / "d"), train=4, val=2, batch_size=4)
     assert "0 rows" in capsys.readouterr().err
+    gated = dict(gate_model=tiny_dir, max_gate_nll=0.0, keep_unfinished=True)  # no answer scores 0 nats
+    with pytest.raises(ValueError, match=r"skipped \(over --max_gate_nll 0.0\): raise --max_gate_nll."):
+        distill(tiny_dir, False, never, out=str(tmp_path / "g"), train=4, val=2, batch_size=4, **gated)
 
 
 def test_unfinished_answers_are_kept_when_asked_as_the_models_own_greedy_prefix(tiny_dir, tmp_path, capsys):
