@@ -14,7 +14,12 @@ which keeps the autoregressive distribution of the same warpers.
 
 Rows accept different counts: rejected draft positions stay in the shared cache, masked out for
 that row (``valid``); positions are counted over valid tokens only, so a row's output never depends
-on its batch. The cache is cropped to the longest row after every pass.
+on its batch. The cache is cropped to the longest row after every pass, and columns no row reads are
+dropped once there are ``RaggedBatch.COMPACT_AT`` of them.
+
+Greedy passes also feed ``draft_alternatives``: the next most likely guesses for the first draft
+token, each read in its place; a row whose first draft token was wrong and one of whose alternatives
+is right keeps that alternative's column and accepts two tokens.
 """
 
 from __future__ import annotations
@@ -95,17 +100,18 @@ class RaggedBatch:
         right = (slots[None, :] < accepted[:, None]) & (taken < 0)[:, None]
         took = torch.arange(alternatives, device=accepted.device)[None, :] == taken[:, None]
         valid = torch.cat([self.valid, self.pending_mask, right.long(), took.long()], dim=1)
-        keep = int(valid.any(0).nonzero().max()) + 1  # the last column any row keeps
+        read = valid.any(0)  # the columns some row reads
+        keep = int(read.nonzero().max()) + 1  # the last of them
         if keep < self.cache.get_seq_length():
             self.cache.crop(keep - self.cache.get_seq_length())  # negative: drop the columns no row keeps
-        self.valid = self._compacted(valid[:, :keep])
+        self.valid = self._compacted(valid[:, :keep], read[:keep])
         self.pending = last[:, None]
         self.pending_mask = torch.ones_like(self.pending)
 
-    def _compacted(self, valid: torch.Tensor) -> torch.Tensor:
-        """Once ``COMPACT_AT`` cached columns are read by no row (drafts rejected behind a kept
-        alternative, or in every row), drop them from the cache: attention stops paying for them."""
-        read = valid.any(0)
+    def _compacted(self, valid: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+        """Once ``COMPACT_AT`` cached columns are read by no row (``read``: ``valid.any(0)``; drafts
+        rejected behind a kept alternative, or in every row), drop them from the cache: attention stops
+        paying for them."""
         if int((~read).sum()) < self.COMPACT_AT:
             return valid
         kept = read.nonzero().squeeze(1)
@@ -263,7 +269,7 @@ def decode_lossless(
     if settings.prompt_lookup_max:
         prompts = unpadded(prompt_ids, prompt_mask)
         lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
-    count = settings.draft_alternatives if settings.temperature <= 0 else 0
+    count = settings.alternatives
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     alternatives = None
     while active.numel() > 0:

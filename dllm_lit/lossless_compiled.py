@@ -41,7 +41,7 @@ def decode_lossless_static(
     device, width = prompt_ids.device, settings.width
     longest = int(ledger.budget.max())
     branch = width if draft_gate(model) is not None and width > 1 else 0
-    count = settings.draft_alternatives if settings.temperature <= 0 and width > 1 else 0
+    count = settings.alternatives
     fed = width + count + branch  # tokens a pass writes, from the slot of ``last``
     # A finished row's slot may sit W - 1 past its budget, and a pass writes ``fed`` more slots there.
     cache_len = -(-(prompt_len + longest + width + fed) // 64) * 64  # round up: reuse graphs across calls

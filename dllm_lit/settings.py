@@ -128,6 +128,12 @@ class DecodeSettings:
         """The block width, ``add_eos_length + 1``."""
         return self.add_eos_length + 1
 
+    @property
+    def alternatives(self) -> int:
+        """Alternatives a wide lossless pass verifies: ``draft_alternatives`` when greedy with a window
+        of 2 or more, else 0."""
+        return self.draft_alternatives if self.temperature <= 0 and self.width > 1 else 0
+
     def replace(self, **overrides: Any) -> DecodeSettings:
         """A copy with ``overrides``; accepts the deprecated ``compile=`` (use ``backend=``)."""
         if "compile" in overrides:

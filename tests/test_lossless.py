@@ -218,8 +218,8 @@ def test_dropping_the_cache_columns_no_row_reads_never_changes_the_tokens(monkey
     expected = run(model, PROMPTS, **settings)
     dropped, compact = [], RaggedBatch._compacted
 
-    def recorded(self, valid):
-        kept = compact(self, valid)
+    def recorded(self, valid, read):
+        kept = compact(self, valid, read)
         dropped.append(valid.shape[1] - kept.shape[1])
         return kept
 
