@@ -20,8 +20,8 @@
 #
 # `train` fits configs/train_smollm2.yaml on the distilled rows in the repository
 # (examples/smollm2_distill{,_more,_3} and smollm2_magpie, made on a CPU with `dllm_lit distill`; batches
-# grouped by length),
-# STEPS steps, and writes the adapter
+# grouped by length), STEPS steps, starting from FROM (default: the shipped `smollm2-fast` draft adapter,
+# trained on CPUs so far; FROM=smollm2 starts a new adapter from the base), and writes the adapter
 # ($OUT/smollm2-fast), the training metrics and the evaluation table to $OUT.
 # On an H200 (2026-11-27) a step of batch 16 took about 1 s (40 steps + 3 validations in 46 s), so 800
 # such steps overran the call and nothing came back. Now: batch 64 (a step costs about the same; the
@@ -48,7 +48,7 @@ GPU=.gpu
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}" PRECISION="${PRECISION:-bf16-mixed}" DATA=examples/smollm2_distill
 STEPS="${STEPS:-400}" MAX_TIME="${MAX_TIME:-00:00:05:00}" BATCH="${BATCH:-64}"
-LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}"
+LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}" FROM="${FROM:-smollm2-fast}"
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
@@ -79,7 +79,7 @@ train)
   # limit_val_batches 2: each validation decodes 2 batches of held-out prompts, not all 217 (before the
   # CLI kept an integral limit an int, `1` was read as 1.0, every batch: 92 % of a 1-step CPU fit).
   fit() {  # fit EXTRA...: the config at this size; the log goes to $OUT/fit.log
-    "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml \
+    "$PY" -m dllm_lit.cli fit --config configs/train_smollm2.yaml --model.model_name_or_path "$FROM" \
       --model.max_new_tokens "$NEW" --trainer.accelerator "${DEVICE/cuda/gpu}" --trainer.precision "$PRECISION" \
       --trainer.max_steps "$STEPS" --trainer.max_time "$MAX_TIME" --trainer.val_check_interval "$(( (STEPS + 3) / 4 ))" \
       --trainer.limit_val_batches 2 --trainer.log_every_n_steps 10 --trainer.enable_checkpointing false \
