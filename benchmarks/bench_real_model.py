@@ -13,8 +13,9 @@ the base model's negative log-likelihood per response token, mean over responses
 the base's own greedy answers score about 0.5, none above 1.5) and arithmetic accuracy (checked with
 math-verify). HF ``generate`` on the base model is timed in
 the same process, on the same batches (``--batch-size``; its prompt lookup only takes one prompt).
-``--plot`` draws tokens/forward against agreement and accuracy (needs matplotlib); ``--answers`` writes
-every arithmetic response, graded, as JSON lines to read the accuracy column by.
+``--plot`` draws tokens/forward against agreement and accuracy (needs matplotlib: ``pip install -e
+.[bench]``); ``--answers`` writes every arithmetic response, graded, as JSON lines to read the accuracy
+column by.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ MODES = {
     "AR": dict(add_eos_length=0),
     "lossless W16": dict(add_eos_length=15, lossless=True),
     "lossless W16 fixed": dict(add_eos_length=15, lossless=True, adaptive_window=False),  # every pass wide
+    "lossless W8": dict(add_eos_length=7, lossless=True),  # configs/demo.yaml's settings
     "lossless W8 fixed": dict(add_eos_length=7, lossless=True, adaptive_window=False),
     "lossless W8 fixed, no alternatives": dict(
         add_eos_length=7, lossless=True, adaptive_window=False, draft_alternatives=0
@@ -223,8 +225,10 @@ def plot(table: list[tuple], path: str) -> None:
             points = [(t[2], 100 * t[column], f"{label} {t[1]}") for t in rows]
             axis.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
             named += points
-        for x, y, text in near_points_labelled(named):
-            axis.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for index, (x, y, text) in enumerate(near_points_labelled(named)):
+            above = index % 2 == 0  # neighbouring labels on opposite sides of their points
+            offset, align = ((3, 4), "bottom") if above else ((3, -4), "top")
+            axis.annotate(text, (x, y), fontsize=7, xytext=offset, textcoords="offset points", va=align)
         axis.margins(x=0.3, y=0.15)  # room for the labels right of the last point
         axis.set_xlabel("tokens per forward")
         axis.set_ylabel(name)
@@ -234,12 +238,12 @@ def plot(table: list[tuple], path: str) -> None:
 
 
 def near_points_labelled(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
-    """One label per cluster of points closer than 0.15 tokens/forward and 1 point of percentage, its
-    lines the points' names with their tokens/forward, so that no label covers another."""
+    """One label per cluster of points closer than 0.6 tokens/forward (about a label's width) and 1 point
+    of percentage, its lines the points' names with their tokens/forward, so that no label covers another."""
     clusters: list[list[tuple[float, float, str]]] = []
     for point in sorted(points):
         last = clusters[-1][-1] if clusters else None
-        if last and point[0] - last[0] < 0.15 and abs(point[1] - last[1]) < 1:
+        if last and point[0] - last[0] < 0.6 and abs(point[1] - last[1]) < 1:
             clusters[-1].append(point)
         else:
             clusters.append([point])

@@ -4,6 +4,7 @@ configs/demo.yaml`."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,14 +13,18 @@ from conftest import ROOT
 
 
 @pytest.mark.slow
-def test_demo_config_answers_2_plus_2(dllm_lit):
+def test_the_demo_answers_with_the_fast_model_at_over_two_and_a_half_tokens_a_forward(dllm_lit):
+    """``make demo``: SmolLM2's correct answer to 80 + 49, drafted by ``smollm2-fast`` (issue 13 asks
+    for at least 2.5 tokens per forward there; the base drafting for itself reads 1.00)."""
     done = dllm_lit(["predict", "--config", "configs/demo.yaml"], ROOT)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "Generated 1 responses" in out and "--- Example 1 ---" in out
-    response = out.split("Response (")[1].split("\n", 1)[1]
-    assert "4" in response.split("=" * 77)[0]
+    response = out.split("Response (")[1].split("\n", 1)[1].split("=" * 77)[0]
+    assert "80 + 49 = 129" in response
     assert "tok/s" in done.stderr and "forwards/token" in done.stderr
+    per_forward = float(re.search(r"per row: ([0-9.]+) tokens/forward", done.stderr).group(1))
+    assert per_forward >= 2.5
 
 
 @pytest.mark.slow
