@@ -16,11 +16,13 @@ signature:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from dllm_lit.adapters import draft_gate
 from dllm_lit.compiled import decode_static
 from dllm_lit.eager import decode_eager
 from dllm_lit.ledger import BlockGeneration, CommitListener, RowLedger
@@ -73,6 +75,12 @@ def check_inputs(
         )
 
 
+UNUSED_DRAFTER = (
+    "This model's draft adapter only drafts in lossless mode (--model.lossless true); in block mode it is off"
+    " and the base model decodes alone (garbage with refine_iter < add_eos_length + 1 unless block-trained)."
+)
+
+
 @torch.inference_mode()
 def generate_blocks(
     model: torch.nn.Module,
@@ -105,6 +113,8 @@ def generate_blocks(
     check_inputs(
         input_ids, attention_mask, eos_ids, settings, getattr(getattr(model, "config", None), "vocab_size", None)
     )
+    if draft_gate(model) is not None and not settings.lossless:
+        warnings.warn(UNUSED_DRAFTER, stacklevel=3)  # the caller, past inference_mode's wrapper
     device = next(model.parameters()).device
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)

@@ -6,6 +6,8 @@ what the base would); the merged adapter's logits.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_lossless import LOSSLESS_MODELS, greedy, with_stop
@@ -50,6 +52,18 @@ def test_the_gate_is_the_base_model_outside_the_draft_branch_and_the_merged_mode
     assert not torch.allclose(adapted, base(ids).logits, atol=1e-3)
     torch.testing.assert_close(gated[:, :5], base(ids).logits[:, :5])  # causal: the first five saw no adapter
     assert torch.equal(drafter(ids).logits, base(ids).logits), "the gate switches itself off again"
+
+
+def test_block_mode_with_a_draft_adapter_warns_once_that_the_adapter_is_off_and_decodes_the_base():
+    base, drafter = with_drafter("llama", 0.5)
+    ids, mask = left_pad(PROMPTS)
+    settings = dict(attention_mask=mask, eos_token_id=EOS, add_eos_length=3, refine_iter=2, max_new_tokens=12)
+    with pytest.warns(UserWarning, match="only drafts in lossless mode"):
+        blocks = generate_blocks(drafter, ids, **settings)
+    assert [r.token_ids for r in blocks.rows] == [r.token_ids for r in generate_blocks(base, ids, **settings).rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lossless(drafter)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-drafty"])
