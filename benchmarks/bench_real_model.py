@@ -13,6 +13,9 @@ the base model's negative log-likelihood per response token, mean over responses
 the base's own greedy answers score about 0.5, none above 1.5) and arithmetic accuracy (checked with
 math-verify). HF ``generate`` on the base model is timed in
 the same process, on the same batches (``--batch-size``; its prompt lookup only takes one prompt).
+A mode on a compiled backend (``graphs``, ``inductor``) decodes every prompt once untimed first, so
+that every shape is compiled or captured (a batch shrinks as its rows finish); that run's seconds are
+printed, not counted.
 ``--plot`` draws tokens/forward against agreement and accuracy (needs matplotlib: ``pip install -e
 .[bench]``); ``--answers`` writes every arithmetic response, graded, as JSON lines to read the accuracy
 column by.
@@ -50,6 +53,8 @@ MODES = {
     ),
     "lossless W8 graphs": dict(add_eos_length=7, lossless=True, backend="cuda_graph"),  # fixed shapes
     "lossless W16 graphs": dict(add_eos_length=15, lossless=True, backend="cuda_graph"),
+    "AR inductor": dict(add_eos_length=0, backend="inductor"),  # torch.compile's fused kernels, also on CPU
+    "lossless W8 inductor": dict(add_eos_length=7, lossless=True, backend="inductor"),
     "lossless W4": dict(add_eos_length=3, lossless=True),
     "lossless W4 lookup 3..2": dict(add_eos_length=3, lossless=True, prompt_lookup_max=3),
     "lossless W4 lookup 3..1": dict(add_eos_length=3, lossless=True, prompt_lookup_max=3, prompt_lookup_min=1),
@@ -180,6 +185,9 @@ def main() -> None:
                 table.append((label, "HF generate, prompt lookup 3, batch 1", None, tokens / seconds) + (None,) * 4)
         own = None
         for mode in ["AR"] + [m for m in modes if m != "AR"]:
+            if MODES[mode].get("backend"):  # compile every shape first: batches shrink as their rows finish
+                warm = decode(model, tokenizer, prompts, args.batch_size, **MODES[mode], **limit)
+                print(f"{label} {mode}: a first run, compiling or capturing, {warm[3]:.1f}s, not timed")
             answers, tokens, forwards, seconds = decode(
                 model, tokenizer, prompts, args.batch_size, **MODES[mode], **limit
             )

@@ -11,12 +11,14 @@ On CUDA each width is captured once as a ``torch.cuda.CUDAGraph`` (the attention
 and cache offset are computed inside the graph from a zero-dimensional ``start`` tensor), so a pass is
 one graph launch instead of hundreds of kernel launches. On CPU the same program runs eagerly.
 With ``backend="inductor"`` the fixed-shape forwards go through ``torch.compile`` instead (fused
-elementwise kernels, and CUDA graphs through ``mode="reduce-overhead"`` on a GPU): faster per
-pass, at a compile of tens of seconds per batch size and block width.
+kernels, on a CPU too, and CUDA graphs through ``mode="reduce-overhead"`` on a GPU): faster per
+pass, at a compile of tens of seconds per batch size and block width, announced on stderr.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -105,6 +107,7 @@ class StaticForward:
         self.use_graphs = self.device.type == "cuda"
         self.inductor = inductor
         self.fused = None  # torch.compile(self._run), built at the first graph-eligible call
+        self.compiled: set[tuple[int, ...]] = set()  # the pass shapes inductor has compiled
         self.graphs: dict[tuple[int, ...], tuple] = {}  # (width, keep, span, branch) -> (graph, ids input, logits)
         self.branch_gates: dict[tuple[int, int], torch.Tensor] = {}  # (width, branch) -> the gate's token mask
         self.pool = None  # one memory pool for all the graphs: they never run at the same time
@@ -235,7 +238,8 @@ class StaticForward:
                     if self.fused is None:
                         mode = "reduce-overhead" if self.use_graphs else "default"
                         self.fused = torch.compile(self._run, mode=mode, dynamic=False)
-                    return self.fused(model, ids, keep, span, branch, alternatives)
+                    with self._compiling(key, ids.shape):
+                        return self.fused(model, ids, keep, span, branch, alternatives)
                 if not self.use_graphs:
                     return self._run(model, ids, keep, span, branch, alternatives)
                 self.graphs[key] = self._capture(model, ids, keep, span, branch, alternatives)
@@ -243,6 +247,20 @@ class StaticForward:
         ids_in.copy_(ids)
         cuda_graph.replay()
         return logits
+
+    @contextmanager
+    def _compiling(self, key: tuple, shape: torch.Size) -> Iterator[None]:
+        """Say on stderr when a pass of a new shape compiles under inductor (tens of seconds, once)."""
+        if key in self.compiled:
+            yield
+            return
+        rows, width = shape
+        say = f"[dllm_lit] inductor: compiling the {width}-token pass for {rows} row{'s' * (rows > 1)}"
+        print(f"{say} (once per shape) ...", file=sys.stderr, flush=True)
+        began = time.perf_counter()
+        yield
+        self.compiled.add(key)
+        print(f"{say}: done in {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
 
     @contextmanager
     def _patched(self, model: torch.nn.Module, fed: int, branch: int) -> Iterator[None]:

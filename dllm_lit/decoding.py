@@ -113,7 +113,7 @@ def generate_blocks(
     check_inputs(
         input_ids, attention_mask, eos_ids, settings, getattr(getattr(model, "config", None), "vocab_size", None)
     )
-    if draft_gate(model) is not None and not settings.lossless:
+    if draft_gate(model) is not None and not settings.lossless and settings.width > 1:  # W = 1 drafts nothing
         warnings.warn(UNUSED_DRAFTER, stacklevel=3)  # the caller, past inference_mode's wrapper
     device = next(model.parameters()).device
     prompt_ids = input_ids.to(device)

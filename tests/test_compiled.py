@@ -129,12 +129,18 @@ def test_seeded_sampling_repeats_and_top_k_1_is_greedy(model):
     assert summary(run(model, PROMPTS, temperature=1.5, top_p=0.95, seed=11, **settings)) == first
 
 
-def test_inductor_equals_eager():
-    """torch.compile runs on CPU too: the fused forwards give the eager tokens (block and lossless mode)."""
+def test_inductor_equals_eager(capfd):
+    """torch.compile runs on CPU too: the fused forwards give the eager tokens (block and lossless mode).
+    Each new pass shape says on stderr that it compiles, once."""
     model = tiny_llama()
     for settings in (dict(refine_iter=3), dict(lossless=True, adaptive_window=False)):  # compiled: a full window
         settings.update(add_eos_length=7, max_new_tokens=24)
         assert summary(run(model, PROMPTS, backend="inductor", **settings)) == summary(run(model, PROMPTS, **settings))
+    said = capfd.readouterr().err
+    assert said.count("(once per shape) ...") == said.count(": done in") >= 2
+    assert "inductor: compiling the 11-token pass for 3 rows" in said  # lossless: W = 8 and 3 alternatives
+    run(model, PROMPTS, backend="inductor", **settings)
+    assert "compiling" not in capfd.readouterr().err, "a shape compiles once"
 
 
 def test_the_deprecated_compile_flag_still_selects_the_backend():

@@ -54,11 +54,13 @@ def test_the_gate_is_the_base_model_outside_the_draft_branch_and_the_merged_mode
     assert torch.equal(drafter(ids).logits, base(ids).logits), "the gate switches itself off again"
 
 
-def test_lossless_mode_with_a_draft_adapter_does_not_warn_that_the_adapter_is_off():
+def test_lossless_mode_and_plain_decoding_with_a_draft_adapter_do_not_warn_that_the_adapter_is_off():
     _, drafter = with_drafter("llama", 0.5)
+    ids, mask = left_pad(PROMPTS)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="This model's draft adapter")
         lossless(drafter)
+        generate_blocks(drafter, ids, attention_mask=mask, eos_token_id=EOS, add_eos_length=0, max_new_tokens=8)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-drafty"])
