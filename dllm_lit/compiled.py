@@ -12,7 +12,8 @@ and cache offset are computed inside the graph from a zero-dimensional ``start``
 one graph launch instead of hundreds of kernel launches. On CPU the same program runs eagerly.
 With ``backend="inductor"`` the fixed-shape forwards go through ``torch.compile`` instead (fused
 kernels, on a CPU too, and CUDA graphs through ``mode="reduce-overhead"`` on a GPU): faster per
-pass, at a compile of tens of seconds per batch size and block width, announced on stderr.
+pass, at a compile of tens of seconds per block width (and once more where the batch size or cache
+length first changes), reported on stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
+from torch._dynamo.utils import counters as compile_counters
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
@@ -86,6 +88,7 @@ class StaticForward:
 
     span_step = 128
     fuse_norms = True
+    compile_announced = False  # said once per process: inductor compiles (``_fused``)
 
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
         self.model = weakref.ref(model)  # the cache is keyed by the model: do not keep it alive
@@ -107,7 +110,6 @@ class StaticForward:
         self.use_graphs = self.device.type == "cuda"
         self.inductor = inductor
         self.fused = None  # torch.compile(self._run), built at the first graph-eligible call
-        self.compiled: set[tuple[int, ...]] = set()  # the pass shapes inductor has compiled
         self.graphs: dict[tuple[int, ...], tuple] = {}  # (width, keep, span, branch) -> (graph, ids input, logits)
         self.branch_gates: dict[tuple[int, int], torch.Tensor] = {}  # (width, branch) -> the gate's token mask
         self.pool = None  # one memory pool for all the graphs: they never run at the same time
@@ -234,12 +236,8 @@ class StaticForward:
             with self._patched(model, ids.shape[1], branch):
                 if not (graph and self.cache.is_initialized):
                     return self._run(model, ids, keep, span, branch, alternatives)
-                if self.inductor:  # fused kernels; on CUDA also replayed as graphs (cudagraph trees)
-                    if self.fused is None:
-                        mode = "reduce-overhead" if self.use_graphs else "default"
-                        self.fused = torch.compile(self._run, mode=mode, dynamic=False)
-                    with self._compiling(key, ids.shape):
-                        return self.fused(model, ids, keep, span, branch, alternatives)
+                if self.inductor:
+                    return self._fused(model, ids, keep, span, branch, alternatives)
                 if not self.use_graphs:
                     return self._run(model, ids, keep, span, branch, alternatives)
                 self.graphs[key] = self._capture(model, ids, keep, span, branch, alternatives)
@@ -248,19 +246,25 @@ class StaticForward:
         cuda_graph.replay()
         return logits
 
-    @contextmanager
-    def _compiling(self, key: tuple, shape: torch.Size) -> Iterator[None]:
-        """Say on stderr when a pass of a new shape compiles under inductor (tens of seconds, once)."""
-        if key in self.compiled:
-            yield
-            return
-        rows, width = shape
-        say = f"[dllm_lit] inductor: compiling the {width}-token pass for {rows} row{'s' * (rows > 1)}"
-        print(f"{say} (once per shape) ...", file=sys.stderr, flush=True)
-        began = time.perf_counter()
-        yield
-        self.compiled.add(key)
-        print(f"{say}: done in {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
+    def _fused(self, model: torch.nn.Module, ids: torch.Tensor, *args: int) -> torch.Tensor:
+        """The pass through ``torch.compile``: fused kernels, on CUDA replayed as graphs (cudagraph
+        trees). Each width keeps a static program; the batch size and the cache length turn dynamic
+        where they first change (automatic dynamic shapes), so a shrinking batch or a longer prompt
+        compiles once more instead of once per shape (past ``recompile_limit``, 8, dynamo would run
+        eagerly). Compiles are reported on stderr: they take tens of seconds."""
+        if self.fused is None:
+            self.fused = torch.compile(self._run, mode="reduce-overhead" if self.use_graphs else "default")
+        if not StaticForward.compile_announced:
+            print("[dllm_lit] inductor: compiling the passes (tens of seconds per new one) ...", file=sys.stderr)
+            StaticForward.compile_announced = True
+        torch._dynamo.mark_static(ids, 1)
+        graphs, began = compile_counters["stats"]["unique_graphs"], time.perf_counter()
+        logits = self.fused(model, ids, *args)
+        if compile_counters["stats"]["unique_graphs"] > graphs:
+            rows, width = ids.shape
+            took = f"{time.perf_counter() - began:.1f} s"
+            print(f"[dllm_lit] inductor: compiled the {width}-token pass for {rows} row(s) in {took}", file=sys.stderr)
+        return logits
 
     @contextmanager
     def _patched(self, model: torch.nn.Module, fed: int, branch: int) -> Iterator[None]:

@@ -64,7 +64,8 @@ class DecodeSettings:
         backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
             fixed block shapes, each forward replayed as a CUDA graph (the fast path on a GPU; on
             CPU it runs eagerly). ``inductor``: the same through torch.compile, faster per pass after
-            a compile of tens of seconds per batch size and block width. All give the same greedy
+            a compile of tens of seconds per block width (and once more when the batch size or cache
+            length first changes). All give the same greedy
             tokens in fp32.
     """
 
