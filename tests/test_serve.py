@@ -271,6 +271,36 @@ def test_a_decoding_failure_becomes_an_error_event_for_its_jobs_only(tiny_dir):
     assert good[-1]["finish_reason"] == "length" and "".join(e["text"] for e in good)
 
 
+def texts(model, tokenizer, jobs: list[Job]) -> list[str]:
+    """Each job's whole answer from ``stream_jobs``."""
+    events = list(stream_jobs(model, tokenizer, jobs))
+    return ["".join(step[n].get("text", "") for step in events) for n in range(len(jobs))]
+
+
+@pytest.mark.slow
+def test_a_compiled_server_compiles_its_passes_before_it_is_ready(tiny_dir, capfd):
+    """The worker's setup compiles for one row, a longer cache and more rows: requests of other lengths
+    and batch sizes then compile nothing, and get the eager engine's answers."""
+    from dataclasses import replace
+
+    from dllm_lit.server import BlockDecodingAPI, OpenAIBlockSpec
+    from dllm_lit.settings import DecodeSettings
+
+    settings = DecodeSettings(add_eos_length=3, max_new_tokens=24, backend="inductor")
+    worker = BlockDecodingAPI(OpenAIBlockSpec(tiny_dir, False, settings, "tiny", None, {}), "float32", 8, 0.05)
+    worker.setup("cpu")
+    assert "inductor: compiled the" in capfd.readouterr().err
+    prompts = [worker.tokenizer(text).input_ids for text in ("a cat", "the dog ran " * 9, "x" * 150)]
+    eager = replace(settings, backend="eager")
+    for batch in ([prompts[2]], prompts):
+        answers = {
+            each: texts(worker.model, worker.tokenizer, [Job("j", ids, each) for ids in batch])
+            for each in (settings, eager)
+        }
+        assert answers[settings] == answers[eager]
+    assert "compiled the" not in capfd.readouterr().err
+
+
 def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_full_answer(tiny_dir, capsys):
     """The SIGINT comes from the decoding thread at its fifth forward, as a terminal's would at any moment."""
     from dllm_lit.chat import answer
