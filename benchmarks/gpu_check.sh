@@ -4,9 +4,9 @@
 #   PYTHON=.venv/bin/python bash benchmarks/train_smollm2_gpu.sh prepare   # once, here: .gpu/whl
 #   run(carry=[".gpu/whl"], command="OUT=$OUT bash benchmarks/gpu_check.sh", timeout_s=540)
 #
-# 1. predict on a tiny fp32 model with backend cuda_graph under 32-true, bf16-mixed and bf16-true:
-#    tokens against the eager engine in fp32 (equal in fp32; bf16 reported as a share), and the
-#    summary line's tok/s;
+# 1. predict on a tiny fp32 model with backend cuda_graph under 32-true, bf16-mixed and bf16-true, and
+#    inductor under 32-true: tokens against the eager engine in fp32 (equal in fp32; bf16 reported as
+#    a share), the summary line's tok/s, inductor's compiles;
 # 2. a few `dllm_lit fit` steps of the tiny model under --trainer.strategy fsdp (one process) and
 #    ddp: loss going down, a checkpoint saved and exported;
 # 3. on the 8B shape: bench_forward_profile.py (one forward's kernels by kind), bench_gpu.py (graphs
@@ -68,6 +68,16 @@ PYEOF
       log "predict $precision $mode FAILED: $(tail -1 "$out.err")"
     fi
   done
+done
+for mode in block lossless; do  # inductor (never run on a card since its shapes turned dynamic): fp32 only
+  out="$WORK/inductor-$mode.jsonl"
+  lossless=$([ $mode = lossless ] && echo true || echo false)
+  predict "$out" --trainer.accelerator "$ACCEL" --model.backend inductor --model.lossless "$lossless" \
+    || log "predict inductor $mode FAILED: $(tail -1 "$out.err")"
+  grep -h "inductor: compiled" "$out.err" | tee -a "$OUT/summary.md"
+  "$PY" -c "import json, sys; a, b = ([json.loads(l)['response'] for l in open(p)] for p in sys.argv[1:3]); \
+print(f'inductor {sys.argv[3]} 32-true: {sum(x == y for x, y in zip(a, b))}/{len(a)} responses equal to eager')" \
+    "$WORK/eager-$mode.jsonl" "$out" "$mode" | tee -a "$OUT/summary.md"
 done
 
 }
