@@ -89,6 +89,7 @@ class StaticForward:
     span_step = 128
     fuse_norms = True
     compile_announced = False  # said once per process: inductor compiles (``_fused``)
+    compile_seconds = 0.0  # spent in inductor's compiles by this process (the predict summary subtracts it)
 
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
         self.model = weakref.ref(model)  # the cache is keyed by the model: do not keep it alive
@@ -262,8 +263,12 @@ class StaticForward:
         logits = self.fused(model, ids, *args)
         if compile_counters["stats"]["unique_graphs"] > graphs:
             rows, width = ids.shape
-            took = f"{time.perf_counter() - began:.1f} s"
-            print(f"[dllm_lit] inductor: compiled the {width}-token pass for {rows} row(s) in {took}", file=sys.stderr)
+            took = time.perf_counter() - began
+            StaticForward.compile_seconds += took
+            print(
+                f"[dllm_lit] inductor: compiled the {width}-token pass for {rows} row(s) in {took:.1f} s",
+                file=sys.stderr,
+            )
         return logits
 
     @contextmanager

@@ -16,6 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from dllm_lit.compiled import StaticForward
+
 RULE = "=" * 77
 
 
@@ -67,6 +69,7 @@ class PredictionSummary(L.Callback):
         self.setup_at = 0.0
         self.decode_at = 0.0
         self.load_seconds = 0.0
+        self.compiled_before = 0.0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "predict":
@@ -78,6 +81,7 @@ class PredictionSummary(L.Callback):
         """The model is loaded (``configure_model`` ran since ``setup``): decoding starts."""
         self.decode_at = time.perf_counter()
         self.load_seconds = self.decode_at - self.setup_at
+        self.compiled_before = StaticForward.compile_seconds
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         rows = outputs.rows
@@ -104,11 +108,15 @@ class PredictionSummary(L.Callback):
 
     def performance_line(self, totals: dict[str, int], seconds: float, device: torch.device) -> str:
         """Tokens per forward is per row: generated tokens over the sum of each row's forwards (the
-        passes run while it was active), what one sequence gains per pass whatever the batch size."""
+        passes run while it was active), what one sequence gains per pass whatever the batch size.
+        Inductor's compiles (``backend: inductor``) are counted apart from the decoding's seconds."""
         tokens, row_forwards = totals["tokens"], totals["row_forwards"]
+        compiling = StaticForward.compile_seconds - self.compiled_before
+        seconds -= compiling
         return (
             f"[dllm_lit] {totals['prompts']} prompts | model load {self.load_seconds:.1f}s | "
-            f"{tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.1f} tok/s) | "
+            + (f"inductor compiles {compiling:.1f}s | " if compiling else "")
+            + f"{tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.1f} tok/s) | "
             f"{totals['forwards']} forwards | per row: {tokens / max(row_forwards, 1):.2f} tokens/forward "
             f"({row_forwards / max(tokens, 1):.3f} forwards/token) | {_memory(device)}"
         )

@@ -86,6 +86,16 @@ def start_dllm_lit(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
+@pytest.fixture
+def fresh_compiles(monkeypatch):
+    """No inductor programs from earlier tests (dynamo stops compiling a function after 8 of them, and
+    reuses a program for a model of the same shapes), and the once-per-process notice not yet shown."""
+    from dllm_lit.compiled import StaticForward
+
+    torch.compiler.reset()
+    monkeypatch.setattr(StaticForward, "compile_announced", False)
+
+
 @pytest.fixture(scope="session")
 def dllm_lit():
     """The `dllm_lit` command as a subprocess: ``dllm_lit(args, cwd, env=...)``."""

@@ -6,6 +6,7 @@ Oracles: the engine called directly on the same model, one-by-one runs, one-proc
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -311,6 +312,18 @@ def test_tokens_per_forward_in_the_summary_is_per_row(tiny_dir, tmp_path, capsys
             ]
         )
         assert "per row: 1.00 tokens/forward" in capsys.readouterr().err
+
+
+def test_the_summary_counts_inductors_compiles_apart(tiny_dir, capsys, fresh_compiles):
+    """Compiling is not decoding: the line gives its seconds apart, and a run that compiles nothing
+    (the same shapes again, in this process) has no such part."""
+    args = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts={PROMPTS[:4]}"]
+    args += ["--data.batch_size=4", "--model.add_eos_length=3", "--model.max_new_tokens=9", "--model.backend=inductor"]
+    run_cli(args)
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert float(re.search(r"\| inductor compiles ([\d.]+)s \| \d+ tokens in", line)[1]) > 0
+    run_cli(args)
+    assert "compiles" not in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_old_file(tiny_dir, tmp_path, capsys, monkeypatch):

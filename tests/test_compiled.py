@@ -129,10 +129,9 @@ def test_seeded_sampling_repeats_and_top_k_1_is_greedy(model):
     assert summary(run(model, PROMPTS, temperature=1.5, top_p=0.95, seed=11, **settings)) == first
 
 
-def test_inductor_equals_eager(capfd, monkeypatch):
+def test_inductor_equals_eager(capfd, fresh_compiles):
     """torch.compile runs on CPU too: the fused forwards give the eager tokens (block and lossless mode).
     Each compile is reported on stderr; a second run compiles nothing."""
-    monkeypatch.setattr(StaticForward, "compile_announced", False)
     model = tiny_llama()
     for settings in (dict(refine_iter=3), dict(lossless=True, adaptive_window=False)):  # compiled: a full window
         settings.update(add_eos_length=7, max_new_tokens=24)
@@ -144,7 +143,7 @@ def test_inductor_equals_eager(capfd, monkeypatch):
     assert "compiled the" not in capfd.readouterr().err, "the same shapes compile once"
 
 
-def test_inductor_compiles_a_width_at_most_twice_whatever_the_prompt_lengths_and_batch_sizes(capfd):
+def test_inductor_compiles_a_width_at_most_twice_whatever_the_prompt_lengths_and_batch_sizes(capfd, fresh_compiles):
     """Every prompt length gives the static cache another length, and finished rows shrink the batch:
     the first change compiles a program with those sizes dynamic, and no later one compiles (per shape
     it took one compile each, and dynamo ran eagerly after 8)."""

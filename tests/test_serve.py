@@ -278,7 +278,7 @@ def texts(model, tokenizer, jobs: list[Job]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_compiled_server_compiles_its_passes_before_it_is_ready(tiny_dir, capfd):
+def test_a_compiled_server_compiles_its_passes_before_it_is_ready(tiny_dir, capfd, fresh_compiles):
     """The worker's setup compiles for one row, a longer cache and more rows: requests of other lengths
     and batch sizes then compile nothing, and get the eager engine's answers."""
     from dataclasses import replace
