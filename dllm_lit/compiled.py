@@ -90,6 +90,7 @@ class StaticForward:
     fuse_norms = True
     compile_announced = False  # said once per process: inductor compiles (``_fused``)
     compile_seconds = 0.0  # spent in inductor's compiles by this process (the predict summary subtracts it)
+    programs = 64  # inductor programs a process may compile (2-3 per width) before dynamo runs eagerly
 
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
         self.model = weakref.ref(model)  # the cache is keyed by the model: do not keep it alive
@@ -251,9 +252,12 @@ class StaticForward:
         """The pass through ``torch.compile``: fused kernels, on CUDA replayed as graphs (cudagraph
         trees). Each width keeps a static program; the batch size and the cache length turn dynamic
         where they first change (automatic dynamic shapes), so a shrinking batch or a longer prompt
-        compiles once more instead of once per shape (past ``recompile_limit``, 8, dynamo would run
-        eagerly). Compiles are reported on stderr: they take tens of seconds."""
+        compiles once more instead of once per shape. A server meets many widths (each request may set
+        ``add_eos_length``), so dynamo's ``recompile_limit`` (8 programs per function, then it runs the
+        function eagerly) is raised to :attr:`programs`. Compiles are reported on stderr: they take tens
+        of seconds."""
         if self.fused is None:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.programs)
             self.fused = torch.compile(self._run, mode="reduce-overhead" if self.use_graphs else "default")
         if not StaticForward.compile_announced:
             print("[dllm_lit] inductor: compiling the passes (tens of seconds per new one) ...", file=sys.stderr)

@@ -176,3 +176,16 @@ def test_the_deprecated_compile_flag_still_selects_the_backend():
 def test_bad_backend_settings_raise_one_sentence(change, message):
     with pytest.raises(ValueError, match=message):
         run(tiny_llama(), PROMPTS[:1], max_new_tokens=4, **change)
+
+
+@pytest.mark.slow
+def test_inductor_keeps_compiling_past_eight_widths(capfd, fresh_compiles):
+    """A server meets a width per request setting: the tenth width still compiles (dynamo's own limit is
+    8 programs per function, then it runs the function eagerly) and gives the eager tokens."""
+    model = tiny_llama()
+    for width in range(1, 11):
+        settings = dict(add_eos_length=width - 1, lossless=True, adaptive_window=False, max_new_tokens=12)
+        assert summary(run(model, PROMPTS[:1], backend="inductor", **settings)) == summary(
+            run(model, PROMPTS[:1], **settings)
+        )
+    assert capfd.readouterr().err.count("inductor: compiled the") >= 10
