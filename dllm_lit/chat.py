@@ -15,7 +15,7 @@ from dllm_lit.data import PromptError, encode_prompt
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.settings import DecodeSettings
-from dllm_lit.streaming import Job, stream_jobs
+from dllm_lit.streaming import Job, stream_jobs, warm_up
 
 HELP = "Type a message. /reset clears the history, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer."
 
@@ -42,6 +42,8 @@ def chat(
         raise PromptError("This model's tokenizer has no chat template: chat needs one (use predict instead).")
     model = load_model(model_name_or_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
     model = model.to(device)
+    if settings.backend != "eager":  # compile now, not in the first answer
+        warm_up(model, tokenizer, settings, rows=1)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     print(HELP, file=sys.stderr)

@@ -46,7 +46,7 @@ from dllm_lit.openai_api import (
     usage,
 )
 from dllm_lit.settings import DecodeSettings
-from dllm_lit.streaming import Job, stream_jobs
+from dllm_lit.streaming import Job, stream_jobs, warm_up
 
 _ECHOED = ("add_eos_length", "refine_iter", "lossless")
 
@@ -68,21 +68,8 @@ class BlockDecodingAPI(ls.LitAPI):
         model = load_model(spec.model_name_or_path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
         self.model = model.to(device)
         self.cancelled = spec.cancelled
-        if spec.settings.backend != "eager":
-            self.warm_up(spec.settings)
-
-    def warm_up(self, settings: DecodeSettings) -> None:
-        """Decode a short prompt, then it beside one 70 tokens longer, with the served settings: a compiled
-        backend compiles (inductor: tens of seconds each, for one row, a longer cache and more rows) or
-        captures its passes before ``/health`` says ready, not in the first requests."""
-        hello = [{"role": "user", "content": "Hello"}]
-        row = {"messages": hello} if self.tokenizer.chat_template else {"prompt": "Hello"}
-        short = encode_prompt(self.tokenizer, row, False)
-        longer = (short * 71)[: len(short) + 70]
-        for prompts in ([short], [short, longer]):
-            jobs = [Job(f"warm-up-{n}", ids, settings) for n, ids in enumerate(prompts)]
-            for _ in stream_jobs(self.model, self.tokenizer, jobs):
-                pass
+        if spec.settings.backend != "eager":  # compile before /health says ready, not in the first requests
+            warm_up(self.model, self.tokenizer, spec.settings, rows=2)
 
     def decode_request(self, request: Job) -> Job:  # LitServe reads the parameter's name
         return request

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dllm_lit.data import left_pad
+from dllm_lit.data import encode_prompt, left_pad
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import RowResult
 from dllm_lit.openai_api import finish_reason
@@ -52,6 +52,18 @@ def stream_jobs(
             for position, event in events.items():
                 merged[members[position]] = event
             yield merged
+
+
+def warm_up(model: torch.nn.Module, tokenizer, settings: DecodeSettings, rows: int) -> None:
+    """Decode a short prompt, then one 70 tokens longer (beside the short one if ``rows`` is 2), with
+    ``settings``: a compiled backend compiles (inductor: tens of seconds each, for one row, a longer
+    cache and more rows) or captures its passes now, not in the first request or message."""
+    hello = [{"role": "user", "content": "Hello"}]
+    short = encode_prompt(tokenizer, {"messages": hello} if tokenizer.chat_template else {"prompt": "Hello"}, False)
+    longer = (short * 71)[: len(short) + 70]
+    for prompts in ([short], [longer, short][:rows]):
+        for _ in stream_jobs(model, tokenizer, [Job(f"warm-up-{n}", ids, settings) for n, ids in enumerate(prompts)]):
+            pass
 
 
 def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled) -> Iterator[dict]:

@@ -301,6 +301,20 @@ def test_a_compiled_server_compiles_its_passes_before_it_is_ready(tiny_dir, capf
     assert "compiled the" not in capfd.readouterr().err
 
 
+@pytest.mark.slow
+def test_chat_on_a_compiled_backend_compiles_before_the_first_message(tiny_dir, capfd, monkeypatch, fresh_compiles):
+    from dllm_lit.chat import chat
+    from dllm_lit.settings import DecodeSettings
+
+    def leave(prompt):
+        raise EOFError  # Ctrl-D at the first prompt
+
+    monkeypatch.setattr("builtins.input", leave)
+    chat(tiny_dir, False, DecodeSettings(add_eos_length=3, max_new_tokens=24, backend="inductor"), device="cpu")
+    said = capfd.readouterr().err
+    assert 0 <= said.find("inductor: compiled the") < said.find("Type a message")
+
+
 def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_full_answer(tiny_dir, capsys):
     """The SIGINT comes from the decoding thread at its fifth forward, as a terminal's would at any moment."""
     from dllm_lit.chat import answer
