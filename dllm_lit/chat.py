@@ -42,8 +42,7 @@ def chat(
         raise PromptError("This model's tokenizer has no chat template: chat needs one (use predict instead).")
     model = load_model(model_name_or_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
     model = model.to(device)
-    if settings.backend != "eager":  # compile now, not in the first answer
-        warm_up(model, tokenizer, settings, rows=1)
+    warm_up(model, tokenizer, settings, rows=1)  # a compiled backend compiles now, not in the first answer
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     print(HELP, file=sys.stderr)

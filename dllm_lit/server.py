@@ -68,8 +68,7 @@ class BlockDecodingAPI(ls.LitAPI):
         model = load_model(spec.model_name_or_path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
         self.model = model.to(device)
         self.cancelled = spec.cancelled
-        if spec.settings.backend != "eager":  # compile before /health says ready, not in the first requests
-            warm_up(self.model, self.tokenizer, spec.settings, rows=2)
+        warm_up(self.model, self.tokenizer, spec.settings, rows=2)  # before /health says ready
 
     def decode_request(self, request: Job) -> Job:  # LitServe reads the parameter's name
         return request

@@ -55,9 +55,11 @@ def stream_jobs(
 
 
 def warm_up(model: torch.nn.Module, tokenizer, settings: DecodeSettings, rows: int) -> None:
-    """Decode a short prompt, then one 70 tokens longer (beside the short one if ``rows`` is 2), with
-    ``settings``: a compiled backend compiles (inductor: tens of seconds each, for one row, a longer
-    cache and more rows) or captures its passes now, not in the first request or message."""
+    """On a compiled backend, decode a short prompt, then one 70 tokens longer (beside the short one if
+    ``rows`` is 2), with ``settings``: it compiles (inductor: tens of seconds each, for one row, a longer
+    cache and more rows) or captures its passes now, not in the first request or message. Eager: nothing."""
+    if settings.backend == "eager":
+        return
     hello = [{"role": "user", "content": "Hello"}]
     short = encode_prompt(tokenizer, {"messages": hello} if tokenizer.chat_template else {"prompt": "Hello"}, False)
     longer = (short * 71)[: len(short) + 70]
