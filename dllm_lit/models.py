@@ -176,10 +176,29 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` is ``cuda`` when a GPU is visible and ``cpu`` otherwise; other names pass through."""
+    """``auto`` is ``cuda`` when a GPU is visible and ``cpu`` otherwise; ``cpu``, ``cuda``, ``cuda:N``
+    and ``mps`` pass through once this machine is known to have them (else one ``ValueError``)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"Unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps.") from None
+    present = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (kind.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if kind.type not in present:
+        raise ValueError(f"Unsupported device {device!r}: use auto, cpu, cuda, cuda:N or mps.")
+    if not present[kind.type]:
+        raise ValueError(f"No {device} device here: torch sees {_visible_devices()}; pick another --device.")
     return device
+
+
+def _visible_devices() -> str:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"{gpus} CUDA GPU(s)" + (" and mps" if torch.backends.mps.is_available() else "")
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from dllm_lit.data import PromptError, encode_prompt
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
-from dllm_lit.models import load_model, load_tokenizer, resolve_dtype
+from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.openai_api import (
     ChatRequest,
     CompletionRequest,
@@ -294,6 +294,8 @@ async def openai_http_error(request: Request, error: HTTPException) -> JSONRespo
 
 def check_port(host: str, port: int) -> None:
     """Fail with one sentence when ``host:port`` cannot be listened on (taken, or not this machine's)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {port}.")
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.bind((host, port))
@@ -324,12 +326,15 @@ def serve(
         api_key: If set, requests need the header ``Authorization: Bearer <api_key>`` (else 401).
         max_batch_size: Requests decoded together as one batch (LitServe batching).
         batch_timeout: Seconds to wait for more requests to fill a batch.
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``mps``.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         served_model_name: The ``model`` name clients send (default: ``--model.model_name_or_path``).
-        timeout: Seconds a request may wait in the queue before a 504.
+        timeout: Seconds a request may wait in the queue before a 504 (0: no limit).
     """
-    resolve_dtype(dtype, "cpu")  # a bad dtype fails here, before any process starts
+    if timeout < 0 or (timeout and batch_timeout >= timeout):
+        raise ValueError(f"--timeout must be 0 (no limit) or longer than --batch_timeout, got {timeout}.")
+    resolve_dtype(dtype, "cpu")  # a bad dtype or device fails here, before any process starts
+    resolve_device(device)
     check_port(host, port)
     load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)  # a bad model fails here, too
     name = served_model_name or model_name_or_path

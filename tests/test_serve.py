@@ -236,6 +236,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server, client, tiny
         (["serve", "--model.model_name_or_path=/nonexistent"], "does not exist"),
         (["chat", "--model.lossless=maybe"], "model.lossless"),
         (["serve", "--port=PORT_IN_USE"], "Address already in use"),
+        (["serve", "--port=-3"], "--port must be between 0 and 65535"),
+        (["serve", "--timeout=-5"], "--timeout must be 0 (no limit) or longer than --batch_timeout"),
+        (["serve", "--device=tpu"], "Unknown device 'tpu'"),
+        (["chat", "--device=cuda:99"], "No cuda:99 device here"),
     ],
 )
 def test_bad_flags_are_one_line(dllm_lit, tmp_path, args, fragment):
