@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,7 @@ def evaluate(
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """Evaluate on lm-eval tasks in one process on one device (data-parallel runs are not supported).
 
@@ -49,6 +51,7 @@ def evaluate(
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         seed: lm-eval's random, numpy, torch and few-shot seeds.
+        overwrite: Replace the ``results.json`` of an earlier run in ``output_dir`` (refused without it).
     """
     try:
         import lm_eval
@@ -59,30 +62,31 @@ def evaluate(
     from dllm_lit.lm_eval_model import DllmLM
 
     out = Path(output_dir)
-    if include_path is not None and not Path(include_path).is_dir():
-        raise ValueError(f"--include_path {include_path} is not a directory.")
+    check_flags(out, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, include_path=include_path)
+    if (out / "results.json").is_file() and not overwrite:
+        raise ValueError(
+            f"{out / 'results.json'} holds an earlier run's results: pass --overwrite true to replace them, "
+            "or choose another --output_dir."
+        )
     check_writable(out / "results.json")  # creates the directory
     manager = TaskManager(include_path=include_path)
-    names = [name.strip() for name in tasks.split(",") if name.strip()]
-    unknown = [name for name in names if name not in manager.all_tasks]
-    if unknown or not names:
-        listed = ", ".join(unknown) or repr(tasks)
-        raise ValueError(f"Unknown lm-eval task(s): {listed} (add --include_path for local ones).")
+    names = task_names(tasks, manager.all_tasks)
     decoding = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
     lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, **decoding)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=names,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=log_samples,
-        apply_chat_template=apply_chat_template,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    with hub_datasets_explained():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            apply_chat_template=apply_chat_template,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     samples = results.pop("samples", None) or {}
     results["dllm_lit"] = {"model": model_name_or_path, "decoding": decoding, "statistics": lm.decoding_statistics()}
     write_json(out / "results.json", results, handle_non_serializable)
@@ -93,6 +97,40 @@ def evaluate(
     print(statistics_table(results["dllm_lit"]["statistics"]))
     print(f"dllm_lit evaluate: wrote {out / 'results.json'}", file=sys.stderr)
     return results
+
+
+def check_flags(out: Path, *, limit, num_fewshot, batch_size, include_path) -> None:
+    """Refuse, before any model loads, counts lm-eval would fail on deep inside (or read as "all")."""
+    if limit is not None and limit <= 0:
+        raise ValueError(f"--limit must be above 0 (a count, or a share below 1), got {limit}.")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"--num_fewshot must be at least 0, got {num_fewshot}.")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {batch_size}.")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"--include_path {include_path} is not a directory.")
+
+
+def task_names(tasks: str, known) -> list[str]:
+    """The comma-separated ``tasks``, each one lm-eval knows."""
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        listed = ", ".join(unknown) or repr(tasks)
+        raise ValueError(f"Unknown lm-eval task(s): {listed} (add --include_path for local ones).")
+    return names
+
+
+@contextmanager
+def hub_datasets_explained():
+    """A Hub task whose dataset cannot be downloaded: one sentence instead of datasets' traceback."""
+    try:
+        yield
+    except ConnectionError as error:  # datasets' "Couldn't reach 'openai/gsm8k' on the Hub (...)"
+        raise ValueError(
+            f"{error}: lm-eval downloads a Hub task's dataset on first use; run once where the Hub is "
+            "reachable (it is cached then), or use local tasks (--include_path)."
+        ) from None
 
 
 def write_json(path: Path, value: dict, default) -> None:

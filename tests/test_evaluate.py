@@ -128,8 +128,29 @@ def test_evaluate_on_the_shipped_tasks(dllm_lit, tiny_dir, tmp_path, model):
     [
         (["--tasks=no_such_task"], "Unknown lm-eval task(s): no_such_task"),
         (["--tasks=dllm_arith", "--include_path=/nonexistent"], "is not a directory"),
+        (["--tasks=gsm8k", "--limit=1"], "Couldn't reach 'openai/gsm8k' on the Hub"),
     ],
 )
 def test_bad_evaluate_flags_are_one_line(dllm_lit, tmp_path, args, fragment):
-    done = dllm_lit(["evaluate", "--model.model_name_or_path=tiny-char", f"--output_dir={tmp_path}", *args], tmp_path)
+    out = f"--output_dir={tmp_path / 'eval'}"
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}  # no gsm8k cached
+    done = dllm_lit(["evaluate", "--model.model_name_or_path=tiny-char", out, *args], tmp_path, env=env)
     assert_one_line_error(done, fragment)
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--limit=0"], "--limit must be above 0"),
+        (["--num_fewshot=-1"], "--num_fewshot must be at least 0, got -1."),
+        (["--batch_size=0"], "--batch_size must be at least 1, got 0."),
+        (["--limit=2"], "holds an earlier run's results: pass --overwrite true"),
+    ],
+)
+def test_evaluate_refuses_bad_counts_and_keeps_earlier_results(dllm_lit_here, tmp_path, args, fragment):
+    earlier = tmp_path / "results.json"
+    earlier.write_text('{"earlier": true}')
+    task = [f"--include_path={ROOT / 'examples/eval_tasks'}", "--tasks=dllm_arith", f"--output_dir={tmp_path}"]
+    done = dllm_lit_here(["evaluate", "--model.model_name_or_path=tiny-char", *task, *args], tmp_path)
+    assert_one_line_error(done, fragment)
+    assert earlier.read_text() == '{"earlier": true}'
