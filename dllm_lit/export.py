@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,20 +22,30 @@ from dllm_lit.settings import LEGACY_COMPILE
 
 def save_hf(module: BlockRefineLM, output_dir: str | Path) -> Path:
     """Write ``module``'s model and tokenizer to ``output_dir`` (safetensors + tokenizer files), each
-    file readable as the umask allows (transformers writes weights through a private temporary file)."""
+    file readable as the umask allows (transformers writes weights through a private temporary file).
+
+    The files are written to ``.<name>.saving`` beside it, which then replaces ``output_dir``: a run
+    killed while saving leaves the previous export whole (or, between the two renames, at ``.<name>.old``)."""
     output_dir = Path(output_dir)
+    staging, old = (output_dir.with_name(f".{output_dir.name}.{suffix}") for suffix in ("saving", "old"))
+    shutil.rmtree(staging, ignore_errors=True)
     if isinstance(module.model, PeftModel):  # LoRA never touches the vocabulary: peft need not look for the base
-        module.model.save_pretrained(output_dir, save_embedding_layers=False)
+        module.model.save_pretrained(staging, save_embedding_layers=False)
         if draft_gate(module.model) is not None:
-            mark_drafter(output_dir)
+            mark_drafter(staging)
     else:
-        module.model.save_pretrained(output_dir)
-    module.tokenizer.save_pretrained(output_dir)
+        module.model.save_pretrained(staging)
+    module.tokenizer.save_pretrained(staging)
     umask = os.umask(0)
     os.umask(umask)
-    for path in output_dir.iterdir():
+    for path in staging.iterdir():
         if path.is_file():
             path.chmod(0o666 & ~umask)
+    shutil.rmtree(old, ignore_errors=True)
+    if output_dir.exists():
+        output_dir.rename(old)
+    staging.rename(output_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return output_dir
 
 
@@ -71,18 +82,41 @@ class HFExport(L.Callback):
     validation during ``fit``, so a run stopped early still leaves its latest model.
 
     Args:
-        output_dir: Where to write the model and tokenizer.
+        output_dir: Where to write the model and tokenizer. A new run refuses a directory that holds
+            files (an earlier run's model); a run resumed with ``--ckpt_path`` refreshes its own.
+        overwrite: Let a new run replace what ``output_dir`` holds.
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, overwrite: bool = False):
         self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.resumed = False
+
+    def state_dict(self) -> dict[str, str]:
+        return {"output_dir": str(self.output_dir)}
+
+    def load_state_dict(self, state_dict: dict[str, str]) -> None:
+        """Lightning restores this from ``--ckpt_path`` before ``on_fit_start``: the export is this run's."""
+        self.resumed = True
+
+    def check_target(self) -> None:
+        """Refuse, before training, to replace another run's export (every rank checks: they all stop)."""
+        target = Path(self.output_dir)
+        if target.exists() and not target.is_dir():
+            raise CheckpointError(f"Export target {target} is a file: give HFExport a directory.")
+        if target.is_dir() and any(target.iterdir()) and not (self.resumed or self.overwrite):
+            raise CheckpointError(
+                f"Export target {target} already holds files (an earlier run's model?): move it, give HFExport "
+                "another output_dir, or set its overwrite: true."
+            )
 
     def save(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
         if trainer.is_global_zero:
             save_hf(pl_module, self.output_dir)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: BlockRefineLM) -> None:
-        """Say what trains and where the model will be (stderr, rank 0)."""
+        """Check the target, then say what trains and where the model will be (stderr, rank 0)."""
+        self.check_target()
         if trainer.is_global_zero:
             weights = list(pl_module.model.parameters())
             trainable, total = sum(p.numel() for p in weights if p.requires_grad), sum(p.numel() for p in weights)

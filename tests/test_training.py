@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import EOS, MODELS, ROOT, run_dllm_lit
+from conftest import EOS, MODELS, ROOT, assert_one_line_error, run_dllm_lit
 from dllm_lit.answers import extract_answer, is_correct
 from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.data import PromptError, SFTDataset
-from dllm_lit.export import HFExport, export_checkpoint
+from dllm_lit.export import HFExport, export_checkpoint, save_hf
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.tasks import write_task
 from dllm_lit.tiny import char_tokenizer
@@ -245,6 +246,40 @@ def test_the_export_is_refreshed_after_each_validation_during_fit(tiny_dir, tmp_
     assert {path.stat().st_mode & 0o777 for path in out.iterdir()} == {0o644}  # others may read the weights
 
 
+def test_an_export_replaces_the_previous_one_whole_or_not_at_all(tiny_dir, tmp_path, monkeypatch):
+    module = BlockRefineLM(model_name_or_path=tiny_dir)
+    module.configure_model()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("an earlier export's file")
+    save_hf(module, out)
+    assert (out / "model.safetensors").is_file() and not (out / "stale.txt").exists()
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.tokenizer, "save_pretrained", full_disk)  # dies after the weights are written
+    with pytest.raises(OSError):
+        save_hf(module, out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".out.saving", "out"]  # redone by the next save
+
+
+def test_a_new_run_does_not_replace_an_earlier_runs_export(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    trainer = SimpleNamespace(is_global_zero=False)
+    with pytest.raises(CheckpointError, match="already holds files .* or set its overwrite: true"):
+        HFExport(str(out)).on_fit_start(trainer, None)
+    HFExport(str(out), overwrite=True).on_fit_start(trainer, None)
+    resumed = HFExport(str(out))
+    resumed.load_state_dict(HFExport(str(out)).state_dict())  # what Lightning does on --ckpt_path
+    resumed.on_fit_start(trainer, None)
+    HFExport(str(tmp_path / "new")).on_fit_start(trainer, None)
+
+
 def test_truncation_policies():
     tokenizer = char_tokenizer()
     rows = [{"prompt": "abcdefgh", "response": "xyz"}]  # BOS + 8 + 3 + EOS = 13 tokens
@@ -306,27 +341,44 @@ def trained(tmp_path_factory):
     """A short `dllm_lit fit --config configs/train_tiny.yaml` run on a small addition set."""
     work = tmp_path_factory.mktemp("fit")
     write_task("addition", work / "data", train=640, val=6, min_digits=3, max_digits=3)
-    done = cli(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs/train_tiny.yaml"),
-            f"--data.train_file={work / 'data/train.jsonl'}",
-            f"--data.val_file={work / 'data/val.jsonl'}",
-            "--data.batch_size=16",
-            "--trainer.max_steps=40",
-            "--trainer.val_check_interval=20",
-            "--trainer.log_every_n_steps=5",
-            "--model.warmup_steps=5",
-            "--model.learning_rate=0.003",
-            f"--trainer.logger.init_args.save_dir={work / 'logs'}",
-            f"--trainer.callbacks.init_args.output_dir={work / 'exported'}",
-        ],
-        work,
-    )
+    done = cli(fit_args(work / "data", work / "logs", work / "exported"), work)
     assert done.returncode == 0, done.stderr[-3000:]
     (work / "stderr.txt").write_text(done.stderr)
     return work
+
+
+def fit_args(data: Path, logs: Path, export: Path) -> list[str]:
+    """`dllm_lit fit --config configs/train_tiny.yaml`, 40 steps on ``data``."""
+    return [
+        "fit",
+        "--config",
+        str(ROOT / "configs/train_tiny.yaml"),
+        f"--data.train_file={data / 'train.jsonl'}",
+        f"--data.val_file={data / 'val.jsonl'}",
+        "--data.batch_size=16",
+        "--trainer.max_steps=40",
+        "--trainer.val_check_interval=20",
+        "--trainer.log_every_n_steps=5",
+        "--model.warmup_steps=5",
+        "--model.learning_rate=0.003",
+        f"--trainer.logger.init_args.save_dir={logs}",
+        f"--trainer.callbacks.init_args.output_dir={export}",
+    ]
+
+
+@pytest.mark.slow
+def test_fit_keeps_an_earlier_export_and_a_resumed_fit_refreshes_its_own(trained, tmp_path):
+    export = tmp_path / "exported"
+    shutil.copytree(trained / "exported", export)
+    before = (export / "model.safetensors").read_bytes()
+    args = fit_args(trained / "data", tmp_path / "logs", export)
+    assert_one_line_error(cli(args, tmp_path), f"Export target {export} already holds files")
+    assert (export / "model.safetensors").read_bytes() == before
+    (ckpt,) = (trained / "logs").rglob("*.ckpt")  # step 40
+    resumed = cli([*args, f"--ckpt_path={ckpt}", "--trainer.max_steps=44"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Training: step 44/44" in resumed.stderr
+    assert (export / "model.safetensors").read_bytes() != before
 
 
 @pytest.mark.slow
