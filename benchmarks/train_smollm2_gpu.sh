@@ -90,7 +90,7 @@ train)
   if ! fit --data.batch_size "$BATCH"; then  # out of memory: retry with half the batch
     tail -5 "$OUT/fit.log"
     echo "fit failed after $((SECONDS - start)) s; again at batch $((BATCH / 2))"
-    rm -rf "$OUT/logs"
+    rm -rf "$OUT/logs" "$OUT/smollm2-fast"  # a fresh run: the first one may have exported after a validation
     fit --data.batch_size "$((BATCH / 2))"
   fi
   tail -20 "$OUT/fit.log"
