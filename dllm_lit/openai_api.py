@@ -3,9 +3,10 @@
 Requests are read with pydantic; anything the engine cannot run is refused here, in the HTTP
 process, with OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``) and a 4xx
 status, before it reaches the model worker. dllm_lit's own settings ride in the body next to
-OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``refine_iter``,
-``lossless`` and ``ignore_eos`` (as vLLM's server accepts it); the first three are echoed in
-``usage`` with ``forwards`` and ``tokens_per_forward``.
+OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``refine_iter`` and
+``lossless``, echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``, and ``ignore_eos`` and
+``top_k`` (-1 or 0: no limit), as vLLM's server accepts them. A message's content is a string or a
+list of text parts.
 """
 
 from __future__ import annotations
@@ -33,9 +34,21 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+class TextPart(BaseModel):
+    """A text part of a message's content (``{"type": "text", "text": ...}``); no other kinds."""
+
+    type: Literal["text"]
+    text: str
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str | list[TextPart]
+
+    def for_template(self) -> dict[str, str]:
+        """The message as chat templates take it: a list of text parts joined by newlines (as vLLM does)."""
+        text = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        return {"role": self.role, "content": text}
 
 
 class CommonRequest(BaseModel):
@@ -48,6 +61,7 @@ class CommonRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -63,6 +77,7 @@ class CommonRequest(BaseModel):
             "max_new_tokens": self.max_completion_tokens or self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "top_k": max(self.top_k, 0) if self.top_k is not None else None,  # vLLM's -1: no limit, as 0
             "seed": self.seed,
             "add_eos_length": self.add_eos_length,
             "refine_iter": self.refine_iter,

@@ -189,7 +189,7 @@ class OpenAIBlockSpec(LitSpec):
         """The prompt ids exactly as ``predict`` makes them (chat template, or the raw prompt)."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
-        row = {"messages": [m.model_dump() for m in parsed.messages]} if chat else {"prompt": parsed.text()}
+        row = {"messages": [m.for_template() for m in parsed.messages]} if chat else {"prompt": parsed.text()}
         try:
             ids = encode_prompt(self.tokenizer, row, use_chat_template=chat)
         except PromptError:

@@ -148,6 +148,20 @@ def test_extra_settings_are_used_and_echoed(client, tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_text_parts_read_as_their_joined_string_and_top_k_1_samples_the_greedy_answer(client, tiny_dir):
+    joined, _ = chat_text(client, tiny_dir, "Name a color.\nAnd a fruit.")
+    parts = [{"type": "text", "text": "Name a color."}, {"type": "text", "text": "And a fruit."}]
+    done = client.chat.completions.create(model=tiny_dir, messages=[{"role": "user", "content": parts}])
+    assert done.choices[0].message.content == joined
+    greedy, _ = chat_text(client, tiny_dir, "Tell me a story.")
+    sampled = [
+        chat_text(client, tiny_dir, "Tell me a story.", temperature=1.5, seed=seed, extra_body={"top_k": top_k})[0]
+        for seed, top_k in ((1, 1), (2, 1), (1, -1), (2, -1))
+    ]
+    assert sampled[:2] == [greedy, greedy] and sampled[2] != sampled[3], "top_k=-1 is no limit: seeds differ"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings_cut_exactly(client, tiny_dir, stream):
     full, _ = chat_text(client, tiny_dir, "Tell me a story.", max_tokens=24)
@@ -177,6 +191,8 @@ BAD_REQUESTS = [
     ("temperature of wrong type", {"temperature": "hot"}, 400),
     ("n above one", {"n": 2}, 400),
     ("bad add_eos_length", {"add_eos_length": -1}, 400),
+    ("an image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400),
+    ("top_k below -1", {"top_k": -2}, 400),
     ("prompt over max_length", {"messages": [{"role": "user", "content": "x" * 9000}]}, 400),
 ]
 
