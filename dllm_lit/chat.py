@@ -2,7 +2,8 @@
 
 Multi-turn: each turn sends the whole history through the chat template. ``/reset`` clears the
 history, ``/exit`` (or Ctrl-D) leaves, Ctrl-C stops the current answer (at the next commit) and keeps
-what was said so far; at the prompt, Ctrl-C clears the line.
+what was said so far; at the prompt, Ctrl-C clears the line. When the history no longer fits under
+``max_length`` with room for an answer, its oldest exchanges are dropped (the system message stays).
 """
 
 from __future__ import annotations
@@ -64,30 +65,63 @@ def chat(
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        ids = encode_prompt(tokenizer, {"messages": history}, use_chat_template=True)
-        history.append({"role": "assistant", "content": answer(model, tokenizer, Job("chat", ids, settings))})
+        try:
+            ids, fitted = fitted_prompt(tokenizer, history, len(start), settings)
+        except PromptError as error:
+            history.pop()
+            print(f"[{error}]", file=sys.stderr)
+            continue
+        reply = answer(model, tokenizer, Job("chat", ids, settings))
+        if reply is None:  # the error is printed; the question leaves the history with it
+            history.pop()
+        else:
+            history = [*fitted, {"role": "assistant", "content": reply}]
 
 
-def answer(model, tokenizer, job: Job) -> str:
-    """Print the answer as it is committed; Ctrl-C stops it at the next commit. Returns the text printed.
+def fitted_prompt(tokenizer, history: list[dict], kept: int, settings: DecodeSettings) -> tuple[list[int], list]:
+    """The prompt ids and the history they encode: ``history`` less its oldest exchanges (never the
+    first ``kept`` messages: the system one) until an answer has room under ``max_length``,
+    ``min(max_new_tokens, max_length // 2)`` tokens. A last message that does not fit even alone is
+    a :class:`PromptError`."""
+    room = min(settings.max_new_tokens, settings.max_length // 2)
+    fitted = list(history)
+    ids = encode_prompt(tokenizer, {"messages": fitted}, use_chat_template=True)
+    while len(ids) + room > settings.max_length and len(fitted) > kept + 1:
+        del fitted[kept : kept + 2]  # a user message and its answer
+        ids = encode_prompt(tokenizer, {"messages": fitted}, use_chat_template=True)
+    if len(ids) >= settings.max_length:
+        raise PromptError(
+            f"This message makes a prompt of {len(ids)} tokens, which leaves no room under "
+            f"max_length={settings.max_length}: shorten it, or raise --model.max_length."
+        )
+    if len(fitted) < len(history):
+        dropped = len(history) - len(fitted)
+        print(f"(the {dropped} oldest messages no longer fit under max_length and were dropped)", file=sys.stderr)
+    return ids, fitted
+
+
+def answer(model, tokenizer, job: Job) -> str | None:
+    """Print the answer as it is committed; Ctrl-C stops it at the next commit. Returns the text
+    printed, or ``None`` when decoding failed (the error is printed).
 
     Ctrl-C only sets a flag that the engine reads at each commit (as a server's cancelled request):
     a ``KeyboardInterrupt`` raised at an arbitrary point of the queue and thread code that streams
     could leave a lock held and hang the answer."""
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-    text = ""
+    text, failed = "", False
     try:
         for (event,) in stream_jobs(model, tokenizer, [job], is_cancelled=lambda uid: bool(interrupted)):
             piece = event.get("text", "")
             print(piece, end="", flush=True)
             text += piece
             if "error" in event:
+                failed = True
                 print(f"\n[{event['error']}]", file=sys.stderr)
     finally:
         signal.signal(signal.SIGINT, previous)
     print(" [stopped]" if interrupted else "")
-    return text
+    return None if failed else text
 
 
 def main(args: list[str]) -> None:

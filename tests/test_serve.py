@@ -363,6 +363,38 @@ def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_fu
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_message_too_long_alone(
+    tiny_dir, capsys, monkeypatch
+):
+    from dllm_lit import chat
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    typed = iter(["first question", "second question", "x" * 300, "third question", "fourth"])  # up to 82 tokens
+    monkeypatch.setattr("builtins.input", lambda prompt: next(typed) if prompt else None)
+    prompts = []
+    monkeypatch.setattr(chat, "answer", lambda model, tokenizer, job: prompts.append(job.ids) or f"answer {len(prompts)}")
+    with pytest.raises(StopIteration):
+        chat.chat(tiny_dir, False, DecodeSettings(max_length=100, max_new_tokens=30), device="cpu", system="Be brief.")
+    tokenizer, system = load_tokenizer(tiny_dir), {"role": "system", "content": "Be brief."}
+
+    def prompt(*turns):
+        roles = ["user", "assistant"] * len(turns)
+        messages = [system] + [{"role": role, "content": text} for role, text in zip(roles, turns)]
+        return encode_prompt(tokenizer, {"messages": messages}, use_chat_template=True)
+
+    assert prompts == [
+        prompt("first question"),
+        prompt("first question", "answer 1", "second question"),  # 56 tokens: room for 30 more under 100
+        prompt("second question", "answer 2", "third question"),  # the first exchange dropped, not the system
+        prompt("third question", "answer 3", "fourth"),  # the message too long alone left no trace
+    ]
+    said = capsys.readouterr().err
+    assert "makes a prompt of 3" in said and "leaves no room under max_length=100" in said
+    assert said.count("2 oldest messages no longer fit under max_length and were dropped") == 2
+
+
 def test_ctrl_c_while_chat_loads_exits_130_without_a_traceback(tiny_dir, capsys, monkeypatch):
     from dllm_lit import chat
 
