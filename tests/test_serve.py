@@ -372,11 +372,21 @@ def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_messag
     from dllm_lit.settings import DecodeSettings
 
     typed = iter(["first question", "second question", "x" * 300, "third question", "fourth"])  # up to 82 tokens
-    monkeypatch.setattr("builtins.input", lambda prompt: next(typed) if prompt else None)
     prompts = []
-    monkeypatch.setattr(chat, "answer", lambda model, tokenizer, job: prompts.append(job.ids) or f"answer {len(prompts)}")
-    with pytest.raises(StopIteration):
-        chat.chat(tiny_dir, False, DecodeSettings(max_length=100, max_new_tokens=30), device="cpu", system="Be brief.")
+
+    def type_next(prompt):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None  # Ctrl-D
+
+    def answered(model, tokenizer, job):
+        prompts.append(job.ids)
+        return f"answer {len(prompts)}"
+
+    monkeypatch.setattr("builtins.input", type_next)
+    monkeypatch.setattr(chat, "answer", answered)
+    chat.chat(tiny_dir, False, DecodeSettings(max_length=100, max_new_tokens=30), device="cpu", system="Be brief.")
     tokenizer, system = load_tokenizer(tiny_dir), {"role": "system", "content": "Be brief."}
 
     def prompt(*turns):
