@@ -13,7 +13,7 @@ import sys
 from typing import Literal
 
 from dllm_lit.data import PromptError, encode_prompt
-from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
+from dllm_lit.model_args import ANSWERING_DEFAULTS, add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs, warm_up
@@ -126,7 +126,9 @@ def answer(model, tokenizer, job: Job) -> str | None:
 
 def main(args: list[str]) -> None:
     """``dllm_lit chat [--config FILE] [--model.* ...] [--system TEXT]``."""
-    parser = model_parser("dllm_lit chat", "An interactive chat in the terminal, streaming block by block.")
+    parser = model_parser(
+        "dllm_lit chat", "An interactive chat in the terminal, streaming block by block.", ANSWERING_DEFAULTS
+    )
     add_function_flags(parser, chat)
     config = parser.parse_args(args)
     chat(*model_settings(config.model), **function_flags(config, chat))

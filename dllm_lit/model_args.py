@@ -23,11 +23,22 @@ TRAINING_ARGS = set(inspect.signature(BlockRefineLM.__init__).parameters) - {
 """Everything in ``BlockRefineLM``'s signature but the model and the decoding settings."""
 
 
-def model_parser(prog: str, description: str) -> ArgumentParser:
-    """A parser with ``--config`` and the ``--model.*`` flags."""
+ANSWERING_DEFAULTS = {
+    "model.model_name_or_path": "smollm2-fast",
+    "model.lossless": True,
+    "model.add_eos_length": 7,
+    "model.max_new_tokens": 512,
+}
+"""``serve``'s and ``chat``'s defaults: answers that are exactly the model's own (lossless mode, the
+shipped draft adapter), where ``predict`` keeps the original script's block defaults."""
+
+
+def model_parser(prog: str, description: str, defaults: dict[str, Any] | None = None) -> ArgumentParser:
+    """A parser with ``--config`` and the ``--model.*`` flags (``defaults`` over the module's)."""
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these flags")
     parser.add_class_arguments(BlockRefineLM, "model", skip=TRAINING_ARGS, instantiate=False)
+    parser.set_defaults(defaults or {})
     return parser
 
 

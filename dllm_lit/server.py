@@ -32,7 +32,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from starlette.exceptions import HTTPException
 
 from dllm_lit.data import PromptError, encode_prompt
-from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
+from dllm_lit.model_args import ANSWERING_DEFAULTS, add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.openai_api import (
     ChatRequest,
@@ -356,7 +356,9 @@ def serve(
 
 def serve_parser():
     """``dllm_lit serve [--config FILE] [--model.* ...] [--host ...] [--port ...]``."""
-    parser = model_parser("dllm_lit serve", "An OpenAI-compatible server (LitServe), streaming block by block.")
+    parser = model_parser(
+        "dllm_lit serve", "An OpenAI-compatible server (LitServe), streaming block by block.", ANSWERING_DEFAULTS
+    )
     add_function_flags(parser, serve)
     return parser
 

@@ -175,3 +175,16 @@ def write_forty_prompts(directory: Path) -> Path:
 @pytest.fixture
 def forty_prompts(tmp_path) -> Path:
     return write_forty_prompts(tmp_path)
+
+
+def type_lines(monkeypatch, lines: list[str]) -> None:
+    """``input()`` returns ``lines`` one by one, then raises ``EOFError`` (Ctrl-D)."""
+    remaining = iter(lines)
+
+    def type_next(prompt: str = "") -> str:
+        try:
+            return next(remaining)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", type_next)

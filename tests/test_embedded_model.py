@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, type_lines
 
 
 @pytest.mark.slow
@@ -52,3 +52,24 @@ def test_the_shipped_fast_model_decodes_its_own_greedy_answer_in_fewer_passes(dl
         greedy = model.generate(ids, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert row["response"] == tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
     assert row["tokens_per_forward"] > 2.0  # the base drafting for itself: 1.00
+
+
+@pytest.mark.slow
+def test_a_bare_dllm_lit_chat_answers_with_the_models_own_greedy_answer(capsys, monkeypatch):
+    """``dllm_lit chat`` with no flags: lossless mode on ``smollm2-fast``, so the answer is SmolLM2's own
+    greedy one (with ``predict``'s block defaults an untrained model's blocks are garbage)."""
+    from dllm_lit import cli
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    type_lines(monkeypatch, ["Name three colors."])
+    cli.main(["chat"])
+    said = capsys.readouterr().out
+    tokenizer, model = load_tokenizer(DEFAULT_MODEL), load_model(DEFAULT_MODEL).eval()
+    ids = torch.tensor(
+        [encode_prompt(tokenizer, {"messages": [{"role": "user", "content": "Name three colors."}]}, True)]
+    )
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=512, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
+    assert expected and said == expected + "\n\n"

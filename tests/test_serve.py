@@ -20,12 +20,12 @@ import pytest
 import requests
 import torch
 
-from conftest import assert_one_line_error, write
+from conftest import assert_one_line_error, type_lines, write
 from dllm_lit import cli
 from dllm_lit.streaming import Job, stream_jobs
 
 KEY = "test-key"
-SETTINGS = ["--model.add_eos_length=3", "--model.max_new_tokens=24"]
+SETTINGS = ["--model.add_eos_length=3", "--model.max_new_tokens=24", "--model.lossless=false"]  # block mode
 
 
 def free_port() -> int:
@@ -326,10 +326,7 @@ def test_chat_on_a_compiled_backend_compiles_before_the_first_message(tiny_dir, 
     from dllm_lit.chat import chat
     from dllm_lit.settings import DecodeSettings
 
-    def leave(prompt):
-        raise EOFError  # Ctrl-D at the first prompt
-
-    monkeypatch.setattr("builtins.input", leave)
+    type_lines(monkeypatch, [])  # Ctrl-D at the first prompt
     chat(tiny_dir, False, DecodeSettings(add_eos_length=3, max_new_tokens=24, backend="inductor"), device="cpu")
     said = capfd.readouterr().err
     assert 0 <= said.find("inductor: compiled the") < said.find("Type a message")
@@ -371,20 +368,13 @@ def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_messag
     from dllm_lit.models import load_tokenizer
     from dllm_lit.settings import DecodeSettings
 
-    typed = iter(["first question", "second question", "x" * 300, "third question", "fourth"])  # up to 82 tokens
+    type_lines(monkeypatch, ["first question", "second question", "x" * 300, "third question", "fourth"])
     prompts = []
-
-    def type_next(prompt):
-        try:
-            return next(typed)
-        except StopIteration:
-            raise EOFError from None  # Ctrl-D
 
     def answered(model, tokenizer, job):
         prompts.append(job.ids)
         return f"answer {len(prompts)}"
 
-    monkeypatch.setattr("builtins.input", type_next)
     monkeypatch.setattr(chat, "answer", answered)
     chat.chat(tiny_dir, False, DecodeSettings(max_length=100, max_new_tokens=30), device="cpu", system="Be brief.")
     tokenizer, system = load_tokenizer(tiny_dir), {"role": "system", "content": "Be brief."}
