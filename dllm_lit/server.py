@@ -16,6 +16,7 @@ import asyncio
 import json
 import multiprocessing
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -61,6 +62,9 @@ class BlockDecodingAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from dllm_lit.cli import quiet_libraries  # this is a fresh worker process
 
+        # Ctrl-C reaches every process of the terminal's group: the HTTP process shuts the server
+        # down and terminates this worker; a KeyboardInterrupt here would only print a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         quiet_libraries()
         spec = self._spec
         dtype = resolve_dtype(self.dtype, device)

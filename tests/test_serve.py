@@ -50,20 +50,52 @@ def server(tiny_dir, tmp_path_factory):
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
-        while time.time() < deadline:
+        while not healthy(base):
             assert process.poll() is None, log.read_text()
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
+            assert time.time() < deadline, f"the server never became healthy: {log.read_text()}"
             time.sleep(0.5)
-        else:
-            raise AssertionError(f"the server never became healthy: {log.read_text()}")
         yield base, log
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server_and_its_worker_without_a_traceback(tiny_dir, tmp_path):
+    port, log = free_port(), tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        args = [
+            sys.executable,
+            "-m",
+            "dllm_lit.cli",
+            "serve",
+            f"--model.model_name_or_path={tiny_dir}",
+            f"--port={port}",
+        ]
+        process = subprocess.Popen(
+            args, stderr=stderr, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
+    try:
+        deadline = time.time() + 120
+        while not healthy(f"http://127.0.0.1:{port}"):
+            assert time.time() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: every process of the group
+        assert process.wait(timeout=60) == 0
+        group = ["ps", "-o", "stat=", "-g", str(process.pid)]
+        time.sleep(2)
+        assert all(s.startswith("Z") for s in subprocess.run(group, capture_output=True, text=True).stdout.split())
+        assert "Traceback" not in log.read_text(), log.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def healthy(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/health", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
 
 
 @pytest.fixture(scope="module")
