@@ -62,7 +62,7 @@ def evaluate(
     from dllm_lit.lm_eval_model import DllmLM
 
     out = Path(output_dir)
-    check_flags(out, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, include_path=include_path)
+    check_flags(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, include_path=include_path)
     if (out / "results.json").is_file() and not overwrite:
         raise ValueError(
             f"{out / 'results.json'} holds an earlier run's results: pass --overwrite true to replace them, "
@@ -99,7 +99,7 @@ def evaluate(
     return results
 
 
-def check_flags(out: Path, *, limit, num_fewshot, batch_size, include_path) -> None:
+def check_flags(*, limit, num_fewshot, batch_size, include_path) -> None:
     """Refuse, before any model loads, counts lm-eval would fail on deep inside (or read as "all")."""
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit must be above 0 (a count, or a share below 1), got {limit}.")
