@@ -25,9 +25,11 @@ def save_hf(module: BlockRefineLM, output_dir: str | Path) -> Path:
     file readable as the umask allows (transformers writes weights through a private temporary file).
 
     The files are written to ``.<name>.saving`` beside it, which then replaces ``output_dir``: a run
-    killed while saving leaves the previous export whole (or, between the two renames, at ``.<name>.old``)."""
+    killed while saving leaves the previous export whole (or, between the two renames, at ``.<name>.old``).
+    A symlinked ``output_dir`` keeps its link: the directory it points to is the one replaced."""
     output_dir = Path(output_dir)
-    staging, old = (output_dir.with_name(f".{output_dir.name}.{suffix}") for suffix in ("saving", "old"))
+    target = output_dir.resolve() if output_dir.is_symlink() else output_dir
+    staging, old = (target.with_name(f".{target.name}.{suffix}") for suffix in ("saving", "old"))
     shutil.rmtree(staging, ignore_errors=True)
     if isinstance(module.model, PeftModel):  # LoRA never touches the vocabulary: peft need not look for the base
         module.model.save_pretrained(staging, save_embedding_layers=False)
@@ -42,9 +44,9 @@ def save_hf(module: BlockRefineLM, output_dir: str | Path) -> Path:
         if path.is_file():
             path.chmod(0o666 & ~umask)
     shutil.rmtree(old, ignore_errors=True)
-    if output_dir.exists():
-        output_dir.rename(old)
-    staging.rename(output_dir)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
     return output_dir
 

@@ -264,6 +264,10 @@ def test_an_export_replaces_the_previous_one_whole_or_not_at_all(tiny_dir, tmp_p
         save_hf(module, out)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert sorted(path.name for path in tmp_path.iterdir()) == [".out.saving", "out"]  # redone by the next save
+    monkeypatch.undo()
+    (tmp_path / "link").symlink_to(out)
+    save_hf(module, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (out / "model.safetensors").is_file()
 
 
 def test_a_new_run_does_not_replace_an_earlier_runs_export(tmp_path):
