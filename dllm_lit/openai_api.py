@@ -52,7 +52,8 @@ class Message(BaseModel):
 
 
 class CommonRequest(BaseModel):
-    """Fields shared by both endpoints; unknown fields (``user``, ``logprobs``...) are ignored."""
+    """Fields shared by both endpoints; other fields (``user``, ``stream_options``...) are ignored,
+    but those in :data:`UNSUPPORTED` only at their defaults."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -108,10 +109,32 @@ class CompletionRequest(CommonRequest):
         return self.prompt[0]
 
 
+UNSUPPORTED = (
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "functions",
+    "logit_bias",
+    "echo",
+    "presence_penalty",
+    "frequency_penalty",
+)
+"""OpenAI fields that would change what a client gets back: refused unless at their defaults (0,
+false, null, empty), not silently ignored."""
+
+
 def parse(model: type[BaseModel], body: Any) -> Any:
-    """The request, or a 400 naming the first bad field."""
+    """The request, or a 400 naming the first bad or unsupported field."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.")
+    for name in UNSUPPORTED:
+        if body.get(name):
+            raise OpenAIError(400, f"{name} is not supported by this server.", name)
+    response_format = body.get("response_format") or {}
+    if not isinstance(response_format, dict) or response_format.get("type", "text") != "text":
+        raise OpenAIError(400, "response_format other than text is not supported by this server.", "response_format")
+    if body.get("best_of") not in (None, 1):
+        raise OpenAIError(400, "best_of above 1 is not supported by this server.", "best_of")
     try:
         return model.model_validate(body)
     except ValidationError as error:
