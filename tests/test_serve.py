@@ -235,7 +235,7 @@ BAD_REQUESTS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,change,status", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, tiny_dir, name, change, status):
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, tiny_dir, name, change, status):
     defaults = {"logprobs": False, "tools": [], "response_format": {"type": "text"}, "presence_penalty": 0}
     good = {"model": tiny_dir, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **defaults}
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
