@@ -1,13 +1,14 @@
 """``dllm_lit chat``: talk to the model in the terminal, the answer streaming block by block.
 
 Multi-turn: each turn sends the whole history through the chat template. ``/reset`` clears the
-history, ``/exit`` (or Ctrl-D) leaves, Ctrl-C stops the current answer (at the next commit) and keeps
+history, ``/exit`` (``/quit``, Ctrl-D) leaves, ``/help`` lists these, Ctrl-C stops the current answer (at the next commit) and keeps
 what was said so far; at the prompt, Ctrl-C clears the line. When the history no longer fits under
 ``max_length`` with room for an answer, its oldest exchanges are dropped (the system message stays).
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from typing import Literal
@@ -18,7 +19,7 @@ from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs, warm_up
 
-HELP = "Type a message. /reset clears the history, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer."
+HELP = "Type a message. /reset clears the history, /exit (or Ctrl-D) leaves, /help shows this, Ctrl-C stops an answer."
 
 
 def chat(
@@ -56,26 +57,33 @@ def chat(
         except KeyboardInterrupt:
             print()
             continue
-        if line == "/exit":
+        if line in ("/exit", "/quit"):
             return
-        if line == "/reset":
-            history = list(start)
-            print("(history cleared)", file=sys.stderr)
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        try:
-            ids, fitted = fitted_prompt(tokenizer, history, len(start), settings)
-        except PromptError as error:
-            history.pop()
-            print(f"[{error}]", file=sys.stderr)
-            continue
-        reply = answer(model, tokenizer, Job("chat", ids, settings))
-        if reply is None:  # the error is printed; the question leaves the history with it
-            history.pop()
-        else:
-            history = [*fitted, {"role": "assistant", "content": reply}]
+        if re.fullmatch(r"/\w+", line):
+            history = run_command(line, history, start)
+        elif line:
+            history = take_turn(model, tokenizer, settings, history, line, kept=len(start))
+
+
+def run_command(command: str, history: list[dict], start: list[dict]) -> list[dict]:
+    """``/reset`` (the history back to ``start``), ``/help``, or a one-line note on an unknown command."""
+    if command == "/reset":
+        print("(history cleared)", file=sys.stderr)
+        return list(start)
+    print(HELP if command == "/help" else f"Unknown command {command}. {HELP}", file=sys.stderr)
+    return history
+
+
+def take_turn(model, tokenizer, settings: DecodeSettings, history: list[dict], line: str, kept: int) -> list[dict]:
+    """Answer ``line`` after ``history``; return the history with both, or unchanged when the message
+    does not fit or decoding failed (the reason is printed)."""
+    try:
+        ids, fitted = fitted_prompt(tokenizer, [*history, {"role": "user", "content": line}], kept, settings)
+    except PromptError as error:
+        print(f"[{error}]", file=sys.stderr)
+        return history
+    reply = answer(model, tokenizer, Job("chat", ids, settings))
+    return history if reply is None else [*fitted, {"role": "assistant", "content": reply}]
 
 
 def fitted_prompt(tokenizer, history: list[dict], kept: int, settings: DecodeSettings) -> tuple[list[int], list]:

@@ -405,7 +405,8 @@ def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_messag
     from dllm_lit.models import load_tokenizer
     from dllm_lit.settings import DecodeSettings
 
-    type_lines(monkeypatch, ["first question", "second question", "x" * 300, "third question", "fourth"])
+    lines = ["/help", "first question", "/nosuch", "second question", "x" * 300, "third question", "fourth"]
+    type_lines(monkeypatch, [*lines, "/reset", "fifth", "/exit", "never read"])
     prompts = []
 
     def answered(model, tokenizer, job):
@@ -426,8 +427,10 @@ def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_messag
         prompt("first question", "answer 1", "second question"),  # 56 tokens: room for 30 more under 100
         prompt("second question", "answer 2", "third question"),  # the first exchange dropped, not the system
         prompt("third question", "answer 3", "fourth"),  # the message too long alone left no trace
+        prompt("fifth"),  # /reset keeps the system message only
     ]
     said = capsys.readouterr().err
+    assert "Unknown command /nosuch. Type a message." in said and said.count("/help shows this") == 3
     assert "makes a prompt of 3" in said and "leaves no room under max_length=100" in said
     assert said.count("2 oldest messages no longer fit under max_length and were dropped") == 2
 
