@@ -2,8 +2,9 @@
 
 Multi-turn: each turn sends the whole history through the chat template. ``/reset`` clears the
 history, ``/exit`` (``/quit``, Ctrl-D) leaves, ``/help`` lists these, Ctrl-C stops the current answer
-(at the next commit) and keeps what was said so far; at the prompt, Ctrl-C clears the line. When the history no longer fits under
-``max_length`` with room for an answer, its oldest exchanges are dropped (the system message stays).
+(at the next commit) and keeps what was said so far; at the prompt, Ctrl-C clears the line. When
+the history no longer fits under ``max_length`` with room for an answer, its oldest exchanges are
+dropped (the system message stays).
 """
 
 from __future__ import annotations
