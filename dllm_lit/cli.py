@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from dllm_lit.checkpoints import load_checkpoint
 from dllm_lit.data import DataModule
+from dllm_lit.export import HFExport
 from dllm_lit.models import DEFAULT_MODEL, resolve
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.outputs import model_identity, run_fingerprint
@@ -120,6 +121,14 @@ class DllmCLI(LightningCLI):
         """Prediction logs nothing by default (fit/validate/test keep Lightning's default logger)."""
         if self.subcommand == "predict" and self.config.predict.trainer.logger in (None, True):
             self.config.predict.trainer.logger = False
+
+    def before_fit(self) -> None:
+        """A new run (no ``--ckpt_path``) checks its export target before any model loads or log
+        folder is made (``HFExport`` checks again at fit start, for runs outside the CLI)."""
+        if not self.config.fit.get("ckpt_path"):
+            for export in self.trainer.callbacks:
+                if isinstance(export, HFExport):
+                    export.check_target()
 
     def before_predict(self) -> None:
         """Check the prompt source and the output before any model loads; set up ``resume``; let

@@ -378,6 +378,7 @@ def test_fit_keeps_an_earlier_export_and_a_resumed_fit_refreshes_its_own(trained
     args = fit_args(trained / "data", tmp_path / "logs", export)
     assert_one_line_error(cli(args, tmp_path), f"Export target {export} already holds files")
     assert (export / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "logs").exists(), "refused before the logger made a run folder"
     (ckpt,) = (trained / "logs").rglob("*.ckpt")  # step 40
     resumed = cli([*args, f"--ckpt_path={ckpt}", "--trainer.max_steps=44"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
