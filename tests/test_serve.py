@@ -34,26 +34,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
-    """A server on a free localhost port: ``(base_url, stderr log path)``."""
-    port, log = free_port(), tmp_path_factory.mktemp("serve") / "stderr.log"
-    args = ["serve", f"--model.model_name_or_path={tiny_dir}", *SETTINGS, f"--port={port}", f"--api_key={KEY}"]
+def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """``dllm_lit serve ARGS`` on a free localhost port in its own process group, once healthy:
+    ``(process, base_url)``; its stderr goes to ``log``."""
+    port = free_port()
     with log.open("w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "dllm_lit.cli", *args, "--max_batch_size=8", "--batch_timeout=0.05"],
+            [sys.executable, "-m", "dllm_lit.cli", "serve", *args, f"--port={port}"],
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             start_new_session=True,
         )
-    base = f"http://127.0.0.1:{port}"
+    base, deadline = f"http://127.0.0.1:{port}", time.time() + 180
+    while not healthy(base):
+        if process.poll() is not None or time.time() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"the server never became healthy: {log.read_text()}")
+        time.sleep(0.5)
+    return process, base
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    """A server on a free localhost port: ``(base_url, stderr log path)``."""
+    log = tmp_path_factory.mktemp("serve") / "stderr.log"
+    args = [f"--model.model_name_or_path={tiny_dir}", *SETTINGS, f"--api_key={KEY}"]
+    process, base = start_server([*args, "--max_batch_size=8", "--batch_timeout=0.05"], log)
     try:
-        deadline = time.time() + 180
-        while not healthy(base):
-            assert process.poll() is None, log.read_text()
-            assert time.time() < deadline, f"the server never became healthy: {log.read_text()}"
-            time.sleep(0.5)
         yield base, log
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -62,24 +70,9 @@ def server(tiny_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_server_and_its_worker_without_a_traceback(tiny_dir, tmp_path):
-    port, log = free_port(), tmp_path / "stderr.log"
-    with log.open("w") as stderr:
-        args = [
-            sys.executable,
-            "-m",
-            "dllm_lit.cli",
-            "serve",
-            f"--model.model_name_or_path={tiny_dir}",
-            f"--port={port}",
-        ]
-        process = subprocess.Popen(
-            args, stderr=stderr, start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-        )
+    log = tmp_path / "stderr.log"
+    process, _ = start_server([f"--model.model_name_or_path={tiny_dir}"], log)
     try:
-        deadline = time.time() + 120
-        while not healthy(f"http://127.0.0.1:{port}"):
-            assert time.time() < deadline and process.poll() is None, log.read_text()
-            time.sleep(0.5)
         os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: every process of the group
         assert process.wait(timeout=60) == 0
         group = ["ps", "-o", "stat=", "-g", str(process.pid)]
