@@ -57,6 +57,8 @@ def check_inputs(
             )
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} does not match "
@@ -67,6 +69,13 @@ def check_inputs(
         raise ValueError("Empty prompt: every row needs at least one token.")
     if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         raise ValueError("Right padding is not supported: pad prompts on the left (tokenizer.padding_side = 'left').")
+    if vocab_size is not None:
+        outside_ids = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+        if outside_ids.numel():
+            raise ValueError(
+                f"input_ids holds token id {int(outside_ids[0])}, outside the model's vocabulary "
+                f"(0..{vocab_size - 1}): were the prompts encoded with another model's tokenizer?"
+            )
     longest = int(prompt_lengths.max())
     if longest >= settings.max_length:
         raise ValueError(

@@ -201,6 +201,9 @@ def test_iterative_generate_shape_and_list_of_eos_ids(model):
         (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 0]])), "Right padding is not supported"),
         (dict(attention_mask=torch.tensor([[0, 0, 0, 0, 0]])), "Empty prompt"),
         (dict(attention_mask=torch.tensor([[1, 1]])), "does not match"),
+        (dict(input_ids=torch.tensor([[5.0, 6.0]])), "must hold integer token ids, got dtype torch.float32"),
+        (dict(input_ids=torch.tensor([[5, 100000]])), r"token id 100000, outside the model's vocabulary \(0\.\."),
+        (dict(input_ids=torch.tensor([[-1, 5]]), attention_mask=torch.tensor([[0, 1]])), "token id -1, outside"),
     ],
 )
 def test_bad_arguments_raise_one_clear_sentence(change, message):
