@@ -91,8 +91,9 @@ def to_cli_args(ns: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = to_cli_args(build_parser().parse_args(argv))
-    sys.argv = sys.argv[:1]  # the flags are translated: LightningCLI must read only `args`
+    sys.argv = [sys.argv[0], *argv]  # `--devices 2` starts each other process as this module with sys.argv
     cli.main(args)
 
 

@@ -110,6 +110,7 @@ def dllm_lit_here(capfd, monkeypatch):
 
     def run(args: list[str], cwd: Path, module: str = "dllm_lit.cli") -> subprocess.CompletedProcess:
         monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", list(sys.argv))  # the legacy front end sets it
         capfd.readouterr()
         on_sigterm = signal.getsignal(signal.SIGTERM)  # predict sets its own: pytest keeps pytest's
         try:

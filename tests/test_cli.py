@@ -257,6 +257,15 @@ def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, dllm_lit):
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 7
     assert two.stdout.count("Generated 7 responses") == 1
+    legacy = ["--model_path", str(tiny_dir), "--prompts_file", str(prompts), "--batch_size", "2", "--device", "cpu"]
+    legacy += ["--add_eos_length", "3", "--refine_iter", "2", "--max_new_tokens", "24", "--devices", "2"]
+    demo_two = dllm_lit([*legacy, "--output_file", str(tmp_path / "demo.jsonl")], tmp_path, module="dllm_lit.demo")
+    assert demo_two.returncode == 0, demo_two.stderr  # each other process re-reads the legacy flags
+    responses = [
+        [json.loads(line)["response"] for line in (tmp_path / name).read_text().splitlines()]
+        for name in ("one.jsonl", "demo.jsonl")
+    ]
+    assert responses[1] == responses[0]
 
 
 def test_json_suffix_in_capitals_writes_an_array(tiny_dir, tmp_path):
