@@ -10,7 +10,7 @@ import json
 import sys
 
 from dllm_lit import cli
-from dllm_lit.models import DEFAULT_MODEL
+from dllm_lit.models import DEFAULT_MODEL, resolve_device
 from dllm_lit.settings import BACKENDS, DEFAULTS
 
 
@@ -41,16 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-true")
     parser.add_argument("--devices", default=None, help="Lightning devices, e.g. 1 or 2")
-    parser.add_argument("--device", default=None, help="as the original script: cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=legacy_device, help="as the original script: cpu, cuda or cuda:N")
     parser.add_argument("--trust_remote_code", action="store_true", help="run the model directory's own code")
     return parser
+
+
+def legacy_device(device: str) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N``, present on this machine."""
+    kind, _, number = device.partition(":")
+    if kind not in ("cpu", "cuda") or (number and not number.isdigit()) or (kind == "cpu" and number):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {device!r}")
+    try:
+        return resolve_device(device)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def device_args(device: str) -> list[str]:
     """``--device cpu|cuda|cuda:N`` as Lightning trainer flags."""
     kind, _, number = device.partition(":")
-    if kind not in ("cpu", "cuda") or (number and not number.isdigit()) or (kind == "cpu" and number):
-        raise SystemExit(f"python -m dllm_lit.demo: error: --device must be cpu, cuda or cuda:N, got {device!r}")
     if kind == "cpu":
         return ["--trainer.accelerator=cpu"]
     return ["--trainer.accelerator=gpu", f"--trainer.devices=[{number}]" if number else "--trainer.devices=1"]

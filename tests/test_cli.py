@@ -389,8 +389,12 @@ def test_legacy_flags_keep_prompts_as_written_and_take_device(tiny_dir, tmp_path
     with pytest.raises(SystemExit):
         demo.main(["--model_path", tiny_dir, "--prompt", "x", "--dev", "2"])  # no abbreviations
     assert "unrecognized arguments: --dev" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--device must be cpu, cuda or cuda:N"):
-        demo.main(["--model_path", tiny_dir, "--prompt", "x", "--device", "tpu"])
+    for device, message in [("tpu", "must be cpu, cuda or cuda:N, got 'tpu'"), ("cuda:7", "No cuda:7 device here")]:
+        if device == "cuda:7" and torch.cuda.device_count() > 7:
+            continue
+        with pytest.raises(SystemExit) as stop:
+            demo.main(["--model_path", tiny_dir, "--prompt", "x", "--device", device])
+        assert stop.value.code == 2 and f"argument --device: {message}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
