@@ -29,6 +29,7 @@ from dllm_lit.ledger import BlockGeneration, CommitListener, RowLedger
 from dllm_lit.lossless import decode_lossless
 from dllm_lit.lossless_compiled import decode_lossless_static
 from dllm_lit.settings import DEFAULTS, DecodeSettings
+from dllm_lit.textstream import StopStringWatch
 
 
 def _as_id_list(ids: int | Sequence[int] | None) -> list[int]:
@@ -99,6 +100,7 @@ def generate_blocks(
     eos_token_id: int | Sequence[int],
     attention_mask: torch.Tensor | None = None,
     on_commit: CommitListener | None = None,
+    tokenizer: Any = None,
     **overrides: Any,
 ) -> BlockGeneration:
     """Decode a left-padded batch block by block; return per-row tokens and call statistics.
@@ -112,6 +114,7 @@ def generate_blocks(
         on_commit: Called with each row's newly kept tokens at every commit (block by block; once
             per pass in lossless mode, once at the end on its compiled path); returning True stops
             that row (:data:`~dllm_lit.ledger.CommitListener`). For streaming and cancellation.
+        tokenizer: Decodes the rows' text for ``stop_strings`` (needed only with them).
         **overrides: Any :class:`~dllm_lit.settings.DecodeSettings` field, e.g. ``refine_iter=3``,
             applied on top of ``settings``.
     """
@@ -124,6 +127,11 @@ def generate_blocks(
     )
     if draft_gate(model) is not None and not settings.lossless and settings.width > 1:  # W = 1 drafts nothing
         warnings.warn(UNUSED_DRAFTER, stacklevel=3)  # the caller, past inference_mode's wrapper
+    watch = None
+    if settings.stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: generate_blocks(..., tokenizer=tokenizer).")
+        watch = on_commit = StopStringWatch(tokenizer, settings.stop_strings, input_ids.shape[0], on_commit)
     device = next(model.parameters()).device
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
@@ -131,7 +139,7 @@ def generate_blocks(
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
     loop(model, prompt_ids, prompt_mask, settings, ledger, fill=eos_ids[0])
-    return ledger.result()
+    return watch.finish(ledger.result()) if watch else ledger.result()
 
 
 def iterative_generate(

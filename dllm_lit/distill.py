@@ -228,7 +228,8 @@ def distill(
             answer, and training adds no EOS after it (drafting data from prompts with long answers).
     """
     folder = Path(out)
-    settings = settings.replace(lossless=True, add_eos_length=0, temperature=0.0, backend="eager")  # own greedy answer
+    own_answer = dict(lossless=True, add_eos_length=0, temperature=0.0, stop_strings=(), backend="eager")
+    settings = settings.replace(**own_answer)  # the model's whole greedy answer
     manifest = {
         "model": model_name_or_path,
         "train": train,

@@ -16,7 +16,7 @@ import torch
 
 from dllm_lit.settings import DecodeSettings
 
-StopReason = Literal["eos", "max_new_tokens", "max_length", "cancelled"]
+StopReason = Literal["eos", "stop_string", "max_new_tokens", "max_length", "cancelled"]
 
 
 @dataclass
@@ -24,9 +24,10 @@ class RowResult:
     """What one prompt produced.
 
     Attributes:
-        token_ids: Generated ids, without the prompt, padding or the stop token.
-        stop_reason: ``"eos"`` (a stop token), ``"max_new_tokens"``, ``"max_length"``, or
-            ``"cancelled"`` (the ``on_commit`` listener asked to stop the row).
+        token_ids: Generated ids, without the prompt, padding or the stop token (through a stop
+            string: the shortest run of ids whose text holds it).
+        stop_reason: ``"eos"`` (a stop token), ``"stop_string"``, ``"max_new_tokens"``,
+            ``"max_length"``, or ``"cancelled"`` (the ``on_commit`` listener asked to stop the row).
         stop_token_id: The stop token that ended the row, or ``None``.
         forwards: Forward passes run while this row was in the active batch.
     """

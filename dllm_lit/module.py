@@ -17,9 +17,10 @@ from dllm_lit.adapters import DraftGate, adapter_base, add_lora, continue_adapte
 from dllm_lit.answers import is_correct
 from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.decoding import generate_blocks
-from dllm_lit.ledger import BlockGeneration
+from dllm_lit.ledger import BlockGeneration, RowResult
 from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
 from dllm_lit.settings import DecodeSettings
+from dllm_lit.textstream import first_stop
 from dllm_lit.training import (
     block_refine_losses,
     iterative_refine_losses,
@@ -175,7 +176,14 @@ class BlockRefineLM(L.LightningModule):
             self.decoding,
             attention_mask=attention_mask,
             eos_token_id=self.tokenizer.eos_token_id,
+            tokenizer=self.tokenizer,
         )
+
+    def response_text(self, row: RowResult) -> str:
+        """A row's text as written: special tokens skipped, ended before a stop string."""
+        text = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+        cut = first_stop(text, self.decoding.stop_strings) if row.stop_reason == "stop_string" else None
+        return text if cut is None else text[:cut]
 
     def decode_splitting_on_oom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
         """:meth:`decode`, retrying a batch that runs out of memory as two halves (down to one prompt)."""
@@ -206,7 +214,7 @@ class BlockRefineLM(L.LightningModule):
                     **extra,
                     "index": index,
                     "prompt": prompt,
-                    "response": self.tokenizer.decode(row.token_ids, skip_special_tokens=True),
+                    "response": self.response_text(row),
                     "prompt_length": length,
                     "response_length": len(row.token_ids),
                     "stop_reason": row.stop_reason,
@@ -259,7 +267,7 @@ class BlockRefineLM(L.LightningModule):
         own = self._own_answers(batch, result)
         for extra, row, own_ids in zip(batch["extra"], result.rows, own or [None] * len(result.rows)):
             reference = extra.get("answer", extra.get("reference"))
-            response = self.tokenizer.decode(row.token_ids, skip_special_tokens=True)
+            response = self.response_text(row)
             self.accuracy.update(float(reference is not None and is_correct(response, str(reference))))
             self.tokens_per_forward.update(row.tokens_per_forward)
             self.forwards.update(row.forwards)
@@ -283,6 +291,7 @@ class BlockRefineLM(L.LightningModule):
             settings.replace(lossless=True, backend="eager"),
             attention_mask=batch["attention_mask"],
             eos_token_id=self.tokenizer.eos_token_id,
+            tokenizer=self.tokenizer,
         )
         return [row.token_ids for row in own.rows]
 

@@ -28,6 +28,9 @@ class DecodeSettings:
         max_new_tokens: At most this many generated tokens per prompt, the stop token included.
         max_length: At most this many tokens per prompt, the prompt (without padding) included.
         stop_token_ids: Extra token ids that end a response, like EOS.
+        stop_strings: Texts that end a response once its decoded text holds one (the tokens through
+            it are kept; written responses end before it). Needs the tokenizer:
+            ``generate_blocks(..., tokenizer=)``; the CLI passes the model's.
         temperature: 0 decodes greedily (exact, the default); above 0 samples.
         top_k: When sampling, keep only the k most likely tokens.
         top_p: When sampling, the nucleus threshold (0 < top_p <= 1).
@@ -74,6 +77,7 @@ class DecodeSettings:
     max_new_tokens: int = 1024
     max_length: int = 8192
     stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
@@ -90,6 +94,11 @@ class DecodeSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids or ()))
+        if isinstance(self.stop_strings, str):
+            object.__setattr__(self, "stop_strings", (self.stop_strings,))
+        object.__setattr__(self, "stop_strings", tuple(self.stop_strings or ()))
+        if not all(isinstance(text, str) and text for text in self.stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {list(self.stop_strings)!r}.")
         for name, least in (("refine_iter", 1), ("add_eos_length", 0), ("max_new_tokens", 1), ("max_length", 2)):
             value = getattr(self, name)
             if value < least:

@@ -70,7 +70,7 @@ def warm_up(model: torch.nn.Module, tokenizer, settings: DecodeSettings, rows: i
 
 def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled) -> Iterator[dict]:
     """Events ``{position in jobs: event}`` for one batch of jobs with the same settings."""
-    texts = [TextStream(tokenizer, job.stop) for job in jobs]
+    texts = [TextStream(tokenizer, [*job.stop, *settings.stop_strings]) for job in jobs]
     commits: queue.Queue = queue.Queue()
 
     abandoned = threading.Event()  # the consumer left (Ctrl-C, closed generator): stop every row
@@ -107,7 +107,8 @@ def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, fail
             if result is not None:
                 event["text"] += texts[row].finish()
                 reason = "stop" if texts[row].stopped else finish_reason(result.stop_reason)
-                event.update(finish_reason=reason, completion_tokens=result.num_generated, forwards=result.forwards)
+                tokens = texts[row].tokens_through_stop() if texts[row].stopped else result.num_generated
+                event.update(finish_reason=reason, completion_tokens=tokens, forwards=result.forwards)
                 open_rows.discard(row)
             item = _next_nowait(commits)
         yield events
@@ -129,7 +130,13 @@ def _decode(model, tokenizer, jobs, settings, on_commit, failure: list, commits:
     try:
         ids, mask = left_pad([job.ids for job in jobs], tokenizer.pad_token_id)  # load_tokenizer sets a pad id
         generate_blocks(
-            model, ids, settings, attention_mask=mask, eos_token_id=tokenizer.eos_token_id, on_commit=on_commit
+            model,
+            ids,
+            settings,
+            attention_mask=mask,
+            eos_token_id=tokenizer.eos_token_id,
+            on_commit=on_commit,
+            tokenizer=tokenizer,
         )
     except Exception as error:  # reported to the jobs' clients as a 500, the server keeps serving
         failure.append(error)

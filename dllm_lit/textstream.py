@@ -1,12 +1,24 @@
 """Text from token ids as they are committed: incremental detokenization and stop strings.
 
-Used by ``dllm_lit serve`` and ``dllm_lit chat``. Each call to :meth:`TextStream.add` takes the tokens
+Used by ``dllm_lit serve`` and ``dllm_lit chat``; :class:`StopStringWatch` ends the rows of a
+``generate_blocks`` call at ``stop_strings``. Each call to :meth:`TextStream.add` takes the tokens
 a row just committed (a block, or a lossless pass) and returns the text that is now final: it holds
 back an unfinished UTF-8 character (``"\\ufffd"`` at the end of the decoded text) and the longest tail
 that could still become a stop string, and cuts the text before the first stop string.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+
+from dllm_lit.ledger import BlockGeneration, CommitListener
+
+
+def first_stop(text: str, stop: Sequence[str], start: int = 0) -> int | None:
+    """Where the first of the ``stop`` strings begins in ``text`` (from ``start``), or ``None``."""
+    found = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+    return min(found) if found else None
 
 
 class TextStream:
@@ -48,15 +60,23 @@ class TextStream:
         cut = self._first_stop(text)
         return self._emit(text if cut is None else text[:cut])
 
+    def tokens_through_stop(self) -> int:
+        """How many of the ids the text needs to hold its stop string (all of them before one)."""
+        if not self.stopped:
+            return len(self.ids)
+
+        def holds(count: int) -> bool:
+            return first_stop(self.tokenizer.decode(self.ids[:count], skip_special_tokens=True), self.stop) is not None
+
+        return bisect_left(range(len(self.ids) + 1), True, lo=1, key=holds)
+
     def _emit(self, final: str) -> str:
         delta = final[self.sent :] if len(final) > self.sent else ""
         self.sent = max(self.sent, len(final))
         return delta
 
     def _first_stop(self, text: str) -> int | None:
-        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
-        found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
-        return min(found) if found else None
+        return first_stop(text, self.stop, max(0, self.sent - max((len(s) for s in self.stop), default=0)))
 
     def _partial_stop(self, text: str) -> int:
         """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
@@ -67,3 +87,29 @@ class TextStream:
                     longest = n
                     break
         return longest
+
+
+class StopStringWatch:
+    """The ``on_commit`` listener that ends a row once its text holds a stop string.
+
+    Wraps the caller's listener (which still sees every commit); :meth:`finish` then cuts each such
+    row's tokens after the fewest that hold the stop string (a block may have committed more) and
+    marks it ``"stop_string"``.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], rows: int, on_commit: CommitListener | None = None):
+        self.streams = [TextStream(tokenizer, stop) for _ in range(rows)]
+        self.on_commit = on_commit
+
+    def __call__(self, row: int, new_ids: list[int], result) -> bool:
+        self.streams[row].add(new_ids)
+        asked = self.on_commit(row, new_ids, result) if self.on_commit is not None else False
+        return self.streams[row].stopped or asked
+
+    def finish(self, generation: BlockGeneration) -> BlockGeneration:
+        """``generation`` with each row that reached a stop string cut after it."""
+        for row, stream in zip(generation.rows, self.streams):
+            if stream.stopped:
+                row.token_ids = row.token_ids[: stream.tokens_through_stop()]
+                row.stop_reason, row.stop_token_id = "stop_string", None
+        return generation

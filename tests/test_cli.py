@@ -268,6 +268,27 @@ def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, dllm_lit):
     assert responses[1] == responses[0]
 
 
+def test_predict_ends_responses_before_a_stop_string(tiny_dir, tmp_path):
+    plain, stopped = tmp_path / "plain.jsonl", tmp_path / "stopped.jsonl"
+    common = ["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts={json.dumps(PROMPTS)}", *GEN]
+    run_cli([*common, f"--writer.output_file={plain}", "--model.ignore_eos=true"])
+    texts = [json.loads(line)["response"] for line in plain.read_text().splitlines()]
+    stop = texts[0][5:8]
+    run_cli(
+        [
+            *common,
+            f"--writer.output_file={stopped}",
+            "--model.ignore_eos=true",
+            f"--model.stop_strings={json.dumps([stop])}",
+        ]
+    )
+    rows = [json.loads(line) for line in stopped.read_text().splitlines()]
+    for text, row in zip(texts, rows):
+        expected = (text[: text.index(stop)], "stop_string") if stop in text else (text, "max_new_tokens")
+        assert (row["response"], row["stop_reason"]) == expected
+    assert rows[0]["stop_reason"] == "stop_string"
+
+
 def test_json_suffix_in_capitals_writes_an_array(tiny_dir, tmp_path):
     output = tmp_path / "results.JSON"
     run_cli(

@@ -10,6 +10,12 @@ from dllm_lit import DecodeSettings, generate_blocks, iterative_generate
 from dllm_lit.reference import reference_generate
 
 PROMPTS_3 = random_prompts([5, 11, 2], seed=1)
+MODES = {
+    "block": dict(add_eos_length=3, refine_iter=2),
+    "block-compiled": dict(add_eos_length=3, refine_iter=2, backend="cuda_graph"),
+    "lossless": dict(add_eos_length=3, lossless=True),
+    "lossless-compiled": dict(add_eos_length=3, lossless=True, backend="cuda_graph"),
+}
 
 
 def run(model, prompts, **kwargs):
@@ -163,6 +169,36 @@ def test_extra_stop_tokens_end_a_row(model):
     assert (row.token_ids, row.stop_reason, row.stop_token_id) == (plain.token_ids[:first], "eos", stop)
 
 
+class LetterTokenizer:
+    """Token id i reads as one to three letters, so a stop string can span tokens and end inside one."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join("abcdefgh"[i % 8] * (1 + i % 3) for i in ids)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_stop_string_ends_a_row_after_the_fewest_tokens_that_hold_it(model, mode):
+    settings = dict(MODES[mode], max_new_tokens=40, ignore_eos=True)
+    letters = LetterTokenizer()
+    plain = run(model, PROMPTS_3, **settings)
+    texts = [letters.decode(row.token_ids) for row in plain.rows]
+    stop = texts[1][len(texts[1]) // 2 :][:4]  # from the middle of row 1's text
+    stopped = run(model, PROMPTS_3, stop_strings=[stop], tokenizer=letters, **settings)
+    for plain_row, row, text in zip(plain.rows, stopped.rows, texts):
+        if stop not in text:
+            assert (row.token_ids, row.stop_reason) == (plain_row.token_ids, "max_new_tokens")
+            continue
+        shortest = next(n for n in range(1, 41) if stop in letters.decode(plain_row.token_ids[:n]))
+        assert (row.token_ids, row.stop_reason, row.stop_token_id) == (
+            plain_row.token_ids[:shortest],
+            "stop_string",
+            None,
+        )
+    assert stopped.rows[1].stop_reason == "stop_string" and stopped.forwards <= plain.forwards
+    with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
+        run(model, PROMPTS_3, stop_strings=[stop], **settings)
+
+
 def test_ignore_eos_runs_to_max_new_tokens_through_the_same_tokens(model):
     settings = dict(add_eos_length=3, refine_iter=4, max_new_tokens=40)
     prompts = random_prompts([6] * 12, seed=5)
@@ -232,6 +268,7 @@ def test_a_settings_object_equals_flat_keywords_and_keywords_override_it(model):
         (dict(top_p=0.0), ValueError, "top_p must be above 0"),
         (dict(top_k=-1), ValueError, "top_k must be at least 0"),
         (dict(refine_iters=2), TypeError, "Unknown decoding setting\\(s\\): refine_iters."),
+        (dict(stop_strings=["ok", ""]), ValueError, "stop_strings must be non-empty strings, got \\['ok', ''\\]."),
     ],
 )
 def test_bad_settings_raise_one_sentence(change, error, message):
@@ -240,12 +277,6 @@ def test_bad_settings_raise_one_sentence(change, error, message):
 
 
 # Streaming hook: what on_commit saw, concatenated, is the result; a cancelled row stops alone.
-MODES = {
-    "block": dict(add_eos_length=3, refine_iter=2),
-    "block-compiled": dict(add_eos_length=3, refine_iter=2, backend="cuda_graph"),
-    "lossless": dict(add_eos_length=3, lossless=True),
-    "lossless-compiled": dict(add_eos_length=3, lossless=True, backend="cuda_graph"),
-}
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

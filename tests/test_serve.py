@@ -21,7 +21,7 @@ import requests
 import torch
 
 from conftest import assert_one_line_error, type_lines, write
-from dllm_lit import cli
+from dllm_lit import cli, generate_blocks
 from dllm_lit.streaming import Job, stream_jobs
 
 KEY = "test-key"
@@ -319,6 +319,26 @@ def test_a_decoding_failure_becomes_an_error_event_for_its_jobs_only(tiny_dir):
     assert events == [{"error": "Decoding failed: boom"}]
     good = [e for (e,) in stream_jobs(load_model(tiny_dir), tokenizer, [job])]
     assert good[-1]["finish_reason"] == "length" and "".join(e["text"] for e in good)
+
+
+def test_stop_strings_in_the_settings_end_a_stream_as_a_requests_stop_does(tiny_dir):
+    from dllm_lit.models import load_model, load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    settings = DecodeSettings(add_eos_length=3, max_new_tokens=24, ignore_eos=True)
+    ids = tokenizer("Tell me a story.").input_ids
+    plain = generate_blocks(model, torch.tensor([ids]), settings, eos_token_id=tokenizer.eos_token_id).rows[0]
+    prefixes = [tokenizer.decode(plain.token_ids[:n], skip_special_tokens=True) for n in range(25)]
+    full = prefixes[-1]
+    stops = (full[k : k + 2] for k in range(5, 20))
+    first_holding = ((stop, next(n for n in range(25) if stop in prefixes[n])) for stop in stops)
+    stop, fewest = next((s, n) for s, n in first_holding if n % 4)  # it ends inside a block: the rest is not counted
+    jobs = [Job("b", ids, settings, [stop]), Job("c", ids, settings.replace(stop_strings=(stop,)))]
+    finals = [[e for (e,) in stream_jobs(model, tokenizer, [job]) if "finish_reason" in e][0] for job in jobs]
+    assert [texts(model, tokenizer, [job])[0] for job in jobs] == [full[: full.index(stop)]] * 2
+    assert finals[0] == finals[1] and finals[0]["finish_reason"] == "stop"
+    assert finals[0]["completion_tokens"] == fewest, "usage counts the tokens through the stop string"
 
 
 def texts(model, tokenizer, jobs: list[Job]) -> list[str]:
