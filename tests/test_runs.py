@@ -87,7 +87,8 @@ def test_sigterm_stops_every_rank_of_a_two_process_run(tiny_dir, tmp_path, forty
     assert run.returncode != 0 and not out.exists()
     assert "--writer.resume true" in stderr
     resumed = start_run(tiny_dir, tmp_path, out, forty_prompts, *ddp, "--writer.resume=true")
-    assert resumed.wait() == 0
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
     assert out.read_text() == reference.read_text()
 
 
