@@ -28,7 +28,7 @@ class DecodeSettings:
         max_new_tokens: At most this many generated tokens per prompt, the stop token included.
         max_length: At most this many tokens per prompt, the prompt (without padding) included.
         stop_token_ids: Extra token ids that end a response, like EOS.
-        stop_strings: Texts that end a response once its decoded text holds one (the tokens through
+        stop_strings: Texts (one, or a list) that end a response once its text holds one (the tokens through
             it are kept; written responses end before it). Needs the tokenizer:
             ``generate_blocks(..., tokenizer=)``; the CLI passes the model's.
         temperature: 0 decodes greedily (exact, the default); above 0 samples.
@@ -77,7 +77,7 @@ class DecodeSettings:
     max_new_tokens: int = 1024
     max_length: int = 8192
     stop_token_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
+    stop_strings: tuple[str, ...] | str = ()
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None

@@ -289,6 +289,14 @@ def test_predict_ends_responses_before_a_stop_string(tiny_dir, tmp_path):
     assert rows[0]["stop_reason"] == "stop_string"
 
 
+@pytest.mark.parametrize(("given", "expected"), [("Question:", ("Question:",)), ('["a b", "\\n\\n"]', ("a b", "\n\n"))])
+def test_stop_strings_take_one_string_or_a_list(given, expected, tiny_dir, monkeypatch):
+    monkeypatch.setattr(
+        sys, "argv", ["dllm_lit", "--model.model_name_or_path", tiny_dir, "--model.stop_strings", given]
+    )
+    assert cli.DllmCLI(run=False).model.decoding.stop_strings == expected
+
+
 def test_json_suffix_in_capitals_writes_an_array(tiny_dir, tmp_path):
     output = tmp_path / "results.JSON"
     run_cli(
