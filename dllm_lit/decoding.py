@@ -50,12 +50,6 @@ def check_inputs(
     """Reject inputs the engine cannot decode, with one sentence (before any model work)."""
     if not eos_ids:
         raise ValueError("eos_token_id is required: it is the fill token and the stop token.")
-    if vocab_size is not None:
-        outside = sorted(i for i in {*eos_ids, *settings.stop_token_ids} if not 0 <= i < vocab_size)
-        if outside:
-            raise ValueError(
-                f"Stop or EOS token ids {outside} are outside the model's vocabulary (0..{vocab_size - 1})."
-            )
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}.")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -71,17 +65,25 @@ def check_inputs(
     if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         raise ValueError("Right padding is not supported: pad prompts on the left (tokenizer.padding_side = 'left').")
     if vocab_size is not None:
-        outside_ids = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
-        if outside_ids.numel():
-            raise ValueError(
-                f"input_ids holds token id {int(outside_ids[0])}, outside the model's vocabulary "
-                f"(0..{vocab_size - 1}): were the prompts encoded with another model's tokenizer?"
-            )
+        check_vocabulary(input_ids, eos_ids, settings, vocab_size)
     longest = int(prompt_lengths.max())
     if longest >= settings.max_length:
         raise ValueError(
             f"A prompt has {longest} tokens, which leaves no room under max_length={settings.max_length}: "
             "raise max_length or shorten the prompt."
+        )
+
+
+def check_vocabulary(input_ids: torch.Tensor, eos_ids: list[int], settings: DecodeSettings, vocab_size: int) -> None:
+    """Every stop, EOS and input id (padding included) is one of the model's ``vocab_size`` ids."""
+    outside = sorted(i for i in {*eos_ids, *settings.stop_token_ids} if not 0 <= i < vocab_size)
+    if outside:
+        raise ValueError(f"Stop or EOS token ids {outside} are outside the model's vocabulary (0..{vocab_size - 1}).")
+    outside_ids = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+    if outside_ids.numel():
+        raise ValueError(
+            f"input_ids holds token id {int(outside_ids[0])}, outside the model's vocabulary "
+            f"(0..{vocab_size - 1}): were the prompts encoded with another model's tokenizer?"
         )
 
 

@@ -129,14 +129,11 @@ def _decode(model, tokenizer, jobs, settings, on_commit, failure: list, commits:
     """Run the engine on the group's left-padded prompts; always end with the ``None`` marker."""
     try:
         ids, mask = left_pad([job.ids for job in jobs], tokenizer.pad_token_id)  # load_tokenizer sets a pad id
+        # The rows' own TextStreams (on_commit) watch the settings' stop strings with the jobs': the
+        # engine need not decode every commit a second time for them.
+        engine = settings.replace(stop_strings=())
         generate_blocks(
-            model,
-            ids,
-            settings,
-            attention_mask=mask,
-            eos_token_id=tokenizer.eos_token_id,
-            on_commit=on_commit,
-            tokenizer=tokenizer,
+            model, ids, engine, attention_mask=mask, eos_token_id=tokenizer.eos_token_id, on_commit=on_commit
         )
     except Exception as error:  # reported to the jobs' clients as a 500, the server keeps serving
         failure.append(error)
