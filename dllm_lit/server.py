@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Literal
 
 import litserve as ls
+import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from litserve.specs.base import LitSpec
@@ -279,10 +280,17 @@ def build_server(
     cancelled = multiprocessing.Manager().dict()
     spec = OpenAIBlockSpec(model_name_or_path, trust_remote_code, settings, served_model_name, api_key, cancelled)
     api = BlockDecodingAPI(spec, dtype, max_batch_size, batch_timeout)
-    accelerator = "auto" if device == "auto" else device
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=timeout)
+    server = ls.LitServer(api, **litserve_devices(device), timeout=timeout)
     server.app.add_exception_handler(HTTPException, openai_http_error)
     return server
+
+
+def litserve_devices(device: str) -> dict:
+    """LitServe's ``accelerator`` and ``devices`` for one ``--device``: ``cuda:1`` is ``cuda`` on ``[1]``."""
+    if device == "auto":
+        return {"accelerator": "auto", "devices": 1}
+    kind = torch.device(device)
+    return {"accelerator": kind.type, "devices": 1 if kind.index is None else [kind.index]}
 
 
 async def openai_http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -341,6 +341,16 @@ def test_stop_strings_in_the_settings_end_a_stream_as_a_requests_stop_does(tiny_
     assert finals[0]["completion_tokens"] == fewest, "usage counts the tokens through the stop string"
 
 
+@pytest.mark.parametrize(("device", "workers"), [("cpu", ["cpu"]), ("cuda", [["cuda:0"]]), ("cuda:1", [["cuda:1"]])])
+def test_the_server_puts_its_worker_on_the_device_asked_for(device, workers):
+    from dllm_lit.server import build_server
+    from dllm_lit.settings import DecodeSettings
+
+    options = dict(api_key=None, max_batch_size=1, batch_timeout=0.0, dtype="auto", timeout=30.0)
+    server = build_server("smollm2", False, DecodeSettings(), served_model_name="m", device=device, **options)
+    assert server.devices == workers, "LitServe starts one worker per entry, on that device"
+
+
 def texts(model, tokenizer, jobs: list[Job]) -> list[str]:
     """Each job's whole answer from ``stream_jobs``."""
     events = list(stream_jobs(model, tokenizer, jobs))
