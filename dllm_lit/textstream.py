@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from dataclasses import replace
 
-from dllm_lit.ledger import BlockGeneration, CommitListener
+from dllm_lit.ledger import BlockGeneration, CommitListener, RowResult
 
 
 def first_stop(text: str, stop: Sequence[str], start: int = 0) -> int | None:
@@ -92,24 +93,32 @@ class TextStream:
 class StopStringWatch:
     """The ``on_commit`` listener that ends a row once its text holds a stop string.
 
-    Wraps the caller's listener (which still sees every commit); :meth:`finish` then cuts each such
-    row's tokens after the fewest that hold the stop string (a block may have committed more) and
-    marks it ``"stop_string"``.
+    Wraps the caller's listener, which still sees every commit, and, as its row's result, the one
+    :meth:`finish` returns: such a row's tokens end after the fewest that hold the stop string (a
+    block may have committed more) and it reads ``"stop_string"``.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str], rows: int, on_commit: CommitListener | None = None):
         self.streams = [TextStream(tokenizer, stop) for _ in range(rows)]
         self.on_commit = on_commit
+        self.cut: dict[int, RowResult] = {}
 
-    def __call__(self, row: int, new_ids: list[int], result) -> bool:
+    def __call__(self, row: int, new_ids: list[int], result: RowResult | None) -> bool:
         self.streams[row].add(new_ids)
+        if result is not None and self.streams[row].stopped:
+            result = self._cut(row, result)
         asked = self.on_commit(row, new_ids, result) if self.on_commit is not None else False
         return self.streams[row].stopped or asked
 
     def finish(self, generation: BlockGeneration) -> BlockGeneration:
         """``generation`` with each row that reached a stop string cut after it."""
-        for row, stream in zip(generation.rows, self.streams):
+        for row, stream in enumerate(self.streams):
             if stream.stopped:
-                row.token_ids = row.token_ids[: stream.tokens_through_stop()]
-                row.stop_reason, row.stop_token_id = "stop_string", None
+                generation.rows[row] = self._cut(row, generation.rows[row])
         return generation
+
+    def _cut(self, row: int, result: RowResult) -> RowResult:
+        if row not in self.cut:
+            ids = result.token_ids[: self.streams[row].tokens_through_stop()]
+            self.cut[row] = replace(result, token_ids=ids, stop_reason="stop_string", stop_token_id=None)
+        return self.cut[row]
