@@ -51,9 +51,16 @@ class Message(BaseModel):
         return {"role": self.role, "content": text}
 
 
+class StreamOptions(BaseModel):
+    """``include_usage``: end a stream with a chunk of ``usage`` and no choices (OpenAI's rule)."""
+
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class CommonRequest(BaseModel):
-    """Fields shared by both endpoints; other fields (``user``, ``stream_options``...) are ignored,
-    but those in :data:`UNSUPPORTED` only at their defaults."""
+    """Fields shared by both endpoints; other fields (``user``...) are ignored, but those in
+    :data:`UNSUPPORTED` only at their defaults."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -66,6 +73,7 @@ class CommonRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     add_eos_length: int | None = Field(None, ge=0)
     refine_iter: int | None = Field(None, ge=1)
@@ -86,6 +94,12 @@ class CommonRequest(BaseModel):
             "ignore_eos": self.ignore_eos,
         }
         return {name: value for name, value in chosen.items() if value is not None}
+
+    def usage_chunk(self) -> bool:
+        """Whether a stream ends with a chunk of usage alone (else its last choice chunk carries it)."""
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError(400, "stream_options is only allowed with stream: true.", "stream_options")
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stop_strings(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -149,12 +149,14 @@ class OpenAIBlockSpec(LitSpec):
         try:
             self._authorize(request)
             job, parsed = await self._job(request, chat)
+            usage_chunk = parsed.usage_chunk()
         except OpenAIError as error:
             return JSONResponse(error.body(), error.status)
         events = self._submit(job)
         rid = response_id(chat)
         if parsed.stream:
-            return StreamingResponse(self._sse(events, job, chat, rid), media_type="text/event-stream")
+            sse = self._sse(events, job, chat, rid, usage_chunk)
+            return StreamingResponse(sse, media_type="text/event-stream")
         return await self._collect(events, job, chat, rid)
 
     def _authorize(self, request: Request) -> None:
@@ -237,9 +239,12 @@ class OpenAIBlockSpec(LitSpec):
                 return {**body, "usage": self._usage(job, event)}
         return JSONResponse(OpenAIError(500, "The worker ended the request without a result.").body(), 500)
 
-    async def _sse(self, events: AsyncIterator, job: Job, chat: bool, rid: str) -> AsyncIterator[str]:
-        """One ``data:`` chunk per committed block, a last chunk with ``finish_reason`` and ``usage``,
-        then ``data: [DONE]``. A client that goes away cancels its row."""
+    async def _sse(
+        self, events: AsyncIterator, job: Job, chat: bool, rid: str, usage_chunk: bool
+    ) -> AsyncIterator[str]:
+        """One ``data:`` chunk per committed block, a last chunk with ``finish_reason`` and ``usage``
+        (with ``usage_chunk``: ``usage`` in a chunk of its own, with no choices), then ``data: [DONE]``.
+        A client that goes away cancels its row."""
         finished = False
         try:
             if chat:
@@ -255,8 +260,11 @@ class OpenAIBlockSpec(LitSpec):
                 chunk = envelope(chat, rid, self.model_id, True, choices=[choice(chat, event["text"], reason, True)])
                 if reason is not None:
                     finished = True
-                    chunk["usage"] = self._usage(job, event)
+                    chunk["usage"] = None if usage_chunk else self._usage(job, event)
                 yield f"data: {json.dumps(chunk)}\n\n"
+                if reason is not None and usage_chunk:
+                    alone = envelope(chat, rid, self.model_id, True, choices=[], usage=self._usage(job, event))
+                    yield f"data: {json.dumps(alone)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             if not finished:

@@ -145,6 +145,9 @@ def test_chat_streamed_equals_non_streamed_equals_predict(client, tiny_dir, tmp_
     assert usage["forwards"] == row["forwards"] and usage["add_eos_length"] == 3 and usage["refine_iter"] == 2
     assert usage["completion_tokens"] >= row["response_length"]
     assert chunks[-1].usage.model_dump() == usage
+    counted, chunks = chat_text(client, tiny_dir, "What is 2+2?", stream=True, stream_options={"include_usage": True})
+    assert counted == text and chunks[-1].choices == [] and chunks[-1].usage.model_dump() == usage
+    assert chunks[-2].choices[0].finish_reason == done.choices[0].finish_reason and chunks[-2].usage is None
 
 
 @pytest.mark.slow
@@ -222,6 +225,7 @@ BAD_REQUESTS = [
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ("json mode", {"response_format": {"type": "json_object"}}, 400),
     ("a penalty", {"frequency_penalty": 0.5}, 400),
+    ("stream_options without stream", {"stream_options": {"include_usage": True}}, 400),
     ("prompt over max_length", {"messages": [{"role": "user", "content": "x" * 9000}]}, 400),
 ]
 
