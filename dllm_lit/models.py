@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer: a local HF directory, a GGUF file, or the embedded default.
+"""Load a causal LM and its tokenizer: a local HF directory, a GGUF file, a Hub id already in the
+local Hugging Face cache, or the embedded default.
 
 Nothing is fetched from a model hub: every load is local (``local_files_only=True``).
 """
@@ -100,7 +101,7 @@ def _tiny_model(target: Path) -> Path:
 
 
 def resolve(model_name_or_path: str) -> Path:
-    """Turn the alias, a GGUF file or an HF directory into a loadable local HF directory."""
+    """Turn the alias, a GGUF file, an HF directory or a cached Hub id into a loadable local HF directory."""
     if model_name_or_path == DEFAULT_MODEL:
         return convert_gguf(embedded_gguf(), cache_dir() / "smollm2-135m-instruct")
     if model_name_or_path == TINY_MODEL:
@@ -114,9 +115,12 @@ def resolve(model_name_or_path: str) -> Path:
         return WEIGHTS / FAST_MODEL
     path = Path(model_name_or_path).expanduser()
     if not path.exists():
+        path = cached_snapshot(model_name_or_path)
+    if path is None:
         raise ModelLoadError(
-            f"Model path {model_name_or_path!r} does not exist: give a local HF directory, "
-            f"a .gguf file, {DEFAULT_MODEL!r} for the embedded default, or {TINY_MODEL!r} for a fresh tiny model."
+            f"Model path {model_name_or_path!r} does not exist: give a local HF directory, a .gguf file, "
+            f"a Hub id in the local Hugging Face cache (`hf download ID` puts it there), "
+            f"{DEFAULT_MODEL!r} for the embedded default, or {TINY_MODEL!r} for a fresh tiny model."
         )
     if path.is_file():
         if path.suffix != ".gguf":
@@ -129,6 +133,17 @@ def resolve(model_name_or_path: str) -> Path:
             "it is not a Hugging Face model or a peft adapter directory."
         )
     return path
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot of a Hub id (``org/name``), or ``None``; never a download."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError):
+        return None
 
 
 def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

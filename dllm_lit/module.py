@@ -61,7 +61,8 @@ class BlockRefineLM(L.LightningModule):
     """A Hugging Face causal LM decoded in blocks of ``add_eos_length + 1`` tokens.
 
     Args:
-        model_name_or_path: A local HF directory, a ``.gguf`` file, a peft adapter directory (merged
+        model_name_or_path: A local HF directory, a ``.gguf`` file, a Hub id already in the local
+            Hugging Face cache (never downloaded), a peft adapter directory (merged
             onto its base at load; a draft adapter stays apart and drafts in lossless mode),
             ``smollm2`` (the embedded SmolLM2-135M-Instruct), ``smollm2-fast`` (the same with the
             shipped draft adapter) or ``tiny-char`` (a fresh tiny model for toy tasks).

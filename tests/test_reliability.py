@@ -177,6 +177,40 @@ def test_bad_models_give_one_line(broken_models, model, extra, fragments, dllm_l
     assert_one_line_error(done, *fragments)
 
 
+def hub_cache(root: Path, repo_id: str, files: Path) -> Path:
+    """A Hugging Face cache holding ``files`` as the ``main`` snapshot of ``repo_id`` (blobs and links, as
+    ``hf download`` lays them out)."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot, blobs = repo / "snapshots" / commit, repo / "blobs"
+    for directory in (snapshot, blobs, repo / "refs"):
+        directory.mkdir(parents=True)
+    for number, file in enumerate(sorted(files.iterdir())):
+        (blobs / f"blob{number}").write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", f"blob{number}"))
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
+def test_a_hub_id_in_the_local_cache_loads_from_it_and_one_not_there_is_one_line(
+    tiny_dir, tmp_path, dllm_lit_here, monkeypatch
+):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache(tmp_path / "hub", "org/tiny", Path(tiny_dir)))
+    )
+    answers = []
+    for model in (tiny_dir, "org/tiny"):
+        out = tmp_path / f"{len(answers)}.jsonl"
+        args = [f"--model.model_name_or_path={model}", "--data.prompt=hi", f"--writer.output_file={out}", *FAST]
+        assert dllm_lit_here(["predict", *args], tmp_path).returncode == 0
+        answers.append(json.loads(out.read_text())["response"])
+    assert answers[0] == answers[1] and answers[0]
+    done = dllm_lit_here(["predict", "--model.model_name_or_path=org/other", "--data.prompt=hi", *FAST], tmp_path)
+    assert_one_line_error(done, "Model path 'org/other' does not exist", "Hub id in the local Hugging Face cache")
+
+
 def test_out_of_memory_splits_the_batch(tiny_dir, monkeypatch):
     module = BlockRefineLM(model_name_or_path=tiny_dir, add_eos_length=3, max_new_tokens=10)
     module.configure_model()
