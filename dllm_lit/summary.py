@@ -63,6 +63,8 @@ class PredictionSummary(L.Callback):
     """
 
     def __init__(self, max_display: int = 10):
+        if max_display < 0:
+            raise ValueError(f"--summary.max_display must be 0 or above, got {max_display}.")
         self.max_display = max_display
         self.first_rows: list[dict[str, Any]] = []
         self.totals = {"prompts": 0, "forwards": 0, "tokens": 0, "row_forwards": 0}

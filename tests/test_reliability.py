@@ -69,6 +69,7 @@ def messy(tmp_path) -> Path:
         (["--data.prompt=hi", "--config=bad.yaml"], ["Problems parsing config"]),
         (["--data.prompt=hi", "--data.prompts_file=x.txt"], ["Give exactly one of", "got prompt and prompts_file"]),
         ([], ["Give exactly one of", "(got none)"]),
+        (["--data.prompt=hi", "--summary.max_display=-1"], ["--summary.max_display must be 0 or above, got -1."]),
         (["--data.prompt=hi", "--writer.output_file=a_dir"], ["Output file a_dir is a directory"]),
         (["--data.prompt=hi", "--writer.output_file=empty.txt/out.jsonl"], ["Cannot write the output file"]),
         (["--data.prompt=hi", "--writer.output_file=/proc/out.jsonl"], ["Cannot write the output file"]),
