@@ -1,6 +1,7 @@
 """``dllm_lit chat``: talk to the model in the terminal, the answer streaming block by block.
 
-Multi-turn: each turn sends the whole history through the chat template. ``/reset`` clears the
+Multi-turn: each turn sends the whole history through the chat template; each answer ends with a
+line of statistics on stderr (tokens, tok/s, forwards, tokens per forward). ``/reset`` clears the
 history, ``/exit`` (``/quit``, Ctrl-D) leaves, ``/help`` lists these, Ctrl-C stops the current answer
 (at the next commit) and keeps what was said so far; at the prompt, Ctrl-C clears the line. When
 the history no longer fits under ``max_length`` with room for an answer, its oldest exchanges are
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 import signal
 import sys
+import time
 from typing import Literal
 
 from dllm_lit.data import PromptError, encode_prompt
@@ -118,7 +120,7 @@ def answer(model, tokenizer, job: Job) -> str | None:
     could leave a lock held and hang the answer."""
     interrupted = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
-    text, failed = "", False
+    text, failed, final, started = "", False, {}, time.perf_counter()
     try:
         for (event,) in stream_jobs(model, tokenizer, [job], is_cancelled=lambda uid: bool(interrupted)):
             piece = event.get("text", "")
@@ -127,10 +129,23 @@ def answer(model, tokenizer, job: Job) -> str | None:
             if "error" in event:
                 failed = True
                 print(f"\n[{event['error']}]", file=sys.stderr)
+            final = event if "finish_reason" in event else final
     finally:
         signal.signal(signal.SIGINT, previous)
     print(" [stopped]" if interrupted else "")
+    if final:
+        print(statistics(final, time.perf_counter() - started, job.settings), file=sys.stderr)
     return None if failed else text
+
+
+def statistics(final: dict, seconds: float, settings: DecodeSettings) -> str:
+    """One line after each answer: tokens, speed, forwards, and a cut at the length limit."""
+    tokens, forwards = final["completion_tokens"], final["forwards"]
+    cut = ", cut at the length limit" if final["finish_reason"] == "length" else ""
+    return (
+        f"[{tokens} tokens in {seconds:.1f} s ({tokens / max(seconds, 1e-9):.1f} tok/s), {forwards} forwards "
+        f"({tokens / max(forwards, 1):.2f} tokens/forward){cut}]"
+    )
 
 
 def main(args: list[str]) -> None:

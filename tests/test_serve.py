@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -422,6 +423,25 @@ def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_fu
     assert 0 < len(stopped) < len(full) / 2 and full.startswith(stopped)
     assert capsys.readouterr().out.endswith(stopped + " [stopped]\n")
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_each_chat_answer_ends_with_a_line_of_its_tokens_and_forwards(tiny_dir, capsys, ignore_eos):
+    from dllm_lit.chat import answer
+    from dllm_lit.models import load_model, load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    settings = DecodeSettings(add_eos_length=3, max_new_tokens=24, ignore_eos=ignore_eos)
+    ids = tokenizer("hello")["input_ids"]
+    row = generate_blocks(model, torch.tensor([ids]), settings, eos_token_id=tokenizer.eos_token_id).rows[0]
+    answer(model, tokenizer, Job("t", ids, settings))
+    tokens, forwards = row.num_generated, row.forwards
+    cut = ", cut at the length limit" if row.stop_reason == "max_new_tokens" else ""
+    speed = r"[\d.]+ s \([\d.]+ tok/s\)"
+    pattern = rf"\[{tokens} tokens in {speed}, {forwards} forwards \({tokens / forwards:.2f} tokens/forward\)"
+    assert re.fullmatch(pattern + re.escape(cut) + r"\]", capsys.readouterr().err.splitlines()[-1])
+    assert (row.stop_reason == "max_new_tokens") == ignore_eos
 
 
 def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_message_too_long_alone(
