@@ -88,8 +88,9 @@ class DllmLM(HFLM):
         kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tok_decode(self.eot_token_id))
         sampling = {"temperature": float(kwargs.get("temperature", 0.0))} if kwargs.get("do_sample") else {}
-        if "top_p" in kwargs and sampling:
-            sampling["top_p"] = float(kwargs["top_p"])
+        for name, kind in (("top_p", float), ("top_k", int), ("min_p", float)):
+            if kwargs.get(name) is not None and sampling:
+                sampling[name] = kind(kwargs[name])
         return self.settings.replace(max_new_tokens=int(kwargs["max_gen_toks"]), **sampling), until
 
     def _decode(self, jobs: list[Job]) -> list[tuple[str, dict, float]]:

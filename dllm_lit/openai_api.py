@@ -4,8 +4,8 @@ Requests are read with pydantic; anything the engine cannot run is refused here,
 process, with OpenAI's error shape (``{"error": {"message", "type", "param", "code"}}``) and a 4xx
 status, before it reaches the model worker. dllm_lit's own settings ride in the body next to
 OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``refine_iter`` and
-``lossless``, echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``, and ``ignore_eos`` and
-``top_k`` (-1 or 0: no limit), as vLLM's server accepts them. A message's content is a string or a
+``lossless``, echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``, and ``ignore_eos``,
+``top_k`` (-1 or 0: no limit) and ``min_p``, as vLLM's server accepts them. A message's content is a string or a
 list of text parts.
 """
 
@@ -70,6 +70,7 @@ class CommonRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -86,6 +87,7 @@ class CommonRequest(BaseModel):
             "max_new_tokens": self.max_completion_tokens or self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "min_p": self.min_p,
             "top_k": max(self.top_k, 0) if self.top_k is not None else None,  # vLLM's -1: no limit, as 0
             "seed": self.seed,
             "add_eos_length": self.add_eos_length,

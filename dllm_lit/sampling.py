@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -18,13 +19,16 @@ Picker = Callable[[torch.Tensor], torch.Tensor]
 
 
 def build_warpers(settings: DecodeSettings, device: torch.device) -> tuple[LogitsProcessorList, torch.Generator | None]:
-    """Transformers' temperature / top-k / top-p warpers for ``settings``, and the sampling generator
+    """Transformers' temperature / top-k / top-p / min-p warpers for ``settings`` (in ``generate``'s
+    order), and the sampling generator
     (seeded by ``settings.seed``; ``None``: torch's global one, seeded by seed_everything under the CLI)."""
     warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
     if settings.top_k:
         warpers.append(TopKLogitsWarper(settings.top_k))
     if settings.top_p is not None and settings.top_p < 1.0:
         warpers.append(TopPLogitsWarper(settings.top_p))
+    if settings.min_p:
+        warpers.append(MinPLogitsWarper(settings.min_p))
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=device)

@@ -34,6 +34,8 @@ class DecodeSettings:
         temperature: 0 decodes greedily (exact, the default); above 0 samples.
         top_k: When sampling, keep only the k most likely tokens.
         top_p: When sampling, the nucleus threshold (0 < top_p <= 1).
+        min_p: When sampling, drop tokens less likely than ``min_p`` times the most likely one
+            (0 <= min_p <= 1; transformers' and vLLM's ``min_p``).
         seed: Seed of a private sampling generator; None samples from torch's global generator
             (seeded by ``--seed_everything`` under the CLI).
         ignore_eos: EOS still fills blocks but no longer ends a row (``stop_token_ids`` still do);
@@ -81,6 +83,7 @@ class DecodeSettings:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
     seed: int | None = None
     ignore_eos: bool = False
     use_cache: bool = True
@@ -107,6 +110,8 @@ class DecodeSettings:
             raise ValueError(f"temperature must be 0 (greedy) or above, got {self.temperature}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be above 0 and at most 1, got {self.top_p}.")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be between 0 and 1, got {self.min_p}.")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be at least 0 (0: no limit), got {self.top_k}.")
         if self.backend not in BACKENDS:

@@ -160,6 +160,14 @@ def test_sampling_with_top_k_1_is_greedy_and_seeded_sampling_repeats(model):
     assert tokens(run(model, PROMPTS_3, temperature=1.5, top_p=0.95, seed=12, **settings)) != first
 
 
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_sampling_with_min_p_1_keeps_only_the_most_likely_token(model, mode):
+    settings = dict(MODES[mode], max_new_tokens=24, ignore_eos=True)
+    greedy = tokens(run(model, PROMPTS_3, **settings))
+    assert tokens(run(model, PROMPTS_3, temperature=2.0, seed=3, **settings)) != greedy, "hot sampling wanders"
+    assert tokens(run(model, PROMPTS_3, temperature=2.0, min_p=1.0, seed=3, **settings)) == greedy
+
+
 def test_extra_stop_tokens_end_a_row(model):
     settings = dict(add_eos_length=3, refine_iter=4, max_new_tokens=20)
     plain = run(model, PROMPTS_3[:1], **settings).rows[0]
@@ -274,6 +282,7 @@ def test_a_settings_object_equals_flat_keywords_and_keywords_override_it(model):
         (dict(temperature=-0.5), ValueError, "temperature must be 0 \\(greedy\\) or above, got -0.5."),
         (dict(top_p=1.5), ValueError, "top_p must be above 0 and at most 1, got 1.5."),
         (dict(top_p=0.0), ValueError, "top_p must be above 0"),
+        (dict(min_p=1.5), ValueError, "min_p must be between 0 and 1, got 1.5."),
         (dict(top_k=-1), ValueError, "top_k must be at least 0"),
         (dict(refine_iters=2), TypeError, "Unknown decoding setting\\(s\\): refine_iters."),
         (dict(stop_strings=["ok", ""]), ValueError, "stop_strings must be non-empty strings, got \\['ok', ''\\]."),

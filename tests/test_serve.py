@@ -177,17 +177,18 @@ def test_extra_settings_are_used_and_echoed(client, tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_text_parts_read_as_their_joined_string_and_top_k_1_samples_the_greedy_answer(client, tiny_dir):
+def test_text_parts_read_as_their_joined_string_and_top_k_1_or_min_p_1_sample_the_greedy_answer(client, tiny_dir):
     joined, _ = chat_text(client, tiny_dir, "Name a color.\nAnd a fruit.")
     parts = [{"type": "text", "text": "Name a color."}, {"type": "text", "text": "And a fruit."}]
     done = client.chat.completions.create(model=tiny_dir, messages=[{"role": "user", "content": parts}])
     assert done.choices[0].message.content == joined
     greedy, _ = chat_text(client, tiny_dir, "Tell me a story.")
+    limits = ({"top_k": 1}, {"top_k": 1}, {"min_p": 1.0}, {"top_k": -1}, {"top_k": -1})
     sampled = [
-        chat_text(client, tiny_dir, "Tell me a story.", temperature=1.5, seed=seed, extra_body={"top_k": top_k})[0]
-        for seed, top_k in ((1, 1), (2, 1), (1, -1), (2, -1))
+        chat_text(client, tiny_dir, "Tell me a story.", temperature=1.5, seed=seed, extra_body=limit)[0]
+        for seed, limit in zip((1, 2, 2, 1, 2), limits)
     ]
-    assert sampled[:2] == [greedy, greedy] and sampled[2] != sampled[3], "top_k=-1 is no limit: seeds differ"
+    assert sampled[:3] == [greedy] * 3 and sampled[3] != sampled[4], "top_k=-1 is no limit: seeds differ"
 
 
 @pytest.mark.slow
@@ -222,6 +223,7 @@ BAD_REQUESTS = [
     ("bad add_eos_length", {"add_eos_length": -1}, 400),
     ("an image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400),
     ("top_k below -1", {"top_k": -2}, 400),
+    ("min_p above 1", {"min_p": 1.5}, 400),
     ("logprobs", {"logprobs": True, "top_logprobs": 2}, 400),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ("json mode", {"response_format": {"type": "json_object"}}, 400),
