@@ -93,32 +93,34 @@ class TextStream:
 class StopStringWatch:
     """The ``on_commit`` listener that ends a row once its text holds a stop string.
 
-    Wraps the caller's listener, which still sees every commit, and, as its row's result, the one
-    :meth:`finish` returns: such a row's tokens end after the fewest that hold the stop string (a
-    block may have committed more) and it reads ``"stop_string"``.
+    Wraps the caller's listener, which sees every commit up to the fewest tokens that hold the stop
+    string (a block may have committed more) and, as its row's result, the one :meth:`finish` returns:
+    those tokens, and ``"stop_string"``.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str], rows: int, on_commit: CommitListener | None = None):
         self.streams = [TextStream(tokenizer, stop) for _ in range(rows)]
         self.on_commit = on_commit
-        self.cut: dict[int, RowResult] = {}
+        self.through: dict[int, int] = {}  # a stopped row's token count through its stop string
 
     def __call__(self, row: int, new_ids: list[int], result: RowResult | None) -> bool:
-        self.streams[row].add(new_ids)
-        if result is not None and self.streams[row].stopped:
+        stream = self.streams[row]
+        if not stream.stopped:
+            stream.add(new_ids)
+            if stream.stopped:  # the caller sees the tokens through the stop string, not the block's rest
+                self.through[row] = stream.tokens_through_stop()
+                new_ids = new_ids[: max(0, self.through[row] - len(stream.ids) + len(new_ids))]
+        if result is not None and stream.stopped:
             result = self._cut(row, result)
         asked = self.on_commit(row, new_ids, result) if self.on_commit is not None else False
-        return self.streams[row].stopped or asked
+        return stream.stopped or asked
 
     def finish(self, generation: BlockGeneration) -> BlockGeneration:
         """``generation`` with each row that reached a stop string cut after it."""
-        for row, stream in enumerate(self.streams):
-            if stream.stopped:
-                generation.rows[row] = self._cut(row, generation.rows[row])
+        for row in self.through:
+            generation.rows[row] = self._cut(row, generation.rows[row])
         return generation
 
     def _cut(self, row: int, result: RowResult) -> RowResult:
-        if row not in self.cut:
-            ids = result.token_ids[: self.streams[row].tokens_through_stop()]
-            self.cut[row] = replace(result, token_ids=ids, stop_reason="stop_string", stop_token_id=None)
-        return self.cut[row]
+        ids = result.token_ids[: self.through[row]]
+        return replace(result, token_ids=ids, stop_reason="stop_string", stop_token_id=None)

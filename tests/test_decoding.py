@@ -191,15 +191,17 @@ def test_a_stop_string_ends_a_row_after_the_fewest_tokens_that_hold_it(model, mo
     plain = run(model, PROMPTS_3, **settings)
     texts = [letters.decode(row.token_ids) for row in plain.rows]
     stop = texts[1][len(texts[1]) // 2 :][:4]  # from the middle of row 1's text
-    seen = {}
+    seen, streamed = {}, {0: [], 1: [], 2: []}
 
     def listen(row, new_ids, result):
+        streamed[row] += new_ids
         if result is not None:
             seen[row] = (list(result.token_ids), result.stop_reason)  # as it reads when the listener sees it
         return False
 
     stopped = run(model, PROMPTS_3, stop_strings=[stop], tokenizer=letters, on_commit=listen, **settings)
     assert [seen[i] for i in range(3)] == [(r.token_ids, r.stop_reason) for r in stopped.rows], "the returned result"
+    assert [streamed[i] for i in range(3)] == [r.token_ids for r in stopped.rows], "commits add up to the result"
     for plain_row, row, text in zip(plain.rows, stopped.rows, texts):
         if stop not in text:
             assert (row.token_ids, row.stop_reason) == (plain_row.token_ids, "max_new_tokens")
