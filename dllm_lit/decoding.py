@@ -103,6 +103,7 @@ def generate_blocks(
     attention_mask: torch.Tensor | None = None,
     on_commit: CommitListener | None = None,
     tokenizer: Any = None,
+    streamer: Any = None,
     **overrides: Any,
 ) -> BlockGeneration:
     """Decode a left-padded batch block by block; return per-row tokens and call statistics.
@@ -117,6 +118,9 @@ def generate_blocks(
             per pass in lossless mode, once at the end on its compiled path); returning True stops
             that row (:data:`~dllm_lit.ledger.CommitListener`). For streaming and cancellation.
         tokenizer: Decodes the rows' text for ``stop_strings`` (needed only with them).
+        streamer: A transformers streamer (``TextStreamer``, ``TextIteratorStreamer``) for one
+            prompt, as ``generate(streamer=)`` takes: it gets the prompt, each commit's tokens, then
+            ``end()``.
         **overrides: Any :class:`~dllm_lit.settings.DecodeSettings` field, e.g. ``refine_iter=3``,
             applied on top of ``settings``.
     """
@@ -129,19 +133,48 @@ def generate_blocks(
     )
     if draft_gate(model) is not None and not settings.lossless and settings.width > 1:  # W = 1 drafts nothing
         warnings.warn(UNUSED_DRAFTER, stacklevel=3)  # the caller, past inference_mode's wrapper
-    watch = None
-    if settings.stop_strings:
-        if tokenizer is None:
-            raise ValueError("stop_strings needs the tokenizer: generate_blocks(..., tokenizer=tokenizer).")
-        watch = on_commit = StopStringWatch(tokenizer, settings.stop_strings, input_ids.shape[0], on_commit)
+    on_commit, watch = _listeners(on_commit, streamer, tokenizer, settings, input_ids)
     device = next(model.parameters()).device
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
     ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit)
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
-    loop(model, prompt_ids, prompt_mask, settings, ledger, fill=eos_ids[0])
+    try:
+        loop(model, prompt_ids, prompt_mask, settings, ledger, fill=eos_ids[0])
+    finally:
+        if streamer is not None:
+            streamer.end()  # a TextIteratorStreamer's reader must not wait forever on a failed call
     return watch.finish(ledger.result()) if watch else ledger.result()
+
+
+def _listeners(on_commit, streamer, tokenizer, settings: DecodeSettings, input_ids: torch.Tensor):
+    """The ledger's listener (the caller's, behind a streamer, behind the stop-string watch) and the watch."""
+    if settings.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer: generate_blocks(..., tokenizer=tokenizer).")
+    if streamer is not None:
+        on_commit = stream_to(streamer, input_ids, on_commit)
+    if not settings.stop_strings:
+        return on_commit, None
+    watch = StopStringWatch(tokenizer, settings.stop_strings, input_ids.shape[0], on_commit)
+    return watch, watch
+
+
+def stream_to(streamer, input_ids: torch.Tensor, on_commit: CommitListener | None) -> CommitListener:
+    """The listener that feeds a transformers streamer: the prompt now, then each commit's tokens."""
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"A streamer takes one prompt, as in transformers' generate; got {input_ids.shape[0]}: "
+            "stream a batch with on_commit instead."
+        )
+    streamer.put(input_ids.cpu())
+
+    def listen(row: int, new_ids: list[int], result) -> bool:
+        if new_ids:
+            streamer.put(torch.tensor(new_ids))
+        return on_commit(row, new_ids, result) if on_commit is not None else False
+
+    return listen
 
 
 def iterative_generate(

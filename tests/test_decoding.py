@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -166,6 +168,53 @@ def test_sampling_with_min_p_1_keeps_only_the_most_likely_token(model, mode):
     greedy = tokens(run(model, PROMPTS_3, **settings))
     assert tokens(run(model, PROMPTS_3, temperature=2.0, seed=3, **settings)) != greedy, "hot sampling wanders"
     assert tokens(run(model, PROMPTS_3, temperature=2.0, min_p=1.0, seed=3, **settings)) == greedy
+
+
+class RecordingStreamer:
+    """What a transformers streamer is given: ``put`` tensors, then ``end``."""
+
+    def __init__(self):
+        self.puts, self.ended = [], 0
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_streamer_gets_the_prompt_then_the_rows_tokens_then_end(model, mode):
+    streamer = RecordingStreamer()
+    row = run(model, PROMPTS_3[:1], max_new_tokens=30, streamer=streamer, **MODES[mode]).rows[0]
+    assert streamer.puts[0] == [PROMPTS_3[0]] and streamer.ended == 1
+    assert sum(streamer.puts[1:], []) == row.token_ids
+    with pytest.raises(ValueError, match="A streamer takes one prompt"):
+        run(model, PROMPTS_3, streamer=RecordingStreamer(), **MODES[mode])
+
+
+def test_a_text_streamer_reads_the_text_it_reads_from_generate(tiny_dir):
+    from transformers import TextIteratorStreamer
+
+    from dllm_lit.models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    ids = tokenizer("Once upon", return_tensors="pt").input_ids
+
+    def streamed(call) -> str:
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        thread = threading.Thread(target=call, args=(streamer,))
+        thread.start()
+        text = "".join(streamer)
+        thread.join()
+        return text
+
+    eos = tokenizer.eos_token_id
+    ours = streamed(
+        lambda s: generate_blocks(model, ids, lossless=True, max_new_tokens=20, eos_token_id=eos, streamer=s)
+    )
+    theirs = streamed(lambda s: model.generate(ids, do_sample=False, max_new_tokens=20, pad_token_id=eos, streamer=s))
+    assert ours == theirs and ours
 
 
 def test_extra_stop_tokens_end_a_row(model):
