@@ -16,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import lightning as L
+import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import RichProgressBar
@@ -232,6 +233,16 @@ def main(args: list[str] | None = None) -> None:
         if error.errno not in FULL_DISK:
             raise
         fail(f"No space left on the device while writing {error.filename or 'the output'}: free some space.")
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group of a multi-process run before the interpreter exits: Lightning does
+    it at exit for NCCL only, and a Gloo (CPU) group left alive now and then aborts the finished
+    process ("terminate called without an active exception", SIGABRT)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def fail(error: BaseException | str) -> None:

@@ -92,6 +92,17 @@ def test_sigterm_stops_every_rank_of_a_two_process_run(tiny_dir, tmp_path, forty
     assert out.read_text() == reference.read_text()
 
 
+def test_a_run_destroys_its_process_group_before_it_exits(tiny_dir, tmp_path, dllm_lit_here):
+    """A Gloo group alive at interpreter exit sometimes aborts a finished run (SIGABRT, exit -6)."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        done = dllm_lit_here(["predict", f"--model.model_name_or_path={tiny_dir}", "--data.prompt=hi", *FAST], tmp_path)
+        assert done.returncode == 0 and not torch.distributed.is_initialized(), done.stderr
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def test_a_second_run_on_the_same_output_is_refused(tiny_dir, tmp_path, dllm_lit_here):
     prompts = write(tmp_path / "many.txt", "".join(f"prompt {i}\n" for i in range(2000)))  # a long first run
     out, parts = tmp_path / "out.jsonl", tmp_path / ".out.jsonl.parts"
