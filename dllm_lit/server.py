@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import secrets
 import signal
 import socket
@@ -344,6 +345,7 @@ def serve(
         host: Interface to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
         port: TCP port.
         api_key: If set, requests need the header ``Authorization: Bearer <api_key>`` (else 401).
+            Default: the environment variable ``DLLM_LIT_API_KEY`` (which keeps the key out of ``ps``).
         max_batch_size: Requests decoded together as one batch (LitServe batching).
         batch_timeout: Seconds to wait for more requests to fill a batch.
         device: ``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``mps``.
@@ -358,6 +360,7 @@ def serve(
     check_port(host, port)
     load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)  # a bad model fails here, too
     name = served_model_name or model_name_or_path
+    api_key = api_key or os.environ.get("DLLM_LIT_API_KEY") or None
     server = build_server(
         model_name_or_path,
         trust_remote_code,

@@ -358,6 +358,24 @@ def test_the_server_puts_its_worker_on_the_device_asked_for(device, workers):
     assert server.devices == workers, "LitServe starts one worker per entry, on that device"
 
 
+@pytest.mark.parametrize(
+    ("flag", "env", "used"), [([], "from-env", "from-env"), (["--api_key=flag"], "env", "flag"), ([], "", None)]
+)
+def test_the_api_key_comes_from_the_flag_or_else_the_environment(tiny_dir, monkeypatch, flag, env, used):
+    from dllm_lit import server
+
+    built = {}
+
+    class Started:
+        def run(self, **kwargs):
+            built["ran"] = True
+
+    monkeypatch.setattr(server, "build_server", lambda *args, **kwargs: built.update(kwargs) or Started())
+    monkeypatch.setenv("DLLM_LIT_API_KEY", env)
+    cli.main(["serve", f"--model.model_name_or_path={tiny_dir}", f"--port={free_port()}", *flag])
+    assert built["ran"] and built["api_key"] == used
+
+
 def texts(model, tokenizer, jobs: list[Job]) -> list[str]:
     """Each job's whole answer from ``stream_jobs``."""
     events = list(stream_jobs(model, tokenizer, jobs))
