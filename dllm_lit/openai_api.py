@@ -75,7 +75,7 @@ class CommonRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=128)
     add_eos_length: int | None = Field(None, ge=0)
     refine_iter: int | None = Field(None, ge=1)
     lossless: bool | None = None
@@ -115,14 +115,15 @@ class ChatRequest(CommonRequest):
 
 
 class CompletionRequest(CommonRequest):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
 
-    def text(self) -> str:
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids (one list of ids is one prompt)."""
         if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise OpenAIError(400, "prompt must be one string (batches of prompts are not supported).", "prompt")
-        return self.prompt[0]
+            return [self.prompt]
+        if not self.prompt:
+            raise OpenAIError(400, "prompt holds no prompt.", "prompt")
+        return [self.prompt] if isinstance(self.prompt[0], int) else list(self.prompt)
 
 
 UNSUPPORTED = (
@@ -168,7 +169,8 @@ def settings_for(base: DecodeSettings, request: CommonRequest) -> DecodeSettings
 
 
 def usage(prompt_tokens: int, completion_tokens: int, forwards: int, settings: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's usage block plus the decoding statistics and the settings that produced them."""
+    """OpenAI's usage block plus the decoding statistics and the settings that produced them (with
+    several choices: tokens and forwards summed over them, each prompt counted once)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -188,13 +190,16 @@ def response_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def choice(chat: bool, text: str, reason: str | None, streaming: bool) -> dict[str, Any]:
+def choice(chat: bool, text: str, reason: str | None, streaming: bool, index: int = 0) -> dict[str, Any]:
     """One choice of a response or chunk."""
     if not chat:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-    if streaming:
-        return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    said = (
+        ("delta", {"content": text} if text else {})
+        if streaming
+        else ("message", {"role": "assistant", "content": text})
+    )
+    return {"index": index, said[0]: said[1], "logprobs": None, "finish_reason": reason}
 
 
 def envelope(chat: bool, rid: str, model: str, streaming: bool, **fields: Any) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """``dllm_lit serve``: an OpenAI-compatible HTTP server on LitServe, streaming block by block.
 
-LitServe runs the HTTP process and a model worker process. :class:`OpenAIBlockSpec` (a LitServe
-spec) owns the HTTP side: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``
-(LitServe adds ``GET /health``); it checks each request (:mod:`dllm_lit.openai_api`), tokenizes it
-and queues a :class:`~dllm_lit.streaming.Job`. :class:`BlockDecodingAPI` (a LitServe API) is the
+LitServe runs the HTTP process and a model worker process.
+:class:`~dllm_lit.openai_spec.OpenAIBlockSpec` (a LitServe spec) owns the HTTP side: ``POST
+/v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (LitServe adds ``GET /health``);
+it checks each request (:mod:`dllm_lit.openai_api`), tokenizes it and queues one
+:class:`~dllm_lit.streaming.Job` per choice. :class:`BlockDecodingAPI` (a LitServe API) is the
 worker: LitServe batches queued jobs (``max_batch_size``, ``batch_timeout``) and the worker streams
 their events (:func:`~dllm_lit.streaming.stream_jobs`), one per committed block. A client that
 disconnects mid-stream is marked in a dict shared through a ``multiprocessing.Manager``; the worker
@@ -12,46 +13,26 @@ stops its row at the next commit.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import multiprocessing
 import os
-import secrets
 import signal
 import socket
 import sys
-import time
-import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Literal
 
 import litserve as ls
 import torch
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from dllm_lit.data import PromptError, encode_prompt
 from dllm_lit.model_args import ANSWERING_DEFAULTS, add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
-from dllm_lit.openai_api import (
-    ChatRequest,
-    CompletionRequest,
-    OpenAIError,
-    choice,
-    envelope,
-    parse,
-    response_id,
-    settings_for,
-    usage,
-)
+from dllm_lit.openai_api import OpenAIError
+from dllm_lit.openai_spec import OpenAIBlockSpec
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs, warm_up
-
-_ECHOED = ("add_eos_length", "refine_iter", "lossless")
 
 
 class BlockDecodingAPI(ls.LitAPI):
@@ -98,178 +79,6 @@ class BlockDecodingAPI(ls.LitAPI):
 
     def encode_response(self, output: Iterator) -> Iterator:
         yield from output
-
-
-class OpenAIBlockSpec(LitSpec):
-    """The OpenAI endpoints (HTTP process side)."""
-
-    def __init__(
-        self,
-        model_name_or_path: str,
-        trust_remote_code: bool,
-        settings: DecodeSettings,
-        served_model_name: str,
-        api_key: str | None,
-        cancelled,
-    ):
-        super().__init__()
-        self.api_path = "/v1/chat/completions"
-        self.model_name_or_path, self.trust_remote_code = model_name_or_path, trust_remote_code
-        self.settings, self.model_id, self.api_key = settings, served_model_name, api_key
-        self.cancelled = cancelled
-        self.tokenizer = None
-        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
-        self.add_endpoint("/v1/completions", self.completions, ["POST"])
-        self.add_endpoint("/v1/models", self.models, ["GET"])
-
-    @property
-    def stream(self) -> bool:
-        return True
-
-    def decode_request(self, request, context_kwargs=None):
-        return request
-
-    def encode_response(self, output, context_kwargs=None):
-        yield from output
-
-    async def models(self, request: Request):
-        try:
-            self._authorize(request)
-        except OpenAIError as error:
-            return JSONResponse(error.body(), error.status)
-        model = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "dllm_lit"}
-        return {"object": "list", "data": [model]}
-
-    async def chat_completions(self, request: Request):
-        return await self._complete(request, chat=True)
-
-    async def completions(self, request: Request):
-        return await self._complete(request, chat=False)
-
-    async def _complete(self, request: Request, chat: bool):
-        try:
-            self._authorize(request)
-            job, parsed = await self._job(request, chat)
-            usage_chunk = parsed.usage_chunk()
-        except OpenAIError as error:
-            return JSONResponse(error.body(), error.status)
-        events = self._submit(job)
-        rid = response_id(chat)
-        if parsed.stream:
-            sse = self._sse(events, job, chat, rid, usage_chunk)
-            return StreamingResponse(sse, media_type="text/event-stream")
-        return await self._collect(events, job, chat, rid)
-
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise OpenAIError(
-                401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
-            )
-
-    async def _job(self, request: Request, chat: bool):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise OpenAIError(400, "The request body is not valid JSON.") from None
-        parsed = parse(ChatRequest if chat else CompletionRequest, body)
-        if parsed.model != self.model_id:
-            raise OpenAIError(
-                404,
-                f"The model '{parsed.model}' does not exist: this server serves '{self.model_id}'.",
-                "model",
-                "model_not_found",
-            )
-        settings = settings_for(self.settings, parsed)
-        ids = self._encode(parsed, chat)
-        if len(ids) >= settings.max_length:
-            raise OpenAIError(
-                400,
-                f"The prompt has {len(ids)} tokens, which leaves no room under max_length={settings.max_length}.",
-                "messages" if chat else "prompt",
-                "context_length_exceeded",
-            )
-        return Job(str(uuid.uuid4()), ids, settings, parsed.stop_strings()), parsed
-
-    def _encode(self, parsed, chat: bool) -> list[int]:
-        """The prompt ids exactly as ``predict`` makes them (chat template, or the raw prompt)."""
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
-        row = {"messages": [m.for_template() for m in parsed.messages]} if chat else {"prompt": parsed.text()}
-        try:
-            ids = encode_prompt(self.tokenizer, row, use_chat_template=chat)
-        except PromptError:
-            raise OpenAIError(400, "This model's tokenizer has no chat template: use /v1/completions.") from None
-        if not ids:
-            raise OpenAIError(400, "The prompt is empty.", "messages" if chat else "prompt")
-        return ids
-
-    def _submit(self, job: Job) -> AsyncIterator:
-        """Queue the job for the worker; return its stream of ``(data, status)``."""
-        queued, event = deque(), asyncio.Event()
-        self.response_buffer[job.uid] = ResponseBufferItem(response_queue=queued, event=event)
-        self.request_queue.put((self.response_queue_id, job.uid, time.monotonic(), job))
-        return self.data_streamer(queued, event, send_status=True)
-
-    async def _events(self, events: AsyncIterator) -> AsyncIterator[dict]:
-        """The worker's non-empty events; a worker error becomes ``{"error": ...}``."""
-        async for data, status in events:
-            if status == LitAPIStatus.ERROR:
-                yield {"error": f"Decoding failed: {data}"}
-                return
-            event = json.loads(data)
-            if event:
-                yield event
-
-    def _usage(self, job: Job, final: dict) -> dict:
-        echoed = {name: getattr(job.settings, name) for name in _ECHOED}
-        return usage(len(job.ids), final["completion_tokens"], final["forwards"], echoed)
-
-    async def _collect(self, events: AsyncIterator, job: Job, chat: bool, rid: str):
-        text = ""
-        async for event in self._events(events):
-            if "error" in event:
-                return JSONResponse(OpenAIError(500, event["error"]).body(), 500)
-            text += event["text"]
-            if "finish_reason" in event:
-                body = envelope(
-                    chat, rid, self.model_id, False, choices=[choice(chat, text, event["finish_reason"], False)]
-                )
-                return {**body, "usage": self._usage(job, event)}
-        return JSONResponse(OpenAIError(500, "The worker ended the request without a result.").body(), 500)
-
-    async def _sse(
-        self, events: AsyncIterator, job: Job, chat: bool, rid: str, usage_chunk: bool
-    ) -> AsyncIterator[str]:
-        """One ``data:`` chunk per committed block, a last chunk with ``finish_reason`` and ``usage``
-        (with ``usage_chunk``: ``usage`` in a chunk of its own, with no choices), then ``data: [DONE]``.
-        A client that goes away cancels its row."""
-        finished = False
-        try:
-            if chat:
-                first = envelope(chat, rid, self.model_id, True, choices=[choice(chat, "", None, True)])
-                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                yield f"data: {json.dumps(first)}\n\n"
-            async for event in self._events(events):
-                if "error" in event:
-                    finished = True
-                    yield f"data: {json.dumps(OpenAIError(500, event['error']).body())}\n\n"
-                    return
-                reason = event.get("finish_reason")
-                chunk = envelope(chat, rid, self.model_id, True, choices=[choice(chat, event["text"], reason, True)])
-                if reason is not None:
-                    finished = True
-                    chunk["usage"] = None if usage_chunk else self._usage(job, event)
-                yield f"data: {json.dumps(chunk)}\n\n"
-                if reason is not None and usage_chunk:
-                    alone = envelope(chat, rid, self.model_id, True, choices=[], usage=self._usage(job, event))
-                    yield f"data: {json.dumps(alone)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            if not finished:
-                self.cancelled[job.uid] = True
 
 
 def build_server(

@@ -56,4 +56,10 @@ def test_the_serve_config_parses_and_validates():
 
     config = serve_parser().parse_args(["--config", str(ROOT / "configs/serve.yaml")])
     name, trust, settings = model_settings(config.model)
-    assert (name, trust, settings.lossless, config.host, config.port) == ("smollm2-fast", False, True, "127.0.0.1", 8000)
+    assert (name, trust, settings.lossless, config.host, config.port) == (
+        "smollm2-fast",
+        False,
+        True,
+        "127.0.0.1",
+        8000,
+    )

@@ -26,6 +26,7 @@ from dllm_lit import cli, generate_blocks
 from dllm_lit.streaming import Job, stream_jobs
 
 KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 SETTINGS = ["--model.add_eos_length=3", "--model.max_new_tokens=24", "--model.lossless=false"]  # block mode
 
 
@@ -160,6 +161,34 @@ def test_completion_streamed_equals_non_streamed_equals_predict(client, tiny_dir
 
 
 @pytest.mark.slow
+def test_several_prompts_and_n_choices_each_equal_their_answers_one_by_one(client, tiny_dir):
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_tokenizer
+
+    prompts = ["12+34=", "Once upon a time"]
+    alone = [client.completions.create(model=tiny_dir, prompt=prompt).choices[0].text for prompt in prompts]
+    ids = [encode_prompt(load_tokenizer(tiny_dir), {"prompt": prompt}, False) for prompt in prompts]
+    assert client.completions.create(model=tiny_dir, prompt=ids[1]).choices[0].text == alone[1], "token ids"
+    for prompt in (prompts, ids):
+        both = client.completions.create(model=tiny_dir, prompt=prompt, n=2)
+        assert [(c.index, c.text) for c in both.choices] == list(enumerate([alone[0], alone[0], alone[1], alone[1]]))
+    chunks = list(client.completions.create(model=tiny_dir, prompt=prompts, n=2, stream=True))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(4)]
+    assert streamed == [alone[0], alone[0], alone[1], alone[1]] and chunks[-1].usage == both.usage
+
+    singles = [chat_text(client, tiny_dir, "Tell me a story.", temperature=1.5, seed=seed)[1] for seed in (7, 8)]
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    sampled = client.chat.completions.create(model=tiny_dir, messages=messages, n=2, temperature=1.5, seed=7)
+    texts = [single.choices[0].message.content for single in singles]
+    assert [c.message.content for c in sampled.choices] == texts and texts[0] != texts[1], "seed, seed + 1"
+    assert sampled.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
+    assert sampled.usage.prompt_tokens == singles[0].usage.prompt_tokens, "one prompt, counted once"
+    for prompt in ([], [99999]):
+        reply = requests.post(f"{client.base_url}completions", json={"model": tiny_dir, "prompt": prompt}, headers=AUTH)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
+
+
+@pytest.mark.slow
 def test_extra_settings_are_used_and_echoed(client, tiny_dir, tmp_path):
     body = {"add_eos_length": 7, "refine_iter": 8}
     text, done = chat_text(client, tiny_dir, "Name a color.", extra_body=body)
@@ -219,7 +248,7 @@ BAD_REQUESTS = [
     ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404),
     ("negative max_tokens", {"max_tokens": -1}, 400),
     ("temperature of wrong type", {"temperature": "hot"}, 400),
-    ("n above one", {"n": 2}, 400),
+    ("n of zero", {"n": 0}, 400),
     ("bad add_eos_length", {"add_eos_length": -1}, 400),
     ("an image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400),
     ("top_k below -1", {"top_k": -2}, 400),

@@ -1,0 +1,272 @@
+"""The HTTP side of ``dllm_lit serve``: a LitServe spec with OpenAI's endpoints.
+
+``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models`` (LitServe adds
+``GET /health``). Each request is checked (:mod:`dllm_lit.openai_api`), tokenized as ``predict``
+tokenizes, and queued as one :class:`~dllm_lit.streaming.Job` per choice: each prompt (a completion
+takes a list) times ``n``. Their event streams are merged into one response, or into server-sent
+events that name each choice by its ``index``. A client that goes away marks its unfinished jobs in
+the ``cancelled`` dict the worker reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+
+from dllm_lit.data import PromptError, encode_prompt
+from dllm_lit.models import load_tokenizer
+from dllm_lit.openai_api import (
+    ChatRequest,
+    CompletionRequest,
+    OpenAIError,
+    choice,
+    envelope,
+    parse,
+    response_id,
+    settings_for,
+    usage,
+)
+from dllm_lit.settings import DecodeSettings
+from dllm_lit.streaming import Job
+
+_ECHOED = ("add_eos_length", "refine_iter", "lossless")
+
+
+@dataclass
+class Exchange:
+    """One request's jobs (choice ``i`` is ``jobs[i]``; ``n`` per prompt) and how it is answered."""
+
+    jobs: list[Job]
+    n: int
+    chat: bool
+    stream: bool
+    usage_chunk: bool
+    rid: str
+
+
+class OpenAIBlockSpec(LitSpec):
+    """The OpenAI endpoints (HTTP process side)."""
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        trust_remote_code: bool,
+        settings: DecodeSettings,
+        served_model_name: str,
+        api_key: str | None,
+        cancelled,
+    ):
+        super().__init__()
+        self.api_path = "/v1/chat/completions"
+        self.model_name_or_path, self.trust_remote_code = model_name_or_path, trust_remote_code
+        self.settings, self.model_id, self.api_key = settings, served_model_name, api_key
+        self.cancelled = cancelled
+        self.tokenizer = None
+        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
+        self.add_endpoint("/v1/completions", self.completions, ["POST"])
+        self.add_endpoint("/v1/models", self.models, ["GET"])
+
+    @property
+    def stream(self) -> bool:
+        return True
+
+    def decode_request(self, request, context_kwargs=None):
+        return request
+
+    def encode_response(self, output, context_kwargs=None):
+        yield from output
+
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except OpenAIError as error:
+            return JSONResponse(error.body(), error.status)
+        model = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "dllm_lit"}
+        return {"object": "list", "data": [model]}
+
+    async def chat_completions(self, request: Request):
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: Request):
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: Request, chat: bool):
+        try:
+            self._authorize(request)
+            exchange = await self._exchange(request, chat)
+        except OpenAIError as error:
+            return JSONResponse(error.body(), error.status)
+        events = self._merged([self._submit(job) for job in exchange.jobs])
+        if exchange.stream:
+            return StreamingResponse(self._sse(events, exchange), media_type="text/event-stream")
+        return await self._collect(events, exchange)
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise OpenAIError(
+                401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
+
+    async def _exchange(self, request: Request, chat: bool) -> Exchange:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise OpenAIError(400, "The request body is not valid JSON.") from None
+        parsed = parse(ChatRequest if chat else CompletionRequest, body)
+        if parsed.model != self.model_id:
+            raise OpenAIError(
+                404,
+                f"The model '{parsed.model}' does not exist: this server serves '{self.model_id}'.",
+                "model",
+                "model_not_found",
+            )
+        settings, stop = settings_for(self.settings, parsed), parsed.stop_strings()
+        jobs = [
+            Job(str(uuid.uuid4()), ids, seeded(settings, sample), stop)
+            for ids in self._prompt_ids(parsed, chat, settings.max_length)
+            for sample in range(parsed.n)
+        ]
+        return Exchange(jobs, parsed.n, chat, parsed.stream, parsed.usage_chunk(), response_id(chat))
+
+    def _prompt_ids(self, parsed, chat: bool, max_length: int) -> list[list[int]]:
+        """Each prompt's ids exactly as ``predict`` makes them (chat template, or the raw prompt);
+        token ids as given."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        field = "messages" if chat else "prompt"
+        rows = [{"messages": [m.for_template() for m in parsed.messages]}] if chat else parsed.prompts()
+        prompts = []
+        for row in rows:
+            ids = row if isinstance(row, list) else self._encode(row, chat)
+            if not ids:
+                raise OpenAIError(400, "The prompt is empty.", field)
+            if not all(0 <= i < len(self.tokenizer) for i in ids):
+                raise OpenAIError(
+                    400, f"prompt holds token ids outside the vocabulary (0..{len(self.tokenizer) - 1}).", field
+                )
+            if len(ids) >= max_length:
+                raise OpenAIError(
+                    400,
+                    f"The prompt has {len(ids)} tokens, which leaves no room under max_length={max_length}.",
+                    field,
+                    "context_length_exceeded",
+                )
+            prompts.append(ids)
+        return prompts
+
+    def _encode(self, row: dict | str, chat: bool) -> list[int]:
+        try:
+            return encode_prompt(self.tokenizer, row if chat else {"prompt": row}, use_chat_template=chat)
+        except PromptError:
+            raise OpenAIError(400, "This model's tokenizer has no chat template: use /v1/completions.") from None
+
+    def _submit(self, job: Job) -> AsyncIterator:
+        """Queue the job for the worker; return its stream of ``(data, status)``."""
+        queued, event = deque(), asyncio.Event()
+        self.response_buffer[job.uid] = ResponseBufferItem(response_queue=queued, event=event)
+        self.request_queue.put((self.response_queue_id, job.uid, time.monotonic(), job))
+        return self.data_streamer(queued, event, send_status=True)
+
+    async def _merged(self, streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, dict]]:
+        """``(choice index, event)`` from every job's stream as they come: the worker's non-empty
+        events, a worker error as ``{"error": ...}``, until each stream has ended."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: AsyncIterator) -> None:
+            async for data, status in stream:
+                if status == LitAPIStatus.ERROR:
+                    await queue.put((index, {"error": f"Decoding failed: {data}"}))
+                    break
+                if event := json.loads(data):
+                    await queue.put((index, event))
+            await queue.put((index, None))
+
+        pumps = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+        try:
+            running = len(pumps)
+            while running:
+                index, event = await queue.get()
+                if event is None:
+                    running -= 1
+                else:
+                    yield index, event
+        finally:
+            for task in pumps:
+                task.cancel()
+
+    def _usage(self, exchange: Exchange, finals: list[dict]) -> dict:
+        echoed = {name: getattr(exchange.jobs[0].settings, name) for name in _ECHOED}
+        prompts = sum(len(job.ids) for job in exchange.jobs[:: exchange.n])
+        completion = sum(final["completion_tokens"] for final in finals)
+        return usage(prompts, completion, sum(final["forwards"] for final in finals), echoed)
+
+    async def _collect(self, events: AsyncIterator, exchange: Exchange):
+        texts, finals = [""] * len(exchange.jobs), [None] * len(exchange.jobs)
+        async for index, event in events:
+            if "error" in event:
+                return JSONResponse(OpenAIError(500, event["error"]).body(), 500)
+            texts[index] += event["text"]
+            if "finish_reason" in event:
+                finals[index] = event
+        if None in finals:
+            return JSONResponse(OpenAIError(500, "The worker ended the request without a result.").body(), 500)
+        chat, rid = exchange.chat, exchange.rid
+        choices = [
+            choice(chat, text, final["finish_reason"], False, i) for i, (text, final) in enumerate(zip(texts, finals))
+        ]
+        return {**envelope(chat, rid, self.model_id, False, choices=choices), "usage": self._usage(exchange, finals)}
+
+    async def _sse(self, events: AsyncIterator, exchange: Exchange) -> AsyncIterator[str]:
+        """Per choice, one ``data:`` chunk per committed block (the last with its ``finish_reason``);
+        ``usage`` on the last chunk of all, or (``usage_chunk``) alone in a chunk with no choices;
+        then ``data: [DONE]``. A client that goes away cancels its unfinished jobs."""
+        chat, rid, count = exchange.chat, exchange.rid, len(exchange.jobs)
+        finals: dict[int, dict] = {}
+        try:
+            for index in range(count if chat else 0):
+                first = choice(chat, "", None, True, index) | {"delta": {"role": "assistant", "content": ""}}
+                yield f"data: {json.dumps(envelope(chat, rid, self.model_id, True, choices=[first]))}\n\n"
+            async for index, event in events:
+                if "error" in event:
+                    finals = dict.fromkeys(range(count), {})
+                    yield f"data: {json.dumps(OpenAIError(500, event['error']).body())}\n\n"
+                    return
+                reason = event.get("finish_reason")
+                chunk = envelope(
+                    chat, rid, self.model_id, True, choices=[choice(chat, event["text"], reason, True, index)]
+                )
+                if reason is not None:
+                    finals[index] = event
+                    last = len(finals) == count and not exchange.usage_chunk
+                    chunk["usage"] = self._usage(exchange, list(finals.values())) if last else None
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if exchange.usage_chunk:
+                alone = envelope(
+                    chat, rid, self.model_id, True, choices=[], usage=self._usage(exchange, list(finals.values()))
+                )
+                yield f"data: {json.dumps(alone)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for index, job in enumerate(exchange.jobs):
+                if index not in finals:
+                    self.cancelled[job.uid] = True
+
+
+def seeded(settings: DecodeSettings, sample: int) -> DecodeSettings:
+    """The settings of a request's ``sample``-th choice: a seed set by the request moves by one per
+    choice, so choice 0 is what ``n=1`` gives and the others differ."""
+    return settings if settings.seed is None or sample == 0 else settings.replace(seed=settings.seed + sample)
