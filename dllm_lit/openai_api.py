@@ -194,12 +194,10 @@ def choice(chat: bool, text: str, reason: str | None, streaming: bool, index: in
     """One choice of a response or chunk."""
     if not chat:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
-    said = (
-        ("delta", {"content": text} if text else {})
-        if streaming
-        else ("message", {"role": "assistant", "content": text})
-    )
-    return {"index": index, said[0]: said[1], "logprobs": None, "finish_reason": reason}
+    if streaming:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
 
 
 def envelope(chat: bool, rid: str, model: str, streaming: bool, **fields: Any) -> dict[str, Any]:
