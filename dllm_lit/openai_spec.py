@@ -233,7 +233,7 @@ class OpenAIBlockSpec(LitSpec):
     async def _sse(self, events: AsyncIterator, exchange: Exchange) -> AsyncIterator[str]:
         """Per choice, one ``data:`` chunk per committed block (the last with its ``finish_reason``);
         ``usage`` on the last chunk of all, or (``usage_chunk``) alone in a chunk with no choices;
-        then ``data: [DONE]``. A client that goes away cancels its unfinished jobs."""
+        then ``data: [DONE]``. A client that goes away, or an error, cancels the unfinished jobs."""
         chat, rid, count = exchange.chat, exchange.rid, len(exchange.jobs)
         finals: dict[int, dict] = {}
         try:
@@ -241,8 +241,8 @@ class OpenAIBlockSpec(LitSpec):
                 first = choice(chat, "", None, True, index) | {"delta": {"role": "assistant", "content": ""}}
                 yield f"data: {json.dumps(envelope(chat, rid, self.model_id, True, choices=[first]))}\n\n"
             async for index, event in events:
-                if "error" in event:
-                    finals = dict.fromkeys(range(count), {})
+                if "error" in event:  # this job has ended; the request's others stop
+                    finals[index] = event
                     yield f"data: {json.dumps(OpenAIError(500, event['error']).body())}\n\n"
                     return
                 reason = event.get("finish_reason")
