@@ -41,6 +41,8 @@ from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job
 
 _ECHOED = ("add_eos_length", "refine_iter", "lossless")
+MAX_CHOICES = 128
+"""Choices (prompts times ``n``) one request may ask for: more are refused, not queued."""
 
 
 @dataclass
@@ -135,6 +137,9 @@ class OpenAIBlockSpec(LitSpec):
                 "model_not_found",
             )
         settings, stop = settings_for(self.settings, parsed), parsed.stop_strings()
+        prompts = 1 if chat else len(parsed.prompts())
+        if prompts * parsed.n > MAX_CHOICES:
+            raise OpenAIError(400, f"A request gets at most {MAX_CHOICES} choices (prompts times n).", "n")
         jobs = [
             Job(str(uuid.uuid4()), ids, seeded(settings, sample), stop)
             for ids in self._prompt_ids(parsed, chat, settings.max_length)

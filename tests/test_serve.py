@@ -183,9 +183,13 @@ def test_several_prompts_and_n_choices_each_equal_their_answers_one_by_one(clien
     assert [c.message.content for c in sampled.choices] == texts and texts[0] != texts[1], "seed, seed + 1"
     assert sampled.usage.completion_tokens == sum(single.usage.completion_tokens for single in singles)
     assert sampled.usage.prompt_tokens == singles[0].usage.prompt_tokens, "one prompt, counted once"
-    for prompt in ([], [99999]):
-        reply = requests.post(f"{client.base_url}completions", json={"model": tiny_dir, "prompt": prompt}, headers=AUTH)
-        assert reply.status_code == 400 and reply.json()["error"]["param"] == "prompt"
+    for body, param in (
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [99999]}, "prompt"),
+        ({"prompt": ["a"] * 9, "n": 15}, "n"),
+    ):
+        reply = requests.post(f"{client.base_url}completions", json={"model": tiny_dir, **body}, headers=AUTH)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param
 
 
 @pytest.mark.slow
