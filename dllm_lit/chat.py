@@ -33,6 +33,7 @@ def chat(
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     system: str | None = None,
+    multiline: bool = False,
 ) -> None:
     """Chat with the model until /exit or Ctrl-D.
 
@@ -40,6 +41,7 @@ def chat(
         device: ``auto`` (a GPU if there is one), ``cpu`` or ``cuda``.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         system: A system message put first in the history (kept across /reset).
+        multiline: A message runs until an empty line (for pasted text and code); else each line is one.
     """
     device = resolve_device(device)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
@@ -50,10 +52,11 @@ def chat(
     warm_up(model, tokenizer, settings, rows=1)  # a compiled backend compiles now, not in the first answer
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    print(HELP, file=sys.stderr)
+    usage = HELP + (" A message ends with an empty line." if multiline else "")
+    print(usage, file=sys.stderr)
     while True:
         try:
-            line = input(">> ").strip()
+            line = read_message(multiline)
         except EOFError:
             print()
             return
@@ -63,17 +66,29 @@ def chat(
         if line in ("/exit", "/quit"):
             return
         if re.fullmatch(r"/\w+", line):
-            history = run_command(line, history, start)
+            history = run_command(line, history, start, usage)
         elif line:
             history = take_turn(model, tokenizer, settings, history, line, kept=len(start))
 
 
-def run_command(command: str, history: list[dict], start: list[dict]) -> list[dict]:
+def read_message(multiline: bool) -> str:
+    """One message: a line, or (``multiline``) the lines up to an empty one or Ctrl-D; a /command is
+    always one line."""
+    lines = [input(">> ")]
+    while multiline and lines[-1].strip() and not lines[0].startswith("/"):
+        try:
+            lines.append(input(".. "))
+        except EOFError:
+            break
+    return "\n".join(lines).strip()
+
+
+def run_command(command: str, history: list[dict], start: list[dict], usage: str) -> list[dict]:
     """``/reset`` (the history back to ``start``), ``/help``, or a one-line note on an unknown command."""
     if command == "/reset":
         print("(history cleared)", file=sys.stderr)
         return list(start)
-    print(HELP if command == "/help" else f"Unknown command {command}. {HELP}", file=sys.stderr)
+    print(usage if command == "/help" else f"Unknown command {command}. {usage}", file=sys.stderr)
     return history
 
 

@@ -535,6 +535,27 @@ def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_messag
     assert said.count("2 oldest messages no longer fit under max_length and were dropped") == 2
 
 
+def test_multiline_chat_messages_run_to_an_empty_line(tiny_dir, capsys, monkeypatch):
+    from dllm_lit import chat
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    type_lines(monkeypatch, ["Fix this:", "def f():", "    return 1", "", "/help", "last one"])
+    prompts = []
+    monkeypatch.setattr(chat, "answer", lambda model, tokenizer, job: prompts.append(job.ids) or "ok")
+    chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=8), device="cpu", multiline=True)
+    tokenizer, first = load_tokenizer(tiny_dir), "Fix this:\ndef f():\n    return 1"
+    turns = [{"role": "user", "content": first}, {"role": "assistant", "content": "ok"}]
+    assert prompts == [
+        encode_prompt(tokenizer, {"messages": turns[:1]}, use_chat_template=True),
+        encode_prompt(
+            tokenizer, {"messages": [*turns, {"role": "user", "content": "last one"}]}, use_chat_template=True
+        ),
+    ], "the last message ends at Ctrl-D"
+    assert capsys.readouterr().err.count("A message ends with an empty line.") == 2
+
+
 def test_ctrl_c_while_chat_loads_exits_130_without_a_traceback(tiny_dir, capsys, monkeypatch):
     from dllm_lit import chat
 
