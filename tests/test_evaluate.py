@@ -117,7 +117,7 @@ def test_evaluate_on_the_shipped_tasks(dllm_lit, tiny_dir, tmp_path, model):
             "--log_samples=true",
             f"--output_dir={out}",
         ],
-        ROOT,
+        tmp_path,  # the tasks find their data from any working directory
         env={"HF_DATASETS_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
