@@ -126,6 +126,31 @@ class CompletionRequest(CommonRequest):
         return [self.prompt] if isinstance(self.prompt[0], int) else list(self.prompt)
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize`` body: one ``prompt`` or chat ``messages``."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+
+    def row(self) -> dict:
+        """The prompt as ``encode_prompt`` takes it, or a 400 unless exactly one of the two is given."""
+        if (self.prompt is None) == (self.messages is None):
+            raise OpenAIError(400, "Give exactly one of prompt and messages.")
+        if self.messages is None:
+            return {"prompt": self.prompt}
+        return {"messages": [message.for_template() for message in self.messages]}
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize`` body."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
 UNSUPPORTED = (
     "logprobs",
     "top_logprobs",

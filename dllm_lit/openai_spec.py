@@ -29,7 +29,9 @@ from dllm_lit.models import load_tokenizer
 from dllm_lit.openai_api import (
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     OpenAIError,
+    TokenizeRequest,
     choice,
     envelope,
     parse,
@@ -74,10 +76,12 @@ class OpenAIBlockSpec(LitSpec):
         self.model_name_or_path, self.trust_remote_code = model_name_or_path, trust_remote_code
         self.settings, self.model_id, self.api_key = settings, served_model_name, api_key
         self.cancelled = cancelled
-        self.tokenizer = None
+        self._tokenizer = None
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
+        self.add_endpoint("/tokenize", self.tokenize, ["POST"])
+        self.add_endpoint("/detokenize", self.detokenize, ["POST"])
 
     @property
     def stream(self) -> bool:
@@ -103,6 +107,27 @@ class OpenAIBlockSpec(LitSpec):
     async def completions(self, request: Request):
         return await self._complete(request, chat=False)
 
+    async def tokenize(self, request: Request):
+        """vLLM's ``/tokenize``: the ids a prompt or chat becomes, exactly as the completion endpoints
+        make them, with their ``count`` and ``max_model_len`` (the server's ``max_length``)."""
+        try:
+            self._authorize(request)
+            parsed = self._check_model(parse(TokenizeRequest, await self._body(request)))
+            ids = self._encode(parsed.row())
+        except OpenAIError as error:
+            return JSONResponse(error.body(), error.status)
+        return {"count": len(ids), "max_model_len": self.settings.max_length, "tokens": ids}
+
+    async def detokenize(self, request: Request):
+        """vLLM's ``/detokenize``: the text of token ids (special tokens included)."""
+        try:
+            self._authorize(request)
+            parsed = self._check_model(parse(DetokenizeRequest, await self._body(request)))
+            ids = self._in_vocabulary(parsed.tokens, "tokens")
+        except OpenAIError as error:
+            return JSONResponse(error.body(), error.status)
+        return {"prompt": self.tokenizer.decode(ids)}
+
     async def _complete(self, request: Request, chat: bool):
         try:
             self._authorize(request)
@@ -123,19 +148,26 @@ class OpenAIBlockSpec(LitSpec):
                 401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
             )
 
-    async def _exchange(self, request: Request, chat: bool) -> Exchange:
+    @staticmethod
+    async def _body(request: Request):
         try:
-            body = await request.json()
+            return await request.json()
         except ValueError:
             raise OpenAIError(400, "The request body is not valid JSON.") from None
-        parsed = parse(ChatRequest if chat else CompletionRequest, body)
-        if parsed.model != self.model_id:
+
+    def _check_model(self, parsed):
+        """``parsed``, or a 404 when it names another model (the tokenizer endpoints may name none)."""
+        if parsed.model is not None and parsed.model != self.model_id:
             raise OpenAIError(
                 404,
                 f"The model '{parsed.model}' does not exist: this server serves '{self.model_id}'.",
                 "model",
                 "model_not_found",
             )
+        return parsed
+
+    async def _exchange(self, request: Request, chat: bool) -> Exchange:
+        parsed = self._check_model(parse(ChatRequest if chat else CompletionRequest, await self._body(request)))
         settings, stop = settings_for(self.settings, parsed), parsed.stop_strings()
         prompts = 1 if chat else len(parsed.prompts())
         if prompts * parsed.n > MAX_CHOICES:
@@ -150,19 +182,14 @@ class OpenAIBlockSpec(LitSpec):
     def _prompt_ids(self, parsed, chat: bool, max_length: int) -> list[list[int]]:
         """Each prompt's ids exactly as ``predict`` makes them (chat template, or the raw prompt);
         token ids as given."""
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
         field = "messages" if chat else "prompt"
         rows = [{"messages": [m.for_template() for m in parsed.messages]}] if chat else parsed.prompts()
         prompts = []
         for row in rows:
-            ids = row if isinstance(row, list) else self._encode(row, chat)
+            ids = row if isinstance(row, list) else self._encode(row if chat else {"prompt": row})
             if not ids:
                 raise OpenAIError(400, "The prompt is empty.", field)
-            if not all(0 <= i < len(self.tokenizer) for i in ids):
-                raise OpenAIError(
-                    400, f"prompt holds token ids outside the vocabulary (0..{len(self.tokenizer) - 1}).", field
-                )
+            self._in_vocabulary(ids, field)
             if len(ids) >= max_length:
                 raise OpenAIError(
                     400,
@@ -173,9 +200,24 @@ class OpenAIBlockSpec(LitSpec):
             prompts.append(ids)
         return prompts
 
-    def _encode(self, row: dict | str, chat: bool) -> list[int]:
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded at the first request (the HTTP process holds no model)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        return self._tokenizer
+
+    def _in_vocabulary(self, ids: list[int], field: str) -> list[int]:
+        if not all(0 <= i < len(self.tokenizer) for i in ids):
+            raise OpenAIError(
+                400, f"{field} holds token ids outside the vocabulary (0..{len(self.tokenizer) - 1}).", field
+            )
+        return ids
+
+    def _encode(self, row: dict) -> list[int]:
+        """A ``{"prompt"}`` or ``{"messages"}`` row's ids, as ``predict`` makes them."""
         try:
-            return encode_prompt(self.tokenizer, row if chat else {"prompt": row}, use_chat_template=chat)
+            return encode_prompt(self.tokenizer, row, use_chat_template="messages" in row)
         except PromptError:
             raise OpenAIError(400, "This model's tokenizer has no chat template: use /v1/completions.") from None
 

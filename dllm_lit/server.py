@@ -117,7 +117,7 @@ async def openai_http_error(request: Request, error: HTTPException) -> JSONRespo
     if error.status_code in (404, 405):
         message = (
             f"No endpoint {request.method} {request.url.path}: this server has POST /v1/chat/completions, "
-            "POST /v1/completions and GET /v1/models."
+            "POST /v1/completions, GET /v1/models, POST /tokenize and POST /detokenize."
         )
     return JSONResponse(OpenAIError(error.status_code, message).body(), error.status_code, headers=error.headers)
 

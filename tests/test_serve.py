@@ -193,6 +193,33 @@ def test_several_prompts_and_n_choices_each_equal_their_answers_one_by_one(clien
 
 
 @pytest.mark.slow
+def test_tokenize_gives_the_ids_a_request_decodes_and_detokenize_reads_them_back(server, client, tiny_dir):
+    def post(path: str, body: dict, headers=AUTH) -> requests.Response:
+        return requests.post(f"{server[0]}{path}", json=body, headers=headers)
+
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    chat = post("/tokenize", {"model": tiny_dir, "messages": messages}).json()
+    assert (
+        chat["count"]
+        == len(chat["tokens"])
+        == client.chat.completions.create(model=tiny_dir, messages=messages).usage.prompt_tokens
+    )
+    tokens = post("/tokenize", {"prompt": "12+34="}).json()["tokens"]
+    answers = [
+        client.completions.create(model=tiny_dir, prompt=prompt).choices[0].text for prompt in ("12+34=", tokens)
+    ]
+    assert answers[0] == answers[1], "the ids a text prompt is decoded from"
+    assert post("/detokenize", {"tokens": tokens}).json()["prompt"].endswith("12+34=")
+    for path, body, status in (
+        ("/tokenize", {"prompt": "a", "messages": messages}, 400),
+        ("/tokenize", {"prompt": "a", "model": "other"}, 404),
+        ("/detokenize", {"tokens": [99999]}, 400),
+    ):
+        assert post(path, body).status_code == status
+    assert post("/tokenize", {"prompt": "a"}, headers={}).status_code == 401
+
+
+@pytest.mark.slow
 def test_extra_settings_are_used_and_echoed(client, tiny_dir, tmp_path):
     body = {"add_eos_length": 7, "refine_iter": 8}
     text, done = chat_text(client, tiny_dir, "Name a color.", extra_body=body)
