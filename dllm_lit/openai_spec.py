@@ -1,7 +1,7 @@
 """The HTTP side of ``dllm_lit serve``: a LitServe spec with OpenAI's endpoints.
 
-``POST /v1/chat/completions``, ``POST /v1/completions`` and ``GET /v1/models`` (LitServe adds
-``GET /health``). Each request is checked (:mod:`dllm_lit.openai_api`), tokenized as ``predict``
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` and vLLM's ``POST
+/tokenize`` and ``POST /detokenize`` (LitServe adds ``GET /health``). Each request is checked (:mod:`dllm_lit.openai_api`), tokenized as ``predict``
 tokenizes, and queued as one :class:`~dllm_lit.streaming.Job` per choice: each prompt (a completion
 takes a list) times ``n``. Their event streams are merged into one response, or into server-sent
 events that name each choice by its ``index``. A client that goes away marks its unfinished jobs in
