@@ -1,11 +1,12 @@
 """The HTTP side of ``dllm_lit serve``: a LitServe spec with OpenAI's endpoints.
 
 ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` and vLLM's ``POST
-/tokenize`` and ``POST /detokenize`` (LitServe adds ``GET /health``). Each request is checked (:mod:`dllm_lit.openai_api`), tokenized as ``predict``
-tokenizes, and queued as one :class:`~dllm_lit.streaming.Job` per choice: each prompt (a completion
-takes a list) times ``n``. Their event streams are merged into one response, or into server-sent
-events that name each choice by its ``index``. A client that goes away marks its unfinished jobs in
-the ``cancelled`` dict the worker reads.
+/tokenize`` and ``POST /detokenize`` (LitServe adds ``GET /health``). Each request is checked
+(:mod:`dllm_lit.openai_api`), tokenized as ``predict`` tokenizes, and queued as one
+:class:`~dllm_lit.streaming.Job` per choice: each prompt (a completion takes a list) times ``n``.
+Their event streams are merged into one response, or into server-sent events that name each choice
+by its ``index``. A client that goes away marks its unfinished jobs in the ``cancelled`` dict the
+worker reads.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class OpenAIBlockSpec(LitSpec):
         events = self._merged([self._submit(job) for job in exchange.jobs])
         if exchange.stream:
             return StreamingResponse(self._sse(events, exchange), media_type="text/event-stream")
-        return await self._collect(events, exchange)
+        return await self._collect(events, exchange, request)
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -261,7 +262,9 @@ class OpenAIBlockSpec(LitSpec):
         completion = sum(final["completion_tokens"] for final in finals)
         return usage(prompts, completion, sum(final["forwards"] for final in finals), echoed)
 
-    async def _collect(self, events: AsyncIterator, exchange: Exchange):
+    async def _collect(self, events: AsyncIterator, exchange: Exchange, request: Request):
+        """One response with every choice; a client that went away (checked at each event) cancels
+        the unfinished jobs."""
         texts, finals = [""] * len(exchange.jobs), [None] * len(exchange.jobs)
         async for index, event in events:
             if "error" in event:
@@ -269,6 +272,9 @@ class OpenAIBlockSpec(LitSpec):
             texts[index] += event["text"]
             if "finish_reason" in event:
                 finals[index] = event
+            elif await request.is_disconnected():
+                self._cancel(job for job, final in zip(exchange.jobs, finals) if final is None)
+                return JSONResponse(OpenAIError(499, "The client went away.").body(), 499)
         if None in finals:
             return JSONResponse(OpenAIError(500, "The worker ended the request without a result.").body(), 500)
         chat, rid = exchange.chat, exchange.rid
@@ -308,9 +314,12 @@ class OpenAIBlockSpec(LitSpec):
                 yield f"data: {json.dumps(alone)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            for index, job in enumerate(exchange.jobs):
-                if index not in finals:
-                    self.cancelled[job.uid] = True
+            self._cancel(job for index, job in enumerate(exchange.jobs) if index not in finals)
+
+    def _cancel(self, jobs) -> None:
+        """Ask the worker to stop these jobs at their next commit."""
+        for job in jobs:
+            self.cancelled[job.uid] = True
 
 
 def seeded(settings: DecodeSettings, sample: int) -> DecodeSettings:
