@@ -11,12 +11,13 @@ import heapq
 import resource
 import sys
 import time
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
 
 from dllm_lit.compiled import StaticForward
+from dllm_lit.ledger import StopReason
 
 RULE = "=" * 77
 
@@ -68,6 +69,7 @@ class PredictionSummary(L.Callback):
         self.max_display = max_display
         self.first_rows: list[dict[str, Any]] = []
         self.totals = {"prompts": 0, "forwards": 0, "tokens": 0, "row_forwards": 0}
+        self.totals.update((reason, 0) for reason in get_args(StopReason))
         self.setup_at = 0.0
         self.decode_at = 0.0
         self.load_seconds = 0.0
@@ -91,6 +93,8 @@ class PredictionSummary(L.Callback):
         self.totals["forwards"] += outputs.forwards
         self.totals["tokens"] += outputs.generated_tokens
         self.totals["row_forwards"] += sum(row["forwards"] for row in rows)  # forwards while each row was active
+        for row in rows:
+            self.totals[row["stop_reason"]] += 1
         self.first_rows = heapq.nsmallest(self.max_display, self.first_rows + rows, key=lambda row: row["index"])
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -111,7 +115,8 @@ class PredictionSummary(L.Callback):
     def performance_line(self, totals: dict[str, int], seconds: float, device: torch.device) -> str:
         """Tokens per forward is per row: generated tokens over the sum of each row's forwards (the
         passes run while it was active), what one sequence gains per pass whatever the batch size.
-        Inductor's compiles (``backend: inductor``) are counted apart from the decoding's seconds."""
+        Inductor's compiles (``backend: inductor``) are counted apart from the decoding's seconds; the
+        rows are counted by stop reason."""
         tokens, row_forwards = totals["tokens"], totals["row_forwards"]
         compiling = StaticForward.compile_seconds - self.compiled_before
         seconds -= compiling
@@ -120,5 +125,6 @@ class PredictionSummary(L.Callback):
             + (f"inductor compiles {compiling:.1f}s | " if compiling else "")
             + f"{tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.1f} tok/s) | "
             f"{totals['forwards']} forwards | per row: {tokens / max(row_forwards, 1):.2f} tokens/forward "
-            f"({row_forwards / max(tokens, 1):.3f} forwards/token) | {_memory(device)}"
+            f"({row_forwards / max(tokens, 1):.3f} forwards/token) | "
+            f"stopped: {', '.join(f'{totals[r]} {r}' for r in get_args(StopReason) if totals[r])} | {_memory(device)}"
         )

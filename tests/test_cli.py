@@ -5,6 +5,7 @@ Oracles: the engine called directly on the same model, one-by-one runs, one-proc
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import sys
@@ -350,6 +351,16 @@ def test_tokens_per_forward_in_the_summary_is_per_row(tiny_dir, tmp_path, capsys
             ]
         )
         assert "per row: 1.00 tokens/forward" in capsys.readouterr().err
+
+
+def test_the_summary_counts_the_rows_by_stop_reason(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    settings = ["--model.add_eos_length=3", "--model.max_new_tokens=12", f"--writer.output_file={out}"]
+    run_cli(["predict", f"--model.model_name_or_path={tiny_dir}", f"--data.prompts={PROMPTS}", *settings])
+    reasons = collections.Counter(json.loads(line)["stop_reason"] for line in out.read_text().splitlines())
+    stopped = re.search(r"\| stopped: ([^|]+) \|", capsys.readouterr().err).group(1)
+    assert dict((reason, int(count)) for count, reason in (part.split() for part in stopped.split(", "))) == reasons
+    assert sum(reasons.values()) == len(PROMPTS)
 
 
 def test_the_summary_counts_inductors_compiles_apart(tiny_dir, capsys, fresh_compiles):
