@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -72,6 +73,7 @@ class DllmCLI(LightningCLI):
     """LightningCLI over BlockRefineLM + DataModule, with the prediction writer and summary."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
+        self.command_line = list(sys.argv[1:] if args is None else args)
         super().__init__(
             BlockRefineLM,
             DataModule,
@@ -119,9 +121,15 @@ class DllmCLI(LightningCLI):
         self.config[subcommand]["data"]["model_name_or_path"] = model["model_name_or_path"]
 
     def before_instantiate_classes(self) -> None:
-        """Prediction logs nothing by default (fit/validate/test keep Lightning's default logger)."""
+        """Prediction logs nothing by default (fit/validate/test keep Lightning's default logger). A
+        prompt source named on the command line replaces a config file's other one (``--config
+        configs/demo.yaml --data.prompts_file my.txt``), as a flag overrides the config's value."""
         if self.subcommand == "predict" and self.config.predict.trainer.logger in (None, True):
             self.config.predict.trainer.logger = False
+        sources = ("prompt", "prompts", "prompts_file")
+        named = {s for s in sources for arg in self.command_line if re.match(rf"--data\.{s}\+?(=|$)", str(arg))}
+        for source in set(sources) - named if named else ():
+            self.config[self.subcommand]["data"][source] = None
 
     def before_fit(self) -> None:
         """A new run (no ``--ckpt_path``) checks its export target before any model loads or log

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import write
 from dllm_lit import cli, demo, generate_blocks
 from dllm_lit.data import DataModule
 from dllm_lit.models import load_model, load_tokenizer
@@ -107,6 +108,22 @@ def test_prompts_file_batches_jsonl_in_input_order(tiny_dir, prompts_file, tmp_p
     assert "--writer.overwrite true" in capsys.readouterr().err
     run_cli([*args, "--writer.overwrite=true"])  # a rerun replaces it, without duplicates
     assert [json.loads(line) for line in output.read_text().splitlines()] == rows
+
+
+@pytest.mark.parametrize(
+    "flag", ["--data.prompts_file={file}", "--data.prompts=[second, third]", "--data.prompt=second"]
+)
+def test_a_prompt_source_on_the_command_line_replaces_the_configs(tiny_dir, tmp_path, flag):
+    config = write(tmp_path / "c.yaml", f"model:\n  model_name_or_path: {tiny_dir}\ndata:\n  prompt: first\n")
+    file, out = write(tmp_path / "p.txt", "second\nthird\n"), tmp_path / "out.jsonl"
+    run_cli(["predict", f"--config={config}", *GEN, flag.format(file=file), f"--writer.output_file={out}"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    wanted = ["second"] if flag.startswith("--data.prompt=") else ["second", "third"]
+    assert [row["prompt"] for row in rows] == wanted
+    assert (
+        rows[0]["response"]
+        == expected_response(tiny_dir, "second", add_eos_length=3, refine_iter=2, max_new_tokens=24)[2]
+    )
 
 
 def test_json_output_is_one_array_and_extra_fields_pass_through(tiny_dir, tmp_path, capsys):
