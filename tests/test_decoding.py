@@ -185,10 +185,18 @@ class RecordingStreamer:
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_a_streamer_gets_the_prompt_then_the_rows_tokens_then_end(model, mode):
-    streamer = RecordingStreamer()
-    row = run(model, PROMPTS_3[:1], max_new_tokens=30, streamer=streamer, **MODES[mode]).rows[0]
-    assert streamer.puts[0] == [PROMPTS_3[0]] and streamer.ended == 1
-    assert sum(streamer.puts[1:], []) == row.token_ids
+    letters = LetterTokenizer()
+    whole = letters.decode(
+        run(model, PROMPTS_3[:1], max_new_tokens=30, ignore_eos=True, **MODES[mode]).rows[0].token_ids
+    )
+    for stop in ([], [whole[len(whole) // 2 :][:3]]):  # without, and with a stop string halfway
+        streamer = RecordingStreamer()
+        settings = dict(MODES[mode], max_new_tokens=30, ignore_eos=True, stop_strings=stop, tokenizer=letters)
+        row = run(model, PROMPTS_3[:1], streamer=streamer, **settings).rows[0]
+        assert streamer.puts[0] == [PROMPTS_3[0]] and streamer.ended == 1
+        assert sum(streamer.puts[1:], []) == row.token_ids and row.stop_reason == (
+            "stop_string" if stop else "max_new_tokens"
+        )
     with pytest.raises(ValueError, match="A streamer takes one prompt"):
         run(model, PROMPTS_3, streamer=RecordingStreamer(), **MODES[mode])
 
