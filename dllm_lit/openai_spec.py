@@ -235,13 +235,17 @@ class OpenAIBlockSpec(LitSpec):
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int, stream: AsyncIterator) -> None:
-            async for data, status in stream:
-                if status == LitAPIStatus.ERROR:
-                    await queue.put((index, {"error": f"Decoding failed: {data}"}))
-                    break
-                if event := json.loads(data):
-                    await queue.put((index, event))
-            await queue.put((index, None))
+            try:
+                async for data, status in stream:
+                    if status == LitAPIStatus.ERROR:
+                        queue.put_nowait((index, {"error": f"Decoding failed: {data}"}))
+                        break
+                    if event := json.loads(data):
+                        queue.put_nowait((index, event))
+            except Exception as error:  # a broken stream ends its choice with an error, never a hang
+                queue.put_nowait((index, {"error": f"Decoding failed: {error}"}))
+            finally:
+                queue.put_nowait((index, None))
 
         pumps = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
         try:

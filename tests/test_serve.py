@@ -441,6 +441,28 @@ def test_the_api_key_comes_from_the_flag_or_else_the_environment(tiny_dir, monke
     assert built["ran"] and built["api_key"] == used
 
 
+def test_a_broken_event_stream_ends_its_choice_with_an_error_not_a_hang(tiny_dir):
+    import asyncio
+
+    from litserve.utils import LitAPIStatus
+
+    from dllm_lit.openai_spec import OpenAIBlockSpec
+    from dllm_lit.settings import DecodeSettings
+
+    spec = OpenAIBlockSpec(tiny_dir, False, DecodeSettings(), "m", None, {})
+
+    async def stream(*items):
+        for item in items:
+            yield item, LitAPIStatus.OK
+
+    async def merged():
+        return [item async for item in spec._merged([stream('{"text": "hi"}', "{}"), stream("not JSON")])]
+
+    events = asyncio.run(asyncio.wait_for(merged(), timeout=10))
+    assert sorted(index for index, _ in events) == [0, 1] and (0, {"text": "hi"}) in events
+    assert [event for index, event in events if index == 1][0]["error"].startswith("Decoding failed: ")
+
+
 def texts(model, tokenizer, jobs: list[Job]) -> list[str]:
     """Each job's whole answer from ``stream_jobs``."""
     events = list(stream_jobs(model, tokenizer, jobs))
