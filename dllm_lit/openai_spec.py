@@ -99,7 +99,13 @@ class OpenAIBlockSpec(LitSpec):
             self._authorize(request)
         except OpenAIError as error:
             return JSONResponse(error.body(), error.status)
-        model = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "dllm_lit"}
+        model = {
+            "id": self.model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "dllm_lit",
+            "max_model_len": self.settings.max_length,  # as vLLM reports it
+        }
         return {"object": "list", "data": [model]}
 
     async def chat_completions(self, request: Request):

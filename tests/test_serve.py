@@ -128,7 +128,9 @@ def chat_text(client, model: str, content: str, stream: bool = False, **kwargs) 
 
 @pytest.mark.slow
 def test_models_and_health(server, client, tiny_dir):
-    assert [m.id for m in client.models.list().data] == [tiny_dir]
+    from dllm_lit.settings import DecodeSettings
+
+    assert [(m.id, m.max_model_len) for m in client.models.list().data] == [(tiny_dir, DecodeSettings().max_length)]
     assert requests.get(f"{server[0]}/health").status_code == 200
     for path, status in (("/v1/nothing", 404), ("/v1/completions", 405)):  # FastAPI's errors, OpenAI-shaped
         reply = requests.get(f"{server[0]}{path}")
