@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
+from dllm_lit.models import default_model_note
 from dllm_lit.outputs import check_writable
 
 
@@ -73,6 +74,8 @@ def evaluate(
     names = task_names(tasks, manager.all_tasks)
     decoding = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
     lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, **decoding)
+    if note := default_model_note(model_name_or_path, settings):  # few-shot tasks read well without a template
+        print(note, file=sys.stderr)
     with hub_datasets_explained():
         results = lm_eval.simple_evaluate(
             model=lm,

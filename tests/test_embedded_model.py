@@ -73,3 +73,16 @@ def test_a_bare_dllm_lit_chat_answers_with_the_models_own_greedy_answer(capsys, 
         greedy = model.generate(ids, max_new_tokens=512, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     expected = tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
     assert expected and said == expected + "\n\n"
+
+
+@pytest.mark.slow
+def test_a_bare_predict_on_the_embedded_model_says_why_its_answer_is_empty_and_what_helps(dllm_lit_here, tmp_path):
+    """SmolLM2 is neither block-trained nor a raw-text model: predict's block defaults on a bare prompt
+    give it nothing to say, and the note names both flags; with them it answers, and says nothing more."""
+    bare = dllm_lit_here(["predict", "--data.prompt=What is 2+2?", "--model.max_new_tokens=24"], tmp_path)
+    assert bare.returncode == 0 and "Response (0 tokens)" in bare.stdout
+    note = next(line for line in bare.stderr.splitlines() if line.startswith("dllm_lit: note: smollm2"))
+    assert "--model.lossless true" in note and "--data.use_chat_template true" in note
+    helped = ["--model.lossless=true", "--data.use_chat_template=true"]
+    done = dllm_lit_here(["predict", "--data.prompt=What is 2+2?", "--model.max_new_tokens=24", *helped], tmp_path)
+    assert done.returncode == 0 and "Response (0 tokens)" not in done.stdout and "note:" not in done.stderr
