@@ -132,12 +132,32 @@ class DllmCLI(LightningCLI):
             self.config[self.subcommand]["data"][source] = None
 
     def before_fit(self) -> None:
-        """A new run (no ``--ckpt_path``) checks its export target before any model loads or log
-        folder is made (``HFExport`` checks again at fit start, for runs outside the CLI)."""
+        """``--ckpt_path last`` resumes the newest checkpoint of earlier runs. A new run (no
+        ``--ckpt_path``) checks its export target before any model loads or log folder is made
+        (``HFExport`` checks again at fit start, for runs outside the CLI)."""
+        if self.config.fit.get("ckpt_path") == "last":
+            self._resume_newest_checkpoint()
         if not self.config.fit.get("ckpt_path"):
             for export in self.trainer.callbacks:
                 if isinstance(export, HFExport):
                     export.check_target()
+
+    def _resume_newest_checkpoint(self) -> None:
+        """Lightning's ``last`` looks in this run's own new version folder, empty under the default
+        checkpointing: take the newest ``.ckpt`` of the logger's earlier runs (every version) or of a
+        ``ModelCheckpoint`` with its own ``dirpath``, as LitGPT's ``--resume auto`` does."""
+        trainer = self.trainer
+        root = getattr(trainer.logger, "root_dir", None) or Path(trainer.default_root_dir) / "checkpoints"
+        folders = [Path(root), *(Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath)]
+        found = [path for folder in folders if folder.is_dir() for path in folder.rglob("*.ckpt")]
+        if not found:
+            return  # Lightning warns that there is no checkpoint and starts afresh
+        newest = max(found, key=lambda path: path.stat().st_mtime)
+        if trainer.is_global_zero:
+            print(f"Resuming from {newest}, the newest checkpoint under {folders[0]}.", file=sys.stderr, flush=True)
+        self.config_init.fit.ckpt_path = self.config.fit.ckpt_path = str(newest)
+        if "weights_only" in self.config_init.fit:  # tensors and plain values only, as any --ckpt_path
+            self.config_init.fit.weights_only = True
 
     def before_predict(self) -> None:
         """Check the prompt source and the output before any model loads; set up ``resume``; let

@@ -387,6 +387,18 @@ def test_fit_keeps_an_earlier_export_and_a_resumed_fit_refreshes_its_own(trained
 
 
 @pytest.mark.slow
+def test_fit_with_ckpt_path_last_resumes_the_newest_checkpoint_of_earlier_runs(trained, tmp_path):
+    shutil.copytree(trained / "logs", tmp_path / "logs")
+    (newest,) = (tmp_path / "logs").rglob("*.ckpt")  # step 40, in version_0
+    args = fit_args(trained / "data", tmp_path / "logs", tmp_path / "exported")
+    resumed = cli([*args, "--ckpt_path=last", "--trainer.max_steps=44"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {newest}" in resumed.stderr
+    steps = [line for line in resumed.stderr.splitlines() if line.startswith("Training: step ")]
+    assert steps[0].startswith("Training: step 41/44") and steps[-1].startswith("Training: step 44/44")
+
+
+@pytest.mark.slow
 def test_fit_lowers_the_loss_and_logs_validation(trained):
     progress = (trained / "stderr.txt").read_text().splitlines()  # a pipe, not a terminal: plain lines
     assert any(line.startswith("Training: step 40/40 (100 %), ") and "train/loss " in line for line in progress)
