@@ -149,11 +149,11 @@ def answer(model, tokenizer, job: Job) -> str | None:
         signal.signal(signal.SIGINT, previous)
     print(" [stopped]" if interrupted else "")
     if final:
-        print(statistics(final, time.perf_counter() - started, job.settings), file=sys.stderr)
+        print(statistics(final, time.perf_counter() - started), file=sys.stderr)
     return None if failed else text
 
 
-def statistics(final: dict, seconds: float, settings: DecodeSettings) -> str:
+def statistics(final: dict, seconds: float) -> str:
     """One line after each answer: tokens, speed, forwards, and a cut at the length limit."""
     tokens, forwards = final["completion_tokens"], final["forwards"]
     cut = ", cut at the length limit" if final["finish_reason"] == "length" else ""

@@ -128,8 +128,9 @@ class DllmCLI(LightningCLI):
             self.config.predict.trainer.logger = False
         sources = ("prompt", "prompts", "prompts_file")
         named = {s for s in sources for arg in self.command_line if re.match(rf"--data\.{s}\+?(=|$)", str(arg))}
-        for source in set(sources) - named if named else ():
-            self.config[self.subcommand]["data"][source] = None
+        if named:
+            for source in set(sources) - named:
+                self.config[self.subcommand]["data"][source] = None
 
     def before_fit(self) -> None:
         """``--ckpt_path last`` resumes the newest checkpoint of earlier runs. A new run (no

@@ -176,36 +176,34 @@ class OpenAIBlockSpec(LitSpec):
     async def _exchange(self, request: Request, chat: bool) -> Exchange:
         parsed = self._check_model(parse(ChatRequest if chat else CompletionRequest, await self._body(request)))
         settings, stop = settings_for(self.settings, parsed), parsed.stop_strings()
-        prompts = 1 if chat else len(parsed.prompts())
-        if prompts * parsed.n > MAX_CHOICES:
+        rows = [{"messages": [m.for_template() for m in parsed.messages]}] if chat else parsed.prompts()
+        if len(rows) * parsed.n > MAX_CHOICES:
             raise OpenAIError(400, f"A request gets at most {MAX_CHOICES} choices (prompts times n).", "n")
+        field = "messages" if chat else "prompt"
         jobs = [
-            Job(str(uuid.uuid4()), ids, seeded(settings, sample), stop)
-            for ids in self._prompt_ids(parsed, chat, settings.max_length)
+            Job(str(uuid.uuid4()), self._prompt_ids(row, field, settings.max_length), seeded(settings, sample), stop)
+            for row in rows
             for sample in range(parsed.n)
         ]
         return Exchange(jobs, parsed.n, chat, parsed.stream, parsed.usage_chunk(), response_id(chat))
 
-    def _prompt_ids(self, parsed, chat: bool, max_length: int) -> list[list[int]]:
-        """Each prompt's ids exactly as ``predict`` makes them (chat template, or the raw prompt);
-        token ids as given."""
-        field = "messages" if chat else "prompt"
-        rows = [{"messages": [m.for_template() for m in parsed.messages]}] if chat else parsed.prompts()
-        prompts = []
-        for row in rows:
-            ids = row if isinstance(row, list) else self._encode(row if chat else {"prompt": row})
-            if not ids:
-                raise OpenAIError(400, "The prompt is empty.", field)
-            self._in_vocabulary(ids, field)
-            if len(ids) >= max_length:
-                raise OpenAIError(
-                    400,
-                    f"The prompt has {len(ids)} tokens, which leaves no room under max_length={max_length}.",
-                    field,
-                    "context_length_exceeded",
-                )
-            prompts.append(ids)
-        return prompts
+    def _prompt_ids(self, row: dict | str | list[int], field: str, max_length: int) -> list[int]:
+        """One prompt's ids exactly as ``predict`` makes them (a chat row through the template, a text
+        as the raw prompt); token ids as given, once checked against the vocabulary."""
+        if isinstance(row, list):
+            ids = self._in_vocabulary(row, field)
+        else:
+            ids = self._encode(row if isinstance(row, dict) else {"prompt": row})
+        if not ids:
+            raise OpenAIError(400, "The prompt is empty.", field)
+        if len(ids) >= max_length:
+            raise OpenAIError(
+                400,
+                f"The prompt has {len(ids)} tokens, which leaves no room under max_length={max_length}.",
+                field,
+                "context_length_exceeded",
+            )
+        return ids
 
     @property
     def tokenizer(self):
@@ -215,10 +213,9 @@ class OpenAIBlockSpec(LitSpec):
         return self._tokenizer
 
     def _in_vocabulary(self, ids: list[int], field: str) -> list[int]:
-        if not all(0 <= i < len(self.tokenizer) for i in ids):
-            raise OpenAIError(
-                400, f"{field} holds token ids outside the vocabulary (0..{len(self.tokenizer) - 1}).", field
-            )
+        size = len(self.tokenizer)
+        if not all(0 <= i < size for i in ids):
+            raise OpenAIError(400, f"{field} holds token ids outside the vocabulary (0..{size - 1}).", field)
         return ids
 
     def _encode(self, row: dict) -> list[int]:
