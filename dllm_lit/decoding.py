@@ -25,7 +25,8 @@ import torch
 from dllm_lit.adapters import draft_gate
 from dllm_lit.compiled import decode_static
 from dllm_lit.eager import decode_eager
-from dllm_lit.ledger import BlockGeneration, CommitListener, RowLedger
+from dllm_lit.ledger import BlockGeneration, CommitListener, LogprobListener, RowLedger
+from dllm_lit.logprobs import EXACT_IDS
 from dllm_lit.lossless import decode_lossless
 from dllm_lit.lossless_compiled import decode_lossless_static
 from dllm_lit.settings import DEFAULTS, DecodeSettings
@@ -76,6 +77,8 @@ def check_inputs(
 
 def check_vocabulary(input_ids: torch.Tensor, eos_ids: list[int], settings: DecodeSettings, vocab_size: int) -> None:
     """Every stop, EOS and input id (padding included) is one of the model's ``vocab_size`` ids."""
+    if settings.logprobs is not None and not settings.logprobs <= vocab_size <= EXACT_IDS:
+        raise ValueError(f"logprobs={settings.logprobs} needs a vocabulary of that many ids and at most 2**24.")
     outside = sorted(i for i in {*eos_ids, *settings.stop_token_ids} if not 0 <= i < vocab_size)
     if outside:
         raise ValueError(f"Stop or EOS token ids {outside} are outside the model's vocabulary (0..{vocab_size - 1}).")
@@ -102,6 +105,7 @@ def generate_blocks(
     eos_token_id: int | Sequence[int],
     attention_mask: torch.Tensor | None = None,
     on_commit: CommitListener | None = None,
+    on_logprobs: LogprobListener | None = None,
     tokenizer: Any = None,
     streamer: Any = None,
     **overrides: Any,
@@ -117,6 +121,9 @@ def generate_blocks(
         on_commit: Called with each row's newly kept tokens at every commit (block by block; once
             per pass in lossless mode, once at the end on its compiled path); returning True stops
             that row (:data:`~dllm_lit.ledger.CommitListener`). For streaming and cancellation.
+        on_logprobs: With ``logprobs``: called before ``on_commit`` with the log-probabilities of
+            the tokens a row just kept (:data:`~dllm_lit.ledger.LogprobListener`; before any
+            stop-string cut, which the result's ``logprobs`` follow).
         tokenizer: Decodes the rows' text for ``stop_strings`` (needed only with them).
         streamer: A transformers streamer (``TextStreamer``, ``TextIteratorStreamer``) for one
             prompt, as ``generate(streamer=)`` takes: it gets the prompt, each commit's tokens, then
@@ -137,7 +144,7 @@ def generate_blocks(
     device = next(model.parameters()).device
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
-    ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit)
+    ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit, on_logprobs)
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
     try:

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from dllm_lit.ledger import RowLedger
+from dllm_lit.logprobs import Scorer, scorer
 from dllm_lit.sampling import Picker, build_picker
 from dllm_lit.settings import DecodeSettings
 
@@ -74,7 +75,7 @@ def decode_eager(
     fill: int,
 ) -> None:
     """Decode left-padded prompts block by block into ``ledger``."""
-    pick = build_picker(settings, prompt_ids.device)
+    pick, score = build_picker(settings, prompt_ids.device), scorer(settings.logprobs)
     batch = CommittedBatch(model, prompt_ids, prompt_mask, settings.use_cache)
     active = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)  # input row of each active row
     generated = 0  # tokens committed so far by every active row
@@ -83,8 +84,8 @@ def decode_eager(
         # tokens before the cut are the same as with the full width.
         room = ledger.budget[active] - generated
         block_width = min(settings.width, int(room.max()))
-        block, fixed_point = draft_and_refine(batch, pick, ledger, settings, room, block_width, fill)
-        finished = ledger.commit(active.tolist(), block, room)
+        block, scores, fixed_point = draft_and_refine(batch, pick, score, ledger, settings, room, block_width, fill)
+        finished = ledger.commit(active.tolist(), block, room, scores=scores)
         batch.append(block, fixed_point=fixed_point)
         generated += block_width
         if bool(finished.any()):
@@ -96,22 +97,28 @@ def decode_eager(
 def draft_and_refine(
     batch: CommittedBatch,
     pick: Picker,
+    score: Scorer | None,
     ledger: RowLedger,
     settings: DecodeSettings,
     room: torch.Tensor,
     block_width: int,
     fill: int,
-) -> tuple[torch.Tensor, bool]:
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """One block: the draft pass, then refine passes until ``refine_iter`` or a fixed point.
-    Returns the block and whether the last refine pass was a fixed point."""
+    Returns the block, its tokens' scores (``score``: each from the pass that picked it; else None)
+    and whether the last refine pass was a fixed point."""
     fills = torch.full((batch.ids.shape[0], block_width - 1), fill, device=batch.ids.device, dtype=batch.ids.dtype)
-    block = pick(batch.forward(fills, predict=block_width))
+    logits = batch.forward(fills, predict=block_width)
+    block = pick(logits)
+    scores = score(logits, block) if score else None
     ledger.count_forward()
     refine_passes, fixed_point = 0, False
     # A block of width 1 has nothing to refine: its only token depends on committed tokens alone.
     for _refine_pass in range(2, settings.refine_iter + 1 if block_width > 1 else 2):
-        refined = block.clone()
-        refined[:, 1:] = pick(batch.forward(block[:, :-1], predict=block_width - 1))
+        logits = batch.forward(block[:, :-1], predict=block_width - 1)
+        refined = torch.cat([block[:, :1], pick(logits)], dim=1)
+        if score:
+            scores = torch.cat([scores[:, :1], score(logits, refined[:, 1:])], dim=1)
         ledger.count_forward()
         refine_passes += 1
         fixed_point = bool(ledger.is_fixed_point(refined, block, room))
@@ -119,4 +126,4 @@ def draft_and_refine(
         if fixed_point and settings.early_exit:
             break
     ledger.end_block(refine_passes)
-    return block, fixed_point
+    return block, scores, fixed_point

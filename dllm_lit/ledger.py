@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from dllm_lit.logprobs import TokenLogprob, entries
 from dllm_lit.settings import DecodeSettings
 
 StopReason = Literal["eos", "stop_string", "max_new_tokens", "max_length", "cancelled"]
@@ -30,12 +31,15 @@ class RowResult:
             ``"max_length"``, or ``"cancelled"`` (the ``on_commit`` listener asked to stop the row).
         stop_token_id: The stop token that ended the row, or ``None``.
         forwards: Forward passes run while this row was in the active batch.
+        logprobs: With ``settings.logprobs``: one :class:`~dllm_lit.logprobs.TokenLogprob` per id of
+            ``token_ids``; else None.
     """
 
     token_ids: list[int]
     stop_reason: StopReason
     stop_token_id: int | None
     forwards: int
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def num_generated(self) -> int:
@@ -110,6 +114,10 @@ CommitListener = Callable[[int, list[int], "RowResult | None"], bool]
 (and its :class:`RowResult` when it finished); return True to stop that row now: it is then called
 once more with no tokens and the ``"cancelled"`` result."""
 
+LogprobListener = Callable[[int, list[TokenLogprob]], None]
+"""``on_logprobs(row, new_logprobs)``: called just before ``on_commit`` with the log-probabilities of
+the tokens a row just kept (``settings.logprobs`` only)."""
+
 
 class RowLedger:
     """Per-row budgets, kept tokens, stop reasons and forwards of one decoding call.
@@ -119,6 +127,7 @@ class RowLedger:
         settings: The call's decoding settings (limits and stop tokens).
         eos_ids: The model's EOS ids; they stop rows unless ``settings.ignore_eos``.
         on_commit: Optional :data:`CommitListener` (streaming, cancellation).
+        on_logprobs: Optional :data:`LogprobListener` (streaming log-probabilities).
     """
 
     def __init__(
@@ -127,6 +136,7 @@ class RowLedger:
         settings: DecodeSettings,
         eos_ids: list[int],
         on_commit: CommitListener | None = None,
+        on_logprobs: LogprobListener | None = None,
     ):
         device = prompt_mask.device
         stops = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(eos_ids))
@@ -138,11 +148,14 @@ class RowLedger:
         ]
         batch = prompt_mask.shape[0]
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.logprobs: list[list[TokenLogprob]] | None = (
+            None if settings.logprobs is None else [[] for _ in range(batch)]
+        )
         self.rows: list[RowResult | None] = [None] * batch
         self.forwards = 0
         self.refine_passes_per_block: list[int] = []
         self.accepted_per_pass: list[list[int]] = []
-        self.on_commit = on_commit
+        self.on_commit, self.on_logprobs = on_commit, on_logprobs
 
     def count_forward(self) -> None:
         self.forwards += 1
@@ -157,10 +170,16 @@ class RowLedger:
         return is_fixed_point(refined, block, self.stop_ids, room)
 
     def commit(
-        self, rows: list[int], block: torch.Tensor, room: torch.Tensor, limit: torch.Tensor | None = None
+        self,
+        rows: list[int],
+        block: torch.Tensor,
+        room: torch.Tensor,
+        limit: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Append each row's kept tokens (up to its first stop token, within its room and its
-        ``limit``, default the block width); record the rows that finish; return which did. The one
+        ``limit``, default the block width) and their ``scores`` (:func:`~dllm_lit.logprobs.token_scores`,
+        with ``settings.logprobs``); record the rows that finish; return which did. The one
         device-to-host copy of a block."""
         limit = torch.full_like(room, block.shape[1]) if limit is None else limit
         first_stop, keep_len = first_stop_and_kept(block, self.stop_ids, torch.minimum(room, limit))
@@ -168,22 +187,33 @@ class RowLedger:
         finished = hit_stop | (room <= limit)
         keep_len = keep_len - hit_stop.long()  # the stop token is reported apart from the tokens
         done_rows = finished.tolist()
+        row_scores = scores.tolist() if self.logprobs is not None else [None] * len(rows)
         for i, (row, stop, done, n, ids) in enumerate(
             zip(rows, hit_stop.tolist(), done_rows, keep_len.tolist(), block.tolist())
         ):
             self.tokens[row].extend(ids[:n])
+            self._add_logprobs(row, ids[:n], row_scores[i])
             if done:
-                self.rows[row] = RowResult(
-                    token_ids=self.tokens[row],
-                    stop_reason="eos" if stop else self.length_reason[row],
-                    stop_token_id=ids[n] if stop else None,
-                    forwards=self.forwards,
+                self.rows[row] = self._finished(
+                    row, "eos" if stop else self.length_reason[row], ids[n] if stop else None
                 )
             if self.on_commit is not None and self.on_commit(row, ids[:n], self.rows[row]) and not done:
-                self.rows[row] = RowResult(self.tokens[row], "cancelled", None, self.forwards)
+                self.rows[row] = self._finished(row, "cancelled", None)
                 self.on_commit(row, [], self.rows[row])  # every row's listener sees its result once
                 done_rows[i] = True
         return torch.tensor(done_rows, dtype=torch.bool, device=finished.device)
+
+    def _add_logprobs(self, row: int, kept: list[int], scores: list[list[float]] | None) -> None:
+        if self.logprobs is None:
+            return
+        new = entries(kept, scores[: len(kept)])
+        self.logprobs[row].extend(new)
+        if self.on_logprobs is not None:
+            self.on_logprobs(row, new)
+
+    def _finished(self, row: int, reason: StopReason, stop_token_id: int | None) -> RowResult:
+        logprobs = self.logprobs[row] if self.logprobs is not None else None
+        return RowResult(self.tokens[row], reason, stop_token_id, self.forwards, logprobs)
 
     def result(self) -> BlockGeneration:
         return BlockGeneration(

@@ -34,6 +34,7 @@ from transformers import DynamicCache
 from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import attention_bias
 from dllm_lit.ledger import RowLedger
+from dllm_lit.logprobs import Scorer, scorer
 from dllm_lit.sampling import build_warpers
 from dllm_lit.settings import DecodeSettings
 
@@ -269,16 +270,16 @@ def decode_lossless(
     if settings.prompt_lookup_max:
         prompts = unpadded(prompt_ids, prompt_mask)
         lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
-    count = settings.alternatives
+    count, score = settings.alternatives, scorer(settings.logprobs)
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     alternatives = None
     while active.numel() > 0:
-        tokens, accepted, taken, guess_logits, guesses = verify_pass(
-            verify, batch.forward(draft, alternatives), draft, alternatives
-        )
+        logits = batch.forward(draft, alternatives)
+        tokens, accepted, taken, guess_logits, guesses = verify_pass(verify, logits, draft, alternatives)
+        scores = pass_scores(score, logits, tokens, taken) if score else None
         ledger.count_forward()
         room = ledger.budget[active] - generated
-        finished = ledger.commit(active.tolist(), tokens, room, limit=accepted)
+        finished = ledger.commit(active.tolist(), tokens, room, limit=accepted, scores=scores)
         ledger.end_pass(accepted)
         batch.accept(accepted, tokens.gather(1, (accepted - 1)[:, None]).squeeze(1), taken)
         generated += accepted
@@ -304,6 +305,18 @@ def verify_pass(verify, logits: PassLogits, draft: torch.Tensor, alternatives: t
     if logits.branch.shape[1]:  # a draft adapter guesses the next draft; the base verified this one
         return tokens, accepted, taken, logits.branch, logits.branch.argmax(-1)
     return tokens, accepted, taken, logits.verified, guesses
+
+
+def pass_scores(score: Scorer, logits: PassLogits, tokens: torch.Tensor, taken: torch.Tensor | None) -> torch.Tensor:
+    """The scores of a pass's tokens: each from the verified logits at its position, except the token
+    after a taken alternative, which that alternative's logits picked."""
+    scores = score(logits.verified, tokens)
+    if taken is None or tokens.shape[1] < 2:
+        return scores
+    vocab = logits.alternatives.shape[2]
+    after = logits.alternatives.gather(1, taken.clamp(min=0)[:, None, None].expand(-1, 1, vocab))
+    second = torch.where(taken[:, None, None] >= 0, score(after, tokens[:, 1:2]), scores[:, 1:2])
+    return torch.cat([scores[:, :1], second, scores[:, 2:]], dim=1)
 
 
 def take_alternative(tokens: torch.Tensor, accepted: torch.Tensor, alternatives: torch.Tensor, logits: torch.Tensor):

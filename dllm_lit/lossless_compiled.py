@@ -23,7 +23,8 @@ import torch
 from dllm_lit.adapters import draft_gate
 from dllm_lit.compiled import HostCopy, StaticForward, compacted_positions
 from dllm_lit.ledger import RowLedger
-from dllm_lit.lossless import PassLogits, next_alternatives, next_draft, verifier, verify_pass
+from dllm_lit.logprobs import scorer
+from dllm_lit.lossless import PassLogits, next_alternatives, next_draft, pass_scores, verifier, verify_pass
 from dllm_lit.settings import DecodeSettings
 
 
@@ -47,8 +48,8 @@ def decode_lossless_static(
     cache_len = -(-(prompt_len + longest + width + fed) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
-    verify = verifier(settings, device)
-    state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1)
+    verify, score = verifier(settings, device), scorer(settings.logprobs)
+    state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1, settings.logprobs)
     draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
     logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False, branch=branch)  # the prefill
     lag = device.type == "cuda"
@@ -59,7 +60,8 @@ def decode_lossless_static(
         tokens, accepted, taken, guess_logits, guesses = verify_pass(verify, logits, draft, alternatives)
         if taken is not None:
             forward.keep_alternative(taken, width)
-        last = state.accept(tokens, accepted, ledger.stop_ids)
+        scores = pass_scores(score, logits, tokens, taken) if score else None
+        last = state.accept(tokens, accepted, ledger.stop_ids, scores)
         draft = next_draft(guesses, accepted.clamp(min=1), fill)
         alternatives = next_alternatives(guess_logits, accepted.clamp(min=1), count, fill) if count else None
         if lag:  # the host reads the state of one pass ago, the GPU stays busy
@@ -86,28 +88,36 @@ def decode_lossless_static(
 
 
 class _DeviceRows:
-    """Per-row decoding state on device: output buffer, generated count, cache slot of the next
-    ``last`` token, whether the row finished and after how many passes, and the accepted counts.
+    """Per-row decoding state on device: output buffer (and its tokens' scores), generated count,
+    cache slot of the next ``last`` token, whether the row finished and after how many passes, and
+    the accepted counts.
     ``rows`` are the ledger rows of the batch positions; rows that leave the batch are ``retired``."""
 
-    def __init__(self, budget: torch.Tensor, capacity: int, first_slot: int):
+    def __init__(self, budget: torch.Tensor, capacity: int, first_slot: int, logprobs: int | None = None):
         batch, device = budget.shape[0], budget.device
         self.rows = list(range(batch))
         self.budget = budget
         self.out = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        scored = 0 if logprobs is None else 1 + 2 * logprobs  # the tokens' scores, beside them
+        self.scores = torch.zeros(batch, capacity if scored else 0, scored, device=device)
         self.generated = torch.zeros(batch, dtype=torch.long, device=device)
         self.start = torch.full((batch,), first_slot, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.finished_after = torch.zeros(batch, dtype=torch.long, device=device)
         self.accepted: list[torch.Tensor] = []
-        self.retired: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.retired: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def accept(self, tokens: torch.Tensor, accepted: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
-        """Record one pass (finished rows accept nothing); return each row's new ``last`` token."""
+    def accept(
+        self, tokens: torch.Tensor, accepted: torch.Tensor, stop_ids: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Record one pass (finished rows accept nothing) and its tokens' scores; return each row's
+        new ``last`` token."""
         accepted = torch.where(self.done, 0, accepted)
         self.accepted.append(accepted)
         columns = self.generated[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
         self.out.scatter_(1, columns, tokens)
+        if scores is not None:
+            self.scores.scatter_(1, columns[..., None].expand(-1, -1, scores.shape[2]), scores)
         fresh = torch.arange(tokens.shape[1], device=tokens.device) < accepted[:, None]
         stopped = (torch.isin(tokens, stop_ids) & fresh).any(1)
         self.generated += accepted
@@ -125,22 +135,20 @@ class _DeviceRows:
         """Keep only these batch positions, in this order; the others (finished) retire with their results."""
         gone = [position for position in range(len(self.rows)) if position not in positions]
         if gone:
-            self.retired.append(
-                ([self.rows[p] for p in gone], self.out[gone], self.generated[gone], self.finished_after[gone])
-            )
+            results = (self.out[gone], self.scores[gone], self.generated[gone], self.finished_after[gone])
+            self.retired.append(([self.rows[p] for p in gone], *results))
         self.rows = [self.rows[p] for p in positions]
-        for name in ("budget", "out", "generated", "start", "done", "finished_after"):
+        for name in ("budget", "out", "scores", "generated", "start", "done", "finished_after"):
             setattr(self, name, getattr(self, name)[positions])
 
     def replay_into(self, ledger: RowLedger) -> None:
         """Give the ledger the passes as the eager loop would: forwards, accepted counts of the
         active rows, and each row's tokens at the pass it finished (the ledger cuts them)."""
-        rows, out, generated, finished_after = self.rows, self.out, self.generated, self.finished_after
-        for retired_rows, *results in self.retired:
+        rows, results = self.rows, (self.out, self.scores, self.generated, self.finished_after)
+        for retired_rows, *retired in self.retired:
             rows = rows + retired_rows
-            out, generated, finished_after = (
-                torch.cat([a, b]) for a, b in zip((out, generated, finished_after), results)
-            )
+            results = tuple(torch.cat([a, b]) for a, b in zip(results, retired))
+        out, scores, generated, finished_after = results
         after = finished_after.tolist()
         counts = torch.cat(self.accepted).tolist()  # one host copy, then split pass by pass
         for index in range(1, max(after) + 1):
@@ -151,4 +159,7 @@ class _DeviceRows:
             finishing = sorted((p for p, pass_index in enumerate(after) if pass_index == index), key=rows.__getitem__)
             if finishing:
                 ledger_rows = [rows[p] for p in finishing]
-                ledger.commit(ledger_rows, out[finishing], ledger.budget[ledger_rows], limit=generated[finishing])
+                found = scores[finishing] if scores.shape[1] else None
+                ledger.commit(
+                    ledger_rows, out[finishing], ledger.budget[ledger_rows], limit=generated[finishing], scores=found
+                )

@@ -19,6 +19,7 @@ from dllm_lit.answers import is_correct
 from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import BlockGeneration, RowResult
+from dllm_lit.logprobs import openai_logprobs
 from dllm_lit.models import DEFAULT_MODEL, default_model_note, load_model, load_tokenizer, resolve
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.textstream import first_stop
@@ -233,6 +234,8 @@ class BlockRefineLM(L.LightningModule):
                     "tokens_per_forward": round(row.tokens_per_forward, 4),
                 }
             )
+            if row.logprobs is not None:  # --model.logprobs: as OpenAI's completion API shows them
+                rows[-1]["logprobs"] = openai_logprobs(self.tokenizer, False, row.logprobs)
             if self.hparams.full_text:
                 prompt_ids = batch["input_ids"][position, batch["input_ids"].shape[1] - length :].tolist()
                 rows[-1]["full_text"] = self.tokenizer.decode(prompt_ids + row.token_ids, skip_special_tokens=True)

@@ -58,6 +58,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_TOP_LOGPROBS = 20
+"""The most likely tokens a request may ask for at each position (vLLM's default limit)."""
+
+
 class CommonRequest(BaseModel):
     """Fields shared by both endpoints; other fields (``user``...) are ignored, but those in
     :data:`UNSUPPORTED` only at their defaults."""
@@ -81,8 +85,12 @@ class CommonRequest(BaseModel):
     lossless: bool | None = None
     ignore_eos: bool | None = None
 
+    def logprob_count(self) -> int | None:
+        """The most likely tokens to report beside each token's log-probability (None: no logprobs)."""
+        return None
+
     def overrides(self) -> dict[str, Any]:
-        """The request's decoding settings, on top of the server's."""
+        """The request's decoding settings, on top of the server's (logprobs: the request's alone)."""
         chosen = {
             "max_new_tokens": self.max_completion_tokens or self.max_tokens,
             "temperature": self.temperature,
@@ -95,7 +103,7 @@ class CommonRequest(BaseModel):
             "lossless": self.lossless,
             "ignore_eos": self.ignore_eos,
         }
-        return {name: value for name, value in chosen.items() if value is not None}
+        return {name: value for name, value in chosen.items() if value is not None} | {"logprobs": self.logprob_count()}
 
     def usage_chunk(self) -> bool:
         """Whether a stream ends with a chunk of usage alone (else its last choice chunk carries it)."""
@@ -112,10 +120,21 @@ class CommonRequest(BaseModel):
 
 class ChatRequest(CommonRequest):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true.", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(CommonRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a text, or token ids (one list of ids is one prompt)."""
@@ -152,8 +171,6 @@ class DetokenizeRequest(BaseModel):
 
 
 UNSUPPORTED = (
-    "logprobs",
-    "top_logprobs",
     "tools",
     "functions",
     "logit_bias",
@@ -215,14 +232,17 @@ def response_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
 
 
-def choice(chat: bool, text: str, reason: str | None, streaming: bool, index: int = 0) -> dict[str, Any]:
-    """One choice of a response or chunk."""
+def choice(
+    chat: bool, text: str, reason: str | None, streaming: bool, index: int = 0, logprobs: dict | None = None
+) -> dict[str, Any]:
+    """One choice of a response or chunk (``logprobs``: from :func:`~dllm_lit.logprobs.openai_logprobs`)."""
     if not chat:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
     if streaming:
-        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": reason}
+        delta = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     message = {"role": "assistant", "content": text}
-    return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
 
 def envelope(chat: bool, rid: str, model: str, streaming: bool, **fields: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from dllm_lit.data import PromptError, encode_prompt
+from dllm_lit.logprobs import openai_logprobs
 from dllm_lit.models import load_tokenizer
 from dllm_lit.openai_api import (
     ChatRequest,
@@ -273,10 +274,12 @@ class OpenAIBlockSpec(LitSpec):
         """One response with every choice; a client that went away (checked at each event) cancels
         the unfinished jobs."""
         texts, finals = [""] * len(exchange.jobs), [None] * len(exchange.jobs)
+        scored: list[list] = [[] for _ in exchange.jobs]
         async for index, event in events:
             if "error" in event:
                 return JSONResponse(OpenAIError(500, event["error"]).body(), 500)
             texts[index] += event["text"]
+            scored[index] += event.get("logprobs", [])
             if "finish_reason" in event:
                 finals[index] = event
             elif await request.is_disconnected():
@@ -286,7 +289,8 @@ class OpenAIBlockSpec(LitSpec):
             return JSONResponse(OpenAIError(500, "The worker ended the request without a result.").body(), 500)
         chat, rid = exchange.chat, exchange.rid
         choices = [
-            choice(chat, text, final["finish_reason"], False, i) for i, (text, final) in enumerate(zip(texts, finals))
+            choice(chat, text, final["finish_reason"], False, i, self._logprobs(exchange, entries))
+            for i, (text, final, entries) in enumerate(zip(texts, finals, scored))
         ]
         return {**envelope(chat, rid, self.model_id, False, choices=choices), "usage": self._usage(exchange, finals)}
 
@@ -296,6 +300,7 @@ class OpenAIBlockSpec(LitSpec):
         then ``data: [DONE]``. A client that goes away, or an error, cancels the unfinished jobs."""
         chat, rid, count = exchange.chat, exchange.rid, len(exchange.jobs)
         finals: dict[int, dict] = {}
+        offsets = [0] * count  # each choice's text so far, in characters of its tokens (text_offset)
         try:
             for index in range(count if chat else 0):
                 first = choice(chat, "", None, True, index) | {"delta": {"role": "assistant", "content": ""}}
@@ -305,9 +310,11 @@ class OpenAIBlockSpec(LitSpec):
                     finals[index] = event
                     yield f"data: {json.dumps(OpenAIError(500, event['error']).body())}\n\n"
                     return
-                reason = event.get("finish_reason")
+                reason, entries = event.get("finish_reason"), event.get("logprobs", [])
+                logprobs = self._logprobs(exchange, entries, offsets[index])
+                offsets[index] += len("".join(logprobs["tokens"])) if logprobs and not chat else 0
                 chunk = envelope(
-                    chat, rid, self.model_id, True, choices=[choice(chat, event["text"], reason, True, index)]
+                    chat, rid, self.model_id, True, choices=[choice(chat, event["text"], reason, True, index, logprobs)]
                 )
                 if reason is not None:
                     finals[index] = event
@@ -322,6 +329,12 @@ class OpenAIBlockSpec(LitSpec):
             yield "data: [DONE]\n\n"
         finally:
             self._cancel(job for index, job in enumerate(exchange.jobs) if index not in finals)
+
+    def _logprobs(self, exchange: Exchange, entries: list, offset: int = 0) -> dict | None:
+        """A choice's ``logprobs`` for these entries, or None when the request asked for none."""
+        if exchange.jobs[0].settings.logprobs is None:
+            return None
+        return openai_logprobs(self.tokenizer, exchange.chat, entries, offset)
 
     def _cancel(self, jobs) -> None:
         """Ask the worker to stop these jobs at their next commit."""

@@ -66,6 +66,10 @@ class DecodeSettings:
             for the first draft token, each read in its place in the same pass (a token tree one level
             deep). Where the draft's first token is wrong and an alternative is right, the pass accepts
             two tokens instead of one. Never changes the tokens; 0 is off. Sampling verifies none.
+        logprobs: Also return each generated token's log-probability under the model (the log-softmax
+            of its raw logits in the pass that picked the token: before temperature and top-k/p/min-p,
+            autoregressive in lossless and exact mode) and the ``logprobs`` most likely tokens' at
+            its position (0: the token's own only). None (the default) computes none.
         backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
             fixed block shapes, each forward replayed as a CUDA graph (the fast path on a GPU; on
             CPU it runs eagerly). ``inductor``: the same through torch.compile, faster per pass after
@@ -93,6 +97,7 @@ class DecodeSettings:
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 2
     draft_alternatives: int = 3
+    logprobs: int | None = None
     backend: Backend = "eager"
 
     def __post_init__(self) -> None:
@@ -122,6 +127,8 @@ class DecodeSettings:
             raise ValueError(f"backend={self.backend!r} decodes with a static KV cache: it needs use_cache=True.")
         if self.draft_alternatives < 0:
             raise ValueError(f"draft_alternatives must be at least 0 (0: off), got {self.draft_alternatives}.")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be at least 0 (0: the token's own only; None: off), got {self.logprobs}.")
         self._check_prompt_lookup()
 
     def _check_prompt_lookup(self) -> None:

@@ -3,8 +3,11 @@
 :func:`stream_jobs` decodes a list of :class:`Job` with the engine and yields, after each commit,
 one event per job: ``{}`` (nothing new), ``{"text": delta}``, and a last event that adds
 ``finish_reason``, ``completion_tokens`` and ``forwards`` (or ``{"error": message}`` if decoding
-failed). Jobs with the same settings decode as one batch (greedy rows do not depend on their batch);
-groups with different settings run one after the other. The engine runs in a helper thread and
+failed). With ``settings.logprobs`` an event also carries ``"logprobs"``: one
+:class:`~dllm_lit.logprobs.TokenLogprob` per token committed since the last event (through the
+stop string at most; they may run ahead of the text, which holds back partial characters). Jobs
+with the same settings decode as one batch (greedy rows do not depend on their batch); groups with
+different settings run one after the other. The engine runs in a helper thread and
 reports each commit through ``generate_blocks(on_commit=...)``; a job whose text reached a stop
 string, or whose client went away (``is_cancelled``), is stopped there and leaves the batch.
 """
@@ -21,6 +24,7 @@ import torch
 from dllm_lit.data import encode_prompt, left_pad
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import RowResult
+from dllm_lit.logprobs import TokenLogprob
 from dllm_lit.openai_api import finish_reason
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.textstream import TextStream
@@ -72,15 +76,21 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
     """Events ``{position in jobs: event}`` for one batch of jobs with the same settings."""
     texts = [TextStream(tokenizer, [*job.stop, *settings.stop_strings]) for job in jobs]
     commits: queue.Queue = queue.Queue()
+    scored: list[list[TokenLogprob]] = [[] for _ in jobs]  # each row's logprobs of its next commit
 
     abandoned = threading.Event()  # the consumer left (Ctrl-C, closed generator): stop every row
 
+    def on_logprobs(row: int, new: list[TokenLogprob]) -> None:
+        scored[row] = new
+
     def on_commit(row: int, new_ids: list[int], result: RowResult | None) -> bool:
-        commits.put((row, texts[row].add(new_ids), result))
+        new, scored[row] = scored[row], []
+        commits.put((row, texts[row].add(new_ids), result, new))
         return texts[row].stopped or abandoned.is_set() or is_cancelled(jobs[row].uid)
 
     failure: list[BaseException] = []
-    worker = threading.Thread(target=_decode, args=(model, tokenizer, jobs, settings, on_commit, failure, commits))
+    listeners = (on_commit, on_logprobs)
+    worker = threading.Thread(target=_decode, args=(model, tokenizer, jobs, settings, listeners, failure, commits))
     worker.start()
     try:
         yield from _events(jobs, texts, commits, failure)
@@ -92,6 +102,7 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
 def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, failure: list) -> Iterator[dict]:
     """Merge the queued commits into one event per row, until every row has finished."""
     open_rows = set(range(len(jobs)))
+    scored = [0] * len(jobs)  # logprobs sent per row
     while open_rows:
         item = commits.get()
         if item is None:  # the decoding thread ended before every row finished
@@ -101,9 +112,14 @@ def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, fail
             break
         events = {}
         while item is not None:
-            row, delta, result = item
+            row, delta, result, logprobs = item
             event = events.setdefault(row, {"text": ""})
             event["text"] += delta
+            if logprobs:
+                if texts[row].stopped:  # none past the stop string
+                    logprobs = logprobs[: max(0, texts[row].tokens_through_stop() - scored[row])]
+                event.setdefault("logprobs", []).extend(logprobs)
+                scored[row] += len(logprobs)
             if result is not None:
                 event["text"] += texts[row].finish()
                 reason = "stop" if texts[row].stopped else finish_reason(result.stop_reason)
@@ -125,15 +141,22 @@ def _next_nowait(commits: queue.Queue):
     return item
 
 
-def _decode(model, tokenizer, jobs, settings, on_commit, failure: list, commits: queue.Queue) -> None:
+def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits: queue.Queue) -> None:
     """Run the engine on the group's left-padded prompts; always end with the ``None`` marker."""
     try:
         ids, mask = left_pad([job.ids for job in jobs], tokenizer.pad_token_id)  # load_tokenizer sets a pad id
         # The rows' own TextStreams (on_commit) watch the settings' stop strings with the jobs': the
         # engine need not decode every commit a second time for them.
         engine = settings.replace(stop_strings=())
+        on_commit, on_logprobs = listeners
         generate_blocks(
-            model, ids, engine, attention_mask=mask, eos_token_id=tokenizer.eos_token_id, on_commit=on_commit
+            model,
+            ids,
+            engine,
+            attention_mask=mask,
+            eos_token_id=tokenizer.eos_token_id,
+            on_commit=on_commit,
+            on_logprobs=on_logprobs,
         )
     except Exception as error:  # reported to the jobs' clients as a 500, the server keeps serving
         failure.append(error)

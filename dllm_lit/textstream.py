@@ -122,5 +122,12 @@ class StopStringWatch:
         return generation
 
     def _cut(self, row: int, result: RowResult) -> RowResult:
-        ids = result.token_ids[: self.through[row]]
-        return replace(result, token_ids=ids, stop_reason="stop_string", stop_token_id=None)
+        through = self.through[row]
+        logprobs = result.logprobs[:through] if result.logprobs is not None else None
+        return replace(
+            result,
+            token_ids=result.token_ids[:through],
+            stop_reason="stop_string",
+            stop_token_id=None,
+            logprobs=logprobs,
+        )

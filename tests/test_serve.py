@@ -195,6 +195,44 @@ def test_several_prompts_and_n_choices_each_equal_their_answers_one_by_one(clien
 
 
 @pytest.mark.slow
+def test_logprobs_streamed_equal_non_streamed_equal_the_engines(client, tiny_dir):
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    asked = dict(max_tokens=24, extra_body={"lossless": True})
+    text, done = chat_text(client, tiny_dir, "What is 2+2?", logprobs=True, top_logprobs=2, **asked)
+    _, chunks = chat_text(client, tiny_dir, "What is 2+2?", True, logprobs=True, top_logprobs=2, **asked)
+    content = done.choices[0].logprobs.content
+    assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content] == content
+    ids = encode_prompt(tokenizer, {"messages": [{"role": "user", "content": "What is 2+2?"}]}, True)
+    settings = dict(add_eos_length=3, max_new_tokens=24, lossless=True, logprobs=2)
+    engine = generate_blocks(model, torch.tensor([ids]), eos_token_id=tokenizer.eos_token_id, **settings).rows[0]
+    assert [t.token for t in content] == [tokenizer.decode([i], skip_special_tokens=True) for i in engine.token_ids]
+    assert "".join(t.token for t in content) == text
+    for token, entry in zip(content, engine.logprobs):
+        assert token.logprob == pytest.approx(entry.logprob, abs=1e-5)
+        assert [t.token for t in token.top_logprobs] == [
+            tokenizer.decode([i], skip_special_tokens=True) for i, _ in entry.top
+        ]
+        assert [t.logprob for t in token.top_logprobs] == pytest.approx([v for _, v in entry.top], abs=1e-5)
+    plain = client.chat.completions.create(model=tiny_dir, messages=[{"role": "user", "content": "What is 2+2?"}])
+    assert plain.choices[0].logprobs is None
+
+    completion = client.completions.create(model=tiny_dir, prompt="12+34=", logprobs=1, max_tokens=24)
+    legacy = completion.choices[0].logprobs
+    assert "".join(legacy.tokens) == completion.choices[0].text
+    assert legacy.text_offset == [len("".join(legacy.tokens[:n])) for n in range(len(legacy.tokens))]
+    assert all(
+        tops[token] == value for token, value, tops in zip(legacy.tokens, legacy.token_logprobs, legacy.top_logprobs)
+    )
+    streamed = list(client.completions.create(model=tiny_dir, prompt="12+34=", logprobs=1, max_tokens=24, stream=True))
+    parts = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for part in parts for t in part.tokens] == legacy.tokens
+    assert [o for part in parts for o in part.text_offset] == legacy.text_offset
+
+
+@pytest.mark.slow
 def test_tokenize_gives_the_ids_a_request_decodes_and_detokenize_reads_them_back(server, client, tiny_dir):
     def post(path: str, body: dict, headers=AUTH) -> requests.Response:
         return requests.post(f"{server[0]}{path}", json=body, headers=headers)
@@ -286,7 +324,9 @@ BAD_REQUESTS = [
     ("an image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400),
     ("top_k below -1", {"top_k": -2}, 400),
     ("min_p above 1", {"min_p": 1.5}, 400),
-    ("logprobs", {"logprobs": True, "top_logprobs": 2}, 400),
+    ("top_logprobs without logprobs", {"top_logprobs": 2}, 400),
+    ("top_logprobs above 20", {"logprobs": True, "top_logprobs": 21}, 400),
+    ("echo", {"echo": True}, 400),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ("json mode", {"response_format": {"type": "json_object"}}, 400),
     ("a penalty", {"frequency_penalty": 0.5}, 400),
@@ -413,6 +453,26 @@ def test_stop_strings_in_the_settings_end_a_stream_as_a_requests_stop_does(tiny_
     assert [texts(model, tokenizer, [job])[0] for job in jobs] == [full[: full.index(stop)]] * 2
     assert finals[0] == finals[1] and finals[0]["finish_reason"] == "stop"
     assert finals[0]["completion_tokens"] == fewest, "usage counts the tokens through the stop string"
+
+
+def test_streamed_logprobs_end_at_the_stop_string_as_the_engines_do(tiny_dir):
+    from dllm_lit.models import load_model, load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    settings = DecodeSettings(add_eos_length=3, max_new_tokens=24, ignore_eos=True, logprobs=2)
+    ids = tokenizer("Tell me a story.").input_ids
+    eos = tokenizer.eos_token_id
+    full = generate_blocks(model, torch.tensor([ids]), settings, eos_token_id=eos).rows[0]
+    stop = tokenizer.decode(full.token_ids[9:11])  # ends inside the third block
+    cut = generate_blocks(
+        model, torch.tensor([ids]), settings, eos_token_id=eos, stop_strings=stop, tokenizer=tokenizer
+    ).rows[0]
+    for job in (Job("a", ids, settings), Job("b", ids, settings, [stop])):
+        events = [event for (event,) in stream_jobs(model, tokenizer, [job])]
+        streamed = [tuple(entry) for event in events for entry in event.get("logprobs", [])]
+        assert streamed == (cut if job.stop else full).logprobs
+        assert len([event for event in events if event.get("logprobs")]) >= 3, "block by block"
 
 
 @pytest.mark.parametrize(("device", "workers"), [("cpu", ["cpu"]), ("cuda", [["cuda:0"]]), ("cuda:1", [["cuda:1"]])])
