@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument(
         "--backends", nargs="+", default=["eager"], help="engine backends to time (eager, cuda_graph, inductor)"
     )
+    parser.add_argument(
+        "--logprobs", type=int, metavar="K", help="also time each engine row with logprobs=K (the cost of scoring)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -72,6 +75,25 @@ def main() -> None:
         return timed(run, args.repeats)
 
     rows = []
+
+    def scored(label: str, seconds: float, result, **settings) -> None:
+        """With --logprobs: the same engine row with logprobs=K, its speed as a share of the row's."""
+        if args.logprobs is None:
+            return
+        scored_time, scored_result = engine(logprobs=args.logprobs, **settings)
+        same = "yes" if scored_result.rows[0].token_ids == result.rows[0].token_ids else "NO"
+        rows.append(
+            (
+                f"{label} + logprobs={args.logprobs}",
+                "-",
+                n / scored_time,
+                scored_result.forwards,
+                scored_result.tokens_per_forward,
+                None,
+                f"same tokens: {same} ({seconds / scored_time:.3f}x the speed without)",
+            )
+        )
+
     no_stop = copy.deepcopy(model.generation_config)
     no_stop.update(eos_token_id=None, pad_token_id=eos, max_new_tokens=n, do_sample=False)
     ar_time, ar = timed(lambda: model.generate(ids, generation_config=no_stop), args.repeats)
@@ -113,6 +135,7 @@ def main() -> None:
                     verdict,
                 )
             )
+            scored(rows[-1][0], engine_time, result, add_eos_length=width - 1, refine_iter=refine_iter, backend=backend)
 
     for width, backend in ((width, backend) for width in args.lossless for backend in args.backends):
         lossless_time, result = engine(add_eos_length=width - 1, lossless=True, backend=backend)
@@ -128,6 +151,7 @@ def main() -> None:
                 f"{same} ({ar_time / lossless_time:.2f}x generate's speed)",
             )
         )
+        scored(rows[-1][0], lossless_time, result, add_eos_length=width - 1, lossless=True, backend=backend)
 
     print(f"\n`{' '.join(sys.argv)}`  ")
     print(
