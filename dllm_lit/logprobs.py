@@ -17,18 +17,19 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from transformers import DynamicCache
 
 EXACT_IDS = 2**24
 """Token ids are stored as float32: exact below this."""
 
 
 class TokenLogprob(NamedTuple):
-    """One generated token, its log-probability and the ``k`` most likely tokens' at its position
-    (``(token_id, logprob)``, most likely first)."""
+    """One token, its log-probability and the ``k`` most likely tokens' at its position
+    (``(token_id, logprob)``, most likely first). A prompt's first token has neither (None)."""
 
     token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] | None
 
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,6 +52,20 @@ def token_scores(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.
     return torch.cat([chosen, best.values, best.indices.float()], dim=-1)
 
 
+@torch.inference_mode()
+def prompt_logprobs(model: torch.nn.Module, ids: list[int], top: int, chunk: int = 512) -> list[TokenLogprob]:
+    """Each prompt token's log-probability after the tokens before it, and the ``top`` best there
+    (one forward over the prompt, ``chunk`` tokens at a time over a KV cache: at most ``chunk`` rows of
+    logits at once). The first token has none."""
+    device = next(model.parameters()).device
+    tokens, cache, scores = torch.tensor([ids], device=device), DynamicCache(), []
+    for start in range(0, len(ids) - 1, chunk):
+        piece = tokens[:, start : min(start + chunk, len(ids) - 1)]
+        logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits
+        scores += token_scores(logits[0], tokens[0, start + 1 : start + 1 + piece.shape[1]], top).tolist()
+    return [TokenLogprob(ids[0], None, None), *entries(ids[1:], scores)]
+
+
 def entries(token_ids: list[int], scores: list[list[float]]) -> list[TokenLogprob]:
     """One row's tokens and their scores (``token_scores(...)[row].tolist()``) as :class:`TokenLogprob`."""
     top = (len(scores[0]) - 1) // 2 if scores else 0
@@ -64,8 +79,9 @@ def openai_logprobs(tokenizer, chat: bool, entries: list, offset: int = 0) -> di
     """OpenAI's ``logprobs`` of a choice for ``entries`` (:class:`TokenLogprob`, or the same as JSON
     lists): chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}``, or the completion
     API's ``{tokens, token_logprobs, top_logprobs, text_offset}`` (``offset``: the first token's
-    offset in the completion's text; each top dict holds the chosen token too, as OpenAI's do). A
-    token's text is as the answer shows it: special tokens read as empty strings."""
+    offset in the choice's text; each top dict holds the chosen token too, as OpenAI's do; an echoed
+    prompt's first token has None for both). A token's text is as the answer shows it: special
+    tokens read as empty strings."""
 
     def text_of(token_id: int) -> str:
         return tokenizer.decode([token_id], skip_special_tokens=True)
@@ -81,7 +97,10 @@ def openai_logprobs(tokenizer, chat: bool, entries: list, offset: int = 0) -> di
     return {
         "tokens": [text for text, _, _ in tokens],
         "token_logprobs": [logprob for _, logprob, _ in tokens],
-        "top_logprobs": [{text_of(i): value for i, value in top} | {text: logprob} for text, logprob, top in tokens],
+        "top_logprobs": [
+            None if top is None else {text_of(i): value for i, value in top} | {text: logprob}
+            for text, logprob, top in tokens
+        ],
         "text_offset": offsets,
     }
 

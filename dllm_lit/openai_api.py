@@ -132,6 +132,7 @@ class ChatRequest(CommonRequest):
 class CompletionRequest(CommonRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
 
     def logprob_count(self) -> int | None:
         return self.logprobs
@@ -179,7 +180,7 @@ UNSUPPORTED = (
     "frequency_penalty",
 )
 """OpenAI fields that would change what a client gets back: refused unless at their defaults (0,
-false, null, empty), not silently ignored."""
+false, null, empty), not silently ignored (``echo``: on chat requests; completions take it)."""
 
 
 def parse(model: type[BaseModel], body: Any) -> Any:
@@ -187,7 +188,7 @@ def parse(model: type[BaseModel], body: Any) -> Any:
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.")
     for name in UNSUPPORTED:
-        if body.get(name):
+        if body.get(name) and name not in model.model_fields:
             raise OpenAIError(400, f"{name} is not supported by this server.", name)
     response_format = body.get("response_format") or {}
     if not isinstance(response_format, dict) or response_format.get("type", "text") != "text":

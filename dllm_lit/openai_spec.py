@@ -59,6 +59,7 @@ class Exchange:
     stream: bool
     usage_chunk: bool
     rid: str
+    echo: list[str] | None = None  # each choice's prompt text, for a completion with ``echo``
 
 
 class OpenAIBlockSpec(LitSpec):
@@ -142,7 +143,7 @@ class OpenAIBlockSpec(LitSpec):
             exchange = await self._exchange(request, chat)
         except OpenAIError as error:
             return JSONResponse(error.body(), error.status)
-        events = self._merged([self._submit(job) for job in exchange.jobs])
+        events = echoed(self._merged([self._submit(job) for job in exchange.jobs]), exchange.echo)
         if exchange.stream:
             return StreamingResponse(self._sse(events, exchange), media_type="text/event-stream")
         return await self._collect(events, exchange, request)
@@ -180,13 +181,23 @@ class OpenAIBlockSpec(LitSpec):
         rows = [{"messages": [m.for_template() for m in parsed.messages]}] if chat else parsed.prompts()
         if len(rows) * parsed.n > MAX_CHOICES:
             raise OpenAIError(400, f"A request gets at most {MAX_CHOICES} choices (prompts times n).", "n")
-        field = "messages" if chat else "prompt"
+        field, echo = ("messages", False) if chat else ("prompt", parsed.echo)
         jobs = [
-            Job(str(uuid.uuid4()), self._prompt_ids(row, field, settings.max_length), seeded(settings, sample), stop)
+            Job(
+                str(uuid.uuid4()),
+                self._prompt_ids(row, field, settings.max_length),
+                seeded(settings, sample),
+                stop,
+                echo,
+            )
             for row in rows
             for sample in range(parsed.n)
         ]
-        return Exchange(jobs, parsed.n, chat, parsed.stream, parsed.usage_chunk(), response_id(chat))
+        exchange = Exchange(jobs, parsed.n, chat, parsed.stream, parsed.usage_chunk(), response_id(chat))
+        if echo:  # a prompt as given, or the text of its token ids
+            texts = [row if isinstance(row, str) else self.tokenizer.decode(row) for row in rows]
+            exchange.echo = [text for text in texts for _ in range(parsed.n)]
+        return exchange
 
     def _prompt_ids(self, row: dict | str | list[int], field: str, max_length: int) -> list[int]:
         """One prompt's ids exactly as ``predict`` makes them (a chat row through the template, a text
@@ -340,6 +351,18 @@ class OpenAIBlockSpec(LitSpec):
         """Ask the worker to stop these jobs at their next commit."""
         for job in jobs:
             self.cancelled[job.uid] = True
+
+
+async def echoed(events: AsyncIterator[tuple[int, dict]], prompts: list[str] | None) -> AsyncIterator[tuple[int, dict]]:
+    """``events`` with each choice's prompt text (``prompts``, for ``echo``) and the prompt's logprobs
+    (``prompt_logprobs`` from the worker) put before its first event's text and logprobs."""
+    waiting = set(range(len(prompts or [])))
+    async for index, event in events:
+        if index in waiting and "error" not in event:
+            waiting.discard(index)
+            prompt_logprobs = event.pop("prompt_logprobs", [])
+            event |= {"text": prompts[index] + event["text"], "logprobs": prompt_logprobs + event.get("logprobs", [])}
+        yield index, event
 
 
 def seeded(settings: DecodeSettings, sample: int) -> DecodeSettings:

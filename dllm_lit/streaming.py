@@ -5,7 +5,8 @@ one event per job: ``{}`` (nothing new), ``{"text": delta}``, and a last event t
 ``finish_reason``, ``completion_tokens`` and ``forwards`` (or ``{"error": message}`` if decoding
 failed). With ``settings.logprobs`` an event also carries ``"logprobs"``: one
 :class:`~dllm_lit.logprobs.TokenLogprob` per token committed since the last event (through the
-stop string at most; they may run ahead of the text, which holds back partial characters). Jobs
+stop string at most; they may run ahead of the text, which holds back partial characters), and an
+``echo`` job's first event ``"prompt_logprobs"``: its prompt's (:func:`~dllm_lit.logprobs.prompt_logprobs`). Jobs
 with the same settings decode as one batch (greedy rows do not depend on their batch); groups with
 different settings run one after the other. The engine runs in a helper thread and
 reports each commit through ``generate_blocks(on_commit=...)``; a job whose text reached a stop
@@ -24,7 +25,7 @@ import torch
 from dllm_lit.data import encode_prompt, left_pad
 from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import RowResult
-from dllm_lit.logprobs import TokenLogprob
+from dllm_lit.logprobs import TokenLogprob, prompt_logprobs
 from dllm_lit.openai_api import finish_reason
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.textstream import TextStream
@@ -32,12 +33,14 @@ from dllm_lit.textstream import TextStream
 
 @dataclass
 class Job:
-    """One prompt to decode: its token ids, settings and stop strings; ``uid`` names it for cancelling."""
+    """One prompt to decode: its token ids, settings and stop strings; ``uid`` names it for cancelling;
+    ``echo`` (with ``settings.logprobs``): a first event with the prompt's logprobs."""
 
     uid: str
     ids: list[int]
     settings: DecodeSettings
     stop: list[str] = field(default_factory=list)
+    echo: bool = False
 
 
 def stream_jobs(
@@ -88,6 +91,12 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
         commits.put((row, texts[row].add(new_ids), result, new))
         return texts[row].stopped or abandoned.is_set() or is_cancelled(jobs[row].uid)
 
+    if settings.logprobs is not None and any(job.echo for job in jobs):
+        yield {
+            row: {"text": "", "prompt_logprobs": prompt_logprobs(model, job.ids, settings.logprobs)}
+            for row, job in enumerate(jobs)
+            if job.echo
+        }
     failure: list[BaseException] = []
     listeners = (on_commit, on_logprobs)
     worker = threading.Thread(target=_decode, args=(model, tokenizer, jobs, settings, listeners, failure, commits))

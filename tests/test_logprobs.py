@@ -160,3 +160,13 @@ def test_predict_writes_each_tokens_logprob_as_the_engine_reports_it(tiny_dir, t
     assert written["token_logprobs"] == pytest.approx([entry.logprob for entry in engine.logprobs], abs=1e-5)
     pairs = zip(written["tokens"], written["token_logprobs"], written["top_logprobs"])
     assert all(top[token] == logprob and len(top) <= 3 for token, logprob, top in pairs)
+
+
+@pytest.mark.parametrize("chunk", [3, 512])
+def test_prompt_logprobs_are_the_teacher_forced_ones_in_chunks_of_any_size(model, chunk):
+    from dllm_lit.logprobs import prompt_logprobs
+
+    prompt = random_prompts([13], seed=9)[0]
+    found = prompt_logprobs(model, prompt, TOP, chunk=chunk)
+    assert found[0] == TokenLogprob(prompt[0], None, None)
+    assert_close(found[1:], teacher_forced(model, prompt[:1], prompt[1:]))

@@ -16,6 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -233,6 +234,39 @@ def test_logprobs_streamed_equal_non_streamed_equal_the_engines(client, tiny_dir
 
 
 @pytest.mark.slow
+def test_lm_evals_loglikelihood_requests_read_the_models_own_logprobs_from_an_echo(client, tiny_dir):
+    """lm-eval's ``local-completions`` payload for loglikelihood (token ids, echo, logprobs=1,
+    max_tokens=1), parsed by lm-eval's own parser, equals a direct computation."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from test_evaluate import direct_logprob
+
+    from dllm_lit.models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    pairs = [("The cat sat on the", " mat"), ("12+34=", "46"), ("x", "y")]
+    contexts = [tokenizer(context).input_ids for context, _ in pairs]
+    continuations = [tokenizer(text, add_special_tokens=False).input_ids for _, text in pairs]
+    payload = LocalCompletionsAPI._create_payload(
+        SimpleNamespace(model=tiny_dir), [c + n for c, n in zip(contexts, continuations)], generate=False
+    )
+    reply = requests.post(f"{client.base_url}completions", json=payload, headers=AUTH)
+    assert reply.status_code == 200, reply.text
+    choices = reply.json()["choices"]
+    assert [c["text"][: len(tokenizer.decode(c_ids))] for c, c_ids in zip(choices, contexts)] == [
+        tokenizer.decode(c_ids) for c_ids in contexts
+    ], "the prompt is echoed first"
+    assert all(c["logprobs"]["token_logprobs"][0] is None for c in choices)
+    scores = LocalCompletionsAPI.parse_logprobs(reply.json(), ctxlens=[len(c) for c in contexts])
+    for (logprob, greedy), context, continuation in zip(scores, contexts, continuations):
+        expected, expected_greedy = direct_logprob(model, context, continuation)
+        assert logprob == pytest.approx(expected, abs=1e-4) and greedy == expected_greedy
+    streamed = list(client.completions.create(model=tiny_dir, prompt="12+34=", echo=True, max_tokens=4, stream=True))
+    whole = client.completions.create(model=tiny_dir, prompt="12+34=", echo=True, max_tokens=4)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
+    assert whole.choices[0].text.startswith("12+34=") and whole.choices[0].logprobs is None
+
+
+@pytest.mark.slow
 def test_tokenize_gives_the_ids_a_request_decodes_and_detokenize_reads_them_back(server, client, tiny_dir):
     def post(path: str, body: dict, headers=AUTH) -> requests.Response:
         return requests.post(f"{server[0]}{path}", json=body, headers=headers)
@@ -326,7 +360,7 @@ BAD_REQUESTS = [
     ("min_p above 1", {"min_p": 1.5}, 400),
     ("top_logprobs without logprobs", {"top_logprobs": 2}, 400),
     ("top_logprobs above 20", {"logprobs": True, "top_logprobs": 21}, 400),
-    ("echo", {"echo": True}, 400),
+    ("echo on chat", {"echo": True}, 400),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ("json mode", {"response_format": {"type": "json_object"}}, 400),
     ("a penalty", {"frequency_penalty": 0.5}, 400),
