@@ -9,8 +9,9 @@ stop string at most; they may run ahead of the text, which holds back partial ch
 ``echo`` job's first event ``"prompt_logprobs"``, its prompt's
 (:func:`~dllm_lit.logprobs.prompt_logprobs`). Jobs with the same settings decode as one batch
 (greedy rows do not depend on their batch); groups with different settings run one after the
-other. The engine runs in a helper thread and reports each commit through ``generate_blocks(on_commit=...)``; a job whose text reached a stop
-string, or whose client went away (``is_cancelled``), is stopped there and leaves the batch.
+other. The engine runs in a helper thread and reports each commit through
+``generate_blocks(on_commit=...)``; a job whose text reached a stop string, or whose client went
+away (``is_cancelled``), is stopped there and leaves the batch.
 """
 
 from __future__ import annotations
