@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from dllm_lit import cli
 from dllm_lit.models import DEFAULT_MODEL, resolve_device
-from dllm_lit.settings import BACKENDS, DEFAULTS
+from dllm_lit.settings import BACKENDS, DEFAULTS, DecodeSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,11 +100,31 @@ def to_cli_args(ns: argparse.Namespace) -> list[str]:
     return args
 
 
+def check(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+    """Bad values stop here, named by their legacy flags (not the ``predict`` flags they become)."""
+    try:
+        DecodeSettings(
+            add_eos_length=ns.add_eos_length,
+            refine_iter=ns.refine_iter,
+            max_new_tokens=ns.max_new_tokens,
+            max_length=ns.max_length,
+        )
+    except ValueError as error:
+        parser.error(f"--{error}")  # each message starts with the setting's name
+    for name, least in (("batch_size", 1), ("max_display", 0)):
+        if getattr(ns, name) < least:
+            parser.error(f"--{name} must be at least {least}, got {getattr(ns, name)}.")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = to_cli_args(build_parser().parse_args(argv))
+    parser = build_parser()
+    legacy = parser.parse_args(argv)
+    check(parser, legacy)
     sys.argv = [sys.argv[0], *argv]  # `--devices 2` starts each other process as this module with sys.argv
-    cli.main(args)
+    # ... which Lightning would warn about: the predict arguments and sys.argv differ by design here.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    cli.main(to_cli_args(legacy))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import write
+from conftest import assert_one_line_error, write
 from dllm_lit import cli, demo, generate_blocks
 from dllm_lit.data import DataModule
 from dllm_lit.models import load_model, load_tokenizer
@@ -463,7 +463,7 @@ def test_the_legacy_front_end_keeps_stdout_for_results(tiny_dir, tmp_path, dllm_
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(RULE) and "Predicting" not in done.stdout
-    assert "warn" not in done.stderr.lower(), done.stderr
+    assert all(line.startswith(("Predicting", "[dllm_lit]")) for line in done.stderr.splitlines()), done.stderr
     trusted = dllm_lit(
         ["--model_path", tiny_dir, "--prompt", "hi", "--max_new_tokens", "4", "--trust_remote_code"],
         tmp_path,
@@ -481,3 +481,19 @@ def test_an_integral_batch_limit_counts_batches(given, expected, tiny_dir, monke
     parsed = cli.DllmCLI(run=False)
     assert parsed.trainer.limit_val_batches == expected and type(parsed.trainer.limit_val_batches) is type(expected)
     assert type(parsed.trainer.limit_train_batches) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "fragment"),
+    [
+        ("--add_eos_length", "-1", "--add_eos_length must be at least 0"),
+        ("--refine_iter", "0", "--refine_iter must be at least 1"),
+        ("--max_length", "1", "--max_length must be at least 2"),
+        ("--batch_size", "0", "--batch_size must be at least 1"),
+        ("--max_display", "-1", "--max_display must be at least 0"),
+    ],
+)
+def test_bad_legacy_values_are_named_by_their_legacy_flags(dllm_lit_here, tmp_path, flag, value, fragment):
+    done = dllm_lit_here(["--prompt", "hi", flag, value], tmp_path, module="dllm_lit.demo")
+    assert_one_line_error(done, fragment, prefix="python -m dllm_lit.demo: error:")
+    assert "--model." not in done.stderr and "--data." not in done.stderr
