@@ -75,8 +75,8 @@ def entries(token_ids: list[int], scores: list[list[float]]) -> list[TokenLogpro
     ]
 
 
-def openai_logprobs(tokenizer, chat: bool, entries: list, offset: int = 0) -> dict[str, Any]:
-    """OpenAI's ``logprobs`` of a choice for ``entries`` (:class:`TokenLogprob`, or the same as JSON
+def openai_logprobs(tokenizer, chat: bool, scored: list, offset: int = 0) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` of a choice for ``scored`` tokens (:class:`TokenLogprob`, or the same as JSON
     lists): chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}``, or the completion
     API's ``{tokens, token_logprobs, top_logprobs, text_offset}`` (``offset``: the first token's
     offset in the choice's text; each top dict holds the chosen token too, as OpenAI's do; an echoed
@@ -86,7 +86,7 @@ def openai_logprobs(tokenizer, chat: bool, entries: list, offset: int = 0) -> di
     def text_of(token_id: int) -> str:
         return tokenizer.decode([token_id], skip_special_tokens=True)
 
-    tokens = [(text_of(token_id), logprob, top) for token_id, logprob, top in entries]
+    tokens = [(text_of(token_id), logprob, top) for token_id, logprob, top in scored]
     if chat:
         content = [
             _token(text, logprob) | {"top_logprobs": [_token(text_of(i), value) for i, value in top]}
