@@ -32,9 +32,8 @@ from transformers.cache_utils import StaticLayer
 from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import grouped_attention
 from dllm_lit.ledger import RowLedger
-from dllm_lit.logprobs import Scorer, scorer
 from dllm_lit.norms import fused_norms
-from dllm_lit.sampling import Picker, build_picker
+from dllm_lit.sampling import Chooser, build_chooser
 from dllm_lit.settings import DecodeSettings
 
 _FORWARDS_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -338,7 +337,7 @@ def decode_static(
     cache_len = -(-(prompt_len + blocks * width) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
-    pick, score = build_picker(settings, device), scorer(settings.logprobs)
+    choose = build_chooser(settings, device)
     members = list(range(batch))  # the ledger row at each position of the batch
     alive = list(range(batch))
     block, settled = None, False
@@ -356,15 +355,12 @@ def decode_static(
             logits = forward(torch.cat([block[:, -1:], fills], 1), start - 1, width)
         else:  # re-feed the whole committed block
             logits = forward(torch.cat([block, fills], 1), start - width, width)
-        block = pick(logits)
-        scores = score(logits, block) if score else None
+        block, scores = choose(logits)
         ledger.count_forward()
         # As in the eager loop, a block whose rows may add one more token at most has nothing to
         # refine: that token depends on committed tokens alone.
         refinable = min(width, max(budgets[row] for row in alive) - index * width) > 1
-        block, scores, settled = refine_static(
-            forward, (pick, score), ledger, settings, (block, scores), room, start, refinable
-        )
+        block, scores, settled = refine_static(forward, choose, ledger, settings, block, scores, room, start, refinable)
         positions = [members.index(row) for row in alive]
         scores = scores[positions] if scores is not None else None
         finished = ledger.commit(alive, block[positions], room[positions], scores=scores).tolist()
@@ -384,28 +380,27 @@ def compacted_positions(members: list[int], alive: list[int]) -> list[int]:
 
 def refine_static(
     forward: StaticForward,
-    pickers: tuple[Picker, Scorer | None],
+    choose: Chooser,
     ledger: RowLedger,
     settings: DecodeSettings,
-    drafted: tuple[torch.Tensor, torch.Tensor | None],
+    block: torch.Tensor,
+    scores: torch.Tensor | None,
     room: torch.Tensor,
     start: int,
     refinable: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """Refine passes without a host wait: the fixed-point test runs on device and freezes the block;
     on CUDA the host reads the flag one pass late, so a block that settles costs at most one extra
-    pass (same tokens). Takes the drafted block and its scores (``pickers``: the picker and the
-    scorer, None when off); returns the block, its scores and whether it settled after at least one
-    refine pass."""
-    (pick, score), (block, scores) = pickers, drafted
+    pass (same tokens). Takes the drafted block and its scores (None without ``logprobs``); returns
+    the block, its scores and whether it settled after at least one refine pass."""
     frozen = torch.zeros((), dtype=torch.bool, device=block.device)
     lag = block.device.type == "cuda"
     passes, pending = 0, None
     for _refine_pass in range(2, settings.refine_iter + 1 if refinable else 2):
-        logits = forward(block[:, :-1], start, block.shape[1] - 1)
-        refined = torch.cat([block[:, :1], pick(logits)], 1)
-        if score:
-            scores = torch.where(frozen, scores, torch.cat([scores[:, :1], score(logits, refined[:, 1:])], 1))
+        picked, picked_scores = choose(forward(block[:, :-1], start, block.shape[1] - 1))
+        refined = torch.cat([block[:, :1], picked], 1)
+        if scores is not None:
+            scores = torch.where(frozen, scores, torch.cat([scores[:, :1], picked_scores], 1))
         ledger.count_forward()
         passes += 1
         fixed = ledger.is_fixed_point(refined, block, room)

@@ -13,8 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from dllm_lit.ledger import RowLedger
-from dllm_lit.logprobs import Scorer, scorer
-from dllm_lit.sampling import Picker, build_picker
+from dllm_lit.sampling import Chooser, build_chooser
 from dllm_lit.settings import DecodeSettings
 
 
@@ -75,7 +74,7 @@ def decode_eager(
     fill: int,
 ) -> None:
     """Decode left-padded prompts block by block into ``ledger``."""
-    pick, score = build_picker(settings, prompt_ids.device), scorer(settings.logprobs)
+    choose = build_chooser(settings, prompt_ids.device)
     batch = CommittedBatch(model, prompt_ids, prompt_mask, settings.use_cache)
     active = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)  # input row of each active row
     generated = 0  # tokens committed so far by every active row
@@ -84,7 +83,7 @@ def decode_eager(
         # tokens before the cut are the same as with the full width.
         room = ledger.budget[active] - generated
         block_width = min(settings.width, int(room.max()))
-        block, scores, fixed_point = draft_and_refine(batch, pick, score, ledger, settings, room, block_width, fill)
+        block, scores, fixed_point = draft_and_refine(batch, choose, ledger, settings, room, block_width, fill)
         finished = ledger.commit(active.tolist(), block, room, scores=scores)
         batch.append(block, fixed_point=fixed_point)
         generated += block_width
@@ -96,8 +95,7 @@ def decode_eager(
 
 def draft_and_refine(
     batch: CommittedBatch,
-    pick: Picker,
-    score: Scorer | None,
+    choose: Chooser,
     ledger: RowLedger,
     settings: DecodeSettings,
     room: torch.Tensor,
@@ -105,20 +103,18 @@ def draft_and_refine(
     fill: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """One block: the draft pass, then refine passes until ``refine_iter`` or a fixed point.
-    Returns the block, its tokens' scores (``score``: each from the pass that picked it; else None)
-    and whether the last refine pass was a fixed point."""
+    Returns the block, its tokens' scores (each from the pass that picked it; None without
+    ``logprobs``) and whether the last refine pass was a fixed point."""
     fills = torch.full((batch.ids.shape[0], block_width - 1), fill, device=batch.ids.device, dtype=batch.ids.dtype)
-    logits = batch.forward(fills, predict=block_width)
-    block = pick(logits)
-    scores = score(logits, block) if score else None
+    block, scores = choose(batch.forward(fills, predict=block_width))
     ledger.count_forward()
     refine_passes, fixed_point = 0, False
     # A block of width 1 has nothing to refine: its only token depends on committed tokens alone.
     for _refine_pass in range(2, settings.refine_iter + 1 if block_width > 1 else 2):
-        logits = batch.forward(block[:, :-1], predict=block_width - 1)
-        refined = torch.cat([block[:, :1], pick(logits)], dim=1)
-        if score:
-            scores = torch.cat([scores[:, :1], score(logits, refined[:, 1:])], dim=1)
+        picked, picked_scores = choose(batch.forward(block[:, :-1], predict=block_width - 1))
+        refined = torch.cat([block[:, :1], picked], dim=1)
+        if scores is not None:
+            scores = torch.cat([scores[:, :1], picked_scores], dim=1)
         ledger.count_forward()
         refine_passes += 1
         fixed_point = bool(ledger.is_fixed_point(refined, block, room))

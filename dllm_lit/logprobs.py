@@ -13,7 +13,6 @@ host once, at the commit (:func:`entries`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -30,16 +29,6 @@ class TokenLogprob(NamedTuple):
     token_id: int
     logprob: float | None
     top: tuple[tuple[int, float], ...] | None
-
-
-Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def scorer(top: int | None) -> Scorer | None:
-    """``score(logits [rows, n, vocab], tokens [rows, n]) -> [rows, n, 1 + 2 top]``, or None when off."""
-    if top is None:
-        return None
-    return lambda logits, tokens: token_scores(logits, tokens, top)
 
 
 def token_scores(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import attention_bias
 from dllm_lit.ledger import RowLedger
-from dllm_lit.logprobs import Scorer, scorer
+from dllm_lit.logprobs import token_scores
 from dllm_lit.sampling import build_warpers
 from dllm_lit.settings import DecodeSettings
 
@@ -270,13 +270,13 @@ def decode_lossless(
     if settings.prompt_lookup_max:
         prompts = unpadded(prompt_ids, prompt_mask)
         lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
-    count, score = settings.alternatives, scorer(settings.logprobs)
+    count, top = settings.alternatives, settings.logprobs
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     alternatives = None
     while active.numel() > 0:
         logits = batch.forward(draft, alternatives)
         tokens, accepted, taken, guess_logits, guesses = verify_pass(verify, logits, draft, alternatives)
-        scores = pass_scores(score, logits, tokens, taken) if score else None
+        scores = pass_scores(logits, tokens, taken, top) if top is not None else None
         ledger.count_forward()
         room = ledger.budget[active] - generated
         finished = ledger.commit(active.tolist(), tokens, room, limit=accepted, scores=scores)
@@ -307,15 +307,15 @@ def verify_pass(verify, logits: PassLogits, draft: torch.Tensor, alternatives: t
     return tokens, accepted, taken, logits.verified, guesses
 
 
-def pass_scores(score: Scorer, logits: PassLogits, tokens: torch.Tensor, taken: torch.Tensor | None) -> torch.Tensor:
-    """The scores of a pass's tokens: each from the verified logits at its position, except the token
-    after a taken alternative, which that alternative's logits picked."""
-    scores = score(logits.verified, tokens)
+def pass_scores(logits: PassLogits, tokens: torch.Tensor, taken: torch.Tensor | None, top: int) -> torch.Tensor:
+    """The :func:`~dllm_lit.logprobs.token_scores` of a pass's tokens: each from the verified logits at
+    its position, except the token after a taken alternative, which that alternative's logits picked."""
+    scores = token_scores(logits.verified, tokens, top)
     if taken is None or tokens.shape[1] < 2:
         return scores
     vocab = logits.alternatives.shape[2]
     after = logits.alternatives.gather(1, taken.clamp(min=0)[:, None, None].expand(-1, 1, vocab))
-    second = torch.where(taken[:, None, None] >= 0, score(after, tokens[:, 1:2]), scores[:, 1:2])
+    second = torch.where(taken[:, None, None] >= 0, token_scores(after, tokens[:, 1:2], top), scores[:, 1:2])
     return torch.cat([scores[:, :1], second, scores[:, 2:]], dim=1)
 
 

@@ -23,7 +23,6 @@ import torch
 from dllm_lit.adapters import draft_gate
 from dllm_lit.compiled import HostCopy, StaticForward, compacted_positions
 from dllm_lit.ledger import RowLedger
-from dllm_lit.logprobs import scorer
 from dllm_lit.lossless import PassLogits, next_alternatives, next_draft, pass_scores, verifier, verify_pass
 from dllm_lit.settings import DecodeSettings
 
@@ -48,7 +47,7 @@ def decode_lossless_static(
     cache_len = -(-(prompt_len + longest + width + fed) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
-    verify, score = verifier(settings, device), scorer(settings.logprobs)
+    verify, top = verifier(settings, device), settings.logprobs
     state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1, settings.logprobs)
     draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
     logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False, branch=branch)  # the prefill
@@ -60,7 +59,7 @@ def decode_lossless_static(
         tokens, accepted, taken, guess_logits, guesses = verify_pass(verify, logits, draft, alternatives)
         if taken is not None:
             forward.keep_alternative(taken, width)
-        scores = pass_scores(score, logits, tokens, taken) if score else None
+        scores = pass_scores(logits, tokens, taken, top) if top is not None else None
         last = state.accept(tokens, accepted, ledger.stop_ids, scores)
         draft = next_draft(guesses, accepted.clamp(min=1), fill)
         alternatives = next_alternatives(guess_logits, accepted.clamp(min=1), count, fill) if count else None

@@ -13,9 +13,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from dllm_lit.logprobs import token_scores
 from dllm_lit.settings import DecodeSettings
 
 Picker = Callable[[torch.Tensor], torch.Tensor]
+Chooser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def build_warpers(settings: DecodeSettings, device: torch.device) -> tuple[LogitsProcessorList, torch.Generator | None]:
@@ -50,3 +52,15 @@ def build_picker(settings: DecodeSettings, device: torch.device) -> Picker:
         return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
 
     return pick
+
+
+def build_chooser(settings: DecodeSettings, device: torch.device) -> Chooser:
+    """Return ``choose(logits [A, k, V]) -> (ids [A, k], scores)``: the picker's tokens and, with
+    ``settings.logprobs``, their :func:`~dllm_lit.logprobs.token_scores` (else None)."""
+    pick, top = build_picker(settings, device), settings.logprobs
+
+    def choose(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens = pick(logits)
+        return tokens, None if top is None else token_scores(logits, tokens, top)
+
+    return choose

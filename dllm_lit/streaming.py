@@ -112,7 +112,7 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
 def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, failure: list) -> Iterator[dict]:
     """Merge the queued commits into one event per row, until every row has finished."""
     open_rows = set(range(len(jobs)))
-    scored = [0] * len(jobs)  # logprobs sent per row
+    sent = [0] * len(jobs)  # logprobs sent per row
     while open_rows:
         item = commits.get()
         if item is None:  # the decoding thread ended before every row finished
@@ -127,9 +127,9 @@ def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, fail
             event["text"] += delta
             if logprobs:
                 if texts[row].stopped:  # none past the stop string
-                    logprobs = logprobs[: max(0, texts[row].tokens_through_stop() - scored[row])]
+                    logprobs = logprobs[: max(0, texts[row].tokens_through_stop() - sent[row])]
                 event.setdefault("logprobs", []).extend(logprobs)
-                scored[row] += len(logprobs)
+                sent[row] += len(logprobs)
             if result is not None:
                 event["text"] += texts[row].finish()
                 reason = "stop" if texts[row].stopped else finish_reason(result.stop_reason)
