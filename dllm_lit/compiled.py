@@ -33,6 +33,7 @@ from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import grouped_attention
 from dllm_lit.ledger import RowLedger
 from dllm_lit.norms import fused_norms
+from dllm_lit.penalties import Penalties
 from dllm_lit.sampling import Chooser, build_chooser
 from dllm_lit.settings import DecodeSettings
 
@@ -337,7 +338,8 @@ def decode_static(
     cache_len = -(-(prompt_len + blocks * width) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
-    choose = build_chooser(settings, device)
+    penalties = Penalties.build(settings, prompt_ids, prompt_mask)
+    choose = build_chooser(settings, device, penalties)
     members = list(range(batch))  # the ledger row at each position of the batch
     alive = list(range(batch))
     block, settled = None, False
@@ -346,6 +348,8 @@ def decode_static(
         if block is not None and len(alive) <= forward.batch // 2:
             positions = compacted_positions(members, alive)
             forward, block, members = forward.shrink(positions), block[positions], [members[p] for p in positions]
+            if penalties is not None:
+                penalties.keep(positions)
         on = torch.tensor([row in alive for row in members], device=device)
         room = torch.where(on, ledger.budget[members] - index * width, 0)
         fills = torch.full((forward.batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
@@ -364,6 +368,8 @@ def decode_static(
         positions = [members.index(row) for row in alive]
         scores = scores[positions] if scores is not None else None
         finished = ledger.commit(alive, block[positions], room[positions], scores=scores).tolist()
+        if penalties is not None:
+            penalties.add(block)
         alive = [row for row, done in zip(alive, finished) if not done]
         if not alive:
             return
@@ -397,7 +403,7 @@ def refine_static(
     lag = block.device.type == "cuda"
     passes, pending = 0, None
     for _refine_pass in range(2, settings.refine_iter + 1 if refinable else 2):
-        picked, picked_scores = choose(forward(block[:, :-1], start, block.shape[1] - 1))
+        picked, picked_scores = choose(forward(block[:, :-1], start, block.shape[1] - 1), block[:, :-1])
         refined = torch.cat([block[:, :1], picked], 1)
         if scores is not None:
             scores = torch.where(frozen, scores, torch.cat([scores[:, :1], picked_scores], 1))

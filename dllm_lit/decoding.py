@@ -76,12 +76,15 @@ def check_inputs(
 
 
 def check_vocabulary(input_ids: torch.Tensor, eos_ids: list[int], settings: DecodeSettings, vocab_size: int) -> None:
-    """Every stop, EOS and input id (padding included) is one of the model's ``vocab_size`` ids."""
+    """Every stop, EOS, biased and input id (padding included) is one of the model's ``vocab_size`` ids."""
     if settings.logprobs is not None and not settings.logprobs <= vocab_size <= EXACT_IDS:
         raise ValueError(f"logprobs={settings.logprobs} needs a vocabulary of that many ids and at most 2**24.")
     outside = sorted(i for i in {*eos_ids, *settings.stop_token_ids} if not 0 <= i < vocab_size)
     if outside:
         raise ValueError(f"Stop or EOS token ids {outside} are outside the model's vocabulary (0..{vocab_size - 1}).")
+    biased = sorted(i for i in settings.logit_bias or {} if i >= vocab_size)
+    if biased:
+        raise ValueError(f"logit_bias names token ids {biased}, outside the model's vocabulary (0..{vocab_size - 1}).")
     outside_ids = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
     if outside_ids.numel():
         raise ValueError(

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from dllm_lit.ledger import RowLedger
+from dllm_lit.penalties import Penalties
 from dllm_lit.sampling import Chooser, build_chooser
 from dllm_lit.settings import DecodeSettings
 
@@ -74,7 +75,8 @@ def decode_eager(
     fill: int,
 ) -> None:
     """Decode left-padded prompts block by block into ``ledger``."""
-    choose = build_chooser(settings, prompt_ids.device)
+    penalties = Penalties.build(settings, prompt_ids, prompt_mask)
+    choose = build_chooser(settings, prompt_ids.device, penalties)
     batch = CommittedBatch(model, prompt_ids, prompt_mask, settings.use_cache)
     active = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)  # input row of each active row
     generated = 0  # tokens committed so far by every active row
@@ -86,11 +88,15 @@ def decode_eager(
         block, scores, fixed_point = draft_and_refine(batch, choose, ledger, settings, room, block_width, fill)
         finished = ledger.commit(active.tolist(), block, room, scores=scores)
         batch.append(block, fixed_point=fixed_point)
+        if penalties is not None:
+            penalties.add(block)
         generated += block_width
         if bool(finished.any()):
             still = (~finished).nonzero().squeeze(1)
             active = active[still]
             batch.keep_rows(still)
+            if penalties is not None:
+                penalties.keep(still)
 
 
 def draft_and_refine(
@@ -111,7 +117,7 @@ def draft_and_refine(
     refine_passes, fixed_point = 0, False
     # A block of width 1 has nothing to refine: its only token depends on committed tokens alone.
     for _refine_pass in range(2, settings.refine_iter + 1 if block_width > 1 else 2):
-        picked, picked_scores = choose(batch.forward(block[:, :-1], predict=block_width - 1))
+        picked, picked_scores = choose(batch.forward(block[:, :-1], predict=block_width - 1), block[:, :-1])
         refined = torch.cat([block[:, :1], picked], dim=1)
         if scores is not None:
             scores = torch.cat([scores[:, :1], picked_scores], dim=1)

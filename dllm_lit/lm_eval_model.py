@@ -91,6 +91,8 @@ class DllmLM(HFLM):
         for name, kind in (("top_p", float), ("top_k", int), ("min_p", float)):
             if kwargs.get(name) is not None and sampling:
                 sampling[name] = kind(kwargs[name])
+        if kwargs.get("repetition_penalty") is not None:  # as transformers' generate reads it, greedy too
+            sampling["repetition_penalty"] = float(kwargs["repetition_penalty"])
         return self.settings.replace(max_new_tokens=int(kwargs["max_gen_toks"]), **sampling), until
 
     def _decode(self, jobs: list[Job]) -> list[tuple[str, dict, float]]:

@@ -3,12 +3,13 @@
 With ``DecodeSettings.logprobs = k`` (``None``: off, nothing computed) every decoding loop keeps,
 beside the tokens of each block or pass, one float tensor ``[rows, width, 1 + 2k]``
 (:func:`token_scores`): the picked token's log-probability, then the ``k`` most likely tokens'
-log-probabilities and their ids. Log-probabilities are the log-softmax of the model's raw logits at
+log-probabilities and their ids. Log-probabilities are the log-softmax of the model's logits at
 the token's position in the pass that picked it (before temperature and top-k/p/min-p, as vLLM and
-``generate``'s ``output_logits`` report them); in lossless mode and in exact block mode those are the
-autoregressive ones. The ids ride as floats (exact below ``2**24``, far above any vocabulary) so one
-tensor follows the tokens through the loops' indexing, ``where``, gather and scatter, and reaches the
-host once, at the commit (:func:`entries`).
+``generate``'s ``output_logits`` report them; after ``logit_bias`` and the penalties, when set, which
+vLLM's precede); in lossless mode and in exact block mode those are the autoregressive ones. The
+ids ride as floats (exact below ``2**24``, far above any vocabulary) so one tensor follows the
+tokens through the loops' indexing, ``where``, gather and scatter, and reaches the host once, at the
+commit (:func:`entries`).
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import attention_bias
 from dllm_lit.ledger import RowLedger
 from dllm_lit.logprobs import token_scores
+from dllm_lit.penalties import Penalties
 from dllm_lit.sampling import build_warpers
 from dllm_lit.settings import DecodeSettings
 
@@ -271,10 +272,11 @@ def decode_lossless(
         prompts = unpadded(prompt_ids, prompt_mask)
         lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
     count, top = settings.alternatives, settings.logprobs
+    penalties = Penalties.build(settings, prompt_ids, prompt_mask)
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     alternatives = None
     while active.numel() > 0:
-        logits = batch.forward(draft, alternatives)
+        logits = penalized(penalties, batch.forward(draft, alternatives), draft, alternatives)
         tokens, accepted, taken, guess_logits, guesses = verify_pass(verify, logits, draft, alternatives)
         scores = pass_scores(logits, tokens, taken, top) if top is not None else None
         ledger.count_forward()
@@ -282,6 +284,8 @@ def decode_lossless(
         finished = ledger.commit(active.tolist(), tokens, room, limit=accepted, scores=scores)
         ledger.end_pass(accepted)
         batch.accept(accepted, tokens.gather(1, (accepted - 1)[:, None]).squeeze(1), taken)
+        if penalties is not None:
+            penalties.add(tokens, accepted)
         generated += accepted
         width = schedule.next_width(width, accepted)  # a lookup pass counts as a one-token pass
         draft = next_draft(guesses, accepted, fill, width)
@@ -291,8 +295,25 @@ def decode_lossless(
             active, generated, draft = active[still], generated[still], draft[still]
             alternatives = alternatives[still] if alternatives is not None else None
             batch.keep_rows(still)
+            if penalties is not None:
+                penalties.keep(still)
         if lookup is not None and width == 1:  # the model's own drafts do not pay: look the text up
             draft = lookup.drafts(active.tolist(), ledger.tokens, settings.width - 1, fill, device)
+
+
+def penalized(penalties: Penalties | None, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):
+    """The pass's logits after the call's :class:`~dllm_lit.penalties.Penalties`: each verified
+    position reads the draft tokens before it, each alternative's logits the alternative (the
+    draft branch only guesses, and stays as it is)."""
+    if penalties is None:
+        return logits
+    pending = torch.cat([torch.full_like(draft[:, :1], -1), draft], dim=1)
+    others = logits.alternatives
+    if alternatives is not None and others.shape[1]:
+        rows, count, vocab = others.shape
+        each = torch.arange(rows, device=draft.device).repeat_interleave(count)
+        others = penalties(others.reshape(-1, 1, vocab), alternatives.reshape(-1, 1), each).view(rows, count, vocab)
+    return logits._replace(verified=penalties(logits.verified, pending), alternatives=others)
 
 
 def verify_pass(verify, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):

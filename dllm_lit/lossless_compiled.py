@@ -23,7 +23,16 @@ import torch
 from dllm_lit.adapters import draft_gate
 from dllm_lit.compiled import HostCopy, StaticForward, compacted_positions
 from dllm_lit.ledger import RowLedger
-from dllm_lit.lossless import PassLogits, next_alternatives, next_draft, pass_scores, verifier, verify_pass
+from dllm_lit.lossless import (
+    PassLogits,
+    next_alternatives,
+    next_draft,
+    pass_scores,
+    penalized,
+    verifier,
+    verify_pass,
+)
+from dllm_lit.penalties import Penalties
 from dllm_lit.settings import DecodeSettings
 
 
@@ -53,14 +62,18 @@ def decode_lossless_static(
     logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False, branch=branch)  # the prefill
     lag = device.type == "cuda"
     pending, alternatives = None, None
+    penalties = Penalties.build(settings, prompt_ids, prompt_mask)
     for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late read
         split = width + (0 if alternatives is None else count)  # the prefill feeds no alternatives
         logits = PassLogits(logits[:, :width], logits[:, width:split], logits[:, split:])
+        logits = penalized(penalties, logits, draft, alternatives)
         tokens, accepted, taken, guess_logits, guesses = verify_pass(verify, logits, draft, alternatives)
         if taken is not None:
             forward.keep_alternative(taken, width)
         scores = pass_scores(logits, tokens, taken, top) if top is not None else None
         last = state.accept(tokens, accepted, ledger.stop_ids, scores)
+        if penalties is not None:
+            penalties.add(tokens, accepted)
         draft = next_draft(guesses, accepted.clamp(min=1), fill)
         alternatives = next_alternatives(guess_logits, accepted.clamp(min=1), count, fill) if count else None
         if lag:  # the host reads the state of one pass ago, the GPU stays busy
@@ -81,6 +94,8 @@ def decode_lossless_static(
                 forward, last, draft, pending = forward.shrink(positions), last[positions], draft[positions], None
                 alternatives = alternatives[positions] if count else None
                 state.keep(positions)
+                if penalties is not None:
+                    penalties.keep(positions)
         ids = torch.cat([last[:, None], draft] + ([alternatives] if count else []), 1)
         logits = forward(ids, state.start, width, end=end, branch=branch, alternatives=count)
     state.replay_into(ledger)

@@ -5,7 +5,8 @@ process, with OpenAI's error shape (``{"error": {"message", "type", "param", "co
 status, before it reaches the model worker. dllm_lit's own settings ride in the body next to
 OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``refine_iter`` and
 ``lossless``, echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``, and ``ignore_eos``,
-``top_k`` (-1 or 0: no limit) and ``min_p``, as vLLM's server accepts them. A message's content is a string or a
+``top_k`` (-1 or 0: no limit), ``min_p`` and ``repetition_penalty``, as vLLM's server accepts them
+(``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` are OpenAI's own). A message's content is a string or a
 list of text parts.
 """
 
@@ -84,6 +85,10 @@ class CommonRequest(BaseModel):
     refine_iter: int | None = Field(None, ge=1)
     lossless: bool | None = None
     ignore_eos: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
 
     def logprob_count(self) -> int | None:
         """The most likely tokens to report beside each token's log-probability (None: no logprobs)."""
@@ -102,6 +107,10 @@ class CommonRequest(BaseModel):
             "refine_iter": self.refine_iter,
             "lossless": self.lossless,
             "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
         }
         return {name: value for name, value in chosen.items() if value is not None} | {"logprobs": self.logprob_count()}
 
@@ -171,14 +180,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-UNSUPPORTED = (
-    "tools",
-    "functions",
-    "logit_bias",
-    "echo",
-    "presence_penalty",
-    "frequency_penalty",
-)
+UNSUPPORTED = ("tools", "functions", "echo")
 """OpenAI fields that would change what a client gets back: refused unless at their defaults (0,
 false, null, empty), not silently ignored (``echo``: on chat requests; completions take it)."""
 

@@ -14,10 +14,11 @@ from transformers.generation.logits_process import (
 )
 
 from dllm_lit.logprobs import token_scores
+from dllm_lit.penalties import Penalties
 from dllm_lit.settings import DecodeSettings
 
 Picker = Callable[[torch.Tensor], torch.Tensor]
-Chooser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+Chooser = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def build_warpers(settings: DecodeSettings, device: torch.device) -> tuple[LogitsProcessorList, torch.Generator | None]:
@@ -54,12 +55,16 @@ def build_picker(settings: DecodeSettings, device: torch.device) -> Picker:
     return pick
 
 
-def build_chooser(settings: DecodeSettings, device: torch.device) -> Chooser:
-    """Return ``choose(logits [A, k, V]) -> (ids [A, k], scores)``: the picker's tokens and, with
-    ``settings.logprobs``, their :func:`~dllm_lit.logprobs.token_scores` (else None)."""
+def build_chooser(settings: DecodeSettings, device: torch.device, penalties: Penalties | None = None) -> Chooser:
+    """Return ``choose(logits [A, k, V], pending=None) -> (ids [A, k], scores)``: the picker's tokens
+    from the logits after ``penalties`` (``pending``: the tokens the pass fed, see
+    :class:`~dllm_lit.penalties.Penalties`) and, with ``settings.logprobs``, their
+    :func:`~dllm_lit.logprobs.token_scores` (else None)."""
     pick, top = build_picker(settings, device), settings.logprobs
 
-    def choose(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def choose(logits: torch.Tensor, pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if penalties is not None:
+            logits = penalties(logits, pending)
         tokens = pick(logits)
         return tokens, None if top is None else token_scores(logits, tokens, top)
 

@@ -36,6 +36,17 @@ class DecodeSettings:
         top_p: When sampling, the nucleus threshold (0 < top_p <= 1).
         min_p: When sampling, drop tokens less likely than ``min_p`` times the most likely one
             (0 <= min_p <= 1; transformers' and vLLM's ``min_p``).
+        repetition_penalty: Divide a positive logit (multiply a negative one) by this for every token
+            already in the prompt or the answer (transformers' and vLLM's ``repetition_penalty``; 1: off,
+            above 1 repeats less).
+        presence_penalty: Subtract this from the logit of every token the answer already holds
+            (OpenAI's ``presence_penalty``, -2..2; 0: off).
+        frequency_penalty: Subtract this times the number of times the answer already holds a token
+            from its logit (OpenAI's ``frequency_penalty``, -2..2; 0: off).
+        logit_bias: Token id to a value (-100..100) added to its logit at every step (OpenAI's
+            ``logit_bias``; -100 bans a token). Biases and penalties apply in every mode and on every
+            backend, before temperature and top-k/p/min-p; lossless and exact mode still give the
+            model's own autoregressive tokens under them.
         seed: Seed of a private sampling generator; None samples from torch's global generator
             (seeded by ``--seed_everything`` under the CLI).
         ignore_eos: EOS still fills blocks but no longer ends a row (``stop_token_ids`` still do);
@@ -67,7 +78,8 @@ class DecodeSettings:
             deep). Where the draft's first token is wrong and an alternative is right, the pass accepts
             two tokens instead of one. Never changes the tokens; 0 is off. Sampling verifies none.
         logprobs: Also return each generated token's log-probability under the model (the log-softmax
-            of its raw logits in the pass that picked the token: before temperature and top-k/p/min-p,
+            of its logits in the pass that picked the token: after ``logit_bias`` and the penalties,
+            before temperature and top-k/p/min-p,
             autoregressive in lossless and exact mode) and the ``logprobs`` most likely tokens' at
             its position (0: the token's own only). None (the default) computes none.
         backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
@@ -88,6 +100,10 @@ class DecodeSettings:
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     ignore_eos: bool = False
     use_cache: bool = True
@@ -119,6 +135,7 @@ class DecodeSettings:
             raise ValueError(f"min_p must be between 0 and 1, got {self.min_p}.")
         if self.top_k is not None and self.top_k < 0:
             raise ValueError(f"top_k must be at least 0 (0: no limit), got {self.top_k}.")
+        self._check_penalties()
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}.")
         if self.lossless and not self.use_cache:
@@ -130,6 +147,31 @@ class DecodeSettings:
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be at least 0 (0: the token's own only; None: off), got {self.logprobs}.")
         self._check_prompt_lookup()
+
+    def _check_penalties(self) -> None:
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be above 0 (1: off), got {self.repetition_penalty}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}.")
+        bias = {int(token): float(value) for token, value in (self.logit_bias or {}).items()}
+        object.__setattr__(self, "logit_bias", bias or None)
+        wrong = [token for token, value in bias.items() if token < 0 or not -100 <= value <= 100]
+        if wrong:
+            raise ValueError(
+                f"logit_bias maps token ids (0 and above) to values between -100 and 100, got {wrong[0]}: "
+                f"{bias[wrong[0]]}."
+            )
+
+    def __hash__(self) -> int:  # the server groups jobs by settings; logit_bias is a dict
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a logit bias or a penalty adjusts the logits."""
+        penalties = (self.repetition_penalty, self.presence_penalty, self.frequency_penalty)
+        return bool(self.logit_bias) or penalties != (1.0, 0.0, 0.0)
 
     def _check_prompt_lookup(self) -> None:
         longest, shortest = self.prompt_lookup_max, self.prompt_lookup_min

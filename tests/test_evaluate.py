@@ -69,13 +69,15 @@ def direct_logprob(model, context_ids: list[int], continuation_ids: list[int]) -
     return total, greedy
 
 
-def test_a_tasks_sampling_arguments_reach_the_engine_only_when_it_samples(lm):
+def test_a_tasks_sampling_arguments_reach_the_engine_only_when_it_samples_and_its_repetition_penalty_always(lm):
     task = {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "until": ["\n"], "max_gen_toks": 7}
     sampled, until = lm._settings_for({**task, "do_sample": True})
     chosen = (sampled.temperature, sampled.top_k, sampled.top_p, sampled.min_p, sampled.max_new_tokens)
     assert chosen == (0.7, 40, 0.9, 0.05, 7) and "\n" in until
     greedy, _ = lm._settings_for({**task, "do_sample": False})
     assert (greedy.temperature, greedy.top_k, greedy.top_p, greedy.min_p) == (0.0, None, None, None)
+    penalized, _ = lm._settings_for({**task, "do_sample": False, "repetition_penalty": 1.2})
+    assert (penalized.temperature, penalized.repetition_penalty) == (0.0, 1.2)
 
 
 def test_loglikelihood_equals_a_direct_computation(lm):

@@ -24,6 +24,7 @@ import torch
 
 from conftest import assert_one_line_error, type_lines, write
 from dllm_lit import cli, generate_blocks
+from dllm_lit.models import load_tokenizer
 from dllm_lit.streaming import Job, stream_jobs
 
 KEY = "test-key"
@@ -166,7 +167,6 @@ def test_completion_streamed_equals_non_streamed_equals_predict(client, tiny_dir
 @pytest.mark.slow
 def test_several_prompts_and_n_choices_each_equal_their_answers_one_by_one(client, tiny_dir):
     from dllm_lit.data import encode_prompt
-    from dllm_lit.models import load_tokenizer
 
     prompts = ["12+34=", "Once upon a time"]
     alone = [client.completions.create(model=tiny_dir, prompt=prompt).choices[0].text for prompt in prompts]
@@ -311,6 +311,22 @@ def test_extra_settings_are_used_and_echoed(client, tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_penalties_and_logit_bias_are_used_as_predict_uses_them(client, tiny_dir, tmp_path):
+    plain, _ = chat_text(client, tiny_dir, "Name a color.")
+    banned = load_tokenizer(tiny_dir).encode(plain[0], add_special_tokens=False)
+    assert len(banned) == 1
+    asked = dict(presence_penalty=0.8, frequency_penalty=0.6, logit_bias={str(banned[0]): -100})
+    asked["extra_body"] = {"repetition_penalty": 1.3}
+    text, _ = chat_text(client, tiny_dir, "Name a color.", **asked)
+    streamed, _ = chat_text(client, tiny_dir, "Name a color.", stream=True, **asked)
+    flags = ["--model.presence_penalty=0.8", "--model.frequency_penalty=0.6", "--model.repetition_penalty=1.3"]
+    flags.append(f"--model.logit_bias={{{banned[0]}: -100}}")
+    row = predicted(tiny_dir, tmp_path, {"messages": [{"role": "user", "content": "Name a color."}]}, *flags)
+    assert text == streamed == row["response"]
+    assert plain[0] not in text and text != plain
+
+
+@pytest.mark.slow
 def test_text_parts_read_as_their_joined_string_and_top_k_1_or_min_p_1_sample_the_greedy_answer(client, tiny_dir):
     joined, _ = chat_text(client, tiny_dir, "Name a color.\nAnd a fruit.")
     parts = [{"type": "text", "text": "Name a color."}, {"type": "text", "text": "And a fruit."}]
@@ -363,7 +379,11 @@ BAD_REQUESTS = [
     ("echo on chat", {"echo": True}, 400),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     ("json mode", {"response_format": {"type": "json_object"}}, 400),
-    ("a penalty", {"frequency_penalty": 0.5}, 400),
+    ("presence_penalty above 2", {"presence_penalty": 2.5}, 400),
+    ("repetition_penalty of 0", {"repetition_penalty": 0}, 400),
+    ("logit_bias of a word", {"logit_bias": {"red": 1}}, 400),
+    ("logit_bias above 100", {"logit_bias": {"5": 101}}, 400),
+    ("logit_bias outside the vocabulary", {"logit_bias": {"99999": 1}}, 400),
     ("stream_options without stream", {"stream_options": {"include_usage": True}}, 400),
     ("prompt over max_length", {"messages": [{"role": "user", "content": "x" * 9000}]}, 400),
 ]
