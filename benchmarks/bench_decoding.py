@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument(
         "--logprobs", type=int, metavar="K", help="also time each engine row with logprobs=K (the cost of scoring)"
     )
+    parser.add_argument(
+        "--penalties",
+        action="store_true",
+        help="also time each engine row with repetition, presence and frequency penalties and a logit bias",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -76,23 +81,35 @@ def main() -> None:
 
     rows = []
 
+    variants = {}
+    if args.logprobs is not None:
+        variants[f"logprobs={args.logprobs}"] = {"logprobs": args.logprobs}
+    if args.penalties:
+        variants["penalties"] = {
+            "repetition_penalty": 1.2,
+            "presence_penalty": 0.5,
+            "frequency_penalty": 0.5,
+            "logit_bias": {eos: -5.0},
+        }
+
     def scored(label: str, seconds: float, result, **settings) -> None:
-        """With --logprobs: the same engine row with logprobs=K, its speed as a share of the row's."""
-        if args.logprobs is None:
-            return
-        scored_time, scored_result = engine(logprobs=args.logprobs, **settings)
-        same = "yes" if scored_result.rows[0].token_ids == result.rows[0].token_ids else "NO"
-        rows.append(
-            (
-                f"{label} + logprobs={args.logprobs}",
-                "-",
-                n / scored_time,
-                scored_result.forwards,
-                scored_result.tokens_per_forward,
-                None,
-                f"same tokens: {same} ({seconds / scored_time:.3f}x the speed without)",
+        """The same engine row with each --logprobs/--penalties variant: its tokens (the same, for
+        logprobs) and its time per forward as a share of the row's (penalties change the text)."""
+        for name, extra in variants.items():
+            variant_time, variant = engine(**extra, **settings)
+            same = "yes" if variant.rows[0].token_ids == result.rows[0].token_ids else "NO"
+            ratio = (variant_time / variant.forwards) / (seconds / result.forwards)
+            rows.append(
+                (
+                    f"{label} + {name}",
+                    "-",
+                    n / variant_time,
+                    variant.forwards,
+                    variant.tokens_per_forward,
+                    None,
+                    f"same tokens: {same} ({ratio:.3f}x the time per forward without)",
+                )
             )
-        )
 
     no_stop = copy.deepcopy(model.generation_config)
     no_stop.update(eos_token_id=None, pad_token_id=eos, max_new_tokens=n, do_sample=False)
