@@ -85,7 +85,8 @@ class Penalties:
         """Bias, then the repetition penalty where ``seen``, then presence and frequency by ``counts``
         (of generated tokens; counts include pending tokens, which the prompt never holds)."""
         settings = self.settings
-        logits = logits + (self.bias if bias is None else bias)
+        if settings.logit_bias:
+            logits = logits + (self.bias if bias is None else bias)
         if settings.repetition_penalty != 1.0:
             penalty = settings.repetition_penalty
             logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
