@@ -30,6 +30,7 @@ from dllm_lit.models import DEFAULT_MODEL, resolve
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.outputs import model_identity, run_fingerprint
 from dllm_lit.progress import progress_bar
+from dllm_lit.sampling import SAMPLING_SCHEME
 from dllm_lit.summary import PredictionSummary
 from dllm_lit.writer import PredictionWriter
 
@@ -185,6 +186,7 @@ class DllmCLI(LightningCLI):
                 **asdict(model.decoding),
                 "precision": str(self.trainer.precision),
                 "seed_everything": subcommand.get("seed_everything"),
+                **({"sampling": SAMPLING_SCHEME} if model.decoding.temperature > 0 else {}),
             },
             model={**model_identity(name, resolve(name)), "ckpt_path": subcommand.get("ckpt_path")},
         )

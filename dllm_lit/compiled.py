@@ -33,8 +33,7 @@ from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import grouped_attention
 from dllm_lit.ledger import RowLedger
 from dllm_lit.norms import fused_norms
-from dllm_lit.penalties import Penalties
-from dllm_lit.sampling import Chooser, build_chooser
+from dllm_lit.sampling import RowSampler, block_positions
 from dllm_lit.settings import DecodeSettings
 
 _FORWARDS_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -321,10 +320,12 @@ def decode_static(
     prompt_mask: torch.Tensor,
     settings: DecodeSettings,
     ledger: RowLedger,
+    sampler: RowSampler,
     *,
     fill: int,
 ) -> None:
-    """Decode left-padded prompts into ``ledger``; every pass has one of three fixed shapes.
+    """Decode left-padded prompts into ``ledger``, picking with ``sampler``; every pass has one of
+    three fixed shapes.
 
     Finished rows stay in the batch (they have no room, so they never block a fixed point) until at
     most half the batch is alive; then, at a block boundary, the alive rows move to a smaller
@@ -338,8 +339,6 @@ def decode_static(
     cache_len = -(-(prompt_len + blocks * width) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
-    penalties = Penalties.build(settings, prompt_ids, prompt_mask)
-    choose = build_chooser(settings, device, penalties)
     members = list(range(batch))  # the ledger row at each position of the batch
     alive = list(range(batch))
     block, settled = None, False
@@ -348,8 +347,7 @@ def decode_static(
         if block is not None and len(alive) <= forward.batch // 2:
             positions = compacted_positions(members, alive)
             forward, block, members = forward.shrink(positions), block[positions], [members[p] for p in positions]
-            if penalties is not None:
-                penalties.keep(positions)
+            sampler.keep(positions)
         on = torch.tensor([row in alive for row in members], device=device)
         room = torch.where(on, ledger.budget[members] - index * width, 0)
         fills = torch.full((forward.batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
@@ -359,17 +357,19 @@ def decode_static(
             logits = forward(torch.cat([block[:, -1:], fills], 1), start - 1, width)
         else:  # re-feed the whole committed block
             logits = forward(torch.cat([block, fills], 1), start - width, width)
-        block, scores = choose(logits)
+        at = block_positions(index * width, width, device)
+        block, scores = sampler.choose(logits, at)
         ledger.count_forward()
         # As in the eager loop, a block whose rows may add one more token at most has nothing to
         # refine: that token depends on committed tokens alone.
         refinable = min(width, max(budgets[row] for row in alive) - index * width) > 1
-        block, scores, settled = refine_static(forward, choose, ledger, settings, block, scores, room, start, refinable)
+        block, scores, settled = refine_static(
+            forward, sampler, ledger, settings, block, scores, room, (start, at), refinable
+        )
         positions = [members.index(row) for row in alive]
         scores = scores[positions] if scores is not None else None
         finished = ledger.commit(alive, block[positions], room[positions], scores=scores).tolist()
-        if penalties is not None:
-            penalties.add(block)
+        sampler.add(block)
         alive = [row for row, done in zip(alive, finished) if not done]
         if not alive:
             return
@@ -386,24 +386,27 @@ def compacted_positions(members: list[int], alive: list[int]) -> list[int]:
 
 def refine_static(
     forward: StaticForward,
-    choose: Chooser,
+    sampler: RowSampler,
     ledger: RowLedger,
     settings: DecodeSettings,
     block: torch.Tensor,
     scores: torch.Tensor | None,
     room: torch.Tensor,
-    start: int,
+    where: tuple[int, torch.Tensor],
     refinable: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """Refine passes without a host wait: the fixed-point test runs on device and freezes the block;
     on CUDA the host reads the flag one pass late, so a block that settles costs at most one extra
-    pass (same tokens). Takes the drafted block and its scores (None without ``logprobs``); returns
-    the block, its scores and whether it settled after at least one refine pass."""
+    pass (same tokens). Takes the drafted block, its scores (None without ``logprobs``) and ``where``
+    it is (its first cache slot, its answer positions); returns the block, its scores and whether it
+    settled after at least one refine pass."""
+    start, positions = where
     frozen = torch.zeros((), dtype=torch.bool, device=block.device)
     lag = block.device.type == "cuda"
     passes, pending = 0, None
     for _refine_pass in range(2, settings.refine_iter + 1 if refinable else 2):
-        picked, picked_scores = choose(forward(block[:, :-1], start, block.shape[1] - 1), block[:, :-1])
+        logits = forward(block[:, :-1], start, block.shape[1] - 1)
+        picked, picked_scores = sampler.choose(logits, positions[:, 1:], block[:, :-1])
         refined = torch.cat([block[:, :1], picked], 1)
         if scores is not None:
             scores = torch.where(frozen, scores, torch.cat([scores[:, :1], picked_scores], 1))

@@ -29,6 +29,7 @@ from dllm_lit.ledger import BlockGeneration, CommitListener, LogprobListener, Ro
 from dllm_lit.logprobs import EXACT_IDS
 from dllm_lit.lossless import decode_lossless
 from dllm_lit.lossless_compiled import decode_lossless_static
+from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DEFAULTS, DecodeSettings
 from dllm_lit.textstream import StopStringWatch
 
@@ -111,6 +112,8 @@ def generate_blocks(
     on_logprobs: LogprobListener | None = None,
     tokenizer: Any = None,
     streamer: Any = None,
+    row_seeds: Sequence[int | None] | None = None,
+    row_max_new_tokens: Sequence[int] | None = None,
     **overrides: Any,
 ) -> BlockGeneration:
     """Decode a left-padded batch block by block; return per-row tokens and call statistics.
@@ -131,6 +134,11 @@ def generate_blocks(
         streamer: A transformers streamer (``TextStreamer``, ``TextIteratorStreamer``) for one
             prompt, as ``generate(streamer=)`` takes: it gets the prompt, each commit's tokens, then
             ``end()``.
+        row_seeds: When sampling, each row's seed (None: one from torch's global generator). Default:
+            ``seed + r`` for row ``r`` with a ``seed`` setting. A token's draw depends only on its
+            row's seed and its position in the answer, so a row samples the same answer in any batch.
+        row_max_new_tokens: Each row's own ``max_new_tokens`` (default: the setting, for every row);
+            with ``row_seeds``, rows of different requests share one batch (``serve``).
         **overrides: Any :class:`~dllm_lit.settings.DecodeSettings` field, e.g. ``refine_iter=3``,
             applied on top of ``settings``.
     """
@@ -147,11 +155,12 @@ def generate_blocks(
     device = next(model.parameters()).device
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
-    ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit, on_logprobs)
+    ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit, on_logprobs, row_max_new_tokens)
+    sampler = RowSampler(settings, prompt_ids, prompt_mask, row_seeds)
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
     try:
-        loop(model, prompt_ids, prompt_mask, settings, ledger, fill=eos_ids[0])
+        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0])
     finally:
         if streamer is not None:
             streamer.end()  # a TextIteratorStreamer's reader must not wait forever on a failed call

@@ -13,8 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from dllm_lit.ledger import RowLedger
-from dllm_lit.penalties import Penalties
-from dllm_lit.sampling import Chooser, build_chooser
+from dllm_lit.sampling import RowSampler, block_positions
 from dllm_lit.settings import DecodeSettings
 
 
@@ -71,12 +70,11 @@ def decode_eager(
     prompt_mask: torch.Tensor,
     settings: DecodeSettings,
     ledger: RowLedger,
+    sampler: RowSampler,
     *,
     fill: int,
 ) -> None:
-    """Decode left-padded prompts block by block into ``ledger``."""
-    penalties = Penalties.build(settings, prompt_ids, prompt_mask)
-    choose = build_chooser(settings, prompt_ids.device, penalties)
+    """Decode left-padded prompts block by block into ``ledger``, picking with ``sampler``."""
     batch = CommittedBatch(model, prompt_ids, prompt_mask, settings.use_cache)
     active = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)  # input row of each active row
     generated = 0  # tokens committed so far by every active row
@@ -85,39 +83,40 @@ def decode_eager(
         # tokens before the cut are the same as with the full width.
         room = ledger.budget[active] - generated
         block_width = min(settings.width, int(room.max()))
-        block, scores, fixed_point = draft_and_refine(batch, choose, ledger, settings, room, block_width, fill)
+        positions = block_positions(generated, block_width, prompt_ids.device)
+        block, scores, fixed_point = draft_and_refine(batch, sampler, ledger, settings, room, positions, fill)
         finished = ledger.commit(active.tolist(), block, room, scores=scores)
         batch.append(block, fixed_point=fixed_point)
-        if penalties is not None:
-            penalties.add(block)
+        sampler.add(block)
         generated += block_width
         if bool(finished.any()):
             still = (~finished).nonzero().squeeze(1)
             active = active[still]
             batch.keep_rows(still)
-            if penalties is not None:
-                penalties.keep(still)
+            sampler.keep(still)
 
 
 def draft_and_refine(
     batch: CommittedBatch,
-    choose: Chooser,
+    sampler: RowSampler,
     ledger: RowLedger,
     settings: DecodeSettings,
     room: torch.Tensor,
-    block_width: int,
+    positions: torch.Tensor,
     fill: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """One block: the draft pass, then refine passes until ``refine_iter`` or a fixed point.
-    Returns the block, its tokens' scores (each from the pass that picked it; None without
-    ``logprobs``) and whether the last refine pass was a fixed point."""
+    """One block at answer ``positions`` (``[1, block width]``): the draft pass, then refine passes
+    until ``refine_iter`` or a fixed point. Returns the block, its tokens' scores (each from the pass
+    that picked it; None without ``logprobs``) and whether the last refine pass was a fixed point."""
+    block_width = positions.shape[1]
     fills = torch.full((batch.ids.shape[0], block_width - 1), fill, device=batch.ids.device, dtype=batch.ids.dtype)
-    block, scores = choose(batch.forward(fills, predict=block_width))
+    block, scores = sampler.choose(batch.forward(fills, predict=block_width), positions)
     ledger.count_forward()
     refine_passes, fixed_point = 0, False
     # A block of width 1 has nothing to refine: its only token depends on committed tokens alone.
     for _refine_pass in range(2, settings.refine_iter + 1 if block_width > 1 else 2):
-        picked, picked_scores = choose(batch.forward(block[:, :-1], predict=block_width - 1), block[:, :-1])
+        logits = batch.forward(block[:, :-1], predict=block_width - 1)
+        picked, picked_scores = sampler.choose(logits, positions[:, 1:], block[:, :-1])
         refined = torch.cat([block[:, :1], picked], dim=1)
         if scores is not None:
             scores = torch.cat([scores[:, :1], picked_scores], dim=1)

@@ -8,7 +8,7 @@ once, below both loops.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -128,6 +128,7 @@ class RowLedger:
         eos_ids: The model's EOS ids; they stop rows unless ``settings.ignore_eos``.
         on_commit: Optional :data:`CommitListener` (streaming, cancellation).
         on_logprobs: Optional :data:`LogprobListener` (streaming log-probabilities).
+        row_max_new_tokens: Each row's own ``max_new_tokens`` (default: the settings' for every row).
     """
 
     def __init__(
@@ -137,16 +138,21 @@ class RowLedger:
         eos_ids: list[int],
         on_commit: CommitListener | None = None,
         on_logprobs: LogprobListener | None = None,
+        row_max_new_tokens: Sequence[int] | None = None,
     ):
         device = prompt_mask.device
         stops = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(eos_ids))
         self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device)
-        room_by_length = settings.max_length - prompt_mask.sum(1)
-        self.budget = torch.clamp(room_by_length, max=settings.max_new_tokens)  # tokens each row may add
-        self.length_reason: list[StopReason] = [
-            "max_new_tokens" if settings.max_new_tokens <= int(r) else "max_length" for r in room_by_length
-        ]
         batch = prompt_mask.shape[0]
+        limits = list(row_max_new_tokens or [settings.max_new_tokens] * batch)
+        if len(limits) != batch or min(limits) < 1:
+            raise ValueError(f"row_max_new_tokens needs one limit of at least 1 per prompt ({batch}), got {limits}.")
+        room_by_length = settings.max_length - prompt_mask.sum(1)
+        new_tokens = torch.tensor(limits, device=device)
+        self.budget = torch.minimum(room_by_length, new_tokens)  # tokens each row may add
+        self.length_reason: list[StopReason] = [
+            "max_new_tokens" if limit <= int(room) else "max_length" for limit, room in zip(limits, room_by_length)
+        ]
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.logprobs: list[list[TokenLogprob]] | None = (
             None if settings.logprobs is None else [[] for _ in range(batch)]

@@ -4,20 +4,22 @@ Per row, the cache holds the K/V of accepted tokens; ``last`` is the last accept
 yet) and ``draft`` holds ``W - 1`` guesses for the tokens after it (fill tokens where there is none).
 One pass feeds ``[last] + draft`` and predicts ``p_0 .. p_{W-1}``; ``p_0`` is accepted, and ``p_i``
 while every draft token before it was right (``draft_i == p_{i-1}``): those predictions saw only
-correct inputs, so with greedy picking they are exactly the autoregressive tokens. At least one
+correct inputs, so they are exactly the autoregressive tokens. At least one
 token is accepted per pass. The rest of the predictions become the next draft; while those do not pay
 (the eager backend's one-token passes), ``prompt_lookup_max`` drafts from the text itself instead.
 
-With sampling, draft token ``d_i`` is accepted with probability ``q_{i-1}(d_i)`` and a rejection
-samples from ``q_{i-1}`` without ``d_i``: the speculative-sampling rule for a deterministic draft,
-which keeps the autoregressive distribution of the same warpers.
+Sampling picks each token from the warped distribution with a number keyed by the row's seed and
+the token's answer position (:mod:`dllm_lit.sampling`), a deterministic function of the logits as
+argmax is: the same rule then gives exactly the tokens of an autoregressive sampler with the same
+numbers. A draft token is accepted with probability ``q(d)``, as under the speculative-sampling rule
+(where a rejection samples ``q`` without ``d``, here the keyed draw fell elsewhere).
 
 Rows accept different counts: rejected draft positions stay in the shared cache, masked out for
 that row (``valid``); positions are counted over valid tokens only, so a row's output never depends
 on its batch. The cache is cropped to the longest row after every pass, and columns no row reads are
 dropped once there are ``RaggedBatch.COMPACT_AT`` of them.
 
-Greedy passes also feed ``draft_alternatives``: the next most likely guesses for the first draft
+Wide passes also feed ``draft_alternatives``: the next most likely guesses for the first draft
 token, each read in its place; a row whose first draft token was wrong and one of whose alternatives
 is right keeps that alternative's column and accepts two tokens.
 """
@@ -35,8 +37,7 @@ from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import attention_bias
 from dllm_lit.ledger import RowLedger
 from dllm_lit.logprobs import token_scores
-from dllm_lit.penalties import Penalties
-from dllm_lit.sampling import build_warpers
+from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DecodeSettings
 
 
@@ -154,33 +155,6 @@ def pass_mask(valid: torch.Tensor, pending_mask: torch.Tensor, drafted: int, alt
     return (keys.bool()[:, None, :] & reads[None]) | diagonal[None]
 
 
-def verify_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(tokens [rows, W], accepted [rows], guesses [rows, W])``: argmax predictions; accepted
-    counts the leading predictions whose inputs were all right."""
-    predicted = logits.argmax(-1)
-    right = (draft == predicted[:, :-1]).long()
-    accepted = 1 + right.cumprod(1).sum(1)
-    return predicted, accepted, predicted
-
-
-def verify_sampled(logits: torch.Tensor, draft: torch.Tensor, warp, generator) -> tuple[torch.Tensor, ...]:
-    """The speculative-sampling rule for a deterministic draft: accept ``d_i`` with probability
-    ``q_{i-1}(d_i)``; at the first rejection sample from ``q_{i-1}`` without ``d_i``; after ``W - 1``
-    acceptances sample ``q_{W-1}``. Guesses for the next draft are the argmaxes of ``q``."""
-    rows, width, vocab = logits.shape
-    probs = torch.softmax(warp(None, logits.reshape(-1, vocab).float()), dim=-1).view(rows, width, vocab)
-    draft_probs = probs[:, :-1].gather(2, draft[:, :, None]).squeeze(2)
-    coins = torch.rand(draft_probs.shape, generator=generator, device=logits.device)
-    accepted = 1 + (coins < draft_probs).long().cumprod(1).sum(1)
-    final = probs[torch.arange(rows, device=logits.device), accepted - 1]  # q of the token to sample
-    if width > 1:  # no host sync: rows that accepted every draft token keep their q
-        drop = draft.gather(1, (accepted - 1).clamp(max=width - 2)[:, None])
-        final = torch.where((accepted < width)[:, None], final.scatter(1, drop, 0.0), final)
-    final = torch.multinomial(final / final.sum(1, keepdim=True), 1, generator=generator).squeeze(1)
-    tokens = torch.cat([draft, final[:, None]], dim=1).scatter(1, (accepted - 1)[:, None], final[:, None])
-    return tokens, accepted, probs.argmax(-1)
-
-
 def next_draft(guesses: torch.Tensor, accepted: torch.Tensor, fill: int, width: int | None = None) -> torch.Tensor:
     """Per row, the guesses after the accepted ones, topped up with fill tokens: ``[rows, width - 1]``
     (default: the width of this pass)."""
@@ -257,12 +231,13 @@ def decode_lossless(
     prompt_mask: torch.Tensor,
     settings: DecodeSettings,
     ledger: RowLedger,
+    sampler: RowSampler,
     *,
     fill: int,
 ) -> None:
-    """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output."""
+    """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output
+    (picked by ``sampler``)."""
     device = prompt_ids.device
-    verify = verifier(settings, device)
     batch = RaggedBatch(model, prompt_ids, prompt_mask)
     active = torch.arange(prompt_ids.shape[0], device=device)
     generated = torch.zeros_like(active)
@@ -272,20 +247,18 @@ def decode_lossless(
         prompts = unpadded(prompt_ids, prompt_mask)
         lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
     count, top = settings.alternatives, settings.logprobs
-    penalties = Penalties.build(settings, prompt_ids, prompt_mask)
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     alternatives = None
     while active.numel() > 0:
-        logits = penalized(penalties, batch.forward(draft, alternatives), draft, alternatives)
-        tokens, accepted, taken, guess_logits, guesses = verify_pass(verify, logits, draft, alternatives)
+        logits = penalized(sampler, batch.forward(draft, alternatives), draft, alternatives)
+        tokens, accepted, taken, guess_logits, guesses = verify_pass(sampler, logits, draft, alternatives, generated)
         scores = pass_scores(logits, tokens, taken, top) if top is not None else None
         ledger.count_forward()
         room = ledger.budget[active] - generated
         finished = ledger.commit(active.tolist(), tokens, room, limit=accepted, scores=scores)
         ledger.end_pass(accepted)
         batch.accept(accepted, tokens.gather(1, (accepted - 1)[:, None]).squeeze(1), taken)
-        if penalties is not None:
-            penalties.add(tokens, accepted)
+        sampler.add(tokens, accepted)
         generated += accepted
         width = schedule.next_width(width, accepted)  # a lookup pass counts as a one-token pass
         draft = next_draft(guesses, accepted, fill, width)
@@ -295,36 +268,49 @@ def decode_lossless(
             active, generated, draft = active[still], generated[still], draft[still]
             alternatives = alternatives[still] if alternatives is not None else None
             batch.keep_rows(still)
-            if penalties is not None:
-                penalties.keep(still)
+            sampler.keep(still)
         if lookup is not None and width == 1:  # the model's own drafts do not pay: look the text up
             draft = lookup.drafts(active.tolist(), ledger.tokens, settings.width - 1, fill, device)
 
 
-def penalized(penalties: Penalties | None, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):
-    """The pass's logits after the call's :class:`~dllm_lit.penalties.Penalties`: each verified
-    position reads the draft tokens before it, each alternative's logits the alternative (the
-    draft branch only guesses, and stays as it is)."""
-    if penalties is None:
+def penalized(sampler: RowSampler, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):
+    """The pass's logits after the call's penalties (:meth:`~dllm_lit.sampling.RowSampler.adjust`):
+    each verified position reads the draft tokens before it, each alternative's logits the
+    alternative (the draft branch only guesses, and stays as it is)."""
+    if sampler.penalties is None:
         return logits
     pending = torch.cat([torch.full_like(draft[:, :1], -1), draft], dim=1)
     others = logits.alternatives
     if alternatives is not None and others.shape[1]:
-        rows, count, vocab = others.shape
-        each = torch.arange(rows, device=draft.device).repeat_interleave(count)
-        others = penalties(others.reshape(-1, 1, vocab), alternatives.reshape(-1, 1), each).view(rows, count, vocab)
-    return logits._replace(verified=penalties(logits.verified, pending), alternatives=others)
+        flat, each = per_alternative(others, alternatives)
+        others = sampler.adjust(flat, alternatives.reshape(-1, 1), each).view_as(others)
+    return logits._replace(verified=sampler.adjust(logits.verified, pending), alternatives=others)
 
 
-def verify_pass(verify, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):
-    """``(tokens, accepted, taken, guess logits, guesses)`` of one pass: the base's verdict on the draft
-    (and on the alternatives), and what guesses the next draft (a draft adapter's branch, or the base)."""
-    tokens, accepted, guesses = verify(logits.verified, draft)
-    taken = None
+def per_alternative(logits: torch.Tensor, alternatives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [rows * S, 1, vocab], batch row of each)``: each alternative's logits as a row of its own."""
+    rows, count, vocab = logits.shape
+    return logits.reshape(-1, 1, vocab), torch.arange(rows, device=logits.device).repeat_interleave(count)
+
+
+def verify_pass(
+    sampler: RowSampler, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None, generated
+):
+    """``(tokens, accepted, taken, guess logits, guesses)`` of one pass at answer positions
+    ``generated + 0 .. W - 1``: the tokens the sampler picks from the base's logits, accepted while
+    every draft token before them was right (those saw only correct inputs, so they are the
+    autoregressive tokens), the alternatives' verdict, and what guesses the next draft (a draft
+    adapter's branch, or the base)."""
+    positions = generated[:, None] + torch.arange(draft.shape[1] + 1, device=draft.device)
+    tokens = sampler.pick(logits.verified, positions)
+    accepted = 1 + (draft == tokens[:, :-1]).long().cumprod(1).sum(1)
+    guesses, taken = tokens, None
     if alternatives is not None:
-        tokens, accepted, taken = take_alternative(tokens, accepted, alternatives, logits.alternatives)
+        flat, each = per_alternative(logits.alternatives, alternatives)
+        after = sampler.pick(flat, positions[each, 1:2], each).view_as(alternatives)
+        tokens, accepted, taken = take_alternative(tokens, accepted, alternatives, after)
     if logits.branch.shape[1]:  # a draft adapter guesses the next draft; the base verified this one
-        return tokens, accepted, taken, logits.branch, logits.branch.argmax(-1)
+        return tokens, accepted, taken, logits.branch, sampler.pick(logits.branch, positions)
     return tokens, accepted, taken, logits.verified, guesses
 
 
@@ -340,13 +326,13 @@ def pass_scores(logits: PassLogits, tokens: torch.Tensor, taken: torch.Tensor | 
     return torch.cat([scores[:, :1], second, scores[:, 2:]], dim=1)
 
 
-def take_alternative(tokens: torch.Tensor, accepted: torch.Tensor, alternatives: torch.Tensor, logits: torch.Tensor):
+def take_alternative(tokens: torch.Tensor, accepted: torch.Tensor, alternatives: torch.Tensor, picked: torch.Tensor):
     """``(tokens, accepted, taken)``: a row whose first draft token was wrong (one token accepted) and
     one of whose alternatives is the right token takes that alternative (``taken``: its index, -1:
-    none) and the base's prediction after it, two tokens."""
+    none) and the token picked after it (``picked``: ``[rows, S]``), two tokens."""
     hit = alternatives == tokens[:, :1]
     taken = torch.where((accepted == 1) & hit.any(1), hit.long().argmax(1), -1)
-    after = logits.argmax(-1).gather(1, taken.clamp(min=0)[:, None])
+    after = picked.gather(1, taken.clamp(min=0)[:, None])
     second = torch.where(taken[:, None] >= 0, after, tokens[:, 1:2])
     return torch.cat([tokens[:, :1], second, tokens[:, 2:]], dim=1), accepted + (taken >= 0).long(), taken
 
@@ -363,11 +349,3 @@ def next_alternatives(logits: torch.Tensor, accepted: torch.Tensor, count: int, 
 def unpadded(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
     """Each row's prompt tokens without its left padding."""
     return [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
-
-
-def verifier(settings: DecodeSettings, device: torch.device):
-    """Greedy verification, or the sampling rule with transformers' warpers and the call's generator."""
-    if settings.temperature <= 0:
-        return verify_greedy
-    warp, generator = build_warpers(settings, device)
-    return lambda logits, draft: verify_sampled(logits, draft, warp, generator)

@@ -29,10 +29,9 @@ from dllm_lit.lossless import (
     next_draft,
     pass_scores,
     penalized,
-    verifier,
     verify_pass,
 )
-from dllm_lit.penalties import Penalties
+from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DecodeSettings
 
 
@@ -42,10 +41,12 @@ def decode_lossless_static(
     prompt_mask: torch.Tensor,
     settings: DecodeSettings,
     ledger: RowLedger,
+    sampler: RowSampler,
     *,
     fill: int,
 ) -> None:
-    """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output."""
+    """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output
+    (picked by ``sampler``)."""
     batch, prompt_len = prompt_ids.shape
     device, width = prompt_ids.device, settings.width
     longest = int(ledger.budget.max())
@@ -56,24 +57,24 @@ def decode_lossless_static(
     cache_len = -(-(prompt_len + longest + width + fed) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
-    verify, top = verifier(settings, device), settings.logprobs
+    top = settings.logprobs
     state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1, settings.logprobs)
     draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
     logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False, branch=branch)  # the prefill
     lag = device.type == "cuda"
     pending, alternatives = None, None
-    penalties = Penalties.build(settings, prompt_ids, prompt_mask)
     for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late read
         split = width + (0 if alternatives is None else count)  # the prefill feeds no alternatives
         logits = PassLogits(logits[:, :width], logits[:, width:split], logits[:, split:])
-        logits = penalized(penalties, logits, draft, alternatives)
-        tokens, accepted, taken, guess_logits, guesses = verify_pass(verify, logits, draft, alternatives)
+        logits = penalized(sampler, logits, draft, alternatives)
+        tokens, accepted, taken, guess_logits, guesses = verify_pass(
+            sampler, logits, draft, alternatives, state.generated
+        )
         if taken is not None:
             forward.keep_alternative(taken, width)
         scores = pass_scores(logits, tokens, taken, top) if top is not None else None
         last = state.accept(tokens, accepted, ledger.stop_ids, scores)
-        if penalties is not None:
-            penalties.add(tokens, accepted)
+        sampler.add(tokens, accepted)
         draft = next_draft(guesses, accepted.clamp(min=1), fill)
         alternatives = next_alternatives(guess_logits, accepted.clamp(min=1), count, fill) if count else None
         if lag:  # the host reads the state of one pass ago, the GPU stays busy
@@ -94,8 +95,7 @@ def decode_lossless_static(
                 forward, last, draft, pending = forward.shrink(positions), last[positions], draft[positions], None
                 alternatives = alternatives[positions] if count else None
                 state.keep(positions)
-                if penalties is not None:
-                    penalties.keep(positions)
+                sampler.keep(positions)
         ids = torch.cat([last[:, None], draft] + ([alternatives] if count else []), 1)
         logits = forward(ids, state.start, width, end=end, branch=branch, alternatives=count)
     state.replay_into(ledger)

@@ -180,8 +180,8 @@ class BlockRefineLM(L.LightningModule):
         if note and shipped and self.trainer.is_global_zero:
             print(note, file=sys.stderr, flush=True)
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
-        """Run the engine with this module's settings."""
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: list[int] | None = None):
+        """Run the engine with this module's settings (``seeds``: each row's sampling seed)."""
         return generate_blocks(
             self.model,
             input_ids,
@@ -189,7 +189,13 @@ class BlockRefineLM(L.LightningModule):
             attention_mask=attention_mask,
             eos_token_id=self.tokenizer.eos_token_id,
             tokenizer=self.tokenizer,
+            row_seeds=seeds,
         )
+
+    def row_seeds(self, batch: dict[str, Any]) -> list[int] | None:
+        """Prompt ``i`` samples with ``seed + i`` (whatever its batch, and on resume); no seed: None."""
+        seed = self.decoding.seed
+        return None if seed is None else [seed + int(index) for index in batch["index"]]
 
     def response_text(self, row: RowResult) -> str:
         """A row's text as written: special tokens skipped, ended before a stop string."""
@@ -197,10 +203,12 @@ class BlockRefineLM(L.LightningModule):
         cut = first_stop(text, self.decoding.stop_strings) if row.stop_reason == "stop_string" else None
         return text if cut is None else text[:cut]
 
-    def decode_splitting_on_oom(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockGeneration:
+    def decode_splitting_on_oom(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: list[int] | None = None
+    ) -> BlockGeneration:
         """:meth:`decode`, retrying a batch that runs out of memory as two halves (down to one prompt)."""
         try:
-            return self.decode(input_ids, attention_mask)
+            return self.decode(input_ids, attention_mask, seeds)
         except torch.OutOfMemoryError:
             rows = input_ids.shape[0]
             if rows == 1:
@@ -209,13 +217,14 @@ class BlockRefineLM(L.LightningModule):
                 torch.cuda.empty_cache()
             half = rows // 2
             rank_zero_warn(f"Out of memory decoding {rows} prompts at once; retrying as {half} + {rows - half}.")
-            first = self.decode_splitting_on_oom(input_ids[:half], attention_mask[:half])
-            second = self.decode_splitting_on_oom(input_ids[half:], attention_mask[half:])
+            halves = (None, None) if seeds is None else (seeds[:half], seeds[half:])
+            first = self.decode_splitting_on_oom(input_ids[:half], attention_mask[:half], halves[0])
+            second = self.decode_splitting_on_oom(input_ids[half:], attention_mask[half:], halves[1])
             return BlockGeneration.concat([first, second])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> PredictedBatch:
         """Decode one batch; return one plain row per prompt and the batch statistics."""
-        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"])
+        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"], self.row_seeds(batch))
         lengths = batch["attention_mask"].sum(1).tolist()
         rows = []
         for position, (index, prompt, extra, length, row) in enumerate(
@@ -277,7 +286,7 @@ class BlockRefineLM(L.LightningModule):
     def _score(self, batch: dict[str, Any], prefix: str) -> None:
         """Decode held-out prompts with the same engine as predict; log accuracy, speed and agreement
         with the model's own autoregressive answer."""
-        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"])
+        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"], self.row_seeds(batch))
         own = self._own_answers(batch, result)
         for extra, row, own_ids in zip(batch["extra"], result.rows, own or [None] * len(result.rows)):
             reference = extra.get("answer", extra.get("reference"))

@@ -17,8 +17,11 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from dllm_lit.settings import DEFAULTS
 
 
 class OutputError(ValueError):
@@ -116,7 +119,12 @@ def run_fingerprint(
         "decoding": decoding,
         "model": model,
     }
-    return json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk (tuples -> lists)
+    return _jsonable(fingerprint)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from disk (tuples -> lists, int keys -> strings)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -128,12 +136,12 @@ def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str | No
     if changed:
         return f"different prompts (row {changed[0]}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''})"
     for group in ("data", "decoding", "model"):
-        keys = sorted(set(old.get(group, {})) | set(new[group]))
-        diffs = [
-            f"{k} {old.get(group, {}).get(k)!r} -> {new[group].get(k)!r}"
-            for k in keys
-            if old.get(group, {}).get(k) != new[group].get(k)
-        ]
+        earlier = old.get(group, {})
+        if group == "decoding":  # settings added since the earlier run, at their defaults, change nothing
+            earlier = {**_jsonable(asdict(DEFAULTS)), **earlier}
+        keys = sorted(set(earlier) | set(new[group]))
+        now = new[group]
+        diffs = [f"{k} {earlier.get(k)!r} -> {now.get(k)!r}" for k in keys if earlier.get(k) != now.get(k)]
         if diffs:
             return (
                 f"different {group} settings ({', '.join(diffs)})"

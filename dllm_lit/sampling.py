@@ -1,8 +1,16 @@
-"""Picking tokens from logits: argmax, or transformers' warpers followed by sampling."""
+"""Picking tokens from logits: argmax, or transformers' warpers and a draw keyed by row and position.
+
+A sampled token is the inverse CDF of the warped distribution at a uniform number that depends only
+on the row's seed and the token's position in the answer (:func:`keyed_uniforms`), never on the
+batch, the pass or how many numbers were drawn before. So sampling is a deterministic function of
+the logits, as argmax is: exact block mode and lossless mode give exactly the tokens an
+autoregressive sampler with the same numbers gives, a row samples the same answer alone or in any
+batch, on any backend and window width, and a refined block can reach a fixed point.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import torch
 from transformers.generation.logits_process import (
@@ -17,14 +25,14 @@ from dllm_lit.logprobs import token_scores
 from dllm_lit.penalties import Penalties
 from dllm_lit.settings import DecodeSettings
 
-Picker = Callable[[torch.Tensor], torch.Tensor]
-Chooser = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+MASK32 = 0xFFFFFFFF
+SAMPLING_SCHEME = "inverse CDF at a number keyed by row seed and answer position"
+"""How sampled tokens are drawn; ``predict``'s resume fingerprint holds it, so a sampled run is never
+resumed from rows drawn another way."""
 
 
-def build_warpers(settings: DecodeSettings, device: torch.device) -> tuple[LogitsProcessorList, torch.Generator | None]:
-    """Transformers' temperature / top-k / top-p / min-p warpers for ``settings`` (in ``generate``'s
-    order), and the sampling generator
-    (seeded by ``settings.seed``; ``None``: torch's global one, seeded by seed_everything under the CLI)."""
+def build_warpers(settings: DecodeSettings) -> LogitsProcessorList:
+    """Transformers' temperature / top-k / top-p / min-p warpers for ``settings`` (``generate``'s order)."""
     warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
     if settings.top_k:
         warpers.append(TopKLogitsWarper(settings.top_k))
@@ -32,40 +40,106 @@ def build_warpers(settings: DecodeSettings, device: torch.device) -> tuple[Logit
         warpers.append(TopPLogitsWarper(settings.top_p))
     if settings.min_p:
         warpers.append(MinPLogitsWarper(settings.min_p))
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(settings.seed)
-    return warpers, generator
+    return warpers
 
 
-def build_picker(settings: DecodeSettings, device: torch.device) -> Picker:
-    """Return ``pick(logits [A, k, V]) -> ids [A, k]``: argmax when ``temperature`` is 0, else
-    the warpers and a multinomial draw."""
-    if settings.temperature <= 0:
-        return lambda logits: logits.argmax(-1)
-    warpers, generator = build_warpers(settings, device)
+def _times(h: torch.Tensor, constant: int) -> torch.Tensor:
+    """``h * constant mod 2**32`` for ``h < 2**32``, without int64 overflow (16-bit halves)."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (h * low + (((h * high) & 0xFFFF) << 16)) & MASK32
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:
+
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of each element of ``h`` (``0 <= h < 2**32``)."""
+    h = h ^ (h >> 16)
+    h = _times(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _times(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def keyed_uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A uniform number in (0, 1) for each ``(keys[r], positions[r, j])`` (int64 tensors, positions
+    broadcast against ``keys[:, None]``): a hash, the same on every device and for every batch."""
+    row = _mix(_mix(keys & MASK32) ^ ((keys >> 32) & MASK32))
+    bits = _mix(row[:, None] ^ (positions & MASK32))
+    return (bits.double() + 0.5) / 2.0**32
+
+
+def row_keys(settings: DecodeSettings, rows: int, row_seeds: Sequence[int | None] | None = None) -> torch.Tensor:
+    """Each row's sampling key: ``row_seeds[r]``, else ``settings.seed + r``, else (no seed) a number
+    from torch's global generator (seeded by ``seed_everything`` under the CLI)."""
+    if row_seeds is None:
+        row_seeds = [None if settings.seed is None else settings.seed + row for row in range(rows)]
+    if len(row_seeds) != rows:
+        raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {rows} prompts.")
+    drawn = torch.randint(0, 2**62, (rows,)).tolist() if None in row_seeds else [0] * rows
+    return torch.tensor([int(seed) if seed is not None else own for seed, own in zip(row_seeds, drawn)])
+
+
+class RowSampler:
+    """How one decoding call picks tokens, row by row: the penalties (:class:`~dllm_lit.penalties.Penalties`),
+    argmax or the keyed draw, and the tokens' scores with ``settings.logprobs``. Its per-row state
+    (sampling keys, penalty history) follows the batch as rows leave it (:meth:`keep`).
+
+    Args:
+        settings: The call's settings.
+        prompt_ids: ``[rows, prompt_len]`` left-padded prompts.
+        prompt_mask: Their attention mask.
+        row_seeds: Each row's sampling seed (see :func:`row_keys`).
+    """
+
+    def __init__(
+        self,
+        settings: DecodeSettings,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        row_seeds: Sequence[int | None] | None = None,
+    ):
+        self.greedy, self.top = settings.temperature <= 0, settings.logprobs
+        self.warpers = None if self.greedy else build_warpers(settings)
+        self.penalties = Penalties.build(settings, prompt_ids, prompt_mask)
+        self.keys = row_keys(settings, prompt_ids.shape[0], row_seeds).to(prompt_ids.device)
+
+    def adjust(self, logits: torch.Tensor, pending: torch.Tensor | None = None, rows=None) -> torch.Tensor:
+        """``logits`` after the penalties (see :class:`~dllm_lit.penalties.Penalties`), or as they are."""
+        return logits if self.penalties is None else self.penalties(logits, pending, rows)
+
+    def pick(self, logits: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``ids [A, k]`` for ``logits [A, k, V]`` at answer ``positions`` (``[A or 1, k]``) of batch
+        ``rows`` (default: one each, in order): argmax, or the keyed draw from the warped distribution."""
+        if self.greedy:
+            return logits.argmax(-1)
+        keys = self.keys if rows is None else self.keys[rows]
         flat = logits.reshape(-1, logits.shape[-1]).float()
         # The warpers used here read only the scores, never the ids.
-        probs = torch.softmax(warpers(None, flat), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+        cdf = torch.softmax(self.warpers(None, flat), dim=-1).cumsum(-1).view(logits.shape)
+        target = keyed_uniforms(keys, positions).to(cdf.dtype) * cdf[..., -1]
+        picked = torch.searchsorted(cdf, target[..., None], right=True).squeeze(-1)
+        last = (cdf < cdf[..., -1:]).sum(-1)  # the last token with mass (a target rounded up to the total)
+        return torch.minimum(picked, last)
 
-    return pick
+    def choose(
+        self, logits: torch.Tensor, positions: torch.Tensor, pending: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(ids, scores)``: :meth:`pick` after :meth:`adjust`, and with ``settings.logprobs`` the
+        tokens' :func:`~dllm_lit.logprobs.token_scores` (else None)."""
+        logits = self.adjust(logits, pending)
+        tokens = self.pick(logits, positions)
+        return tokens, None if self.top is None else token_scores(logits, tokens, self.top)
+
+    def add(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+        """Each row's first ``lengths`` (default: all) of ``tokens`` joined its answer (penalties)."""
+        if self.penalties is not None:
+            self.penalties.add(tokens, lengths)
+
+    def keep(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only these batch rows, in this order (as the loop's batch does)."""
+        self.keys = self.keys[rows]
+        if self.penalties is not None:
+            self.penalties.keep(rows)
 
 
-def build_chooser(settings: DecodeSettings, device: torch.device, penalties: Penalties | None = None) -> Chooser:
-    """Return ``choose(logits [A, k, V], pending=None) -> (ids [A, k], scores)``: the picker's tokens
-    from the logits after ``penalties`` (``pending``: the tokens the pass fed, see
-    :class:`~dllm_lit.penalties.Penalties`) and, with ``settings.logprobs``, their
-    :func:`~dllm_lit.logprobs.token_scores` (else None)."""
-    pick, top = build_picker(settings, device), settings.logprobs
-
-    def choose(logits: torch.Tensor, pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if penalties is not None:
-            logits = penalties(logits, pending)
-        tokens = pick(logits)
-        return tokens, None if top is None else token_scores(logits, tokens, top)
-
-    return choose
+def block_positions(start: int, width: int, device) -> torch.Tensor:
+    """``[1, width]`` answer positions ``start .. start + width - 1`` (every row of a block loop is there)."""
+    return torch.arange(start, start + width, device=device)[None, :]

@@ -31,7 +31,8 @@ class DecodeSettings:
         stop_strings: Texts (one, or a list) that end a response once its text holds one (the tokens through
             it are kept; written responses end before it). Needs the tokenizer:
             ``generate_blocks(..., tokenizer=)``; the CLI passes the model's.
-        temperature: 0 decodes greedily (exact, the default); above 0 samples.
+        temperature: 0 decodes greedily (exact, the default); above 0 samples (exact and lossless mode:
+            the tokens of an autoregressive sampler with the same keyed numbers).
         top_k: When sampling, keep only the k most likely tokens.
         top_p: When sampling, the nucleus threshold (0 < top_p <= 1).
         min_p: When sampling, drop tokens less likely than ``min_p`` times the most likely one
@@ -47,8 +48,11 @@ class DecodeSettings:
             ``logit_bias``; -100 bans a token). Biases and penalties apply in every mode and on every
             backend, before temperature and top-k/p/min-p; lossless and exact mode still give the
             model's own autoregressive tokens under them.
-        seed: Seed of a private sampling generator; None samples from torch's global generator
-            (seeded by ``--seed_everything`` under the CLI).
+        seed: Sampling seed: row ``r`` of a call samples with ``seed + r`` (``predict``: prompt ``i``
+            with ``seed + i``; ``serve``: choice ``j`` with ``seed + j``), each token with a number
+            keyed by that seed and its position in the answer, so an answer does not depend on its
+            batch, backend or window. None: seeds from torch's global generator (seeded by
+            ``--seed_everything`` under the CLI).
         ignore_eos: EOS still fills blocks but no longer ends a row (``stop_token_ids`` still do);
             for benchmarks that need a fixed number of tokens.
         use_cache: Keep a prefix KV cache of committed tokens (same tokens, far fewer FLOPs). False
@@ -73,10 +77,10 @@ class DecodeSettings:
             passes. Never changes the tokens; 0 is off.
         prompt_lookup_min: The shortest match ``prompt_lookup_max`` drafts from. On SmolLM2's
             answers a one-token match is right 0.27 times per pass at W = 4, a two-token one 0.99.
-        draft_alternatives: Lossless mode, greedy: also verify the next this many most likely guesses
+        draft_alternatives: Lossless mode: also verify the next this many most likely guesses
             for the first draft token, each read in its place in the same pass (a token tree one level
             deep). Where the draft's first token is wrong and an alternative is right, the pass accepts
-            two tokens instead of one. Never changes the tokens; 0 is off. Sampling verifies none.
+            two tokens instead of one. Never changes the tokens; 0 is off.
         logprobs: Also return each generated token's log-probability under the model (the log-softmax
             of its logits in the pass that picked the token: after ``logit_bias`` and the penalties,
             before temperature and top-k/p/min-p,
@@ -194,9 +198,9 @@ class DecodeSettings:
 
     @property
     def alternatives(self) -> int:
-        """Alternatives a wide lossless pass verifies: ``draft_alternatives`` when greedy with a window
-        of 2 or more, else 0."""
-        return self.draft_alternatives if self.temperature <= 0 and self.width > 1 else 0
+        """Alternatives a wide lossless pass verifies: ``draft_alternatives`` with a window of 2 or
+        more, else 0."""
+        return self.draft_alternatives if self.width > 1 else 0
 
     def replace(self, **overrides: Any) -> DecodeSettings:
         """A copy with ``overrides``; accepts the deprecated ``compile=`` (use ``backend=``)."""

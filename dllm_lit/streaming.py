@@ -7,11 +7,12 @@ failed). With ``settings.logprobs`` an event also carries ``"logprobs"``: one
 :class:`~dllm_lit.logprobs.TokenLogprob` per token committed since the last event (through the
 stop string at most; they may run ahead of the text, which holds back partial characters), and an
 ``echo`` job's first event ``"prompt_logprobs"``, its prompt's
-(:func:`~dllm_lit.logprobs.prompt_logprobs`). Jobs with the same settings decode as one batch
-(greedy rows do not depend on their batch); groups with different settings run one after the
-other. The engine runs in a helper thread and reports each commit through
-``generate_blocks(on_commit=...)``; a job whose text reached a stop string, or whose client went
-away (``is_cancelled``), is stopped there and leaves the batch.
+(:func:`~dllm_lit.logprobs.prompt_logprobs`). Jobs whose settings differ at most in ``seed`` and
+``max_new_tokens`` decode as one batch, each row with its own (a row's answer does not depend on its
+batch, sampled ones included); groups with other differences run one after the other. The engine
+runs in a helper thread and reports each commit through ``generate_blocks(on_commit=...)``; a job
+whose text reached a stop string, or whose client went away (``is_cancelled``), is stopped there and
+leaves the batch.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def stream_jobs(
     """Per step, one event per job (see the module docstring)."""
     groups: dict[DecodeSettings, list[int]] = {}
     for index, job in enumerate(jobs):
-        groups.setdefault(job.settings, []).append(index)
+        groups.setdefault(job.settings.replace(seed=None, max_new_tokens=1), []).append(index)
     for settings, members in groups.items():
         for events in _stream_group(model, tokenizer, [jobs[i] for i in members], settings, is_cancelled):
             merged = [{} for _ in jobs]
@@ -77,7 +78,8 @@ def warm_up(model: torch.nn.Module, tokenizer, settings: DecodeSettings, rows: i
 
 
 def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled) -> Iterator[dict]:
-    """Events ``{position in jobs: event}`` for one batch of jobs with the same settings."""
+    """Events ``{position in jobs: event}`` for one batch of jobs with the same ``settings`` (their
+    seeds and ``max_new_tokens`` aside)."""
     texts = [TextStream(tokenizer, [*job.stop, *settings.stop_strings]) for job in jobs]
     commits: queue.Queue = queue.Queue()
     scored: list[list[TokenLogprob]] = [[] for _ in jobs]  # each row's logprobs of its next commit
@@ -157,7 +159,8 @@ def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits:
         ids, mask = left_pad([job.ids for job in jobs], tokenizer.pad_token_id)  # load_tokenizer sets a pad id
         # The rows' own TextStreams (on_commit) watch the settings' stop strings with the jobs': the
         # engine need not decode every commit a second time for them.
-        engine = settings.replace(stop_strings=())
+        limits = [job.settings.max_new_tokens for job in jobs]
+        engine = settings.replace(stop_strings=(), max_new_tokens=max(limits))
         on_commit, on_logprobs = listeners
         generate_blocks(
             model,
@@ -167,6 +170,8 @@ def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits:
             eos_token_id=tokenizer.eos_token_id,
             on_commit=on_commit,
             on_logprobs=on_logprobs,
+            row_seeds=[job.settings.seed for job in jobs],
+            row_max_new_tokens=limits,
         )
     except Exception as error:  # reported to the jobs' clients as a 500, the server keeps serving
         failure.append(error)

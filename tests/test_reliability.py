@@ -212,8 +212,9 @@ def test_a_hub_id_in_the_local_cache_loads_from_it_and_one_not_there_is_one_line
     assert_one_line_error(done, "Model path 'org/other' does not exist", "Hub id in the local Hugging Face cache")
 
 
-def test_out_of_memory_splits_the_batch(tiny_dir, monkeypatch):
-    module = BlockRefineLM(model_name_or_path=tiny_dir, add_eos_length=3, max_new_tokens=10)
+def test_out_of_memory_splits_the_batch_and_each_prompt_keeps_its_seed(tiny_dir, monkeypatch):
+    settings = dict(add_eos_length=3, max_new_tokens=10, temperature=1.5, seed=7)
+    module = BlockRefineLM(model_name_or_path=tiny_dir, **settings)
     module.configure_model()
     from dllm_lit.data import LeftPadCollator
 
@@ -227,6 +228,7 @@ def test_out_of_memory_splits_the_batch(tiny_dir, monkeypatch):
         module.decode(
             batch["input_ids"][i : i + 1, -len(it["input_ids"]) :],
             batch["attention_mask"][i : i + 1, -len(it["input_ids"]) :],
+            [7 + i],
         )
         .rows[0]
         .token_ids
@@ -234,11 +236,11 @@ def test_out_of_memory_splits_the_batch(tiny_dir, monkeypatch):
     ]
     real_decode, sizes = module.decode, []
 
-    def decode_with_a_small_memory(input_ids, attention_mask):
+    def decode_with_a_small_memory(input_ids, attention_mask, seeds):
         sizes.append(input_ids.shape[0])
         if input_ids.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_decode(input_ids, attention_mask)
+        return real_decode(input_ids, attention_mask, seeds)
 
     monkeypatch.setattr(module, "decode", decode_with_a_small_memory)
     with pytest.warns(UserWarning, match="retrying as 2 \\+ 3"):

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,9 @@ import torch
 
 from conftest import assert_one_line_error, predict_args, start_dllm_lit, wait_for_rows, write, write_forty_prompts
 from dllm_lit.module import BlockRefineLM
+from dllm_lit.outputs import fingerprint_difference, run_fingerprint
+from dllm_lit.sampling import SAMPLING_SCHEME
+from dllm_lit.settings import DEFAULTS
 from dllm_lit.tasks import write_task
 
 pytestmark = pytest.mark.slow
@@ -310,3 +314,22 @@ def test_fit_never_writes_into_the_working_directory(tiny_dir, tmp_path, dllm_li
     assert (tmp_path / "config.yaml").read_text() == "a file of the user's\n"
     assert (tmp_path / "checkpoints" / "config.yaml").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "config.yaml", "data"]
+
+
+def test_resume_takes_settings_added_since_at_their_defaults_but_no_rows_sampled_another_way():
+    """A run interrupted before a version added settings resumes when they are at their defaults; a
+    sampled run recorded before keyed sampling does not (its rows were drawn another way)."""
+    rows = [{"prompt": "a"}]
+    now = run_fingerprint(rows, data={}, decoding={**asdict(DEFAULTS), "precision": "32"}, model={})
+    earlier = json.loads(json.dumps(now))
+    for added in ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"):
+        del earlier["decoding"][added]
+    assert fingerprint_difference(earlier, now) is None
+    penalized = {**asdict(DEFAULTS.replace(presence_penalty=1.0)), "precision": "32"}
+    changed = run_fingerprint(rows, data={}, decoding=penalized, model={})
+    assert "presence_penalty None -> 1.0" not in fingerprint_difference(earlier, changed)
+    assert "presence_penalty 0.0 -> 1.0" in fingerprint_difference(earlier, changed)
+    sampled = {**asdict(DEFAULTS.replace(temperature=1.0)), "precision": "32"}
+    before = run_fingerprint(rows, data={}, decoding=sampled, model={})
+    keyed = run_fingerprint(rows, data={}, decoding={**sampled, "sampling": SAMPLING_SCHEME}, model={})
+    assert "sampling None -> " in fingerprint_difference(before, keyed)

@@ -509,6 +509,32 @@ def test_stop_strings_in_the_settings_end_a_stream_as_a_requests_stop_does(tiny_
     assert finals[0]["completion_tokens"] == fewest, "usage counts the tokens through the stop string"
 
 
+def test_jobs_with_other_seeds_and_lengths_share_a_batch_and_get_their_answers_alone(tiny_dir, monkeypatch):
+    """Requests that differ in seed and max_tokens decode as one batch (the server's n choices and
+    concurrent clients), and each gets the answer it gets alone."""
+    from dllm_lit import streaming
+    from dllm_lit.models import load_model, load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    sampled = DecodeSettings(add_eos_length=3, max_new_tokens=24, temperature=1.2, lossless=True)
+    ids = [tokenizer(text).input_ids for text in ("Tell me a story.", "Name a color.")]
+    jobs = [
+        Job("a", ids[0], sampled.replace(seed=5)),
+        Job("b", ids[0], sampled.replace(seed=6, max_new_tokens=9)),
+        Job("c", ids[1], sampled.replace(seed=5, max_new_tokens=17)),
+    ]
+    batches = []
+    engine = streaming.generate_blocks
+    monkeypatch.setattr(
+        streaming, "generate_blocks", lambda m, ids, *a, **k: batches.append(len(ids)) or engine(m, ids, *a, **k)
+    )
+    together = texts(model, tokenizer, jobs)
+    assert batches == [3]
+    assert together == [texts(model, tokenizer, [job])[0] for job in jobs]
+    assert len(set(together)) == 3 and len(tokenizer(together[1]).input_ids) <= 10
+
+
 def test_streamed_logprobs_end_at_the_stop_string_as_the_engines_do(tiny_dir):
     from dllm_lit.models import load_model, load_tokenizer
     from dllm_lit.settings import DecodeSettings
