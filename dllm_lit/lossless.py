@@ -4,9 +4,9 @@ Per row, the cache holds the K/V of accepted tokens; ``last`` is the last accept
 yet) and ``draft`` holds ``W - 1`` guesses for the tokens after it (fill tokens where there is none).
 One pass feeds ``[last] + draft`` and predicts ``p_0 .. p_{W-1}``; ``p_0`` is accepted, and ``p_i``
 while every draft token before it was right (``draft_i == p_{i-1}``): those predictions saw only
-correct inputs, so they are exactly the autoregressive tokens. At least one
-token is accepted per pass. The rest of the predictions become the next draft; while those do not pay
-(the eager backend's one-token passes), ``prompt_lookup_max`` drafts from the text itself instead.
+correct inputs, so they are exactly the autoregressive tokens. At least one token is accepted per
+pass. The rest of the predictions become the next draft; while those do not pay (the eager
+backend's one-token passes), ``prompt_lookup_max`` drafts from the text itself instead.
 
 Sampling picks each token from the warped distribution with a number keyed by the row's seed and
 the token's answer position (:mod:`dllm_lit.sampling`), a deterministic function of the logits as
@@ -294,7 +294,11 @@ def per_alternative(logits: torch.Tensor, alternatives: torch.Tensor) -> tuple[t
 
 
 def verify_pass(
-    sampler: RowSampler, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None, generated
+    sampler: RowSampler,
+    logits: PassLogits,
+    draft: torch.Tensor,
+    alternatives: torch.Tensor | None,
+    generated: torch.Tensor,
 ):
     """``(tokens, accepted, taken, guess logits, guesses)`` of one pass at answer positions
     ``generated + 0 .. W - 1``: the tokens the sampler picks from the base's logits, accepted while
