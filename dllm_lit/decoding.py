@@ -156,7 +156,7 @@ def generate_blocks(
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
     ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit, on_logprobs, row_max_new_tokens)
-    sampler = RowSampler(settings, prompt_ids, prompt_mask, row_seeds)
+    sampler = RowSampler(settings, prompt_ids, prompt_mask, row_seeds, ledger.stop_ids)
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
     try:

@@ -5,9 +5,9 @@ process, with OpenAI's error shape (``{"error": {"message", "type", "param", "co
 status, before it reaches the model worker. dllm_lit's own settings ride in the body next to
 OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``refine_iter`` and
 ``lossless``, echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``, and ``ignore_eos``,
-``top_k`` (-1 or 0: no limit), ``min_p`` and ``repetition_penalty``, as vLLM's server accepts them
-(``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` are OpenAI's own). A message's content is a string or a
-list of text parts.
+``top_k`` (-1 or 0: no limit), ``min_p``, ``repetition_penalty``, ``min_tokens`` and
+``stop_token_ids``, as vLLM's server accepts them (``logit_bias``, ``presence_penalty`` and
+``frequency_penalty`` are OpenAI's own). A message's content is a string or a list of text parts.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ class CommonRequest(BaseModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[int, float] | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    stop_token_ids: list[int] | None = None
 
     def logprob_count(self) -> int | None:
         """The most likely tokens to report beside each token's log-probability (None: no logprobs)."""
@@ -111,6 +113,8 @@ class CommonRequest(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
             "logit_bias": self.logit_bias,
+            "min_new_tokens": self.min_tokens,
+            "stop_token_ids": self.stop_token_ids,
         }
         return {name: value for name, value in chosen.items() if value is not None} | {"logprobs": self.logprob_count()}
 

@@ -179,6 +179,7 @@ class OpenAIBlockSpec(LitSpec):
         parsed = self._check_model(parse(ChatRequest if chat else CompletionRequest, await self._body(request)))
         settings, stop = settings_for(self.settings, parsed), parsed.stop_strings()
         self._in_vocabulary(list(settings.logit_bias or {}), "logit_bias")
+        self._in_vocabulary(list(settings.stop_token_ids), "stop_token_ids")
         rows = [{"messages": [m.for_template() for m in parsed.messages]}] if chat else parsed.prompts()
         if len(rows) * parsed.n > MAX_CHOICES:
             raise OpenAIError(400, f"A request gets at most {MAX_CHOICES} choices (prompts times n).", "n")

@@ -87,6 +87,7 @@ class RowSampler:
         prompt_ids: ``[rows, prompt_len]`` left-padded prompts.
         prompt_mask: Their attention mask.
         row_seeds: Each row's sampling seed (see :func:`row_keys`).
+        stop_ids: The ids that end a row, never picked before ``settings.min_new_tokens``.
     """
 
     def __init__(
@@ -95,8 +96,10 @@ class RowSampler:
         prompt_ids: torch.Tensor,
         prompt_mask: torch.Tensor,
         row_seeds: Sequence[int | None] | None = None,
+        stop_ids: torch.Tensor | None = None,
     ):
         self.greedy, self.top = settings.temperature <= 0, settings.logprobs
+        self.min_new_tokens, self.stop_ids = settings.min_new_tokens, stop_ids
         self.warpers = None if self.greedy else build_warpers(settings)
         self.penalties = Penalties.build(settings, prompt_ids, prompt_mask)
         self.keys = row_keys(settings, prompt_ids.shape[0], row_seeds).to(prompt_ids.device)
@@ -107,7 +110,11 @@ class RowSampler:
 
     def pick(self, logits: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``ids [A, k]`` for ``logits [A, k, V]`` at answer ``positions`` (``[A or 1, k]``) of batch
-        ``rows`` (default: one each, in order): argmax, or the keyed draw from the warped distribution."""
+        ``rows`` (default: one each, in order): argmax, or the keyed draw from the warped distribution;
+        no stop id before ``min_new_tokens``."""
+        if self.min_new_tokens and self.stop_ids is not None and self.stop_ids.numel():
+            early = (positions < self.min_new_tokens)[..., None].expand(*logits.shape[:-1], 1)
+            logits = logits.index_fill(-1, self.stop_ids, float("-inf")).where(early, logits)
         if self.greedy:
             return logits.argmax(-1)
         keys = self.keys if rows is None else self.keys[rows]

@@ -27,6 +27,9 @@ class DecodeSettings:
             exactly the greedy autoregressive output.
         max_new_tokens: At most this many generated tokens per prompt, the stop token included.
         max_length: At most this many tokens per prompt, the prompt (without padding) included.
+        min_new_tokens: No stop token (EOS, ``stop_token_ids``) is picked before this many tokens
+            (transformers' ``min_new_tokens``, vLLM's ``min_tokens``; 0: off). Stop strings and the
+            length limits still end a response.
         stop_token_ids: Extra token ids that end a response, like EOS.
         stop_strings: Texts (one, or a list) that end a response once its text holds one (the tokens through
             it are kept; written responses end before it). Needs the tokenizer:
@@ -98,6 +101,7 @@ class DecodeSettings:
     refine_iter: int = 2
     max_new_tokens: int = 1024
     max_length: int = 8192
+    min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] | str = ()
     temperature: float = 0.0
@@ -127,7 +131,13 @@ class DecodeSettings:
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings or ()))
         if not all(isinstance(text, str) and text for text in self.stop_strings):
             raise ValueError(f"stop_strings must be non-empty strings, got {list(self.stop_strings)!r}.")
-        for name, least in (("refine_iter", 1), ("add_eos_length", 0), ("max_new_tokens", 1), ("max_length", 2)):
+        for name, least in (
+            ("refine_iter", 1),
+            ("add_eos_length", 0),
+            ("max_new_tokens", 1),
+            ("max_length", 2),
+            ("min_new_tokens", 0),
+        ):
             value = getattr(self, name)
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}.")

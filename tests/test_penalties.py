@@ -56,8 +56,8 @@ def processors(prompt_len: int, penalties: dict) -> LogitsProcessorList:
     return found
 
 
-def greedy(model, prompt: list[int], max_new_tokens: int, penalties: dict) -> list[int]:
-    """HF greedy generate under the penalties, cut after EOS."""
+def greedy(model, prompt: list[int], max_new_tokens: int, penalties: dict, **options) -> list[int]:
+    """HF greedy generate under the penalties (and ``options``), cut after EOS."""
     out = model.generate(
         torch.tensor([prompt]),
         max_new_tokens=max_new_tokens,
@@ -65,6 +65,7 @@ def greedy(model, prompt: list[int], max_new_tokens: int, penalties: dict) -> li
         eos_token_id=EOS,
         pad_token_id=0,
         logits_processor=processors(len(prompt), penalties),
+        **options,
     )[0, len(prompt) :].tolist()
     return out[: out.index(EOS) + 1] if EOS in out else out
 
@@ -96,6 +97,17 @@ def test_exact_modes_equal_generate_under_the_penalties(model, kind, mode, backe
     found = run(model, **EXACT_MODES[mode], **penalties, backend=backend)
     assert found == [greedy(model, prompt, 30, penalties) for prompt in PROMPTS]
     assert found != run(model, **EXACT_MODES[mode], backend=backend), "the penalties change the answers"
+
+
+@pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
+@pytest.mark.parametrize("mode", sorted(EXACT_MODES))
+def test_min_new_tokens_equals_generates(model, mode, backend):
+    """EOS made likely by a bias, held back for the first 6 tokens as generate's min_new_tokens does."""
+    eager = {"logit_bias": {EOS: 6.0}}
+    found = run(model, **EXACT_MODES[mode], **eager, min_new_tokens=6, backend=backend)
+    assert found == [greedy(model, prompt, 30, eager, min_new_tokens=6) for prompt in PROMPTS]
+    assert all(len(row) > 6 for row in found)
+    assert any(len(row) < 6 for row in run(model, **EXACT_MODES[mode], **eager, backend=backend))
 
 
 def test_exact_blocks_without_a_cache_equal_generate():

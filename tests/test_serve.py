@@ -316,10 +316,11 @@ def test_penalties_and_logit_bias_are_used_as_predict_uses_them(client, tiny_dir
     banned = load_tokenizer(tiny_dir).encode(plain[0], add_special_tokens=False)
     assert len(banned) == 1
     asked = dict(presence_penalty=0.8, frequency_penalty=0.6, logit_bias={str(banned[0]): -100})
-    asked["extra_body"] = {"repetition_penalty": 1.3}
+    asked["extra_body"] = {"repetition_penalty": 1.3, "min_tokens": 4}
     text, _ = chat_text(client, tiny_dir, "Name a color.", **asked)
     streamed, _ = chat_text(client, tiny_dir, "Name a color.", stream=True, **asked)
     flags = ["--model.presence_penalty=0.8", "--model.frequency_penalty=0.6", "--model.repetition_penalty=1.3"]
+    flags.append("--model.min_new_tokens=4")
     flags.append(f"--model.logit_bias={{{banned[0]}: -100}}")
     row = predicted(tiny_dir, tmp_path, {"messages": [{"role": "user", "content": "Name a color."}]}, *flags)
     assert text == streamed == row["response"]
@@ -384,6 +385,8 @@ BAD_REQUESTS = [
     ("logit_bias of a word", {"logit_bias": {"red": 1}}, 400),
     ("logit_bias above 100", {"logit_bias": {"5": 101}}, 400),
     ("logit_bias outside the vocabulary", {"logit_bias": {"99999": 1}}, 400),
+    ("stop_token_ids outside the vocabulary", {"stop_token_ids": [99999]}, 400),
+    ("negative min_tokens", {"min_tokens": -1}, 400),
     ("stream_options without stream", {"stream_options": {"include_usage": True}}, 400),
     ("prompt over max_length", {"messages": [{"role": "user", "content": "x" * 9000}]}, 400),
 ]
