@@ -262,7 +262,9 @@ def decode_lossless(
         generated += accepted
         width = schedule.next_width(width, accepted)  # a lookup pass counts as a one-token pass
         draft = next_draft(guesses, accepted, fill, width)
-        alternatives = next_alternatives(guess_logits, accepted, count, fill) if count and width > 1 else None
+        alternatives = None
+        if count and width > 1:
+            alternatives = next_alternatives(guess_logits, accepted, draft[:, 0], count, fill)
         if bool(finished.any()):
             still = (~finished).nonzero().squeeze(1)
             active, generated, draft = active[still], generated[still], draft[still]
@@ -341,12 +343,16 @@ def take_alternative(tokens: torch.Tensor, accepted: torch.Tensor, alternatives:
     return torch.cat([tokens[:, :1], second, tokens[:, 2:]], dim=1), accepted + (taken >= 0).long(), taken
 
 
-def next_alternatives(logits: torch.Tensor, accepted: torch.Tensor, count: int, fill: int) -> torch.Tensor:
-    """``[rows, count]``: the next ``count`` most likely guesses for the next draft's first token after
-    the one drafted (fill tokens where that token lies beyond this pass's guesses)."""
+def next_alternatives(
+    logits: torch.Tensor, accepted: torch.Tensor, drafted: torch.Tensor, count: int, fill: int
+) -> torch.Tensor:
+    """``[rows, count]``: the ``count`` most likely guesses for the next draft's first token other than
+    the one drafted (``drafted``: the argmax when greedy, not always when sampling); fill tokens where
+    that token lies beyond this pass's guesses."""
     fed, vocab = logits.shape[1], logits.shape[2]
     at = logits.gather(1, accepted.clamp(max=fed - 1)[:, None, None].expand(-1, 1, vocab)).squeeze(1)
-    top = at.topk(count + 1, dim=-1).indices[:, 1:]
+    top = at.topk(count + 1, dim=-1).indices
+    top = top.gather(1, (top == drafted[:, None]).long().argsort(dim=1, stable=True))[:, :count]
     return torch.where((accepted < fed)[:, None], top, torch.full_like(top, fill))
 
 

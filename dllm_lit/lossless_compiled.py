@@ -76,7 +76,9 @@ def decode_lossless_static(
         last = state.accept(tokens, accepted, ledger.stop_ids, scores)
         sampler.add(tokens, accepted)
         draft = next_draft(guesses, accepted.clamp(min=1), fill)
-        alternatives = next_alternatives(guess_logits, accepted.clamp(min=1), count, fill) if count else None
+        alternatives = None
+        if count:
+            alternatives = next_alternatives(guess_logits, accepted.clamp(min=1), draft[:, 0], count, fill)
         if lag:  # the host reads the state of one pass ago, the GPU stays busy
             seen, pending = (None if pending is None else pending.read().tolist()), HostCopy(state.progress())
         else:

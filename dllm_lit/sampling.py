@@ -67,13 +67,14 @@ def keyed_uniforms(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def row_keys(settings: DecodeSettings, rows: int, row_seeds: Sequence[int | None] | None = None) -> torch.Tensor:
-    """Each row's sampling key: ``row_seeds[r]``, else ``settings.seed + r``, else (no seed) a number
-    from torch's global generator (seeded by ``seed_everything`` under the CLI)."""
+    """Each row's sampling key: ``row_seeds[r]``, else ``settings.seed + r``, else (no seed; when
+    sampling) a number from torch's global generator (seeded by ``seed_everything`` under the CLI)."""
     if row_seeds is None:
         row_seeds = [None if settings.seed is None else settings.seed + row for row in range(rows)]
     if len(row_seeds) != rows:
         raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {rows} prompts.")
-    drawn = torch.randint(0, 2**62, (rows,)).tolist() if None in row_seeds else [0] * rows
+    sampling = settings.temperature > 0 and None in row_seeds  # greedy calls leave torch's generator alone
+    drawn = torch.randint(0, 2**62, (rows,)).tolist() if sampling else [0] * rows
     return torch.tensor([int(seed) if seed is not None else own for seed, own in zip(row_seeds, drawn)])
 
 

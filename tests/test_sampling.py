@@ -122,3 +122,14 @@ def test_keyed_numbers_are_uniform_and_differ_by_key_and_position():
 def test_a_wrong_number_of_row_seeds_is_one_sentence():
     with pytest.raises(ValueError, match="row_seeds has 2 seeds for 3 prompts"):
         run(LOSSLESS_MODELS["llama"](), row_seeds=[1, 2])
+
+
+def test_greedy_decoding_leaves_torchs_generator_alone():
+    """Training validates with the engine between steps: a greedy call must not move the global
+    generator that dropout and noise draw from."""
+    model = LOSSLESS_MODELS["llama"]()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    run(model, row_seeds=None, temperature=0.0, lossless=True)
+    assert torch.equal(torch.rand(3), expected)
