@@ -13,11 +13,11 @@ import itertools
 import pytest
 import torch
 from test_lossless import LOSSLESS_MODELS
-from test_penalties import processors
+from test_penalties import EXACT_MODES, processors
+from test_penalties import run as answers
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from conftest import EOS, left_pad, random_prompts
-from dllm_lit import generate_blocks
+from conftest import EOS, random_prompts
 from dllm_lit.sampling import keyed_uniforms
 
 PROMPTS = [p[:2] + [EOS] + p[2:] for p in random_prompts([6, 1, 11], seed=13)]
@@ -45,10 +45,8 @@ def sampled(model, prompt: list[int], seed: int, steps: int, penalties: dict | N
 
 
 def run(model, prompts=PROMPTS, row_seeds=SEEDS, **settings):
-    ids, mask = left_pad(prompts)
-    settings = {**SAMPLING, "max_new_tokens": 24, **settings}
-    result = generate_blocks(model, ids, attention_mask=mask, eos_token_id=EOS, row_seeds=row_seeds, **settings)
-    return [row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else []) for row in result.rows]
+    """Each row's answer through its stop token (30 tokens at most), sampled with ``row_seeds``."""
+    return answers(model, prompts, row_seeds=row_seeds, **{**SAMPLING, **settings})
 
 
 @pytest.fixture(params=sorted(LOSSLESS_MODELS), scope="module")
@@ -56,24 +54,17 @@ def model(request):
     return LOSSLESS_MODELS[request.param]()
 
 
-EXACT_MODES = {
-    "lossless": dict(lossless=True, add_eos_length=7),
-    "lossless-w1": dict(lossless=True, add_eos_length=0),
-    "exact-blocks": dict(add_eos_length=4, refine_iter=5),
-}
-
-
 @pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
 @pytest.mark.parametrize("mode", sorted(EXACT_MODES))
 def test_exact_modes_equal_an_autoregressive_sampler_with_the_same_numbers(model, mode, backend):
-    expected = [sampled(model, prompt, seed, 24) for prompt, seed in zip(PROMPTS, SEEDS)]
+    expected = [sampled(model, prompt, seed, 30) for prompt, seed in zip(PROMPTS, SEEDS)]
     assert run(model, **EXACT_MODES[mode], backend=backend) == expected
-    assert expected != [sampled(model, prompt, seed + 1, 24) for prompt, seed in zip(PROMPTS, SEEDS)]
+    assert expected != [sampled(model, prompt, seed + 1, 30) for prompt, seed in zip(PROMPTS, SEEDS)]
 
 
 def test_penalties_and_sampling_together_stay_exact():
     model, penalties = LOSSLESS_MODELS["gpt2"](), dict(repetition_penalty=1.4, frequency_penalty=0.8)
-    expected = [sampled(model, prompt, seed, 24, penalties) for prompt, seed in zip(PROMPTS, SEEDS)]
+    expected = [sampled(model, prompt, seed, 30, penalties) for prompt, seed in zip(PROMPTS, SEEDS)]
     assert run(model, lossless=True, add_eos_length=5, **penalties) == expected
 
 
