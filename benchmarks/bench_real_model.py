@@ -150,6 +150,14 @@ def main() -> None:
     parser.add_argument(
         "--base-modes", nargs="+", choices=list(MODES), help="the base model's modes (default: --modes; AR always runs)"
     )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sample every mode at this temperature (seed 0: prompt i of a batch samples with seed i, so the "
+        "exact modes must agree with the sampled AR answers; HF generate stays greedy, for its speed)",
+    )
+    parser.add_argument("--top-p", type=float, default=None, help="with --temperature: the nucleus threshold")
     parser.add_argument("--hf-limit", type=int, help="time HF generate on the first N prompts only (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", help="write tokens/forward against agreement and accuracy to this PNG")
@@ -173,6 +181,8 @@ def main() -> None:
     for label, name in models.items():
         model = load_model(name).to(args.device)
         limit = dict(max_new_tokens=args.max_new_tokens)
+        if args.temperature > 0:
+            limit |= dict(temperature=args.temperature, top_p=args.top_p, seed=0)
         modes = (args.base_modes or args.modes) if label == "base" else args.modes
         if label == "base":
             timed = prompts[: args.hf_limit]
