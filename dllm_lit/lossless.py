@@ -316,7 +316,7 @@ def verify_pass(
         after = sampler.pick(flat, positions[each, 1:2], each).view_as(alternatives)
         tokens, accepted, taken = take_alternative(tokens, accepted, alternatives, after)
     if logits.branch.shape[1]:  # a draft adapter guesses the next draft; the base verified this one
-        return tokens, accepted, taken, logits.branch, sampler.pick(logits.branch, positions)
+        return tokens, accepted, taken, logits.branch, logits.branch.argmax(-1)
     return tokens, accepted, taken, logits.verified, guesses
 
 
