@@ -43,6 +43,8 @@ def chat(
         system: A system message put first in the history (kept across /reset).
         multiline: A message runs until an empty line (for pasted text and code); else each line is one.
     """
+    if settings.logprobs is not None:
+        raise ValueError("--model.logprobs does nothing in chat, which prints answers only (use predict or serve).")
     device = resolve_device(device)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:

@@ -162,6 +162,8 @@ def serve(
         served_model_name: The ``model`` name clients send (default: ``--model.model_name_or_path``).
         timeout: Seconds a request may wait in the queue before a 504 (0: no limit).
     """
+    if settings.logprobs is not None:  # a flag that silently did nothing
+        raise ValueError("--model.logprobs does nothing in serve: each request asks for its own (logprobs).")
     if timeout < 0 or (timeout and batch_timeout >= timeout):
         raise ValueError(f"--timeout must be 0 (no limit) or longer than --batch_timeout, got {timeout}.")
     resolve_dtype(dtype, "cpu")  # a bad dtype or device fails here, before any process starts

@@ -457,6 +457,8 @@ def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, strea
         (["serve", "--timeout=-5"], "--timeout must be 0 (no limit) or longer than --batch_timeout"),
         (["serve", "--device=tpu"], "Unknown device 'tpu'"),
         (["chat", "--device=cuda:99"], "No cuda:99 device here"),
+        (["serve", "--model.logprobs=2"], "--model.logprobs does nothing in serve"),
+        (["chat", "--model.logprobs=2"], "--model.logprobs does nothing in chat"),
     ],
 )
 def test_bad_flags_are_one_line(dllm_lit, tmp_path, args, fragment):
