@@ -190,14 +190,23 @@ def test_concurrent_runs_with_different_outputs_do_not_collide(tiny_dir, tmp_pat
     assert len(first) == 40 and first == second
 
 
-@pytest.mark.parametrize("count,batch", [(7, 2), (1, 2), (3, 16)], ids=["uneven", "one-rank-empty", "big-batch"])
-def test_two_processes_match_one(tiny_dir, tmp_path, count, batch, dllm_lit):
+SAMPLED = ["--model.temperature=1.2", "--model.seed=5"]
+
+
+@pytest.mark.parametrize(
+    "count,batch,sampling",
+    [(7, 2, []), (1, 2, []), (3, 16, []), (7, 3, SAMPLED)],
+    ids=["uneven", "one-rank-empty", "big-batch", "sampled"],
+)
+def test_two_processes_match_one(tiny_dir, tmp_path, count, batch, sampling, dllm_lit):
+    """Also when sampling: prompt i samples with seed + i, whichever process and batch it lands in."""
     prompts = write(tmp_path / "p.txt", "".join(f"q{i} {'y' * i}\n" for i in range(count)))
     outputs = {}
     for devices in (1, 2):
         out = tmp_path / f"out{devices}.jsonl"
         ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"] if devices == 2 else []
-        args = [*predict_args(tiny_dir, out, prompts, *FAST, f"--data.batch_size={batch}"), "--trainer.accelerator=cpu"]
+        args = [*predict_args(tiny_dir, out, prompts, *FAST, *sampling, f"--data.batch_size={batch}")]
+        args.append("--trainer.accelerator=cpu")
         done = dllm_lit([*args, *ddp], tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
         outputs[devices] = out.read_text()
