@@ -49,7 +49,9 @@ class Penalties:
             ids = torch.tensor(list(self.settings.logit_bias), device=device)
             self.bias[ids] = torch.tensor(list(self.settings.logit_bias.values()), device=device)
         self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
-        self.seen.scatter_(1, self.prompt_ids.to(device), self.prompt_mask.to(device))
+        mask, ids = self.prompt_mask.to(device), self.prompt_ids.to(device)
+        row_of = torch.arange(rows, device=device)[:, None].expand_as(ids)
+        self.seen[row_of[mask], ids[mask]] = True  # not a scatter of the mask: padding may share a real id
         self.counts = torch.zeros(rows, vocab, device=device)
 
     def __call__(

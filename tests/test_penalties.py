@@ -147,9 +147,9 @@ def test_each_position_reads_the_tokens_fed_before_it():
     each: the prompt, the generated tokens and the pass's pending tokens (repeats, -1 entries and
     token 0 included)."""
     settings = DecodeSettings(**PENALTIES["all"])
-    prompts, generated = [[4, 5, 6, 0], [7, 8]], [[9, 9, 5], [0, 3, 3]]
+    prompts, generated = [[4, 5, 6, 0], [7, 1, 8]], [[9, 9, 5], [0, 3, 3]]
     pending = torch.tensor([[-1, 3, 3, 0, 9, -1], [-1, 0, 12, 12, 12, 3]])
-    ids, mask = left_pad(prompts, pad=1)
+    ids, mask = left_pad(prompts, pad=1)  # the second row's padding and its text both hold id 1
     penalties = Penalties(settings, ids, mask)
     logits = torch.randn(2, pending.shape[1], VOCAB, generator=torch.Generator().manual_seed(0)) * 5
     penalties(logits[:, :1])  # the first pass sizes the history
