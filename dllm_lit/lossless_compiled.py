@@ -58,7 +58,7 @@ def decode_lossless_static(
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     forward.reset(prompt_mask)
     top = settings.logprobs
-    state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1, settings.logprobs)
+    state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1, top)
     draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
     logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False, branch=branch)  # the prefill
     lag = device.type == "cuda"

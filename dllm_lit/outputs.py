@@ -139,8 +139,8 @@ def fingerprint_difference(old: dict[str, Any], new: dict[str, Any]) -> str | No
         earlier = old.get(group, {})
         if group == "decoding":  # settings added since the earlier run, at their defaults, change nothing
             earlier = {**_jsonable(asdict(DEFAULTS)), **earlier}
-        keys = sorted(set(earlier) | set(new[group]))
         now = new[group]
+        keys = sorted(set(earlier) | set(now))
         diffs = [f"{k} {earlier.get(k)!r} -> {now.get(k)!r}" for k in keys if earlier.get(k) != now.get(k)]
         if diffs:
             return (

@@ -111,7 +111,9 @@ class Penalties:
         self.seen.view(-1)[cells] = True
 
     def keep(self, rows: torch.Tensor | list[int]) -> None:
-        """Keep only these batch rows, in this order (as the loop's batch does)."""
-        self.prompt_ids, self.prompt_mask = self.prompt_ids[rows], self.prompt_mask[rows]
-        if self.counts is not None:
+        """Keep only these batch rows, in this order (as the loop's batch does): their history, or
+        before the first pass their prompts."""
+        if self.counts is None:
+            self.prompt_ids, self.prompt_mask = self.prompt_ids[rows], self.prompt_mask[rows]
+        else:
             self.seen, self.counts = self.seen[rows], self.counts[rows]

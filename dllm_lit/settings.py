@@ -86,9 +86,9 @@ class DecodeSettings:
             two tokens instead of one. Never changes the tokens; 0 is off.
         logprobs: Also return each generated token's log-probability under the model (the log-softmax
             of its logits in the pass that picked the token: after ``logit_bias`` and the penalties,
-            before temperature and top-k/p/min-p,
-            autoregressive in lossless and exact mode) and the ``logprobs`` most likely tokens' at
-            its position (0: the token's own only). None (the default) computes none.
+            before temperature and top-k/p/min-p, autoregressive in lossless and exact mode) and the
+            ``logprobs`` most likely tokens' at its position (0: the token's own only). None (the
+            default) computes none.
         backend: How forwards run. ``eager``: the default path. ``cuda_graph``: a static KV cache and
             fixed block shapes, each forward replayed as a CUDA graph (the fast path on a GPU; on
             CPU it runs eagerly). ``inductor``: the same through torch.compile, faster per pass after
