@@ -295,6 +295,11 @@ def per_alternative(logits: torch.Tensor, alternatives: torch.Tensor) -> tuple[t
     return logits.reshape(-1, 1, vocab), torch.arange(rows, device=logits.device).repeat_interleave(count)
 
 
+LAZY_DRAW_DEVICES = {"cpu"}
+"""Where a sampled pass draws only the positions verification reads, one position at a time (see
+:func:`verified_picks`); elsewhere (a GPU) one draw covers them all, without a sync."""
+
+
 def verify_pass(
     sampler: RowSampler,
     logits: PassLogits,
@@ -308,16 +313,57 @@ def verify_pass(
     autoregressive tokens), the alternatives' verdict, and what guesses the next draft (a draft
     adapter's branch, or the base)."""
     positions = generated[:, None] + torch.arange(draft.shape[1] + 1, device=draft.device)
-    tokens = sampler.pick(logits.verified, positions)
+    lazy = logits.verified.device.type in LAZY_DRAW_DEVICES
+    tokens = verified_picks(sampler, logits.verified, draft, positions, lazy=lazy)
     accepted = 1 + (draft == tokens[:, :-1]).long().cumprod(1).sum(1)
     guesses, taken = tokens, None
     if alternatives is not None:
-        flat, each = per_alternative(logits.alternatives, alternatives)
-        after = sampler.pick(flat, positions[each, 1:2], each).view_as(alternatives)
-        tokens, accepted, taken = take_alternative(tokens, accepted, alternatives, after)
+        taken = taken_alternative(tokens, accepted, alternatives)
+        vocab = logits.alternatives.shape[2]
+        chosen = logits.alternatives.gather(1, taken.clamp(min=0)[:, None, None].expand(-1, 1, vocab))
+        after = picks_where(sampler, chosen, positions[:, 1:2], taken >= 0, lazy=lazy)
+        second = torch.where(taken[:, None] >= 0, after, tokens[:, 1:2])
+        tokens, accepted = torch.cat([tokens[:, :1], second, tokens[:, 2:]], dim=1), accepted + (taken >= 0).long()
     if logits.branch.shape[1]:  # a draft adapter guesses the next draft; the base verified this one
         return tokens, accepted, taken, logits.branch, logits.branch.argmax(-1)
     return tokens, accepted, taken, logits.verified, guesses
+
+
+def verified_picks(
+    sampler: RowSampler, logits: torch.Tensor, draft: torch.Tensor, positions: torch.Tensor, *, lazy: bool
+) -> torch.Tensor:
+    """``[rows, W]``: the sampler's picks at every position whose draft tokens before it were all right
+    (the ones verification reads), the argmax beyond (guesses for the next draft). ``lazy`` warps only
+    those positions, a position at a time (a CPU sorts up to ``W`` times fewer vocabularies when
+    sampling); otherwise one draw covers every position. Both give the same tokens."""
+    if sampler.greedy:
+        return sampler.pick(logits, positions)
+    if not lazy:
+        tokens = sampler.pick(logits, positions)
+        reached = torch.cat([torch.ones_like(tokens[:, :1]), (draft == tokens[:, :-1]).long().cumprod(1)], 1)
+        return torch.where(reached.bool(), tokens, logits.argmax(-1))
+    tokens, rows = logits.argmax(-1), torch.arange(draft.shape[0], device=draft.device)
+    for column in range(tokens.shape[1]):
+        at = slice(column, column + 1)
+        tokens[rows, column] = sampler.pick(logits[rows, at], positions[rows, at], rows)[:, 0]
+        if column < draft.shape[1]:
+            rows = rows[draft[rows, column] == tokens[rows, column]]
+        if not rows.numel():
+            break
+    return tokens
+
+
+def picks_where(
+    sampler: RowSampler, logits: torch.Tensor, positions: torch.Tensor, needed: torch.Tensor, *, lazy: bool
+) -> torch.Tensor:
+    """``[rows, k]``: the sampler's picks in the ``needed`` rows (``[rows]`` bool), the argmax in the
+    others (they are not read); ``lazy`` draws only the needed rows."""
+    if sampler.greedy or not lazy:
+        return torch.where(needed[:, None], sampler.pick(logits, positions), logits.argmax(-1))
+    tokens, rows = logits.argmax(-1), needed.nonzero().squeeze(1)
+    if rows.numel():
+        tokens[rows] = sampler.pick(logits[rows], positions[rows], rows)
+    return tokens
 
 
 def pass_scores(logits: PassLogits, tokens: torch.Tensor, taken: torch.Tensor | None, top: int) -> torch.Tensor:
@@ -332,15 +378,12 @@ def pass_scores(logits: PassLogits, tokens: torch.Tensor, taken: torch.Tensor | 
     return torch.cat([scores[:, :1], second, scores[:, 2:]], dim=1)
 
 
-def take_alternative(tokens: torch.Tensor, accepted: torch.Tensor, alternatives: torch.Tensor, picked: torch.Tensor):
-    """``(tokens, accepted, taken)``: a row whose first draft token was wrong (one token accepted) and
-    one of whose alternatives is the right token takes that alternative (``taken``: its index, -1:
-    none) and the token picked after it (``picked``: ``[rows, S]``), two tokens."""
+def taken_alternative(tokens: torch.Tensor, accepted: torch.Tensor, alternatives: torch.Tensor) -> torch.Tensor:
+    """``[rows]``: the index of the alternative a row takes (-1: none). A row whose first draft token
+    was wrong (one token accepted) and one of whose alternatives is the right token takes it, and then
+    the token picked after it too (two tokens)."""
     hit = alternatives == tokens[:, :1]
-    taken = torch.where((accepted == 1) & hit.any(1), hit.long().argmax(1), -1)
-    after = picked.gather(1, taken.clamp(min=0)[:, None])
-    second = torch.where(taken[:, None] >= 0, after, tokens[:, 1:2])
-    return torch.cat([tokens[:, :1], second, tokens[:, 2:]], dim=1), accepted + (taken >= 0).long(), taken
+    return torch.where((accepted == 1) & hit.any(1), hit.long().argmax(1), -1)
 
 
 def next_alternatives(

@@ -17,7 +17,8 @@ from test_penalties import EXACT_MODES, processors
 from test_penalties import run as answers
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from conftest import EOS, random_prompts
+from conftest import EOS, left_pad, random_prompts
+from dllm_lit import generate_blocks, lossless
 from dllm_lit.sampling import keyed_uniforms
 
 PROMPTS = [p[:2] + [EOS] + p[2:] for p in random_prompts([6, 1, 11], seed=13)]
@@ -83,6 +84,24 @@ def test_approximate_blocks_sample_the_same_on_every_backend_and_cache_mode(mode
     eager = run(model, **settings)
     assert run(model, **settings, backend="cuda_graph") == eager
     assert run(model, **settings, use_cache=False) == eager
+
+
+@pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
+def test_drawing_every_position_at_once_gives_the_same_tokens_and_passes(model, backend, monkeypatch):
+    """A CPU draws only the positions a sampled lossless pass verifies, a GPU all of them at once:
+    the same tokens, guesses and so passes, with alternatives, penalties and ``min_new_tokens``."""
+    ids, mask = left_pad(PROMPTS)
+    settings = dict(lossless=True, add_eos_length=5, repetition_penalty=1.3, min_new_tokens=4, backend=backend)
+
+    def decode():
+        result = generate_blocks(
+            model, ids, attention_mask=mask, eos_token_id=EOS, row_seeds=SEEDS, **SAMPLING, **settings
+        )
+        return [(row.token_ids, row.forwards) for row in result.rows]
+
+    drawn_lazily = decode()
+    monkeypatch.setattr(lossless, "LAZY_DRAW_DEVICES", set())
+    assert decode() == drawn_lazily
 
 
 def test_the_seed_setting_seeds_row_r_with_seed_plus_r():
