@@ -130,7 +130,8 @@ def generate_blocks(
         on_logprobs: With ``logprobs``: called before ``on_commit`` with the log-probabilities of
             the tokens a row just kept (:data:`~dllm_lit.ledger.LogprobListener`; before any
             stop-string cut, which the result's ``logprobs`` follow).
-        tokenizer: Decodes the rows' text for ``stop_strings`` (needed only with them).
+        tokenizer: Decodes the rows' text for ``stop_strings``, and compiles a ``guided_*`` grammar
+            (needed only with them).
         streamer: A transformers streamer (``TextStreamer``, ``TextIteratorStreamer``) for one
             prompt, as ``generate(streamer=)`` takes: it gets the prompt, each commit's tokens, then
             ``end()``.
@@ -156,7 +157,7 @@ def generate_blocks(
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
     ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit, on_logprobs, row_max_new_tokens)
-    sampler = RowSampler(settings, prompt_ids, prompt_mask, row_seeds, ledger.stop_ids)
+    sampler = RowSampler(settings, prompt_ids, prompt_mask, row_seeds, ledger.stop_ids, tokenizer)
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
     try:

@@ -5,11 +5,12 @@ beside the tokens of each block or pass, one float tensor ``[rows, width, 1 + 2k
 (:func:`token_scores`): the picked token's log-probability, then the ``k`` most likely tokens'
 log-probabilities and their ids. Log-probabilities are the log-softmax of the model's logits at
 the token's position in the pass that picked it (before temperature and top-k/p/min-p, as vLLM and
-``generate``'s ``output_logits`` report them; after ``logit_bias`` and the penalties, when set, which
-vLLM's precede); in lossless mode and in exact block mode those are the autoregressive ones. The
-ids ride as floats (exact below ``2**24``, far above any vocabulary) so one tensor follows the
-tokens through the loops' indexing, ``where``, gather and scatter, and reaches the host once, at the
-commit (:func:`entries`).
+``generate``'s ``output_logits`` report them; after ``logit_bias``, the penalties and a grammar's
+mask, when set, which vLLM's precede: a token the grammar forbids reads :data:`FORBIDDEN`); in
+lossless mode and in exact block mode those are the autoregressive ones. The ids ride as floats
+(exact below ``2**24``, far above any vocabulary) so one tensor follows the tokens through the
+loops' indexing, ``where``, gather and scatter, and reaches the host once, at the commit
+(:func:`entries`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from transformers import DynamicCache
 
 EXACT_IDS = 2**24
 """Token ids are stored as float32: exact below this."""
+FORBIDDEN = -9999.0
+"""The log-probability reported for a token a grammar forbids (-inf is not JSON; vLLM's value)."""
 
 
 class TokenLogprob(NamedTuple):
@@ -34,7 +37,7 @@ class TokenLogprob(NamedTuple):
 
 def token_scores(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.Tensor:
     """The picked tokens' log-probabilities, then the ``top`` best ones' and their ids (as floats)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp(min=FORBIDDEN)
     chosen = logprobs.gather(-1, tokens[..., None])
     if not top:
         return chosen

@@ -276,10 +276,10 @@ def decode_lossless(
 
 
 def penalized(sampler: RowSampler, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):
-    """The pass's logits after the call's penalties (:meth:`~dllm_lit.sampling.RowSampler.adjust`):
+    """The pass's logits after the call's penalties and grammar (:meth:`~dllm_lit.sampling.RowSampler.adjust`):
     each verified position reads the draft tokens before it, each alternative's logits the
     alternative (the draft branch only guesses, and stays as it is)."""
-    if sampler.penalties is None:
+    if not sampler.adjusts:
         return logits
     pending = torch.cat([torch.full_like(draft[:, :1], -1), draft], dim=1)
     others = logits.alternatives

@@ -7,18 +7,21 @@ OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``re
 ``lossless``, echoed in ``usage`` with ``forwards`` and ``tokens_per_forward``, and ``ignore_eos``,
 ``top_k`` (-1 or 0: no limit), ``min_p``, ``repetition_penalty``, ``min_tokens`` and
 ``stop_token_ids``, as vLLM's server accepts them (``logit_bias``, ``presence_penalty`` and
-``frequency_penalty`` are OpenAI's own). A message's content is a string or a list of text parts.
+``frequency_penalty`` are OpenAI's own). Structured output: OpenAI's ``response_format``
+(``json_object``, ``json_schema``) or vLLM's ``guided_json``, ``guided_regex``, ``guided_choice`` and
+``guided_grammar``. A message's content is a string or a list of text parts.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dllm_lit.settings import DecodeSettings
+from dllm_lit.settings import GUIDED, DecodeSettings
 
 
 class OpenAIError(Exception):
@@ -91,6 +94,11 @@ class CommonRequest(BaseModel):
     logit_bias: dict[int, float] | None = None
     min_tokens: int | None = Field(None, ge=0)
     stop_token_ids: list[int] | None = None
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def logprob_count(self) -> int | None:
         """The most likely tokens to report beside each token's log-probability (None: no logprobs)."""
@@ -116,7 +124,26 @@ class CommonRequest(BaseModel):
             "min_new_tokens": self.min_tokens,
             "stop_token_ids": self.stop_token_ids,
         }
-        return {name: value for name, value in chosen.items() if value is not None} | {"logprobs": self.logprob_count()}
+        chosen = {name: value for name, value in chosen.items() if value is not None}
+        return chosen | self.guide() | {"logprobs": self.logprob_count()}
+
+    def guide(self) -> dict[str, Any]:
+        """The request's structured output, from ``response_format`` or a ``guided_*`` field, in place of
+        the server's (empty: the server's)."""
+        guided = {
+            "guided_json": json.dumps(self.guided_json) if isinstance(self.guided_json, dict) else self.guided_json,
+            "guided_regex": self.guided_regex,
+            "guided_choice": None if self.guided_choice is None else tuple(self.guided_choice),
+            "guided_grammar": self.guided_grammar,
+        }
+        schema = response_schema(self.response_format or {})
+        if schema is not None and any(value is not None for value in guided.values()):
+            raise OpenAIError(400, "Give response_format or a guided_* field, not both.", "response_format")
+        if schema is not None:
+            guided["guided_json"] = schema
+        if all(value is None for value in guided.values()):
+            return {}
+        return dict.fromkeys(GUIDED) | {name: value for name, value in guided.items() if value is not None}
 
     def usage_chunk(self) -> bool:
         """Whether a stream ends with a chunk of usage alone (else its last choice chunk carries it)."""
@@ -189,6 +216,20 @@ UNSUPPORTED = ("tools", "functions", "echo")
 false, null, empty), not silently ignored (``echo``: on chat requests; completions take it)."""
 
 
+def response_schema(response_format: dict[str, Any]) -> str | None:
+    """The JSON schema (text) that OpenAI's ``response_format`` asks for; None for ``text``."""
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    if not isinstance(schema, dict):
+        message = "response_format is text, json_object, or json_schema with json_schema.schema, a JSON schema object."
+        raise OpenAIError(400, message, "response_format")
+    return json.dumps(schema)
+
+
 def parse(model: type[BaseModel], body: Any) -> Any:
     """The request, or a 400 naming the first bad or unsupported field."""
     if not isinstance(body, dict):
@@ -196,9 +237,6 @@ def parse(model: type[BaseModel], body: Any) -> Any:
     for name in UNSUPPORTED:
         if body.get(name) and name not in model.model_fields:
             raise OpenAIError(400, f"{name} is not supported by this server.", name)
-    response_format = body.get("response_format") or {}
-    if not isinstance(response_format, dict) or response_format.get("type", "text") != "text":
-        raise OpenAIError(400, "response_format other than text is not supported by this server.", "response_format")
     if body.get("best_of") not in (None, 1):
         raise OpenAIError(400, "best_of above 1 is not supported by this server.", "best_of")
     try:

@@ -21,6 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from dllm_lit.guided import Guide
 from dllm_lit.logprobs import token_scores
 from dllm_lit.penalties import Penalties
 from dllm_lit.settings import DecodeSettings
@@ -80,7 +81,8 @@ def row_keys(settings: DecodeSettings, rows: int, row_seeds: Sequence[int | None
 
 class RowSampler:
     """How one decoding call picks tokens, row by row: the penalties (:class:`~dllm_lit.penalties.Penalties`),
-    argmax or the keyed draw, and the tokens' scores with ``settings.logprobs``. Its per-row state
+    the grammar (:class:`~dllm_lit.guided.Guide`), argmax or the keyed draw, and the tokens' scores with
+    ``settings.logprobs``. Its per-row state
     (sampling keys, penalty history) follows the batch as rows leave it (:meth:`keep`).
 
     Args:
@@ -89,6 +91,7 @@ class RowSampler:
         prompt_mask: Their attention mask.
         row_seeds: Each row's sampling seed (see :func:`row_keys`).
         stop_ids: The ids that end a row, never picked before ``settings.min_new_tokens``.
+        tokenizer: The model's tokenizer (needed only by a ``guided_*`` setting).
     """
 
     def __init__(
@@ -98,16 +101,26 @@ class RowSampler:
         prompt_mask: torch.Tensor,
         row_seeds: Sequence[int | None] | None = None,
         stop_ids: torch.Tensor | None = None,
+        tokenizer=None,
     ):
         self.greedy, self.top = settings.temperature <= 0, settings.logprobs
         self.min_new_tokens, self.stop_ids = settings.min_new_tokens, stop_ids
         self.warpers = None if self.greedy else build_warpers(settings)
         self.penalties = Penalties.build(settings, prompt_ids, prompt_mask)
+        self.guide = Guide.build(settings, tokenizer, prompt_ids.shape[0], stop_ids)
         self.keys = row_keys(settings, prompt_ids.shape[0], row_seeds).to(prompt_ids.device)
 
+    @property
+    def adjusts(self) -> bool:
+        """Whether :meth:`adjust` changes logits (penalties or a grammar)."""
+        return self.penalties is not None or self.guide is not None
+
     def adjust(self, logits: torch.Tensor, pending: torch.Tensor | None = None, rows=None) -> torch.Tensor:
-        """``logits`` after the penalties (see :class:`~dllm_lit.penalties.Penalties`), or as they are."""
-        return logits if self.penalties is None else self.penalties(logits, pending, rows)
+        """``logits`` after the penalties (:class:`~dllm_lit.penalties.Penalties`) and the grammar's mask
+        (:class:`~dllm_lit.guided.Guide`), or as they are."""
+        if self.penalties is not None:
+            logits = self.penalties(logits, pending, rows)
+        return logits if self.guide is None else self.guide(logits, pending, rows)
 
     def pick(self, logits: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``ids [A, k]`` for ``logits [A, k, V]`` at answer ``positions`` (``[A or 1, k]``) of batch
@@ -140,12 +153,16 @@ class RowSampler:
         """Each row's first ``lengths`` (default: all) of ``tokens`` joined its answer (penalties)."""
         if self.penalties is not None:
             self.penalties.add(tokens, lengths)
+        if self.guide is not None:
+            self.guide.add(tokens, lengths)
 
     def keep(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these batch rows, in this order (as the loop's batch does)."""
         self.keys = self.keys[rows]
         if self.penalties is not None:
             self.penalties.keep(rows)
+        if self.guide is not None:
+            self.guide.keep(rows)
 
 
 def block_positions(start: int, width: int, device) -> torch.Tensor:

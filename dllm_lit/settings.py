@@ -84,6 +84,16 @@ class DecodeSettings:
             for the first draft token, each read in its place in the same pass (a token tree one level
             deep). Where the draft's first token is wrong and an alternative is right, the pass accepts
             two tokens instead of one. Never changes the tokens; 0 is off.
+        guided_json: Structured output (vLLM's names; at most one ``guided_*``): every answer is JSON
+            that follows this JSON schema (text; ``'{"type": "object"}'``: any JSON object).
+        guided_regex: Every answer matches this regular expression.
+        guided_choice: Every answer is one of these texts.
+        guided_grammar: Every answer follows this Lark grammar (llguidance's dialect). With any
+            ``guided_*`` only the tokens the grammar allows are picked (through llguidance); the
+            answer ends with a stop token once the grammar is complete. It needs the tokenizer
+            (``generate_blocks(..., tokenizer=)``), lossless mode or exact blocks (approximate
+            blocks could commit tokens the grammar forbids), and no ``min_new_tokens``; lossless and
+            exact mode give the model's own constrained autoregressive tokens.
         logprobs: Also return each generated token's log-probability under the model (the log-softmax
             of its logits in the pass that picked the token: after ``logit_bias`` and the penalties,
             before temperature and top-k/p/min-p, autoregressive in lossless and exact mode) and the
@@ -121,6 +131,10 @@ class DecodeSettings:
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 2
     draft_alternatives: int = 3
+    guided_json: str | None = None
+    guided_regex: str | None = None
+    guided_choice: tuple[str, ...] | None = None
+    guided_grammar: str | None = None
     logprobs: int | None = None
     backend: Backend = "eager"
 
@@ -161,6 +175,28 @@ class DecodeSettings:
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be at least 0 (0: the token's own only; None: off), got {self.logprobs}.")
         self._check_prompt_lookup()
+        self._check_guided()
+
+    def _check_guided(self) -> None:
+        if self.guided_choice is not None:
+            object.__setattr__(self, "guided_choice", tuple(self.guided_choice))
+            if not self.guided_choice or not all(isinstance(text, str) and text for text in self.guided_choice):
+                raise ValueError(f"guided_choice must be non-empty texts, got {list(self.guided_choice)!r}.")
+        named = [name for name in GUIDED if getattr(self, name) is not None]
+        if len(named) > 1:
+            raise ValueError(f"Set at most one of {', '.join(GUIDED)}; got {' and '.join(named)}.")
+        if not named:
+            return
+        if not self.lossless and self.refine_iter < self.width:
+            raise ValueError(
+                f"{named[0]} needs lossless=True or exact blocks (refine_iter >= add_eos_length + 1): approximate "
+                "blocks could commit tokens the grammar does not allow."
+            )
+        if self.min_new_tokens:
+            raise ValueError(f"{named[0]} decides where an answer ends: it cannot be combined with min_new_tokens.")
+        from dllm_lit.guided import check_grammar
+
+        check_grammar(self)
 
     def _check_penalties(self) -> None:
         if self.repetition_penalty <= 0:
@@ -229,6 +265,9 @@ class DecodeSettings:
             raise TypeError(f"Unknown decoding setting(s): {', '.join(unknown)}.")
         return dataclasses.replace(self, **overrides) if overrides else self
 
+
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+"""The structured-output settings (at most one is set)."""
 
 DEFAULTS = DecodeSettings()
 """The default settings (every default above, in one object)."""

@@ -170,6 +170,7 @@ def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits:
             eos_token_id=tokenizer.eos_token_id,
             on_commit=on_commit,
             on_logprobs=on_logprobs,
+            tokenizer=tokenizer,  # a guided_* grammar reads it
             row_seeds=[job.settings.seed for job in jobs],
             row_max_new_tokens=limits,
         )

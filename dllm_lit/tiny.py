@@ -26,7 +26,8 @@ def char_tokenizer(alphabet: str = string.printable) -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + chars)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
+    # Fuse joins the characters; in a sentencepiece-style sequence, so that llguidance reads the vocabulary.
+    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,

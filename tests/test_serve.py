@@ -328,6 +328,24 @@ def test_penalties_and_logit_bias_are_used_as_predict_uses_them(client, tiny_dir
 
 
 @pytest.mark.slow
+def test_structured_output_is_used_as_predict_uses_it(client, tiny_dir, tmp_path):
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"]}
+    schema["x-guidance"] = {"whitespace_flexible": False}  # a random model would pick whitespace forever
+    response_format = {"type": "json_schema", "json_schema": {"name": "color", "schema": schema}}
+    asked = dict(response_format=response_format, extra_body={"refine_iter": 4})  # exact blocks
+    text, _ = chat_text(client, tiny_dir, "Name a color.", **asked)
+    streamed, _ = chat_text(client, tiny_dir, "Name a color.", stream=True, **asked)
+    flags = [f"--model.guided_json={json.dumps(schema)}", "--model.refine_iter=4"]
+    row = predicted(tiny_dir, tmp_path, {"messages": [{"role": "user", "content": "Name a color."}]}, *flags)
+    assert text == streamed == row["response"]
+    assert json.loads(text)["color"] in ("red", "green")
+    choice, _ = chat_text(
+        client, tiny_dir, "Name a color.", extra_body={"guided_choice": ["blue", "teal"], "lossless": True}
+    )
+    assert choice in ("blue", "teal")
+
+
+@pytest.mark.slow
 def test_text_parts_read_as_their_joined_string_and_top_k_1_or_min_p_1_sample_the_greedy_answer(client, tiny_dir):
     joined, _ = chat_text(client, tiny_dir, "Name a color.\nAnd a fruit.")
     parts = [{"type": "text", "text": "Name a color."}, {"type": "text", "text": "And a fruit."}]
@@ -379,7 +397,11 @@ BAD_REQUESTS = [
     ("top_logprobs above 20", {"logprobs": True, "top_logprobs": 21}, 400),
     ("echo on chat", {"echo": True}, 400),
     ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
-    ("json mode", {"response_format": {"type": "json_object"}}, 400),
+    ("response_format of another kind", {"response_format": {"type": "xml"}}, 400),
+    ("json_schema without a schema", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400),
+    ("json mode in approximate blocks", {"response_format": {"type": "json_object"}, "refine_iter": 2}, 400),
+    ("a regex that does not compile", {"guided_regex": "a(", "lossless": True}, 400),
+    ("response_format and guided_choice", {"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, 400),
     ("presence_penalty above 2", {"presence_penalty": 2.5}, 400),
     ("repetition_penalty of 0", {"repetition_penalty": 0}, 400),
     ("logit_bias of a word", {"logit_bias": {"red": 1}}, 400),

@@ -1,0 +1,156 @@
+"""Structured output: every answer follows a grammar (a JSON schema, a regex, a choice, a Lark grammar).
+
+llguidance (the engine vLLM and transformers' users take for this) compiles the ``guided_*`` setting
+and keeps a matcher per batch row. A pass predicts several positions, and each follows its own text:
+position ``j`` follows the committed answer and the tokens the pass fed before it (``pending``, as for
+:mod:`~dllm_lit.penalties`). :class:`Guide` masks every position with the grammar's state after that
+text, all of a row's states in one llguidance call (its speculative-decoding API), so lossless and
+exact mode pick exactly the tokens constrained autoregressive decoding picks.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+
+from dllm_lit.settings import GUIDED, DecodeSettings
+
+BITS = torch.arange(32, dtype=torch.int32)
+
+
+def grammar_of(settings: DecodeSettings) -> str | None:
+    """The llguidance grammar of the ``guided_*`` setting, or None without one."""
+    from llguidance import LLMatcher
+
+    if settings.guided_json is not None:
+        return LLMatcher.grammar_from_json_schema(settings.guided_json)
+    if settings.guided_regex is not None:
+        return LLMatcher.grammar_from_regex(settings.guided_regex)
+    if settings.guided_choice is not None:
+        choices = " | ".join(json.dumps(text, ensure_ascii=False) for text in settings.guided_choice)
+        return LLMatcher.grammar_from_lark(f"start: {choices}")
+    if settings.guided_grammar is not None:
+        return LLMatcher.grammar_from_lark(settings.guided_grammar)
+    return None
+
+
+def check_grammar(settings: DecodeSettings) -> None:
+    """Raise ValueError, one sentence, when the ``guided_*`` setting does not compile."""
+    from llguidance import LLMatcher
+
+    name = next(name for name in GUIDED if getattr(settings, name) is not None)
+    if name == "guided_json":
+        try:
+            json.loads(settings.guided_json)
+        except ValueError as error:
+            raise ValueError(f"guided_json is not a JSON schema: {error}.") from None
+    problem = LLMatcher.validate_grammar(grammar_of(settings))
+    if problem:
+        raise ValueError(f"{name} does not compile: {' '.join(problem.split())[:300]}")
+
+
+@lru_cache(maxsize=8)
+def _ll_tokenizer(tokenizer, vocab: int, stop_ids: tuple[int, ...]):
+    """llguidance's view of ``tokenizer`` over a ``vocab``-wide head; ``stop_ids`` end a grammar
+    (about 0.4 s to build, so kept)."""
+    import llguidance.hf
+
+    try:
+        return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=list(stop_ids))
+    except ValueError as error:  # a slow (Python) tokenizer, or a decoder llguidance does not know
+        raise ValueError(f"llguidance cannot read this tokenizer for guided decoding: {error}.") from None
+
+
+class Guide:
+    """Each batch row's grammar state, and the masks that keep a pass's picks inside the grammar (see the
+    module's docstring). Follows the batch as rows leave it (:meth:`keep`).
+
+    Args:
+        settings: The call's settings (one ``guided_*``).
+        tokenizer: The model's (fast) tokenizer.
+        rows: The batch size.
+        stop_ids: The tokens that end an answer; the grammar allows them once it is complete.
+    """
+
+    def __init__(self, settings: DecodeSettings, tokenizer, rows: int, stop_ids: torch.Tensor):
+        self.grammar, self.tokenizer, self.rows = grammar_of(settings), tokenizer, rows
+        self.stop_ids = tuple(stop_ids.tolist())
+        self.matchers: list | None = None
+
+    @classmethod
+    def build(cls, settings: DecodeSettings, tokenizer, rows: int, stop_ids: torch.Tensor) -> Guide | None:
+        """The call's guide, or None without a ``guided_*`` setting."""
+        if grammar_of(settings) is None:
+            return None
+        if tokenizer is None:
+            raise ValueError("Guided decoding needs the tokenizer: generate_blocks(..., tokenizer=tokenizer).")
+        return cls(settings, tokenizer, rows, stop_ids)
+
+    def _start(self, vocab: int) -> None:
+        from llguidance import LLExecutor, LLMatcher
+
+        ll_tokenizer = _ll_tokenizer(self.tokenizer, vocab, self.stop_ids)
+        self.matchers = [LLMatcher(ll_tokenizer, self.grammar, log_level=0) for _ in range(self.rows)]
+        self.executor = LLExecutor()
+
+    def __call__(self, logits: torch.Tensor, pending: torch.Tensor | None = None, rows=None) -> torch.Tensor:
+        """``logits`` ``[n, k, vocab]`` with -inf where the grammar forbids a token; ``pending``
+        ``[n, k]``: the token each position was fed (-1: none), text for it and the positions after;
+        ``rows``: the batch row of each of ``logits``' (default: one each, in order)."""
+        count, width, vocab = logits.shape
+        if self.matchers is None:
+            self._start(vocab)
+        rows = range(count) if rows is None else rows.tolist()
+        fed = [[]] * count if pending is None else pending.tolist()
+        words = (vocab + 31) // 32
+        bitmask = torch.full((count * (width + 1), words), -1, dtype=torch.int32)  # -1: all allowed
+        jobs = []
+        for index, (row, tokens) in enumerate(zip(rows, fed)):
+            draft = tokens[1:] if tokens and tokens[0] < 0 else tokens
+            draft = draft[: next((at for at, token in enumerate(draft) if token < 0), len(draft))]
+            jobs.append((self.matchers[row], index * (width + 1), draft))
+        self._fill(jobs, bitmask)
+        allowed = ((bitmask[:, :, None] >> BITS) & 1).bool().view(count, width + 1, words * 32)[..., :vocab]
+        states = [0 if not tokens or tokens[0] < 0 else 1 for tokens in fed]  # the state before position 0
+        allowed = torch.stack([allowed[index, first : first + width] for index, first in enumerate(states)])
+        if pending is None:
+            allowed = allowed[:, :1].expand(count, width, vocab)
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # a row in an error state masks nothing
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+    def _fill(self, jobs: list, bitmask: torch.Tensor) -> None:
+        """Run ``(matcher, first mask row, draft)`` jobs, in rounds that name each matcher once (llguidance
+        borrows it for a call; a row's alternatives name its matcher several times)."""
+        from llguidance.torch import fill_next_token_bitmask_par, fill_next_token_bitmask_par_with_draft_tokens
+
+        while jobs:
+            named, now, later = set(), [], []
+            for job in jobs:
+                (later if id(job[0]) in named else now).append(job)
+                named.add(id(job[0]))
+            single = [(matcher, index) for matcher, index, draft in now if not draft]  # the API wants a draft
+            if single:
+                fill_next_token_bitmask_par(self.executor, single, bitmask)
+            drafted = [job for job in now if job[2]]
+            if drafted:
+                fill_next_token_bitmask_par_with_draft_tokens(self.executor, drafted, bitmask)
+            jobs = later
+
+    def add(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+        """Each row's first ``lengths`` (default: all) of ``tokens`` ``[rows, n]`` join its answer."""
+        if self.matchers is None:
+            return
+        lengths = [tokens.shape[1]] * tokens.shape[0] if lengths is None else lengths.tolist()
+        for matcher, row, length in zip(self.matchers, tokens.tolist(), lengths):
+            if not matcher.is_stopped():
+                matcher.consume_tokens(row[:length])
+
+    def keep(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only these batch rows, in this order (as the loop's batch does)."""
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        if self.matchers is None:
+            self.rows = len(rows)
+        else:
+            self.matchers = [self.matchers[row] for row in rows]

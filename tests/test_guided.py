@@ -1,0 +1,141 @@
+"""Structured output (``guided_*``): only the tokens the grammar allows are picked.
+
+Oracles: an autoregressive loop written here (one forward per token, llguidance's mask for the text so
+far, then argmax or the keyed draw), which lossless mode, exact blocks and W = 1 must equal token for
+token, batched, on every backend; and the answers themselves, which must parse as the grammar says.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import llguidance
+import llguidance.hf
+import pytest
+import torch
+
+from conftest import EOS
+from dllm_lit import generate_blocks
+from dllm_lit.guided import grammar_of
+from dllm_lit.sampling import keyed_uniforms
+from dllm_lit.settings import DecodeSettings
+from dllm_lit.tiny import char_tokenizer, tiny_llama
+
+TOKENIZER = char_tokenizer()
+VOCAB = len(TOKENIZER)
+PROMPTS = [TOKENIZER.encode(text) for text in ("Answer:", "a longer question, then:", "?")]
+MODES = {
+    "lossless W8": dict(lossless=True, add_eos_length=7),
+    "lossless W3, no alternatives": dict(lossless=True, add_eos_length=2, draft_alternatives=0),
+    "exact blocks": dict(add_eos_length=3, refine_iter=4),
+    "W1": dict(add_eos_length=0),
+}
+GUIDES = {
+    "json": dict(
+        guided_json=json.dumps(
+            {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+                "required": ["ok", "n"],
+                "additionalProperties": False,
+                "x-guidance": {"whitespace_flexible": False},  # a random model would pick whitespace forever
+            }
+        )
+    ),
+    "regex": dict(guided_regex=r"[a-z]{2,4}-\d\d"),
+    "choice": dict(guided_choice=("yes", "no", "not sure")),
+    "grammar": dict(guided_grammar='start: "(" item ("," item)* ")"\nitem: /[0-9]/'),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(VOCAB, intermediate_size=128, kv_heads=2, max_positions=512, initializer_range=0.3, seed=3)
+
+
+@torch.no_grad()
+def constrained(model, prompt: list[int], guide: dict, temperature: float = 0.0, seed: int = 0) -> list[int]:
+    """One token per forward, masked by a matcher of its own (llguidance's byte-per-token mask)."""
+    grammar = grammar_of(DecodeSettings(lossless=True, **guide))
+    matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(TOKENIZER, n_vocab=VOCAB, eos_token=[EOS]), grammar)
+    ids = list(prompt)
+    for step in range(40):
+        allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)[:VOCAB] > 0
+        logits = model(torch.tensor([ids])).logits[0, -1].masked_fill(~allowed, float("-inf"))
+        if temperature:
+            mass = torch.softmax(logits / temperature, -1).tolist()
+            target = float(keyed_uniforms(torch.tensor([seed]), torch.tensor([[step]]))) * sum(mass)
+            token = next(t for t, below in enumerate(itertools.accumulate(mass)) if below > target and mass[t] > 0)
+        else:
+            token = int(logits.argmax())
+        ids.append(token)
+        assert matcher.consume_token(token)
+        if token == EOS:
+            break
+    return ids[len(prompt) :]
+
+
+def decode(model, prompts=PROMPTS, **settings) -> list[list[int]]:
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, ids.shape[1] - len(prompt) :], mask[row, ids.shape[1] - len(prompt) :] = torch.tensor(prompt), 1
+    result = generate_blocks(
+        model, ids, attention_mask=mask, eos_token_id=EOS, tokenizer=TOKENIZER, max_new_tokens=40, **settings
+    )
+    return [row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else []) for row in result.rows]
+
+
+@pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("guide", sorted(GUIDES))
+def test_every_exact_mode_equals_constrained_autoregressive_decoding(model, guide, mode, backend):
+    expected = [constrained(model, prompt, GUIDES[guide]) for prompt in PROMPTS]
+    assert decode(model, **MODES[mode], **GUIDES[guide], backend=backend) == expected
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_sampled_answers_equal_a_constrained_sampler_with_the_same_numbers(model, mode):
+    guide = GUIDES["json"]
+    expected = [constrained(model, prompt, guide, 1.5, seed) for prompt, seed in zip(PROMPTS, (5, 6, 7))]
+    assert decode(model, **MODES[mode], **guide, temperature=1.5, seed=5) == expected
+    assert expected != [constrained(model, prompt, guide) for prompt in PROMPTS]
+
+
+def text(tokens: list[int]) -> str:
+    assert tokens[-1] == EOS, "a complete grammar ends the answer"
+    return TOKENIZER.decode(tokens[:-1])
+
+
+def test_answers_follow_their_grammar(model):
+    settings = MODES["lossless W8"]
+    for answer in decode(model, **settings, **GUIDES["json"]):
+        assert set(json.loads(text(answer))) == {"ok", "n"}
+    assert all(re.fullmatch(r"[a-z]{2,4}-\d\d", text(a)) for a in decode(model, **settings, **GUIDES["regex"]))
+    assert {text(a) for a in decode(model, **settings, **GUIDES["choice"])} <= {"yes", "no", "not sure"}
+    free = decode(model, **settings)
+    assert not any(re.fullmatch(r"[a-z]{2,4}-\d\d", TOKENIZER.decode(a)) for a in free), "the grammar did the work"
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(guided_regex="a", guided_choice=("a",)), "Set at most one of"),
+        (dict(guided_regex="a(", lossless=True), "guided_regex does not compile: .*unclosed group"),
+        (dict(guided_json='{"type": ', lossless=True), "guided_json is not a JSON schema"),
+        (dict(guided_json='{"type": "objec"}', lossless=True), "guided_json does not compile: Invalid type"),
+        (dict(guided_choice=("a", ""), lossless=True), "guided_choice must be non-empty texts"),
+        (dict(guided_regex="a", add_eos_length=3, refine_iter=2), "needs lossless=True or exact blocks"),
+        (dict(guided_regex="a", lossless=True, min_new_tokens=2), "cannot be combined with min_new_tokens"),
+    ],
+)
+def test_unusable_guides_are_one_sentence(settings, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeSettings(**settings)
+
+
+def test_guided_decoding_needs_the_tokenizer(model):
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        generate_blocks(model, torch.tensor([PROMPTS[0]]), eos_token_id=EOS, lossless=True, guided_regex="a")
