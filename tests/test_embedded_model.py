@@ -86,3 +86,34 @@ def test_a_bare_predict_on_the_embedded_model_says_why_its_answer_is_empty_and_w
     helped = ["--model.lossless=true", "--data.use_chat_template=true"]
     done = dllm_lit_here(["predict", "--data.prompt=What is 2+2?", "--model.max_new_tokens=24", *helped], tmp_path)
     assert done.returncode == 0 and "Response (0 tokens)" not in done.stdout and "note:" not in done.stderr
+
+
+@pytest.mark.slow
+def test_json_mode_on_the_fast_model_gives_the_base_models_constrained_answers_as_json(dllm_lit, tmp_path):
+    """``--model.guided_json`` on the shipped defaults (``smollm2-fast``, lossless): every answer parses
+    and follows the schema, and equals the base model's constrained one-token-per-forward answer."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    prompts = tmp_path / "p.jsonl"
+    questions = ["Describe a cat as JSON.", "Who wrote Hamlet? Reply in JSON.", "What is 2 + 2?"]
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in questions))
+    rows = {}
+    for name, flags in {
+        "fast": [],
+        "base AR": ["--model.model_name_or_path=smollm2", "--model.add_eos_length=0"],
+    }.items():
+        out = tmp_path / f"{name}.jsonl"
+        args = ["predict", "--config", "configs/demo.yaml", f"--data.prompts_file={prompts}"]
+        done = dllm_lit(
+            [*args, f"--model.guided_json={json.dumps(schema)}", *flags, f"--writer.output_file={out}"], ROOT
+        )
+        assert done.returncode == 0, done.stderr
+        rows[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows["fast"]:
+        assert row["stop_reason"] == "eos" and set(json.loads(row["response"])) == {"name", "age"}
+    assert [row["response"] for row in rows["fast"]] == [row["response"] for row in rows["base AR"]]
+    assert sum(row["forwards"] for row in rows["fast"]) < sum(row["forwards"] for row in rows["base AR"])
