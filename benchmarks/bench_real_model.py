@@ -75,7 +75,9 @@ def decode(model, tokenizer, prompts: list[list[int]], batch: int, **settings) -
     for first in range(0, len(prompts), batch):
         chunk = prompts[first : first + batch]
         ids, mask = left_pad(chunk, tokenizer.pad_token_id)
-        result = generate_blocks(model, ids, attention_mask=mask, eos_token_id=tokenizer.eos_token_id, **settings)
+        result = generate_blocks(
+            model, ids, attention_mask=mask, eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer, **settings
+        )
         answers += [row.token_ids for row in result.rows]
         generated += result.generated_tokens
         forwards += sum(row.forwards for row in result.rows)
@@ -158,6 +160,9 @@ def main() -> None:
         "exact modes must agree with the sampled AR answers; HF generate stays greedy, for its speed)",
     )
     parser.add_argument("--top-p", type=float, default=None, help="with --temperature: the nucleus threshold")
+    parser.add_argument(
+        "--guided-json", help="constrain every mode to this JSON schema (text; HF generate stays unconstrained)"
+    )
     parser.add_argument("--hf-limit", type=int, help="time HF generate on the first N prompts only (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--plot", help="write tokens/forward against agreement and accuracy to this PNG")
@@ -183,6 +188,8 @@ def main() -> None:
         limit = dict(max_new_tokens=args.max_new_tokens)
         if args.temperature > 0:
             limit |= dict(temperature=args.temperature, top_p=args.top_p, seed=0)
+        if args.guided_json:
+            limit |= dict(guided_json=args.guided_json)
         modes = (args.base_modes or args.modes) if label == "base" else args.modes
         if label == "base":
             timed = prompts[: args.hf_limit]

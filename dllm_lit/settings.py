@@ -92,8 +92,9 @@ class DecodeSettings:
             ``guided_*`` only the tokens the grammar allows are picked (through llguidance); the
             answer ends with a stop token once the grammar is complete. It needs the tokenizer
             (``generate_blocks(..., tokenizer=)``), lossless mode or exact blocks (approximate
-            blocks could commit tokens the grammar forbids), and no ``min_new_tokens``; lossless and
-            exact mode give the model's own constrained autoregressive tokens.
+            blocks could commit tokens the grammar forbids), and neither ``min_new_tokens`` nor
+            ``ignore_eos``; lossless and exact mode give the model's own constrained autoregressive
+            tokens.
         logprobs: Also return each generated token's log-probability under the model (the log-softmax
             of its logits in the pass that picked the token: after ``logit_bias`` and the penalties,
             before temperature and top-k/p/min-p, autoregressive in lossless and exact mode) and the
@@ -192,8 +193,9 @@ class DecodeSettings:
                 f"{named[0]} needs lossless=True or exact blocks (refine_iter >= add_eos_length + 1): approximate "
                 "blocks could commit tokens the grammar does not allow."
             )
-        if self.min_new_tokens:
-            raise ValueError(f"{named[0]} decides where an answer ends: it cannot be combined with min_new_tokens.")
+        for other in ("min_new_tokens", "ignore_eos"):
+            if getattr(self, other):
+                raise ValueError(f"{named[0]} decides where an answer ends: it cannot be combined with {other}.")
         from dllm_lit.guided import check_grammar
 
         check_grammar(self)

@@ -129,6 +129,7 @@ def test_answers_follow_their_grammar(model):
         (dict(guided_choice=("a", ""), lossless=True), "guided_choice must be non-empty texts"),
         (dict(guided_regex="a", add_eos_length=3, refine_iter=2), "needs lossless=True or exact blocks"),
         (dict(guided_regex="a", lossless=True, min_new_tokens=2), "cannot be combined with min_new_tokens"),
+        (dict(guided_regex="a", lossless=True, ignore_eos=True), "cannot be combined with ignore_eos"),
     ],
 )
 def test_unusable_guides_are_one_sentence(settings, message):
