@@ -82,8 +82,8 @@ def row_keys(settings: DecodeSettings, rows: int, row_seeds: Sequence[int | None
 class RowSampler:
     """How one decoding call picks tokens, row by row: the penalties (:class:`~dllm_lit.penalties.Penalties`),
     the grammar (:class:`~dllm_lit.guided.Guide`), argmax or the keyed draw, and the tokens' scores with
-    ``settings.logprobs``. Its per-row state
-    (sampling keys, penalty history) follows the batch as rows leave it (:meth:`keep`).
+    ``settings.logprobs``. Its per-row state (sampling keys, penalty history, grammar state) follows the
+    batch as rows leave it (:meth:`keep`).
 
     Args:
         settings: The call's settings.
@@ -150,7 +150,7 @@ class RowSampler:
         return tokens, None if self.top is None else token_scores(logits, tokens, self.top)
 
     def add(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
-        """Each row's first ``lengths`` (default: all) of ``tokens`` joined its answer (penalties)."""
+        """Each row's first ``lengths`` (default: all) of ``tokens`` joined its answer (penalties, grammar)."""
         if self.penalties is not None:
             self.penalties.add(tokens, lengths)
         if self.guide is not None:
