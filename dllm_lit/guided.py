@@ -1,4 +1,4 @@
-"""Structured output: every answer follows a grammar (a JSON schema, a regex, a choice, a Lark grammar).
+"""Structured output: every answer follows a grammar (a JSON schema, a regex, a choice, a Lark or GBNF grammar).
 
 llguidance (the engine vLLM and transformers' users take for this) compiles the ``guided_*`` setting
 and keeps a matcher per batch row. A pass predicts several positions, and each follows its own text:
@@ -32,7 +32,12 @@ def grammar_of(settings: DecodeSettings) -> str | None:
         choices = " | ".join(json.dumps(text, ensure_ascii=False) for text in settings.guided_choice)
         return LLMatcher.grammar_from_lark(f"start: {choices}")
     if settings.guided_grammar is not None:
-        return LLMatcher.grammar_from_lark(settings.guided_grammar)
+        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+        try:
+            return LLMatcher.grammar_from_lark(any_to_lark(settings.guided_grammar))
+        except GbnfToLarkError as error:
+            raise ValueError(f"guided_grammar is neither Lark nor GBNF: {' '.join(str(error).split())}") from None
     return None
 
 

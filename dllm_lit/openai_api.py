@@ -8,8 +8,8 @@ OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``re
 ``top_k`` (-1 or 0: no limit), ``min_p``, ``repetition_penalty``, ``min_tokens`` and
 ``stop_token_ids``, as vLLM's server accepts them (``logit_bias``, ``presence_penalty`` and
 ``frequency_penalty`` are OpenAI's own). Structured output: OpenAI's ``response_format``
-(``json_object``, ``json_schema``) or vLLM's ``guided_json``, ``guided_regex``, ``guided_choice`` and
-``guided_grammar``. A message's content is a string or a list of text parts.
+(``json_object``, ``json_schema``), vLLM's ``structured_outputs`` or its older ``guided_json``,
+``guided_regex``, ``guided_choice`` and ``guided_grammar``. A message's content is a string or a list of text parts.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class CommonRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)
     stop_token_ids: list[int] | None = None
     response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -128,22 +129,33 @@ class CommonRequest(BaseModel):
         return chosen | self.guide() | {"logprobs": self.logprob_count()}
 
     def guide(self) -> dict[str, Any]:
-        """The request's structured output, from ``response_format`` or a ``guided_*`` field, in place of
-        the server's (empty: the server's)."""
-        guided = {
-            "guided_json": json.dumps(self.guided_json) if isinstance(self.guided_json, dict) else self.guided_json,
-            "guided_regex": self.guided_regex,
-            "guided_choice": None if self.guided_choice is None else tuple(self.guided_choice),
-            "guided_grammar": self.guided_grammar,
-        }
-        schema = response_schema(self.response_format or {})
-        if schema is not None and any(value is not None for value in guided.values()):
-            raise OpenAIError(400, "Give response_format or a guided_* field, not both.", "response_format")
-        if schema is not None:
-            guided["guided_json"] = schema
-        if all(value is None for value in guided.values()):
+        """The request's structured output, from ``response_format``, ``structured_outputs`` or the
+        ``guided_*`` fields (one of them), in place of the server's (empty: the server's)."""
+        fields = dict(
+            guided_json=self.guided_json,
+            guided_regex=self.guided_regex,
+            guided_choice=self.guided_choice,
+            guided_grammar=self.guided_grammar,
+        )
+        asked = [
+            guide
+            for guide in (
+                {name: value for name, value in fields.items() if value is not None},
+                structured_guide(self.structured_outputs or {}),
+                response_guide(self.response_format or {}),
+            )
+            if guide
+        ]
+        if len(asked) > 1:
+            raise OpenAIError(400, "Give one of response_format, structured_outputs and the guided_* fields.")
+        if not asked:
             return {}
-        return dict.fromkeys(GUIDED) | {name: value for name, value in guided.items() if value is not None}
+        guide = asked[0]
+        if isinstance(guide.get("guided_json"), dict):
+            guide["guided_json"] = json.dumps(guide["guided_json"])
+        if guide.get("guided_choice") is not None:
+            guide["guided_choice"] = tuple(guide["guided_choice"])
+        return dict.fromkeys(GUIDED) | guide
 
     def usage_chunk(self) -> bool:
         """Whether a stream ends with a chunk of usage alone (else its last choice chunk carries it)."""
@@ -216,18 +228,40 @@ UNSUPPORTED = ("tools", "functions", "echo")
 false, null, empty), not silently ignored (``echo``: on chat requests; completions take it)."""
 
 
-def response_schema(response_format: dict[str, Any]) -> str | None:
-    """The JSON schema (text) that OpenAI's ``response_format`` asks for; None for ``text``."""
+def response_guide(response_format: dict[str, Any]) -> dict[str, Any]:
+    """The ``guided_json`` that OpenAI's ``response_format`` asks for (empty for ``text``)."""
     kind = response_format.get("type", "text")
     if kind == "text":
-        return None
+        return {}
     if kind == "json_object":
-        return json.dumps({"type": "object"})
+        return {"guided_json": {"type": "object"}}
     schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
     if not isinstance(schema, dict):
         message = "response_format is text, json_object, or json_schema with json_schema.schema, a JSON schema object."
         raise OpenAIError(400, message, "response_format")
-    return json.dumps(schema)
+    return {"guided_json": schema}
+
+
+STRUCTURED = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice", "grammar": "guided_grammar"}
+"""vLLM's ``structured_outputs`` fields, and the settings they set."""
+
+
+def structured_guide(fields: dict[str, Any]) -> dict[str, Any]:
+    """The ``guided_*`` settings of vLLM's ``structured_outputs`` (``json``, ``regex``, ``choice``,
+    ``grammar``, ``json_object``, and ``disable_any_whitespace`` for JSON)."""
+    fields = dict(fields)
+    compact = fields.pop("disable_any_whitespace", False)
+    if fields.pop("json_object", False):
+        fields["json"] = {"type": "object"}
+    unknown = [name for name, value in fields.items() if name not in STRUCTURED and value not in (None, False)]
+    if unknown:
+        raise OpenAIError(
+            400, f"structured_outputs.{unknown[0]} is not supported by this server.", "structured_outputs"
+        )
+    guide = {STRUCTURED[name]: value for name, value in fields.items() if name in STRUCTURED and value is not None}
+    if compact and isinstance(guide.get("guided_json"), dict):
+        guide["guided_json"] = guide["guided_json"] | {"x-guidance": {"whitespace_flexible": False}}
+    return guide
 
 
 def parse(model: type[BaseModel], body: Any) -> Any:

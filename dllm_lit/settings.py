@@ -88,7 +88,8 @@ class DecodeSettings:
             that follows this JSON schema (text; ``'{"type": "object"}'``: any JSON object).
         guided_regex: Every answer matches this regular expression.
         guided_choice: Every answer is one of these texts.
-        guided_grammar: Every answer follows this Lark grammar (llguidance's dialect). With any
+        guided_grammar: Every answer follows this grammar: Lark (llguidance's dialect, ``start: ...``) or
+            GBNF (llama.cpp's, ``root ::= ...``, as vLLM's xgrammar backend takes it). With any
             ``guided_*`` only the tokens the grammar allows are picked (through llguidance); the
             answer ends with a stop token once the grammar is complete. It needs the tokenizer
             (``generate_blocks(..., tokenizer=)``), lossless mode or exact blocks (approximate

@@ -47,6 +47,7 @@ GUIDES = {
     "regex": dict(guided_regex=r"[a-z]{2,4}-\d\d"),
     "choice": dict(guided_choice=("yes", "no", "not sure")),
     "grammar": dict(guided_grammar='start: "(" item ("," item)* ")"\nitem: /[0-9]/'),
+    "gbnf": dict(guided_grammar='root ::= "[" item ("," item)* "]"\nitem ::= [a-c]'),
 }
 
 
@@ -115,6 +116,7 @@ def test_answers_follow_their_grammar(model):
         assert set(json.loads(text(answer))) == {"ok", "n"}
     assert all(re.fullmatch(r"[a-z]{2,4}-\d\d", text(a)) for a in decode(model, **settings, **GUIDES["regex"]))
     assert {text(a) for a in decode(model, **settings, **GUIDES["choice"])} <= {"yes", "no", "not sure"}
+    assert all(re.fullmatch(r"\[[a-c](,[a-c])*\]", text(a)) for a in decode(model, **settings, **GUIDES["gbnf"]))
     free = decode(model, **settings)
     assert not any(re.fullmatch(r"[a-z]{2,4}-\d\d", TOKENIZER.decode(a)) for a in free), "the grammar did the work"
 
@@ -127,6 +129,7 @@ def test_answers_follow_their_grammar(model):
         (dict(guided_json='{"type": ', lossless=True), "guided_json is not a JSON schema"),
         (dict(guided_json='{"type": "objec"}', lossless=True), "guided_json does not compile: Invalid type"),
         (dict(guided_choice=("a", ""), lossless=True), "guided_choice must be non-empty texts"),
+        (dict(guided_grammar='root ::= "yes', lossless=True), "guided_grammar is neither Lark nor GBNF"),
         (dict(guided_regex="a", add_eos_length=3, refine_iter=2), "needs lossless=True or exact blocks"),
         (dict(guided_regex="a", lossless=True, min_new_tokens=2), "cannot be combined with min_new_tokens"),
         (dict(guided_regex="a", lossless=True, ignore_eos=True), "cannot be combined with ignore_eos"),
@@ -140,3 +143,52 @@ def test_unusable_guides_are_one_sentence(settings, message):
 def test_guided_decoding_needs_the_tokenizer(model):
     with pytest.raises(ValueError, match="needs the tokenizer"):
         generate_blocks(model, torch.tensor([PROMPTS[0]]), eos_token_id=EOS, lossless=True, guided_regex="a")
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(
+    "body, guide",
+    [
+        ({"response_format": {"type": "json_object"}}, {"guided_json": '{"type": "object"}'}),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}, SCHEMA),
+        ({"guided_json": SCHEMA}, SCHEMA),
+        ({"structured_outputs": {"json": SCHEMA}}, SCHEMA),
+        ({"structured_outputs": {"json_object": True}}, {"guided_json": '{"type": "object"}'}),
+        (
+            {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
+            SCHEMA | {"x-guidance": {"whitespace_flexible": False}},
+        ),
+        ({"structured_outputs": {"choice": ["a", "b"]}}, {"guided_choice": ("a", "b")}),
+        ({"guided_regex": "a+"}, {"guided_regex": "a+"}),
+        ({"structured_outputs": {"grammar": "root ::= [a]"}}, {"guided_grammar": "root ::= [a]"}),
+    ],
+)
+def test_requests_ask_for_a_grammar_as_openai_and_vllm_clients_do(body, guide):
+    from dllm_lit.openai_api import ChatRequest, parse
+
+    request = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body})
+    expected = guide if "type" not in guide else {"guided_json": json.dumps(guide)}
+    assert (
+        request.guide() == dict.fromkeys(("guided_json", "guided_regex", "guided_choice", "guided_grammar")) | expected
+    )
+    DecodeSettings(lossless=True, **request.guide())  # compiles
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "Give one of response_format"),
+        ({"structured_outputs": {"regex": "a"}, "guided_regex": "a"}, "Give one of response_format"),
+        ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag is not supported"),
+        ({"response_format": {"type": "xml"}}, "response_format is text, json_object, or json_schema"),
+    ],
+)
+def test_conflicting_or_unknown_grammar_requests_are_400s(body, message):
+    from dllm_lit.openai_api import ChatRequest, OpenAIError, parse
+
+    request = parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body})
+    with pytest.raises(OpenAIError, match=message) as error:
+        request.guide()
+    assert error.value.status == 400

@@ -402,6 +402,7 @@ BAD_REQUESTS = [
     ("json mode in approximate blocks", {"response_format": {"type": "json_object"}, "refine_iter": 2}, 400),
     ("a regex that does not compile", {"guided_regex": "a(", "lossless": True}, 400),
     ("response_format and guided_choice", {"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, 400),
+    ("an unknown structured_outputs field", {"structured_outputs": {"structural_tag": "x"}, "lossless": True}, 400),
     ("presence_penalty above 2", {"presence_penalty": 2.5}, 400),
     ("repetition_penalty of 0", {"repetition_penalty": 0}, 400),
     ("logit_bias of a word", {"logit_bias": {"red": 1}}, 400),
