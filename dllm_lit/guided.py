@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-from dllm_lit.settings import GUIDED, DecodeSettings
+from dllm_lit.settings import DecodeSettings
 
 BITS = torch.arange(32, dtype=torch.int32)
 
@@ -41,11 +41,10 @@ def grammar_of(settings: DecodeSettings) -> str | None:
     return None
 
 
-def check_grammar(settings: DecodeSettings) -> None:
-    """Raise ValueError, one sentence, when the ``guided_*`` setting does not compile."""
+def check_grammar(settings: DecodeSettings, name: str) -> None:
+    """Raise ValueError, one sentence, when the ``guided_*`` setting ``name`` does not compile."""
     from llguidance import LLMatcher
 
-    name = next(name for name in GUIDED if getattr(settings, name) is not None)
     if name == "guided_json":
         try:
             json.loads(settings.guided_json)
@@ -73,25 +72,26 @@ class Guide:
     module's docstring). Follows the batch as rows leave it (:meth:`keep`).
 
     Args:
-        settings: The call's settings (one ``guided_*``).
+        grammar: The llguidance grammar (:func:`grammar_of` the call's settings).
         tokenizer: The model's (fast) tokenizer.
         rows: The batch size.
         stop_ids: The tokens that end an answer; the grammar allows them once it is complete.
     """
 
-    def __init__(self, settings: DecodeSettings, tokenizer, rows: int, stop_ids: torch.Tensor):
-        self.grammar, self.tokenizer, self.rows = grammar_of(settings), tokenizer, rows
+    def __init__(self, grammar: str, tokenizer, rows: int, stop_ids: torch.Tensor):
+        self.grammar, self.tokenizer, self.rows = grammar, tokenizer, rows
         self.stop_ids = tuple(stop_ids.tolist())
         self.matchers: list | None = None
 
     @classmethod
     def build(cls, settings: DecodeSettings, tokenizer, rows: int, stop_ids: torch.Tensor) -> Guide | None:
         """The call's guide, or None without a ``guided_*`` setting."""
-        if grammar_of(settings) is None:
+        grammar = grammar_of(settings)
+        if grammar is None:
             return None
         if tokenizer is None:
             raise ValueError("Guided decoding needs the tokenizer: generate_blocks(..., tokenizer=tokenizer).")
-        return cls(settings, tokenizer, rows, stop_ids)
+        return cls(grammar, tokenizer, rows, stop_ids)
 
     def _start(self, vocab: int) -> None:
         from llguidance import LLExecutor, LLMatcher
@@ -111,14 +111,15 @@ class Guide:
         fed = [[]] * count if pending is None else pending.tolist()
         words = (vocab + 31) // 32
         bitmask = torch.full((count * (width + 1), words), -1, dtype=torch.int32)  # -1: all allowed
-        jobs = []
+        jobs, states = [], []
         for index, (row, tokens) in enumerate(zip(rows, fed)):
-            draft = tokens[1:] if tokens and tokens[0] < 0 else tokens
+            first = int(bool(tokens) and tokens[0] >= 0)  # position 0 reads the state after tokens[0]
+            draft = tokens[1 - first :]
             draft = draft[: next((at for at, token in enumerate(draft) if token < 0), len(draft))]
             jobs.append((self.matchers[row], index * (width + 1), draft))
+            states.append(first)
         self._fill(jobs, bitmask)
         allowed = ((bitmask[:, :, None] >> BITS) & 1).bool().view(count, width + 1, words * 32)[..., :vocab]
-        states = [0 if not tokens or tokens[0] < 0 else 1 for tokens in fed]  # the state before position 0
         allowed = torch.stack([allowed[index, first : first + width] for index, first in enumerate(states)])
         if pending is None:
             allowed = allowed[:, :1].expand(count, width, vocab)

@@ -319,10 +319,8 @@ def verify_pass(
     guesses, taken = tokens, None
     if alternatives is not None:
         taken = taken_alternative(tokens, accepted, alternatives)
-        vocab = logits.alternatives.shape[2]
-        chosen = logits.alternatives.gather(1, taken.clamp(min=0)[:, None, None].expand(-1, 1, vocab))
-        after = picks_where(sampler, chosen, positions[:, 1:2], taken >= 0, lazy=lazy)
-        second = torch.where(taken[:, None] >= 0, after, tokens[:, 1:2])
+        chosen = taken_logits(logits.alternatives, taken)
+        second = picks_where(sampler, chosen, positions[:, 1:2], taken >= 0, tokens[:, 1:2], lazy=lazy)
         tokens, accepted = torch.cat([tokens[:, :1], second, tokens[:, 2:]], dim=1), accepted + (taken >= 0).long()
     if logits.branch.shape[1]:  # a draft adapter guesses the next draft; the base verified this one
         return tokens, accepted, taken, logits.branch, logits.branch.argmax(-1)
@@ -354,16 +352,27 @@ def verified_picks(
 
 
 def picks_where(
-    sampler: RowSampler, logits: torch.Tensor, positions: torch.Tensor, needed: torch.Tensor, *, lazy: bool
+    sampler: RowSampler,
+    logits: torch.Tensor,
+    positions: torch.Tensor,
+    needed: torch.Tensor,
+    otherwise: torch.Tensor,
+    *,
+    lazy: bool,
 ) -> torch.Tensor:
-    """``[rows, k]``: the sampler's picks in the ``needed`` rows (``[rows]`` bool), the argmax in the
-    others (they are not read); ``lazy`` draws only the needed rows."""
+    """``[rows, k]``: the sampler's picks in the ``needed`` rows (``[rows]`` bool), ``otherwise`` in the
+    others; ``lazy`` draws only the needed rows."""
     if sampler.greedy or not lazy:
-        return torch.where(needed[:, None], sampler.pick(logits, positions), logits.argmax(-1))
-    tokens, rows = logits.argmax(-1), needed.nonzero().squeeze(1)
+        return torch.where(needed[:, None], sampler.pick(logits, positions), otherwise)
+    tokens, rows = otherwise.clone(), needed.nonzero().squeeze(1)
     if rows.numel():
         tokens[rows] = sampler.pick(logits[rows], positions[rows], rows)
     return tokens
+
+
+def taken_logits(logits: torch.Tensor, taken: torch.Tensor) -> torch.Tensor:
+    """``[rows, 1, vocab]``: the logits after each row's taken alternative (``taken``; -1 reads the first)."""
+    return logits.gather(1, taken.clamp(min=0)[:, None, None].expand(-1, 1, logits.shape[2]))
 
 
 def pass_scores(logits: PassLogits, tokens: torch.Tensor, taken: torch.Tensor | None, top: int) -> torch.Tensor:
@@ -372,8 +381,7 @@ def pass_scores(logits: PassLogits, tokens: torch.Tensor, taken: torch.Tensor | 
     scores = token_scores(logits.verified, tokens, top)
     if taken is None or tokens.shape[1] < 2:
         return scores
-    vocab = logits.alternatives.shape[2]
-    after = logits.alternatives.gather(1, taken.clamp(min=0)[:, None, None].expand(-1, 1, vocab))
+    after = taken_logits(logits.alternatives, taken)
     second = torch.where(taken[:, None, None] >= 0, token_scores(after, tokens[:, 1:2], top), scores[:, 1:2])
     return torch.cat([scores[:, :1], second, scores[:, 2:]], dim=1)
 

@@ -199,7 +199,7 @@ class DecodeSettings:
                 raise ValueError(f"{named[0]} decides where an answer ends: it cannot be combined with {other}.")
         from dllm_lit.guided import check_grammar
 
-        check_grammar(self)
+        check_grammar(self, named[0])
 
     def _check_penalties(self) -> None:
         if self.repetition_penalty <= 0:
