@@ -7,7 +7,6 @@ token, batched, on every backend; and the answers themselves, which must parse a
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 
@@ -15,11 +14,11 @@ import llguidance
 import llguidance.hf
 import pytest
 import torch
+from test_sampling import keyed_pick
 
-from conftest import EOS
+from conftest import EOS, left_pad
 from dllm_lit import generate_blocks
 from dllm_lit.guided import grammar_of
-from dllm_lit.sampling import keyed_uniforms
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.tiny import char_tokenizer, tiny_llama
 
@@ -66,9 +65,7 @@ def constrained(model, prompt: list[int], guide: dict, temperature: float = 0.0,
         allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)[:VOCAB] > 0
         logits = model(torch.tensor([ids])).logits[0, -1].masked_fill(~allowed, float("-inf"))
         if temperature:
-            mass = torch.softmax(logits / temperature, -1).tolist()
-            target = float(keyed_uniforms(torch.tensor([seed]), torch.tensor([[step]]))) * sum(mass)
-            token = next(t for t, below in enumerate(itertools.accumulate(mass)) if below > target and mass[t] > 0)
+            token = keyed_pick(torch.softmax(logits / temperature, -1), seed, step)
         else:
             token = int(logits.argmax())
         ids.append(token)
@@ -79,10 +76,7 @@ def constrained(model, prompt: list[int], guide: dict, temperature: float = 0.0,
 
 
 def decode(model, prompts=PROMPTS, **settings) -> list[list[int]]:
-    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, ids.shape[1] - len(prompt) :], mask[row, ids.shape[1] - len(prompt) :] = torch.tensor(prompt), 1
+    ids, mask = left_pad(prompts)
     result = generate_blocks(
         model, ids, attention_mask=mask, eos_token_id=EOS, tokenizer=TOKENIZER, max_new_tokens=40, **settings
     )

@@ -35,14 +35,21 @@ def sampled(model, prompt: list[int], seed: int, steps: int, penalties: dict | N
     ids = list(prompt)
     for step in range(steps):
         text = torch.tensor([ids])
-        probs = torch.softmax(warp(text, adjust(text, model(text).logits[:, -1].float())), -1)[0]
-        target = float(keyed_uniforms(torch.tensor([seed]), torch.tensor([[step]]))) * float(probs.sum())
-        mass = probs.tolist()
-        token = next(t for t, below in enumerate(itertools.accumulate(mass)) if below > target and mass[t] > 0)
+        token = keyed_pick(
+            torch.softmax(warp(text, adjust(text, model(text).logits[:, -1].float())), -1)[0], seed, step
+        )
         ids.append(token)
         if token == EOS:
             break
     return ids[len(prompt) :]
+
+
+def keyed_pick(probs: torch.Tensor, seed: int, step: int) -> int:
+    """The token where the running sum of ``probs`` passes the keyed number of ``(seed, step)``,
+    summed in a Python loop."""
+    target = float(keyed_uniforms(torch.tensor([seed]), torch.tensor([[step]]))) * float(probs.sum())
+    mass = probs.tolist()
+    return next(t for t, below in enumerate(itertools.accumulate(mass)) if below > target and mass[t] > 0)
 
 
 def run(model, prompts=PROMPTS, row_seeds=SEEDS, **settings):
