@@ -147,9 +147,8 @@ def generate_blocks(
     eos_ids = _as_id_list(eos_token_id)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    check_inputs(
-        input_ids, attention_mask, eos_ids, settings, getattr(getattr(model, "config", None), "vocab_size", None)
-    )
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    check_inputs(input_ids, attention_mask, eos_ids, settings, vocab_size)
     if draft_gate(model) is not None and not settings.lossless and settings.width > 1:  # W = 1 drafts nothing
         warnings.warn(UNUSED_DRAFTER, stacklevel=3)  # the caller, past inference_mode's wrapper
     on_commit, watch = _listeners(on_commit, streamer, tokenizer, settings, input_ids)
@@ -157,7 +156,7 @@ def generate_blocks(
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
     ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit, on_logprobs, row_max_new_tokens)
-    sampler = RowSampler(settings, prompt_ids, prompt_mask, row_seeds, ledger.stop_ids, tokenizer)
+    sampler = RowSampler(settings, prompt_ids, prompt_mask, row_seeds, ledger.stop_ids, tokenizer, vocab_size)
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
     try:

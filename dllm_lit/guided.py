@@ -76,26 +76,32 @@ class Guide:
         tokenizer: The model's (fast) tokenizer.
         rows: The batch size.
         stop_ids: The tokens that end an answer; the grammar allows them once it is complete.
+        vocab_size: The width of the model's logits, if known before the first pass.
     """
 
-    def __init__(self, grammar: str, tokenizer, rows: int, stop_ids: torch.Tensor):
+    def __init__(self, grammar: str, tokenizer, rows: int, stop_ids: torch.Tensor, vocab_size: int | None = None):
         self.grammar, self.tokenizer, self.rows = grammar, tokenizer, rows
-        self.stop_ids = tuple(stop_ids.tolist())
+        self.stop_ids, self.vocab_size = tuple(stop_ids.tolist()), vocab_size
         self.matchers: list | None = None
 
     @classmethod
-    def build(cls, settings: DecodeSettings, tokenizer, rows: int, stop_ids: torch.Tensor) -> Guide | None:
+    def build(
+        cls, settings: DecodeSettings, tokenizer, rows: int, stop_ids: torch.Tensor, vocab_size: int | None = None
+    ) -> Guide | None:
         """The call's guide, or None without a ``guided_*`` setting."""
         grammar = grammar_of(settings)
         if grammar is None:
             return None
         if tokenizer is None:
             raise ValueError("Guided decoding needs the tokenizer: generate_blocks(..., tokenizer=tokenizer).")
-        return cls(grammar, tokenizer, rows, stop_ids)
+        return cls(grammar, tokenizer, rows, stop_ids, vocab_size)
 
     def _start(self, vocab: int) -> None:
         from llguidance import LLExecutor, LLMatcher
 
+        if self.vocab_size not in (None, vocab):
+            raise ValueError(f"The model's logits have {vocab} ids, but its config.vocab_size says {self.vocab_size}.")
+        self.vocab_size = vocab
         ll_tokenizer = _ll_tokenizer(self.tokenizer, vocab, self.stop_ids)
         self.matchers = [LLMatcher(ll_tokenizer, self.grammar, log_level=0) for _ in range(self.rows)]
         self.executor = LLExecutor()
@@ -105,7 +111,7 @@ class Guide:
         ``[n, k]``: the token each position was fed (-1: none), text for it and the positions after;
         ``rows``: the batch row of each of ``logits``' (default: one each, in order)."""
         count, width, vocab = logits.shape
-        if self.matchers is None:
+        if self.matchers is None or vocab != self.vocab_size:
             self._start(vocab)
         rows = range(count) if rows is None else rows.tolist()
         fed = [[]] * count if pending is None else pending.tolist()
@@ -143,6 +149,16 @@ class Guide:
             if drafted:
                 fill_next_token_bitmask_par_with_draft_tokens(self.executor, drafted, bitmask)
             jobs = later
+
+    def forced(self, size: int) -> list[list[int]]:
+        """Each row's next tokens, up to ``size``, that the grammar allows alone (llguidance's
+        fast-forward tokens: ``{"name":"`` at the start of compact JSON); none before the first mask
+        unless the vocabulary's size was known."""
+        if self.matchers is None and self.vocab_size is not None:
+            self._start(self.vocab_size)
+        if self.matchers is None:
+            return [[] for _ in range(self.rows)]
+        return [[] if matcher.is_stopped() else matcher.compute_ff_tokens()[:size] for matcher in self.matchers]
 
     def add(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         """Each row's first ``lengths`` (default: all) of ``tokens`` ``[rows, n]`` join its answer."""

@@ -248,7 +248,7 @@ def decode_lossless(
         lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
     count, top = settings.alternatives, settings.logprobs
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
-    alternatives = None
+    draft, alternatives = forced_draft(sampler, draft, settings.width - 1, fill), None
     while active.numel() > 0:
         logits = penalized(sampler, batch.forward(draft, alternatives), draft, alternatives)
         tokens, accepted, taken, guess_logits, guesses = verify_pass(sampler, logits, draft, alternatives, generated)
@@ -273,6 +273,7 @@ def decode_lossless(
             sampler.keep(still)
         if lookup is not None and width == 1:  # the model's own drafts do not pay: look the text up
             draft = lookup.drafts(active.tolist(), ledger.tokens, settings.width - 1, fill, device)
+        draft = forced_draft(sampler, draft, settings.width - 1, fill)
 
 
 def penalized(sampler: RowSampler, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):
@@ -392,6 +393,22 @@ def taken_alternative(tokens: torch.Tensor, accepted: torch.Tensor, alternatives
     the token picked after it too (two tokens)."""
     hit = alternatives == tokens[:, :1]
     return torch.where((accepted == 1) & hit.any(1), hit.long().argmax(1), -1)
+
+
+def forced_draft(sampler: RowSampler, draft: torch.Tensor, most: int, fill: int) -> torch.Tensor:
+    """``draft`` with each row's first guesses replaced by the tokens its grammar forces next (up to
+    ``most``; jump-forward decoding: a pass accepts them whatever the model guessed), widened with fill
+    tokens where a row's forced tokens outnumber the guesses (a one-token pass then feeds them)."""
+    forced = sampler.guide.forced(most) if sampler.guide is not None else []
+    longest = max(map(len, forced), default=0)
+    if not longest:
+        return draft
+    if draft.shape[1] < longest:
+        draft = torch.cat([draft, draft.new_full((draft.shape[0], longest - draft.shape[1]), fill)], dim=1)
+    draft = draft.clone()
+    for row, tokens in enumerate(forced):
+        draft[row, : len(tokens)] = torch.tensor(tokens, dtype=draft.dtype)
+    return draft
 
 
 def next_alternatives(

@@ -25,6 +25,7 @@ from dllm_lit.compiled import HostCopy, StaticForward, compacted_positions
 from dllm_lit.ledger import RowLedger
 from dllm_lit.lossless import (
     PassLogits,
+    forced_draft,
     next_alternatives,
     next_draft,
     pass_scores,
@@ -59,7 +60,8 @@ def decode_lossless_static(
     forward.reset(prompt_mask)
     top = settings.logprobs
     state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1, top)
-    draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    fills = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    draft = forced_draft(sampler, fills, width - 1, fill)  # fill tokens, but the text a grammar forces
     logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False, branch=branch)  # the prefill
     lag = device.type == "cuda"
     pending, alternatives = None, None
@@ -75,7 +77,7 @@ def decode_lossless_static(
         scores = pass_scores(logits, tokens, taken, top) if top is not None else None
         last = state.accept(tokens, accepted, ledger.stop_ids, scores)
         sampler.add(tokens, accepted)
-        draft = next_draft(guesses, accepted.clamp(min=1), fill)
+        draft = forced_draft(sampler, next_draft(guesses, accepted.clamp(min=1), fill), width - 1, fill)
         alternatives = None
         if count:
             alternatives = next_alternatives(guess_logits, accepted.clamp(min=1), draft[:, 0], count, fill)

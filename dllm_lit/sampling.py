@@ -92,6 +92,8 @@ class RowSampler:
         row_seeds: Each row's sampling seed (see :func:`row_keys`).
         stop_ids: The ids that end a row, never picked before ``settings.min_new_tokens``.
         tokenizer: The model's tokenizer (needed only by a ``guided_*`` setting).
+        vocab_size: The model's vocabulary (its ``config.vocab_size``), if known: a grammar's
+            matchers then start before the first pass, and the first draft holds its forced tokens.
     """
 
     def __init__(
@@ -102,12 +104,13 @@ class RowSampler:
         row_seeds: Sequence[int | None] | None = None,
         stop_ids: torch.Tensor | None = None,
         tokenizer=None,
+        vocab_size: int | None = None,
     ):
         self.greedy, self.top = settings.temperature <= 0, settings.logprobs
         self.min_new_tokens, self.stop_ids = settings.min_new_tokens, stop_ids
         self.warpers = None if self.greedy else build_warpers(settings)
         self.penalties = Penalties.build(settings, prompt_ids, prompt_mask)
-        self.guide = Guide.build(settings, tokenizer, prompt_ids.shape[0], stop_ids)
+        self.guide = Guide.build(settings, tokenizer, prompt_ids.shape[0], stop_ids, vocab_size)
         self.keys = row_keys(settings, prompt_ids.shape[0], row_seeds).to(prompt_ids.device)
 
     @property

@@ -95,7 +95,7 @@ class DecodeSettings:
             (``generate_blocks(..., tokenizer=)``), lossless mode or exact blocks (approximate
             blocks could commit tokens the grammar forbids), and neither ``min_new_tokens`` nor
             ``ignore_eos``; lossless and exact mode give the model's own constrained autoregressive
-            tokens.
+            tokens. Lossless mode drafts the text the grammar forces and accepts it in one pass.
         logprobs: Also return each generated token's log-probability under the model (the log-softmax
             of its logits in the pass that picked the token: after ``logit_bias`` and the penalties,
             before temperature and top-k/p/min-p, autoregressive in lossless and exact mode) and the

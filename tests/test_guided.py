@@ -99,6 +99,20 @@ def test_sampled_answers_equal_a_constrained_sampler_with_the_same_numbers(model
     assert expected != [constrained(model, prompt, guide) for prompt in PROMPTS]
 
 
+FORCED = dict(guided_regex=r"the answer is (yes|no), as the grammar says")
+
+
+@pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
+def test_text_the_grammar_forces_is_drafted_and_accepted_in_one_pass(model, backend):
+    ids, mask = left_pad(PROMPTS)
+    settings = dict(MODES["lossless W8"], **FORCED, backend=backend, max_new_tokens=40)
+    result = generate_blocks(model, ids, attention_mask=mask, eos_token_id=EOS, tokenizer=TOKENIZER, **settings)
+    expected = [constrained(model, prompt, FORCED) for prompt in PROMPTS]
+    assert [row.token_ids + [row.stop_token_id] for row in result.rows] == expected
+    # 37 or 38 characters and EOS: every pass accepts 7 forced tokens and the pick after them
+    assert [row.forwards for row in result.rows] == [5, 5, 5]
+
+
 def text(tokens: list[int]) -> str:
     assert tokens[-1] == EOS, "a complete grammar ends the answer"
     return TOKENIZER.decode(tokens[:-1])
