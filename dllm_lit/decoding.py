@@ -114,6 +114,7 @@ def generate_blocks(
     streamer: Any = None,
     row_seeds: Sequence[int | None] | None = None,
     row_max_new_tokens: Sequence[int] | None = None,
+    row_guides: Sequence[dict[str, Any] | None] | None = None,
     **overrides: Any,
 ) -> BlockGeneration:
     """Decode a left-padded batch block by block; return per-row tokens and call statistics.
@@ -140,6 +141,9 @@ def generate_blocks(
             row's seed and its position in the answer, so a row samples the same answer in any batch.
         row_max_new_tokens: Each row's own ``max_new_tokens`` (default: the setting, for every row);
             with ``row_seeds``, rows of different requests share one batch (``serve``).
+        row_guides: Each row's own structured output, in place of the settings' ``guided_*``: a dict
+            such as ``{"guided_json": schema}`` (None: the settings'; ``{}``: unconstrained), so that
+            requests with different grammars share one batch (``serve``).
         **overrides: Any :class:`~dllm_lit.settings.DecodeSettings` field, e.g. ``refine_iter=3``,
             applied on top of ``settings``.
     """
@@ -156,7 +160,9 @@ def generate_blocks(
     prompt_ids = input_ids.to(device)
     prompt_mask = attention_mask.to(device=device, dtype=torch.long)
     ledger = RowLedger(prompt_mask, settings, eos_ids, on_commit, on_logprobs, row_max_new_tokens)
-    sampler = RowSampler(settings, prompt_ids, prompt_mask, row_seeds, ledger.stop_ids, tokenizer, vocab_size)
+    sampler = RowSampler(
+        settings, prompt_ids, prompt_mask, row_seeds, ledger.stop_ids, tokenizer, vocab_size, row_guides
+    )
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
     try:

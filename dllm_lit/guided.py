@@ -11,11 +11,12 @@ exact mode pick exactly the tokens constrained autoregressive decoding picks.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
 import torch
 
-from dllm_lit.settings import DecodeSettings
+from dllm_lit.settings import GUIDED, DecodeSettings
 
 BITS = torch.arange(32, dtype=torch.int32)
 
@@ -39,6 +40,24 @@ def grammar_of(settings: DecodeSettings) -> str | None:
         except GbnfToLarkError as error:
             raise ValueError(f"guided_grammar is neither Lark nor GBNF: {' '.join(str(error).split())}") from None
     return None
+
+
+def row_grammars(
+    settings: DecodeSettings, rows: int, row_guides: Sequence[Mapping | None] | None = None
+) -> list[str | None]:
+    """Each row's llguidance grammar (None: unconstrained): its own ``guided_*`` setting
+    (``row_guides[r]``, such as ``{"guided_json": schema}``, checked as the settings check theirs), else
+    the call's."""
+    own = grammar_of(settings)
+    if row_guides is None:
+        return [own] * rows
+    if len(row_guides) != rows:
+        raise ValueError(f"row_guides has {len(row_guides)} entries for {rows} prompts.")
+    unknown = sorted({name for guide in row_guides if guide for name in guide} - set(GUIDED))
+    if unknown:
+        raise ValueError(f"row_guides may only name {', '.join(GUIDED)}; got {', '.join(unknown)}.")
+    cleared = settings.replace(**dict.fromkeys(GUIDED))
+    return [own if guide is None else grammar_of(cleared.replace(**guide)) for guide in row_guides]
 
 
 def check_grammar(settings: DecodeSettings, name: str) -> None:
@@ -72,29 +91,34 @@ class Guide:
     module's docstring). Follows the batch as rows leave it (:meth:`keep`).
 
     Args:
-        grammar: The llguidance grammar (:func:`grammar_of` the call's settings).
+        grammars: Each batch row's llguidance grammar (:func:`row_grammars`; None: unconstrained).
         tokenizer: The model's (fast) tokenizer.
-        rows: The batch size.
         stop_ids: The tokens that end an answer; the grammar allows them once it is complete.
         vocab_size: The width of the model's logits, if known before the first pass.
     """
 
-    def __init__(self, grammar: str, tokenizer, rows: int, stop_ids: torch.Tensor, vocab_size: int | None = None):
-        self.grammar, self.tokenizer, self.rows = grammar, tokenizer, rows
+    def __init__(self, grammars: list[str | None], tokenizer, stop_ids: torch.Tensor, vocab_size: int | None = None):
+        self.grammars, self.tokenizer = grammars, tokenizer
         self.stop_ids, self.vocab_size = tuple(stop_ids.tolist()), vocab_size
         self.matchers: list | None = None
 
     @classmethod
     def build(
-        cls, settings: DecodeSettings, tokenizer, rows: int, stop_ids: torch.Tensor, vocab_size: int | None = None
+        cls,
+        settings: DecodeSettings,
+        tokenizer,
+        rows: int,
+        stop_ids: torch.Tensor,
+        vocab_size: int | None = None,
+        row_guides: Sequence[Mapping | None] | None = None,
     ) -> Guide | None:
-        """The call's guide, or None without a ``guided_*`` setting."""
-        grammar = grammar_of(settings)
-        if grammar is None:
+        """The call's guide (``row_guides``: see :func:`row_grammars`), or None where no row has a grammar."""
+        grammars = row_grammars(settings, rows, row_guides)
+        if not any(grammars):
             return None
         if tokenizer is None:
             raise ValueError("Guided decoding needs the tokenizer: generate_blocks(..., tokenizer=tokenizer).")
-        return cls(grammar, tokenizer, rows, stop_ids, vocab_size)
+        return cls(grammars, tokenizer, stop_ids, vocab_size)
 
     def _start(self, vocab: int) -> None:
         from llguidance import LLExecutor, LLMatcher
@@ -103,7 +127,7 @@ class Guide:
             raise ValueError(f"The model's logits have {vocab} ids, but its config.vocab_size says {self.vocab_size}.")
         self.vocab_size = vocab
         ll_tokenizer = _ll_tokenizer(self.tokenizer, vocab, self.stop_ids)
-        self.matchers = [LLMatcher(ll_tokenizer, self.grammar, log_level=0) for _ in range(self.rows)]
+        self.matchers = [None if g is None else LLMatcher(ll_tokenizer, g, log_level=0) for g in self.grammars]
         self.executor = LLExecutor()
 
     def __call__(self, logits: torch.Tensor, pending: torch.Tensor | None = None, rows=None) -> torch.Tensor:
@@ -122,7 +146,8 @@ class Guide:
             first = int(bool(tokens) and tokens[0] >= 0)  # position 0 reads the state after tokens[0]
             draft = tokens[1 - first :]
             draft = draft[: next((at for at, token in enumerate(draft) if token < 0), len(draft))]
-            jobs.append((self.matchers[row], index * (width + 1), draft))
+            if self.matchers[row] is not None:  # an unconstrained row's mask stays all ones
+                jobs.append((self.matchers[row], index * (width + 1), draft))
             states.append(first)
         self._fill(jobs, bitmask)
         allowed = ((bitmask[:, :, None] >> BITS) & 1).bool().view(count, width + 1, words * 32)[..., :vocab]
@@ -157,8 +182,8 @@ class Guide:
         if self.matchers is None and self.vocab_size is not None:
             self._start(self.vocab_size)
         if self.matchers is None:
-            return [[] for _ in range(self.rows)]
-        return [[] if matcher.is_stopped() else matcher.compute_ff_tokens()[:size] for matcher in self.matchers]
+            return [[] for _ in self.grammars]
+        return [matcher.compute_ff_tokens()[:size] if live(matcher) else [] for matcher in self.matchers]
 
     def add(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
         """Each row's first ``lengths`` (default: all) of ``tokens`` ``[rows, n]`` join its answer."""
@@ -166,13 +191,17 @@ class Guide:
             return
         lengths = [tokens.shape[1]] * tokens.shape[0] if lengths is None else lengths.tolist()
         for matcher, row, length in zip(self.matchers, tokens.tolist(), lengths):
-            if not matcher.is_stopped():
+            if live(matcher):
                 matcher.consume_tokens(row[:length])
 
     def keep(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only these batch rows, in this order (as the loop's batch does)."""
         rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        if self.matchers is None:
-            self.rows = len(rows)
-        else:
+        self.grammars = [self.grammars[row] for row in rows]
+        if self.matchers is not None:
             self.matchers = [self.matchers[row] for row in rows]
+
+
+def live(matcher) -> bool:
+    """Whether a row's matcher (None: the row is unconstrained) still reads tokens."""
+    return matcher is not None and not matcher.is_stopped()

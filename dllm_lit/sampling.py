@@ -94,6 +94,7 @@ class RowSampler:
         tokenizer: The model's tokenizer (needed only by a ``guided_*`` setting).
         vocab_size: The model's vocabulary (its ``config.vocab_size``), if known: a grammar's
             matchers then start before the first pass, and the first draft holds its forced tokens.
+        row_guides: Each row's own ``guided_*`` setting (see :func:`~dllm_lit.guided.row_grammars`).
     """
 
     def __init__(
@@ -105,12 +106,13 @@ class RowSampler:
         stop_ids: torch.Tensor | None = None,
         tokenizer=None,
         vocab_size: int | None = None,
+        row_guides: Sequence[dict | None] | None = None,
     ):
         self.greedy, self.top = settings.temperature <= 0, settings.logprobs
         self.min_new_tokens, self.stop_ids = settings.min_new_tokens, stop_ids
         self.warpers = None if self.greedy else build_warpers(settings)
         self.penalties = Penalties.build(settings, prompt_ids, prompt_mask)
-        self.guide = Guide.build(settings, tokenizer, prompt_ids.shape[0], stop_ids, vocab_size)
+        self.guide = Guide.build(settings, tokenizer, prompt_ids.shape[0], stop_ids, vocab_size, row_guides)
         self.keys = row_keys(settings, prompt_ids.shape[0], row_seeds).to(prompt_ids.device)
 
     @property

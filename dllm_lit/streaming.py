@@ -7,9 +7,10 @@ failed). With ``settings.logprobs`` an event also carries ``"logprobs"``: one
 :class:`~dllm_lit.logprobs.TokenLogprob` per token committed since the last event (through the
 stop string at most; they may run ahead of the text, which holds back partial characters), and an
 ``echo`` job's first event ``"prompt_logprobs"``, its prompt's
-(:func:`~dllm_lit.logprobs.prompt_logprobs`). Jobs whose settings differ at most in ``seed`` and
-``max_new_tokens`` decode as one batch, each row with its own (a row's answer does not depend on its
-batch, sampled ones included); groups with other differences run one after the other. The engine
+(:func:`~dllm_lit.logprobs.prompt_logprobs`). Jobs whose settings differ at most in ``seed``,
+``max_new_tokens`` and their ``guided_*`` grammar decode as one batch, each row with its own (a row's
+answer does not depend on its batch, sampled ones included); groups with other differences run one
+after the other. The engine
 runs in a helper thread and reports each commit through ``generate_blocks(on_commit=...)``; a job
 whose text reached a stop string, or whose client went away (``is_cancelled``), is stopped there and
 leaves the batch.
@@ -29,7 +30,7 @@ from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import RowResult
 from dllm_lit.logprobs import TokenLogprob, prompt_logprobs
 from dllm_lit.openai_api import finish_reason
-from dllm_lit.settings import DecodeSettings
+from dllm_lit.settings import GUIDED, DecodeSettings
 from dllm_lit.textstream import TextStream
 
 
@@ -54,7 +55,8 @@ def stream_jobs(
     """Per step, one event per job (see the module docstring)."""
     groups: dict[DecodeSettings, list[int]] = {}
     for index, job in enumerate(jobs):
-        groups.setdefault(job.settings.replace(seed=None, max_new_tokens=1), []).append(index)
+        shared = job.settings.replace(seed=None, max_new_tokens=1, **dict.fromkeys(GUIDED))
+        groups.setdefault(shared, []).append(index)
     for settings, members in groups.items():
         for events in _stream_group(model, tokenizer, [jobs[i] for i in members], settings, is_cancelled):
             merged = [{} for _ in jobs]
@@ -79,7 +81,7 @@ def warm_up(model: torch.nn.Module, tokenizer, settings: DecodeSettings, rows: i
 
 def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled) -> Iterator[dict]:
     """Events ``{position in jobs: event}`` for one batch of jobs with the same ``settings`` (their
-    seeds and ``max_new_tokens`` aside)."""
+    seeds, ``max_new_tokens`` and grammars aside)."""
     texts = [TextStream(tokenizer, [*job.stop, *settings.stop_strings]) for job in jobs]
     commits: queue.Queue = queue.Queue()
     scored: list[list[TokenLogprob]] = [[] for _ in jobs]  # each row's logprobs of its next commit
@@ -173,8 +175,14 @@ def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits:
             tokenizer=tokenizer,  # a guided_* grammar reads it
             row_seeds=[job.settings.seed for job in jobs],
             row_max_new_tokens=limits,
+            row_guides=[own_guide(job.settings) for job in jobs],
         )
     except Exception as error:  # reported to the jobs' clients as a 500, the server keeps serving
         failure.append(error)
     finally:
         commits.put(None)
+
+
+def own_guide(settings: DecodeSettings) -> dict:
+    """The ``guided_*`` setting of a job (``{}``: none), as ``generate_blocks(row_guides=)`` takes it."""
+    return {name: getattr(settings, name) for name in GUIDED if getattr(settings, name) is not None}

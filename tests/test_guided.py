@@ -148,6 +148,35 @@ def test_unusable_guides_are_one_sentence(settings, message):
         DecodeSettings(**settings)
 
 
+@pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
+@pytest.mark.parametrize("mode", ["lossless W8", "exact blocks"])
+def test_rows_with_other_grammars_share_a_batch_each_constrained_as_alone(model, mode, backend):
+    guides = [GUIDES["json"], GUIDES["regex"], {}]  # the last row is unconstrained
+    settings = dict(MODES[mode], backend=backend)
+    together = decode(model, **settings, **GUIDES["choice"], row_guides=guides)
+    expected = [constrained(model, prompt, guide) for prompt, guide in zip(PROMPTS[:2], guides)]
+    assert together == expected + decode(model, PROMPTS[2:], **settings)
+    assert together[:2] != decode(model, PROMPTS[:2], **settings)  # the grammars did the work
+    alike = decode(model, **settings, **GUIDES["choice"], row_guides=[None, GUIDES["regex"], None])
+    assert alike[::2] == [constrained(model, prompt, GUIDES["choice"]) for prompt in PROMPTS[::2]]
+
+
+@pytest.mark.parametrize(
+    "guides, message",
+    [
+        ([{"guided_regex": "a"}], "row_guides has 1 entries for 3 prompts"),
+        ([{"temperature": 1.0}, None, None], "row_guides may only name guided_json, "),
+        ([{"guided_regex": "a("}, None, None], "guided_regex does not compile"),
+        ([{"guided_regex": "a", "guided_choice": ("a",)}, None, None], "Set at most one of"),
+    ],
+)
+def test_unusable_row_guides_are_one_sentence(model, guides, message):
+    with pytest.raises(ValueError, match=message):
+        decode(model, lossless=True, row_guides=guides)
+    with pytest.raises(ValueError, match="needs lossless=True or exact blocks"):
+        decode(model, add_eos_length=3, refine_iter=2, row_guides=[{"guided_regex": "a"}, None, None])
+
+
 def test_guided_decoding_needs_the_tokenizer(model):
     with pytest.raises(ValueError, match="needs the tokenizer"):
         generate_blocks(model, torch.tensor([PROMPTS[0]]), eos_token_id=EOS, lossless=True, guided_regex="a")

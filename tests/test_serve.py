@@ -563,6 +563,33 @@ def test_jobs_with_other_seeds_and_lengths_share_a_batch_and_get_their_answers_a
     assert len(set(together)) == 3 and len(tokenizer(together[1]).input_ids) <= 10
 
 
+def test_jobs_with_other_grammars_share_a_batch_and_get_their_answers_alone(tiny_dir, monkeypatch):
+    """Structured-output requests with different grammars (and one without) decode as one batch, each
+    row under its own grammar, each getting the answer it gets alone."""
+    from dllm_lit import streaming
+    from dllm_lit.models import load_model, load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    sampled = DecodeSettings(add_eos_length=3, max_new_tokens=24, temperature=1.2, seed=5, lossless=True)
+    ids = tokenizer("Name a color.").input_ids
+    jobs = [
+        Job("regex", ids, sampled.replace(guided_regex=r"[a-z]{3}-[0-9]")),
+        Job("choice", ids, sampled.replace(guided_choice=("red", "light blue"))),
+        Job("free", ids, sampled),
+    ]
+    batches = []
+    engine = streaming.generate_blocks
+    monkeypatch.setattr(
+        streaming, "generate_blocks", lambda m, ids, *a, **k: batches.append(len(ids)) or engine(m, ids, *a, **k)
+    )
+    together = texts(model, tokenizer, jobs)
+    assert batches == [3]
+    assert together == [texts(model, tokenizer, [job])[0] for job in jobs]
+    assert re.fullmatch(r"[a-z]{3}-[0-9]", together[0]) and together[1] in ("red", "light blue")
+    assert not re.fullmatch(r"[a-z]{3}-[0-9]", together[2])
+
+
 def test_streamed_logprobs_end_at_the_stop_string_as_the_engines_do(tiny_dir):
     from dllm_lit.models import load_model, load_tokenizer
     from dllm_lit.settings import DecodeSettings
