@@ -147,7 +147,8 @@ def encode_prompt(tokenizer, row: dict[str, Any], use_chat_template: bool) -> li
                 "The tokenizer has no chat template: drop use_chat_template and give plain 'prompt' rows."
             )
         messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        tools = row.get("tools")  # function definitions, for templates that render them
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         # The template already writes any BOS; adding special tokens again would double it.
         return tokenizer(text, add_special_tokens=False).input_ids
     return tokenizer(row["prompt"]).input_ids

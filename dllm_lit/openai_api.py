@@ -9,7 +9,9 @@ OpenAI's (the ``extra_body`` of the ``openai`` client): ``add_eos_length``, ``re
 ``stop_token_ids``, as vLLM's server accepts them (``logit_bias``, ``presence_penalty`` and
 ``frequency_penalty`` are OpenAI's own). Structured output: OpenAI's ``response_format``
 (``json_object``, ``json_schema``), vLLM's ``structured_outputs`` or its older ``guided_json``,
-``guided_regex``, ``guided_choice`` and ``guided_grammar``. A message's content is a string or a list of text parts.
+``guided_regex``, ``guided_choice`` and ``guided_grammar``; chat's ``tools`` with ``tool_choice``
+``"required"`` or a named function (:mod:`dllm_lit.tools`). A message's content is a string or a list
+of text parts.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dllm_lit.settings import GUIDED, DecodeSettings
+from dllm_lit.tools import Tool, ToolChoice
 
 
 class OpenAIError(Exception):
@@ -46,13 +49,37 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
-    def for_template(self) -> dict[str, str]:
-        """The message as chat templates take it: a list of text parts joined by newlines (as vLLM does)."""
-        text = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
-        return {"role": self.role, "content": text}
+    @model_validator(mode="after")
+    def _has_content(self) -> Message:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("a message needs content (an assistant's may give tool_calls instead)")
+        return self
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it: a list of text parts joined by newlines (as vLLM does),
+        no content as empty, and an assistant's calls with their arguments as objects."""
+        parts = self.content if isinstance(self.content, list) else [TextPart(type="text", text=self.content or "")]
+        message: dict[str, Any] = {"role": self.role, "content": "\n".join(part.text for part in parts)}
+        if self.tool_calls:
+            message["tool_calls"] = [template_call(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An earlier tool call as chat templates read it: ``arguments`` as an object, not JSON text."""
+    function = dict(call.get("function") or {})
+    try:
+        function["arguments"] = json.loads(function.get("arguments") or "{}")
+    except (TypeError, ValueError):
+        pass  # an object already, or text a template may print as it is
+    return {**call, "function": function}
 
 
 class StreamOptions(BaseModel):
@@ -174,6 +201,32 @@ class ChatRequest(CommonRequest):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+
+    def tool_mode(self) -> ToolChoice | None:
+        """How the answer becomes tool calls (None: it is text), or a 400."""
+        try:
+            return ToolChoice.read(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except ValueError as error:
+            raise OpenAIError(400, str(error), "tool_choice") from None
+
+    def guide(self) -> dict[str, Any]:
+        """:meth:`CommonRequest.guide`, or in tool mode the calls' JSON schema."""
+        asked, tools = super().guide(), self.tool_mode()
+        if tools is None:
+            return asked
+        if asked:
+            raise OpenAIError(400, "Give tools or a structured output (response_format...), not both.", "tools")
+        return dict.fromkeys(GUIDED) | {"guided_json": json.dumps(tools.schema())}
+
+    def template_row(self) -> dict[str, Any]:
+        """The prompt as ``encode_prompt`` takes it: the messages, and the tools for the template."""
+        row: dict[str, Any] = {"messages": [message.for_template() for message in self.messages]}
+        if self.tools:
+            row["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        return row
 
     def logprob_count(self) -> int | None:
         if self.top_logprobs and not self.logprobs:
@@ -223,7 +276,7 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-UNSUPPORTED = ("tools", "functions", "echo")
+UNSUPPORTED = ("functions", "echo")
 """OpenAI fields that would change what a client gets back: refused unless at their defaults (0,
 false, null, empty), not silently ignored (``echo``: on chat requests; completions take it)."""
 

@@ -43,6 +43,7 @@ from dllm_lit.openai_api import (
 )
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job
+from dllm_lit.tools import ToolChoice, ToolStream
 
 _ECHOED = ("add_eos_length", "refine_iter", "lossless")
 MAX_CHOICES = 128
@@ -60,6 +61,7 @@ class Exchange:
     usage_chunk: bool
     rid: str
     echo: list[str] | None = None  # each choice's prompt text, for a completion with ``echo``
+    tools: ToolChoice | None = None  # a chat request's tool mode: its answers are read as calls
 
 
 class OpenAIBlockSpec(LitSpec):
@@ -180,7 +182,7 @@ class OpenAIBlockSpec(LitSpec):
         settings, stop = settings_for(self.settings, parsed), parsed.stop_strings()
         self._in_vocabulary(list(settings.logit_bias or {}), "logit_bias")
         self._in_vocabulary(list(settings.stop_token_ids), "stop_token_ids")
-        rows = [{"messages": [m.for_template() for m in parsed.messages]}] if chat else parsed.prompts()
+        rows = [parsed.template_row()] if chat else parsed.prompts()
         if len(rows) * parsed.n > MAX_CHOICES:
             raise OpenAIError(400, f"A request gets at most {MAX_CHOICES} choices (prompts times n).", "n")
         field, echo = ("messages", False) if chat else ("prompt", parsed.echo)
@@ -196,6 +198,7 @@ class OpenAIBlockSpec(LitSpec):
             for sample in range(parsed.n)
         ]
         exchange = Exchange(jobs, parsed.n, chat, parsed.stream, parsed.usage_chunk(), response_id(chat))
+        exchange.tools = parsed.tool_mode() if chat else None
         if echo:  # a prompt as given, or the text of its token ids
             texts = [row if isinstance(row, str) else self.tokenizer.decode(row) for row in rows]
             exchange.echo = [text for text in texts for _ in range(parsed.n)]
@@ -305,6 +308,9 @@ class OpenAIBlockSpec(LitSpec):
             choice(chat, text, final["finish_reason"], False, i, self._logprobs(exchange, entries))
             for i, (text, final, entries) in enumerate(zip(texts, finals, scored))
         ]
+        if exchange.tools is not None:  # the answers are calls
+            for entry, text in zip(choices, texts):
+                entry["message"], entry["finish_reason"] = exchange.tools.message(text, entry["finish_reason"])
         return {**envelope(chat, rid, self.model_id, False, choices=choices), "usage": self._usage(exchange, finals)}
 
     async def _sse(self, events: AsyncIterator, exchange: Exchange) -> AsyncIterator[str]:
@@ -314,6 +320,7 @@ class OpenAIBlockSpec(LitSpec):
         chat, rid, count = exchange.chat, exchange.rid, len(exchange.jobs)
         finals: dict[int, dict] = {}
         offsets = [0] * count  # each choice's text so far, in characters of its tokens (text_offset)
+        calls = [ToolStream(exchange.tools) for _ in range(count)] if exchange.tools is not None else None
         try:
             for index in range(count if chat else 0):
                 first = choice(chat, "", None, True, index) | {"delta": {"role": "assistant", "content": ""}}
@@ -326,9 +333,10 @@ class OpenAIBlockSpec(LitSpec):
                 reason, entries = event.get("finish_reason"), event.get("logprobs", [])
                 logprobs = self._logprobs(exchange, entries, offsets[index])
                 offsets[index] += len("".join(logprobs["tokens"])) if logprobs and not chat else 0
-                chunk = envelope(
-                    chat, rid, self.model_id, True, choices=[choice(chat, event["text"], reason, True, index, logprobs)]
-                )
+                entry = choice(chat, event["text"], reason, True, index, logprobs)
+                if calls is not None:  # the text becomes calls
+                    entry["delta"], entry["finish_reason"] = calls[index].delta(event["text"], reason)
+                chunk = envelope(chat, rid, self.model_id, True, choices=[entry])
                 if reason is not None:
                     finals[index] = event
                     last = len(finals) == count and not exchange.usage_chunk

@@ -380,6 +380,81 @@ def test_32_concurrent_clients_get_their_one_by_one_answers(client, tiny_dir):
     assert time.time() - start < 120
 
 
+CLOSED = {"type": "object", "additionalProperties": False}  # a random model would invent properties
+WEATHER = CLOSED | {"properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+TIME = CLOSED | {"properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}}, "required": ["hour"]}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "The weather in a city", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "set_alarm", "parameters": TIME}},
+]
+
+
+def tool_calls(client, model: str, stream: bool, **kwargs) -> tuple[list[dict], str]:
+    """A chat answer's tool calls (``name``, ``arguments``; streamed deltas merged by index) and its
+    finish reason."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    asked = dict(model=model, messages=messages, tools=TOOLS, extra_body={"lossless": True}, **kwargs)
+    if not stream:
+        done = client.chat.completions.create(**asked).choices[0]
+        assert done.message.content is None
+        calls = [dict(name=c.function.name, arguments=c.function.arguments, id=c.id) for c in done.message.tool_calls]
+        return calls, done.finish_reason
+    calls: dict[int, dict] = {}
+    reason = None
+    for chunk in client.chat.completions.create(**asked, stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(delta.index, dict(name=None, arguments="", id=delta.id))
+            call["name"] = call["name"] or delta.function.name
+            call["arguments"] += delta.function.arguments or ""
+        reason = chunk.choices[0].finish_reason or reason
+    return [calls[i] for i in sorted(calls)], reason
+
+
+@pytest.mark.slow
+def test_tool_calls_follow_their_schemas_streamed_as_whole_and_as_predict_decodes_them(client, tiny_dir, tmp_path):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    calls, reason = tool_calls(client, tiny_dir, False, tool_choice=named)
+    streamed, streamed_reason = tool_calls(client, tiny_dir, True, tool_choice=named)
+    assert [c["name"] for c in calls] == [c["name"] for c in streamed] == ["get_weather"]
+    assert calls[0]["arguments"] == streamed[0]["arguments"] and reason == streamed_reason == "stop"
+    assert json.loads(calls[0]["arguments"])["city"] in ("Paris", "Rome")
+    assert calls[0]["id"].startswith("call_") and streamed[0]["id"].startswith("call_")
+    row = {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": TOOLS}
+    schema = {"x-guidance": {"whitespace_flexible": False}} | WEATHER
+    flags = [f"--model.guided_json={json.dumps(schema)}", "--model.lossless=true"]
+    assert predicted(tiny_dir, tmp_path, row, *flags)["response"] == calls[0]["arguments"]
+
+    for parallel, most in ((False, 1), (True, 24)):
+        asked = dict(tool_choice="required", parallel_tool_calls=parallel, max_tokens=300)
+        calls, reason = tool_calls(client, tiny_dir, False, **asked)
+        streamed, streamed_reason = tool_calls(client, tiny_dir, True, **asked)
+        strip = [(c["name"], c["arguments"]) for c in calls]
+        assert strip == [(c["name"], c["arguments"]) for c in streamed] and reason == streamed_reason == "tool_calls"
+        assert 1 <= len(calls) <= most
+        for call in calls:
+            arguments = json.loads(call["arguments"])
+            assert (
+                arguments["city"] in ("Paris", "Rome")
+                if call["name"] == "get_weather"
+                else 0 <= arguments["hour"] <= 23
+            )
+
+
+@pytest.mark.slow
+def test_a_conversation_with_earlier_calls_and_their_results_is_answered(client, tiny_dir):
+    earlier = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    messages = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [earlier]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+    ]
+    done = client.chat.completions.create(model=tiny_dir, messages=messages, tools=TOOLS, tool_choice="none")
+    assert done.choices[0].message.tool_calls is None and isinstance(done.choices[0].message.content, str)
+
+
 BAD_REQUESTS = [
     ("malformed json", b'{"model": "m", "messages": [', 400),
     ("messages not a list", {"messages": "hi"}, 400),
@@ -396,7 +471,19 @@ BAD_REQUESTS = [
     ("top_logprobs without logprobs", {"top_logprobs": 2}, 400),
     ("top_logprobs above 20", {"logprobs": True, "top_logprobs": 21}, 400),
     ("echo on chat", {"echo": True}, 400),
-    ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ("tools with tool_choice auto", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    (
+        "tool_choice naming no tool",
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        400,
+    ),
+    ("tool_choice without tools", {"tool_choice": "required"}, 400),
+    (
+        "tools and response_format",
+        {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+        400,
+    ),
+    ("a message without content", {"messages": [{"role": "user"}]}, 400),
     ("response_format of another kind", {"response_format": {"type": "xml"}}, 400),
     ("json_schema without a schema", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400),
     ("json mode in approximate blocks", {"response_format": {"type": "json_object"}, "refine_iter": 2}, 400),

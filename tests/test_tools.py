@@ -1,0 +1,102 @@
+"""Tool calls read from structured answers (``dllm_lit.tools``): modes, schemas, calls and stream deltas.
+
+The server's end-to-end tests (``tests/test_serve.py``) check the calls against ``predict``; these
+check the reading of answers the tests write, and that each mode's schema accepts exactly its calls.
+"""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+import llguidance.hf
+import pytest
+
+from dllm_lit.settings import DecodeSettings
+from dllm_lit.tools import AUTO_REFUSED, Tool, ToolChoice, ToolStream
+
+PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [
+    Tool.model_validate({"type": "function", "function": {"name": "weather", "parameters": PARAMETERS}}),
+    Tool.model_validate({"type": "function", "function": {"name": "time"}}),
+]
+NAMED = {"type": "function", "function": {"name": "weather"}}
+
+
+@pytest.mark.parametrize(
+    "tools, choice, message",
+    [
+        (None, "required", "tool_choice needs tools"),
+        (TOOLS, None, AUTO_REFUSED),
+        (TOOLS, "auto", AUTO_REFUSED),
+        (TOOLS, "any", 'tool_choice is "none", "required" or'),
+        (TOOLS, {"type": "function", "function": {"name": "news"}}, "names 'news', which is not one of the tools"),
+    ],
+)
+def test_tool_modes_that_cannot_be_answered_are_one_sentence(tools, choice, message):
+    with pytest.raises(ValueError, match=message):
+        ToolChoice.read(tools, choice, True)
+
+
+def test_no_tools_or_none_answer_as_usual():
+    assert ToolChoice.read(None, None, True) is None and ToolChoice.read(TOOLS, "none", True) is None
+
+
+def accepts(schema: dict, text: str) -> bool:
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    return llguidance.LLMatcher.validate_grammar(grammar) == "" and grammar_accepts(grammar, text)
+
+
+def grammar_accepts(grammar: str, text: str) -> bool:
+    from dllm_lit.tiny import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    ll = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=[tokenizer.eos_token_id])
+    matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return matcher.consume_tokens(ids) and matcher.is_stopped() and not matcher.is_error()
+
+
+def test_each_mode_s_schema_accepts_its_calls_compactly_and_nothing_else():
+    required, single = ToolChoice.read(TOOLS, "required", True), ToolChoice.read(TOOLS, "required", False)
+    two = '[{"name":"weather","parameters":{"city":"Oslo"}},{"name":"time","parameters":{}}]'
+    assert accepts(required.schema(), two) and not accepts(single.schema(), two)
+    assert accepts(single.schema(), two[: two.index("},{") + 1] + "]")
+    assert not accepts(required.schema(), "[]") and not accepts(required.schema(), '[{"name":"news","parameters":{}}]')
+    named = ToolChoice.read(TOOLS, NAMED, True)
+    assert accepts(named.schema(), '{"city":"Oslo"}') and not accepts(named.schema(), '{ "city": "Oslo"}')
+    DecodeSettings(lossless=True, guided_json=json.dumps(required.schema()))  # the server's check passes
+
+
+def test_answers_become_openai_calls_and_a_cut_answer_stays_text():
+    required = ToolChoice.read(TOOLS, "required", True)
+    message, reason = required.message('[{"name":"time","parameters":{"zone":"UTC"}}]', "stop")
+    assert reason == "tool_calls" and message["content"] is None
+    (call,) = message["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "time", "arguments": '{"zone": "UTC"}'}
+    assert required.message('[{"name":"time","param', "length") == (
+        {"role": "assistant", "content": '[{"name":"time","param'},
+        "length",
+    )
+    named = ToolChoice.read(TOOLS, NAMED, True)
+    message, reason = named.message('{"city":"Oslo"}', "stop")
+    assert reason == "stop" and message["tool_calls"][0]["function"] == {
+        "name": "weather",
+        "arguments": '{"city":"Oslo"}',
+    }
+
+
+def test_a_named_call_streams_its_arguments_and_required_calls_come_whole_at_the_end():
+    stream = ToolStream(ToolChoice.read(TOOLS, NAMED, True))
+    deltas = [stream.delta(text, reason) for text, reason in (('{"ci', None), ("", None), ('ty":"Oslo"}', "stop"))]
+    (first,), _ = deltas[0][0]["tool_calls"], deltas[0][1]
+    assert first["index"] == 0 and first["function"]["name"] == "weather" and first["id"].startswith("call_")
+    assert deltas[1] == ({}, None) and deltas[2][1] == "stop"
+    assert first["function"]["arguments"] + deltas[2][0]["tool_calls"][0]["function"]["arguments"] == '{"city":"Oslo"}'
+    stream = ToolStream(ToolChoice.read(TOOLS, "required", True))
+    text = '[{"name":"time","parameters":{}},{"name":"weather","parameters":{"city":"Rome"}}]'
+    assert stream.delta(text[:30], None) == ({}, None)
+    delta, reason = stream.delta(text[30:], "stop")
+    assert reason == "tool_calls" and [call["index"] for call in delta["tool_calls"]] == [0, 1]
+    assert [call["function"]["name"] for call in delta["tool_calls"]] == ["time", "weather"]
