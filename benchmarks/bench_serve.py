@@ -7,6 +7,10 @@ each, the real ``openai`` client), and prints p50/p95 latency, throughput (compl
 second of wall time) and whether every answer equals the same prompt answered alone. Then decodes
 the same prompts with ``dllm_lit predict`` (batch size = ``--max-batch-size``) and prints its
 performance line (tok/s over decoding, model load excluded) and whether its answers match.
+
+``--schemas K``: client ``i`` asks for JSON following schema ``i % K`` (``response_format``; one
+property named for its schema, compact), as structured-output traffic does; requests with different
+schemas share the server's batches. ``predict`` takes one schema per run, so it is skipped then.
 """
 
 from __future__ import annotations
@@ -58,11 +62,19 @@ def start_server(model: str, port: int, settings: list[str], max_batch_size: int
     raise SystemExit("the server never became healthy")
 
 
-def ask(client: OpenAI, model: str, question: str, max_tokens: int) -> tuple[float, str, int]:
+def schema(index: int) -> dict:
+    """The ``response_format`` of schema ``index``: an object with one string property of its own."""
+    field = f"{TOPICS[index % len(TOPICS)].split()[-1]}_{index}"
+    closed = {"type": "object", "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    body = closed | {"properties": {field: {"type": "string", "maxLength": 60}}, "required": [field]}
+    return {"type": "json_schema", "json_schema": {"name": field, "schema": body}}
+
+
+def ask(client: OpenAI, model: str, question: str, max_tokens: int, **extra) -> tuple[float, str, int]:
     """``(seconds, answer, completion tokens)`` of one chat request."""
     start = time.perf_counter()
     done = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, **extra
     )
     return time.perf_counter() - start, done.choices[0].message.content, done.usage.completion_tokens
 
@@ -95,16 +107,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--settings", nargs="*", default=["--model.add_eos_length=7", "--model.lossless=true"])
+    parser.add_argument("--schemas", type=int, default=0, help="JSON answers, one of this many schemas each")
     args = parser.parse_args()
     questions = [f"Write one sentence about {TOPICS[i % len(TOPICS)]} (number {i})." for i in range(args.clients)]
+    extras = [dict(response_format=schema(i % args.schemas)) if args.schemas else {} for i in range(args.clients)]
     port = free_port()
     server = start_server(args.model, port, args.settings, args.max_batch_size)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
-        alone = [ask(client, args.model, q, args.max_tokens)[1] for q in questions]
+        alone = [ask(client, args.model, q, args.max_tokens, **e)[1] for q, e in zip(questions, extras)]
         start = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
-            results = list(pool.map(lambda q: ask(client, args.model, q, args.max_tokens), questions))
+            results = list(pool.map(lambda q, e: ask(client, args.model, q, args.max_tokens, **e), questions, extras))
         wall = time.perf_counter() - start
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -113,7 +127,6 @@ def main() -> None:
     tokens = sum(n for _, _, n in results)
     p95 = latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]
     same = sum(answer == one for (_, answer, _), one in zip(results, alone))
-    answers, predict_line = run_predict(args.model, questions, args.settings, args.max_tokens, args.max_batch_size)
     print(f"\n`python benchmarks/bench_serve.py {' '.join(sys.argv[1:])}`\n")
     print("| path | requests | p50 latency s | p95 latency s | completion tok/s | answers = one by one |")
     print("|---|---|---|---|---|---|")
@@ -121,6 +134,9 @@ def main() -> None:
         f"| serve, {args.clients} concurrent clients | {len(results)} | {statistics.median(latencies):.2f} | "
         f"{p95:.2f} | {tokens / wall:.1f} | {same}/{len(results)} |"
     )
+    if args.schemas:
+        return
+    answers, predict_line = run_predict(args.model, questions, args.settings, args.max_tokens, args.max_batch_size)
     print(f"\npredict on the same prompts: {predict_line}")
     print(f"predict answers = serve answers: {sum(a == r[1] for a, r in zip(answers, results))}/{len(results)}")
 
