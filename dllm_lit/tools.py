@@ -90,28 +90,18 @@ class ToolChoice:
         most = {} if self.parallel else {"maxItems": 1}
         return compact | {"type": "array", "items": {"anyOf": calls}, "minItems": 1} | most
 
-    def calls(self, text: str) -> list[dict[str, Any]] | None:
-        """The answer's calls in OpenAI's shape (``id``, ``type``, ``function``: ``name`` and the
-        ``arguments`` as JSON text), or None when it is not complete JSON (cut at a length limit or a
-        stop string)."""
-        try:
-            answer = json.loads(text)
-        except ValueError:
-            return None
-        if self.name is not None:
-            return [call(self.name, text)]
-        return [call(item["name"], json.dumps(item["parameters"], ensure_ascii=False)) for item in answer]
-
     def finish_reason(self, reason: str) -> str:
-        """OpenAI's: ``tool_calls`` when the model chose the calls, ``stop`` when the request named one."""
+        """OpenAI's: ``tool_calls`` when the model chose the calls, ``stop`` when the request named one
+        (``length`` when a limit cut the answer)."""
         return "tool_calls" if reason == "stop" and self.name is None else reason
 
     def message(self, text: str, reason: str) -> tuple[dict[str, Any], str]:
-        """A whole answer's ``message`` and ``finish_reason``: its calls, or the text when it holds none."""
-        calls = self.calls(text)
-        if calls is None:
+        """A whole answer's ``message`` and ``finish_reason`` (what :class:`ToolStream` sends, merged)."""
+        stream = ToolStream(self)
+        delta, reason = stream.delta(text, reason)
+        if "content" in delta:
             return {"role": "assistant", "content": text}, reason
-        return {"role": "assistant", "content": None, "tool_calls": calls}, self.finish_reason(reason)
+        return {"role": "assistant", "content": None, "tool_calls": stream.calls}, reason
 
 
 def call(name: str, arguments: str) -> dict[str, Any]:
@@ -123,24 +113,43 @@ def call(name: str, arguments: str) -> dict[str, Any]:
 
 
 class ToolStream:
-    """One streamed choice's deltas in tool mode. A named function's arguments stream as they come
-    (the first delta names the call); ``required`` calls come whole in the last delta, once the
-    array is complete (or the text, when it is not JSON)."""
+    """One choice's tool-call deltas, as its text comes. A named function's call comes first, then
+    its arguments as they are decoded (cut short when a limit cuts the answer, as OpenAI's are).
+    ``required`` calls come one by one, each once its ``{"name", "parameters"}`` object is complete;
+    an answer cut before its first call ends as text."""
 
     def __init__(self, choice: ToolChoice):
-        self.choice, self.text, self.named = choice, "", None
+        self.choice, self.text, self.read = choice, "", 0  # ``read``: the text the calls so far cover
+        self.calls: list[dict[str, Any]] = []
+        self.decoder = json.JSONDecoder()
 
     def delta(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The ``delta`` and ``finish_reason`` of a chunk that adds ``text`` (``reason``: the last)."""
         self.text += text
-        if self.choice.name is None:
-            if reason is None:
-                return {}, None
-            message, reason = self.choice.message(self.text, reason)
-            if "tool_calls" not in message:
-                return {"content": self.text}, reason
-            return {"tool_calls": [{"index": i} | c for i, c in enumerate(message["tool_calls"])]}, reason
-        if self.named is None:
-            self.named = call(self.choice.name, text)
-            return {"tool_calls": [{"index": 0} | self.named]}, reason
-        return ({"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}), reason
+        if reason is not None:
+            reason = self.choice.finish_reason(reason)
+        if self.choice.name is not None:
+            if not self.calls:
+                self.calls.append(call(self.choice.name, text))
+                return {"tool_calls": [{"index": 0} | self.calls[0]]}, reason
+            self.calls[0]["function"]["arguments"] += text
+            return ({"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}), reason
+        new = [{"index": len(self.calls) + n} | c for n, c in enumerate(self._complete())]
+        self.calls += [{key: value for key, value in c.items() if key != "index"} for c in new]
+        if reason is not None and not self.calls:
+            return {"content": self.text}, reason
+        return ({"tool_calls": new} if new else {}), reason
+
+    def _complete(self) -> list[dict[str, Any]]:
+        """The calls completed since the last read: each array element that now parses whole."""
+        found = []
+        while True:
+            start = len(self.text) - len(self.text[self.read :].lstrip("[, \n\t\r"))
+            try:
+                item, end = self.decoder.raw_decode(self.text, start)
+            except ValueError:
+                return found
+            if not isinstance(item, dict) or not {"name", "parameters"} <= item.keys():
+                return found  # not a call: the grammar was left (a matcher error); the rest stays text
+            found.append(call(item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
+            self.read = end

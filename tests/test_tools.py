@@ -68,7 +68,7 @@ def test_each_mode_s_schema_accepts_its_calls_compactly_and_nothing_else():
     DecodeSettings(lossless=True, guided_json=json.dumps(required.schema()))  # the server's check passes
 
 
-def test_answers_become_openai_calls_and_a_cut_answer_stays_text():
+def test_answers_become_openai_calls_and_an_answer_cut_before_its_first_call_stays_text():
     required = ToolChoice.read(TOOLS, "required", True)
     message, reason = required.message('[{"name":"time","parameters":{"zone":"UTC"}}]', "stop")
     assert reason == "tool_calls" and message["content"] is None
@@ -87,16 +87,30 @@ def test_answers_become_openai_calls_and_a_cut_answer_stays_text():
     }
 
 
-def test_a_named_call_streams_its_arguments_and_required_calls_come_whole_at_the_end():
+def test_a_named_call_streams_its_arguments_and_required_calls_each_once_complete():
     stream = ToolStream(ToolChoice.read(TOOLS, NAMED, True))
     deltas = [stream.delta(text, reason) for text, reason in (('{"ci', None), ("", None), ('ty":"Oslo"}', "stop"))]
     (first,), _ = deltas[0][0]["tool_calls"], deltas[0][1]
     assert first["index"] == 0 and first["function"]["name"] == "weather" and first["id"].startswith("call_")
     assert deltas[1] == ({}, None) and deltas[2][1] == "stop"
-    assert first["function"]["arguments"] + deltas[2][0]["tool_calls"][0]["function"]["arguments"] == '{"city":"Oslo"}'
+    assert '{"ci' + deltas[2][0]["tool_calls"][0]["function"]["arguments"] == '{"city":"Oslo"}'
+    assert stream.calls[0]["function"]["arguments"] == '{"city":"Oslo"}'
     stream = ToolStream(ToolChoice.read(TOOLS, "required", True))
     text = '[{"name":"time","parameters":{}},{"name":"weather","parameters":{"city":"Rome"}}]'
-    assert stream.delta(text[:30], None) == ({}, None)
-    delta, reason = stream.delta(text[30:], "stop")
-    assert reason == "tool_calls" and [call["index"] for call in delta["tool_calls"]] == [0, 1]
-    assert [call["function"]["name"] for call in delta["tool_calls"]] == ["time", "weather"]
+    first_end = text.index("},{") + 1
+    assert stream.delta(text[: first_end - 1], None) == ({}, None)
+    delta, _ = stream.delta(text[first_end - 1 : first_end + 5], None)
+    assert [(c["index"], c["function"]["name"]) for c in delta["tool_calls"]] == [(0, "time")]
+    delta, reason = stream.delta(text[first_end + 5 :], "stop")
+    assert reason == "tool_calls" and [(c["index"], c["function"]["name"]) for c in delta["tool_calls"]] == [
+        (1, "weather")
+    ]
+    assert [c["function"]["arguments"] for c in stream.calls] == ["{}", '{"city": "Rome"}']
+
+
+def test_a_cut_answer_keeps_its_complete_calls_as_openai_does():
+    required = ToolChoice.read(TOOLS, "required", True)
+    message, reason = required.message('[{"name":"time","parameters":{}},{"name":"wea', "length")
+    assert reason == "length" and [c["function"]["name"] for c in message["tool_calls"]] == ["time"]
+    message, reason = ToolChoice.read(TOOLS, NAMED, True).message('{"city":"Os', "length")
+    assert reason == "length" and message["tool_calls"][0]["function"]["arguments"] == '{"city":"Os'
