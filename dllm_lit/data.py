@@ -135,7 +135,7 @@ def split_row(row: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """``(prompt part, response)``: a trailing assistant message or the ``response`` field is the response."""
     messages = row.get("messages")
     if messages and messages[-1]["role"] == "assistant":
-        return {"messages": messages[:-1]}, messages[-1]["content"]
+        return {"messages": messages[:-1], "tools": row.get("tools")}, messages[-1]["content"]
     return row, row.get("response")
 
 

@@ -60,6 +60,17 @@ def row_grammars(
     return [own if guide is None else grammar_of(cleared.replace(**guide)) for guide in row_guides]
 
 
+def row_guide(row: Mapping) -> dict | None:
+    """A prompt row's own structured output, its ``guided_*`` fields as settings (``guided_json``: a
+    schema object or its text; ``guided_choice``: a list), or None without any."""
+    guide = {name: row[name] for name in GUIDED if row.get(name) is not None}
+    if isinstance(guide.get("guided_json"), dict):
+        guide["guided_json"] = json.dumps(guide["guided_json"])
+    if isinstance(guide.get("guided_choice"), list):
+        guide["guided_choice"] = tuple(guide["guided_choice"])
+    return guide or None
+
+
 def check_grammar(settings: DecodeSettings, name: str) -> None:
     """Raise ValueError, one sentence, when the ``guided_*`` setting ``name`` does not compile."""
     from llguidance import LLMatcher

@@ -18,6 +18,7 @@ from dllm_lit.adapters import DraftGate, adapter_base, add_lora, continue_adapte
 from dllm_lit.answers import is_correct
 from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.decoding import generate_blocks
+from dllm_lit.guided import row_grammars, row_guide
 from dllm_lit.ledger import BlockGeneration, RowResult
 from dllm_lit.logprobs import openai_logprobs
 from dllm_lit.models import DEFAULT_MODEL, default_model_note, load_model, load_tokenizer, resolve
@@ -172,16 +173,20 @@ class BlockRefineLM(L.LightningModule):
         self.model = model.train(self.training)
 
     def on_predict_start(self) -> None:
-        """A note (rank 0) when the embedded model, as shipped (no checkpoint or adapter), is decoded in
-        a way that gives it poor answers."""
+        """Refuse prompts whose own grammar cannot be followed, before any is decoded; a note (rank 0)
+        when the embedded model, as shipped (no checkpoint or adapter), is decoded in a way that gives
+        it poor answers."""
+        prompts = getattr(self.trainer.datamodule, "datasets", {}).get("predict")
+        if prompts is not None:
+            self.check_row_guides(prompts.items)
         bare = self.trainer.datamodule is not None and not self.trainer.datamodule.use_chat_template
         note = default_model_note(self.hparams.model_name_or_path, self.decoding, bare)
         shipped = self.trainer.ckpt_path is None and not self.hparams.get("lora_rank")
         if note and shipped and self.trainer.is_global_zero:
             print(note, file=sys.stderr, flush=True)
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: list[int] | None = None):
-        """Run the engine with this module's settings (``seeds``: each row's sampling seed)."""
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_row: dict[str, list] | None = None):
+        """Run the engine with this module's settings (``per_row``: :meth:`per_row` options)."""
         return generate_blocks(
             self.model,
             input_ids,
@@ -189,13 +194,29 @@ class BlockRefineLM(L.LightningModule):
             attention_mask=attention_mask,
             eos_token_id=self.tokenizer.eos_token_id,
             tokenizer=self.tokenizer,
-            row_seeds=seeds,
+            **(per_row or {}),
         )
 
-    def row_seeds(self, batch: dict[str, Any]) -> list[int] | None:
-        """Prompt ``i`` samples with ``seed + i`` (whatever its batch, and on resume); no seed: None."""
-        seed = self.decoding.seed
-        return None if seed is None else [seed + int(index) for index in batch["index"]]
+    def per_row(self, batch: dict[str, Any]) -> dict[str, list]:
+        """The rows' own ``generate_blocks`` options: prompt ``i`` samples with ``seed + i`` (whatever its
+        batch, and on resume), and a row with ``guided_*`` fields follows its own grammar."""
+        options: dict[str, list] = {}
+        if self.decoding.seed is not None:
+            options["row_seeds"] = [self.decoding.seed + int(index) for index in batch["index"]]
+        guides = [row_guide(extra) for extra in batch["extra"]]
+        if any(guide is not None for guide in guides):
+            options["row_guides"] = guides
+        return options
+
+    def check_row_guides(self, rows: list[dict[str, Any]]) -> None:
+        """Refuse, before decoding, a prompt whose ``guided_*`` fields these settings cannot follow."""
+        for row in rows:
+            guide = row_guide(row["extra"])
+            if guide is not None:
+                try:
+                    row_grammars(self.decoding, 1, [guide])
+                except ValueError as error:
+                    raise ValueError(f"Prompt {row['index']}: {error}") from None
 
     def response_text(self, row: RowResult) -> str:
         """A row's text as written: special tokens skipped, ended before a stop string."""
@@ -204,11 +225,11 @@ class BlockRefineLM(L.LightningModule):
         return text if cut is None else text[:cut]
 
     def decode_splitting_on_oom(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds: list[int] | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_row: dict[str, list] | None = None
     ) -> BlockGeneration:
         """:meth:`decode`, retrying a batch that runs out of memory as two halves (down to one prompt)."""
         try:
-            return self.decode(input_ids, attention_mask, seeds)
+            return self.decode(input_ids, attention_mask, per_row)
         except torch.OutOfMemoryError:
             rows = input_ids.shape[0]
             if rows == 1:
@@ -217,14 +238,17 @@ class BlockRefineLM(L.LightningModule):
                 torch.cuda.empty_cache()
             half = rows // 2
             rank_zero_warn(f"Out of memory decoding {rows} prompts at once; retrying as {half} + {rows - half}.")
-            halves = (None, None) if seeds is None else (seeds[:half], seeds[half:])
+            per_row = per_row or {}
+            halves = [
+                {name: values[part] for name, values in per_row.items()} for part in (slice(half), slice(half, None))
+            ]
             first = self.decode_splitting_on_oom(input_ids[:half], attention_mask[:half], halves[0])
             second = self.decode_splitting_on_oom(input_ids[half:], attention_mask[half:], halves[1])
             return BlockGeneration.concat([first, second])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> PredictedBatch:
         """Decode one batch; return one plain row per prompt and the batch statistics."""
-        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"], self.row_seeds(batch))
+        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"], self.per_row(batch))
         lengths = batch["attention_mask"].sum(1).tolist()
         rows = []
         for position, (index, prompt, extra, length, row) in enumerate(
@@ -286,7 +310,7 @@ class BlockRefineLM(L.LightningModule):
     def _score(self, batch: dict[str, Any], prefix: str) -> None:
         """Decode held-out prompts with the same engine as predict; log accuracy, speed and agreement
         with the model's own autoregressive answer."""
-        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"], self.row_seeds(batch))
+        result = self.decode_splitting_on_oom(batch["input_ids"], batch["attention_mask"], self.per_row(batch))
         own = self._own_answers(batch, result)
         for extra, row, own_ids in zip(batch["extra"], result.rows, own or [None] * len(result.rows)):
             reference = extra.get("answer", extra.get("reference"))

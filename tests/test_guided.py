@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_sampling import keyed_pick
 
-from conftest import EOS, left_pad
+from conftest import EOS, assert_one_line_error, left_pad, write
 from dllm_lit import generate_blocks
 from dllm_lit.guided import grammar_of
 from dllm_lit.settings import DecodeSettings
@@ -159,6 +159,59 @@ def test_rows_with_other_grammars_share_a_batch_each_constrained_as_alone(model,
     assert together[:2] != decode(model, PROMPTS[:2], **settings)  # the grammars did the work
     alike = decode(model, **settings, **GUIDES["choice"], row_guides=[None, GUIDES["regex"], None])
     assert alike[::2] == [constrained(model, prompt, GUIDES["choice"]) for prompt in PROMPTS[::2]]
+
+
+ROW_GUIDES = [
+    {"guided_regex": r"[a-z]{2,4}-\d\d"},
+    {"guided_choice": ["yes", "no", "not sure"]},
+    {"guided_json": json.loads(GUIDES["json"]["guided_json"])},  # a schema object, as JSON lines hold it
+    {},
+]
+
+
+def test_predict_follows_each_prompt_s_own_grammar(tiny_dir, tmp_path, dllm_lit_here):
+    from dllm_lit.guided import row_guide
+    from dllm_lit.models import load_model, load_tokenizer
+
+    rows = [
+        {"prompt": text, "id": n} | guide for n, (text, guide) in enumerate(zip(["a", "bb", "ccc", "d"], ROW_GUIDES))
+    ]
+    prompts, out = write(tmp_path / "p.jsonl", "".join(json.dumps(row) + "\n" for row in rows)), tmp_path / "o.jsonl"
+    common = ["predict", f"--model.model_name_or_path={tiny_dir}", "--model.lossless=true", "--model.max_new_tokens=40"]
+    done = dllm_lit_here([*common, f"--data.prompts_file={prompts}", f"--writer.output_file={out}"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda row: row["id"])
+    tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
+    for row, guide in zip(written, ROW_GUIDES):
+        ids = torch.tensor([tokenizer(row["prompt"]).input_ids])
+        alone = generate_blocks(
+            model,
+            ids,
+            eos_token_id=tokenizer.eos_token_id,
+            tokenizer=tokenizer,
+            lossless=True,
+            max_new_tokens=40,
+            **(row_guide(guide) or {}),
+        ).rows[0]
+        assert row["response"] == tokenizer.decode(alone.token_ids, skip_special_tokens=True)
+    assert re.fullmatch(r"[a-z]{2,4}-\d\d", written[0]["response"]) and written[1]["response"] in (
+        "yes",
+        "no",
+        "not sure",
+    )
+    assert set(json.loads(written[2]["response"])) == {"ok", "n"}
+
+    bad = write(
+        tmp_path / "bad.jsonl",
+        json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "guided_regex": "a("}) + "\n",
+    )
+    done = dllm_lit_here(
+        [*common, f"--data.prompts_file={bad}", f"--writer.output_file={tmp_path / 'x.jsonl'}"], tmp_path
+    )
+    assert_one_line_error(done, "Prompt 1: guided_regex does not compile")
+    blocks = [*common[:2], "--model.add_eos_length=3", "--model.refine_iter=2", f"--data.prompts_file={prompts}"]
+    done = dllm_lit_here([*blocks, f"--writer.output_file={tmp_path / 'y.jsonl'}"], tmp_path)
+    assert_one_line_error(done, "Prompt 2: guided_json needs lossless=True or exact blocks")  # the longest first
 
 
 @pytest.mark.parametrize(
