@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from dllm_lit.settings import GUIDED, DecodeSettings
 from dllm_lit.tools import Tool, ToolChoice
@@ -204,11 +204,12 @@ class ChatRequest(CommonRequest):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    _tool_call_parser: str | None = PrivateAttr(None)  # the server's, for tool_choice "auto"
 
     def tool_mode(self) -> ToolChoice | None:
         """How the answer becomes tool calls (None: it is text), or a 400."""
         try:
-            return ToolChoice.read(self.tools, self.tool_choice, self.parallel_tool_calls)
+            return ToolChoice.read(self.tools, self.tool_choice, self.parallel_tool_calls, self._tool_call_parser)
         except ValueError as error:
             raise OpenAIError(400, str(error), "tool_choice") from None
 
@@ -219,7 +220,8 @@ class ChatRequest(CommonRequest):
             return asked
         if asked:
             raise OpenAIError(400, "Give tools or a structured output (response_format...), not both.", "tools")
-        return dict.fromkeys(GUIDED) | {"guided_json": json.dumps(tools.schema())}
+        schema = tools.schema()
+        return {} if schema is None else dict.fromkeys(GUIDED) | {"guided_json": json.dumps(schema)}
 
     def template_row(self) -> dict[str, Any]:
         """The prompt as ``encode_prompt`` takes it: the messages, and the tools for the template."""
@@ -317,8 +319,9 @@ def structured_guide(fields: dict[str, Any]) -> dict[str, Any]:
     return guide
 
 
-def parse(model: type[BaseModel], body: Any) -> Any:
-    """The request, or a 400 naming the first bad or unsupported field."""
+def parse(model: type[BaseModel], body: Any, tool_call_parser: str | None = None) -> Any:
+    """The request, or a 400 naming the first bad or unsupported field (``tool_call_parser``: the
+    server's, which a chat request's ``tool_choice: "auto"`` needs)."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.")
     for name in UNSUPPORTED:
@@ -327,11 +330,14 @@ def parse(model: type[BaseModel], body: Any) -> Any:
     if body.get("best_of") not in (None, 1):
         raise OpenAIError(400, "best_of above 1 is not supported by this server.", "best_of")
     try:
-        return model.model_validate(body)
+        parsed = model.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"])
         raise OpenAIError(400, f"{param}: {first['msg']}.", param or None) from None
+    if isinstance(parsed, ChatRequest):
+        parsed._tool_call_parser = tool_call_parser
+    return parsed
 
 
 def settings_for(base: DecodeSettings, request: CommonRequest) -> DecodeSettings:

@@ -43,7 +43,7 @@ from dllm_lit.openai_api import (
 )
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job
-from dllm_lit.tools import ToolChoice, ToolStream
+from dllm_lit.tools import ToolChoice
 
 _ECHOED = ("add_eos_length", "refine_iter", "lossless")
 MAX_CHOICES = 128
@@ -75,12 +75,13 @@ class OpenAIBlockSpec(LitSpec):
         served_model_name: str,
         api_key: str | None,
         cancelled,
+        tool_call_parser: str | None = None,
     ):
         super().__init__()
         self.api_path = "/v1/chat/completions"
         self.model_name_or_path, self.trust_remote_code = model_name_or_path, trust_remote_code
         self.settings, self.model_id, self.api_key = settings, served_model_name, api_key
-        self.cancelled = cancelled
+        self.cancelled, self.tool_call_parser = cancelled, tool_call_parser
         self._tokenizer = None
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
@@ -178,7 +179,8 @@ class OpenAIBlockSpec(LitSpec):
         return parsed
 
     async def _exchange(self, request: Request, chat: bool) -> Exchange:
-        parsed = self._check_model(parse(ChatRequest if chat else CompletionRequest, await self._body(request)))
+        body = await self._body(request)
+        parsed = self._check_model(parse(ChatRequest if chat else CompletionRequest, body, self.tool_call_parser))
         settings, stop = settings_for(self.settings, parsed), parsed.stop_strings()
         self._in_vocabulary(list(settings.logit_bias or {}), "logit_bias")
         self._in_vocabulary(list(settings.stop_token_ids), "stop_token_ids")
@@ -320,7 +322,7 @@ class OpenAIBlockSpec(LitSpec):
         chat, rid, count = exchange.chat, exchange.rid, len(exchange.jobs)
         finals: dict[int, dict] = {}
         offsets = [0] * count  # each choice's text so far, in characters of its tokens (text_offset)
-        calls = [ToolStream(exchange.tools) for _ in range(count)] if exchange.tools is not None else None
+        calls = [exchange.tools.stream() for _ in range(count)] if exchange.tools is not None else None
         try:
             for index in range(count if chat else 0):
                 first = choice(chat, "", None, True, index) | {"delta": {"role": "assistant", "content": ""}}

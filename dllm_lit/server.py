@@ -93,10 +93,13 @@ def build_server(
     device: str,
     dtype: str,
     timeout: float,
+    tool_call_parser: str | None = None,
 ) -> ls.LitServer:
     """The LitServer (not started): one model worker on ``device``."""
     cancelled = multiprocessing.Manager().dict()
-    spec = OpenAIBlockSpec(model_name_or_path, trust_remote_code, settings, served_model_name, api_key, cancelled)
+    spec = OpenAIBlockSpec(
+        model_name_or_path, trust_remote_code, settings, served_model_name, api_key, cancelled, tool_call_parser
+    )
     api = BlockDecodingAPI(spec, dtype, max_batch_size, batch_timeout)
     server = ls.LitServer(api, **litserve_devices(device), timeout=timeout)
     server.app.add_exception_handler(HTTPException, openai_http_error)
@@ -147,6 +150,7 @@ def serve(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     served_model_name: str | None = None,
     timeout: float = 600.0,
+    tool_call_parser: Literal["hermes"] | None = None,
 ) -> None:
     """Serve the model over the OpenAI HTTP API until Ctrl-C.
 
@@ -161,6 +165,10 @@ def serve(
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         served_model_name: The ``model`` name clients send (default: ``--model.model_name_or_path``).
         timeout: Seconds a request may wait in the queue before a 504 (0: no limit).
+        tool_call_parser: How to read the calls a model writes itself, for chat requests with
+            ``tool_choice: "auto"`` (OpenAI's default with tools): ``hermes`` (``<tool_call>`` blocks:
+            Hermes, Qwen2.5, Qwen3). Without it, such requests get a 400 ("required" and a named
+            function work with any model).
     """
     if settings.logprobs is not None:  # a flag that silently did nothing
         raise ValueError("--model.logprobs does nothing in serve: each request asks for its own (logprobs).")
@@ -183,6 +191,7 @@ def serve(
         device=device,
         dtype=dtype,
         timeout=timeout,
+        tool_call_parser=tool_call_parser,
     )
     print(f"dllm_lit serve: http://{host}:{port}/v1 serves '{name}' (Ctrl-C stops)", file=sys.stderr, flush=True)
     server.run(host=host, port=port, generate_client_file=False, log_level="warning")

@@ -1,15 +1,20 @@
-"""Tool calls for ``serve``'s chat endpoint (OpenAI's ``tools`` and ``tool_choice``), through structured output.
+"""Tool calls for ``serve``'s chat endpoint (OpenAI's ``tools`` and ``tool_choice``).
 
-The tools reach the model through its chat template (``apply_chat_template(tools=...)``). Which calls
-come back does not depend on a model-specific output format: as vLLM does without a tool-call parser,
-the answer is constrained by a JSON schema (:mod:`dllm_lit.guided`) and read back as calls.
+The tools reach the model through its chat template (``apply_chat_template(tools=...)``). Two modes
+do not depend on a model's own tool-call format: as vLLM does without a tool-call parser, the answer
+is constrained by a JSON schema (:mod:`dllm_lit.guided`) and read back as calls.
 
 - ``tool_choice: {"type": "function", "function": {"name": ...}}``: the answer is that function's
   arguments, a JSON object following its ``parameters`` schema; one call, ``finish_reason`` ``stop``.
 - ``tool_choice: "required"``: the answer is a JSON array of ``{"name", "parameters"}`` objects, one or
   more calls of the given tools (one with ``parallel_tool_calls: false``); ``finish_reason`` ``tool_calls``.
-- ``"none"``: an ordinary answer. ``"auto"`` (the default with tools) would need a parser for the
-  model's own tool-call format, so it is refused with a 400 that names the two choices above.
+- ``"auto"`` (the default with tools): the model decides, in its own format, so it needs the server's
+  ``--tool_call_parser``: ``hermes`` reads ``<tool_call>{"name", "arguments"}</tool_call>`` blocks
+  (Hermes, Qwen2.5 and Qwen3 templates), the text before them being the content. Without a parser it
+  is a 400 that names the modes above. ``"none"``: an ordinary answer.
+
+Each mode's :class:`CallStream` turns the answer's text, as it comes, into OpenAI's deltas; a whole
+answer's message is the same deltas merged, so streamed and non-streamed answers agree.
 """
 
 from __future__ import annotations
@@ -34,46 +39,62 @@ class Tool(BaseModel):
     function: Function
 
 
+PARSERS = ("hermes",)
+"""The formats ``--tool_call_parser`` reads for ``tool_choice: "auto"``."""
+
 AUTO_REFUSED = (
-    'tool_choice "auto" needs a parser for this model\'s own tool-call format, which this server does not '
-    'have: send tool_choice "required" or {"type": "function", "function": {"name": ...}}.'
+    'tool_choice "auto" needs a parser for this model\'s own tool-call format (serve --tool_call_parser '
+    'hermes, for Hermes and Qwen models): else send tool_choice "required" or {"type": "function", '
+    '"function": {"name": ...}}.'
 )
 
 
 class ToolChoice:
-    """A request's tool mode: ``name`` (one named function) or ``required`` (one or more calls of any).
+    """A request's tool mode: one named function, ``required`` (one or more calls of any), or ``auto``
+    (the model's own calls, read by ``parser``).
 
     Args:
         tools: The request's tools.
-        name: The function ``tool_choice`` names (None: ``required``).
+        name: The function ``tool_choice`` names (None: ``required`` or ``auto``).
         parallel: Whether ``required`` may return several calls.
+        parser: ``auto``'s parser (None: not ``auto``).
     """
 
-    def __init__(self, tools: list[Tool], name: str | None, parallel: bool):
-        self.tools, self.name, self.parallel = {tool.function.name: tool for tool in tools}, name, parallel
+    def __init__(self, tools: list[Tool], name: str | None, parallel: bool, parser: str | None = None):
+        self.tools, self.name = {tool.function.name: tool for tool in tools}, name
+        self.parallel, self.parser = parallel, parser
 
     @classmethod
-    def read(cls, tools: list[Tool] | None, choice: Any, parallel: bool) -> ToolChoice | None:
-        """The request's tool mode (None: answer as usual), or ValueError with the 400's sentence."""
+    def read(
+        cls, tools: list[Tool] | None, choice: Any, parallel: bool, parser: str | None = None
+    ) -> ToolChoice | None:
+        """The request's tool mode (None: answer as usual), or ValueError with the 400's sentence;
+        ``parser``: the server's ``--tool_call_parser``."""
         if choice is not None and not tools:
             raise ValueError("tool_choice needs tools.")
         if not tools or choice == "none":
             return None
         if choice in (None, "auto"):
-            raise ValueError(AUTO_REFUSED)
+            if parser is None:
+                raise ValueError(AUTO_REFUSED)
+            return cls(tools, None, parallel, parser)
         if choice == "required":
             return cls(tools, None, parallel)
         name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
         if not isinstance(name, str):
-            raise ValueError('tool_choice is "none", "required" or {"type": "function", "function": {"name": ...}}.')
+            raise ValueError(
+                'tool_choice is "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.'
+            )
         if name not in {tool.function.name for tool in tools}:
             raise ValueError(f"tool_choice names {name!r}, which is not one of the tools.")
         return cls(tools, name, parallel)
 
-    def schema(self) -> dict[str, Any]:
-        """The JSON schema the answer follows, compact (no free whitespace: the calls are read by a
-        program, and the text a grammar forces is drafted in lossless mode)."""
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer follows (None: ``auto``, free), compact (no free whitespace: the
+        calls are read by a program, and the text a grammar forces is drafted in lossless mode)."""
         compact = {"x-guidance": {"whitespace_flexible": False}}
+        if self.parser is not None:
+            return None
         if self.name is not None:
             return compact | (self.tools[self.name].function.parameters or {"type": "object"})
         calls = [
@@ -90,18 +111,19 @@ class ToolChoice:
         most = {} if self.parallel else {"maxItems": 1}
         return compact | {"type": "array", "items": {"anyOf": calls}, "minItems": 1} | most
 
-    def finish_reason(self, reason: str) -> str:
-        """OpenAI's: ``tool_calls`` when the model chose the calls, ``stop`` when the request named one
-        (``length`` when a limit cut the answer)."""
-        return "tool_calls" if reason == "stop" and self.name is None else reason
+    def stream(self) -> CallStream:
+        """A fresh reader of one choice's answer."""
+        if self.parser is not None:
+            return HermesCalls(self)
+        return NamedCall(self) if self.name is not None else CallArray(self)
 
     def message(self, text: str, reason: str) -> tuple[dict[str, Any], str]:
-        """A whole answer's ``message`` and ``finish_reason`` (what :class:`ToolStream` sends, merged)."""
-        stream = ToolStream(self)
+        """A whole answer's ``message`` and ``finish_reason``: what :meth:`stream` sends, merged."""
+        stream = self.stream()
         delta, reason = stream.delta(text, reason)
-        if "content" in delta:
-            return {"role": "assistant", "content": text}, reason
-        return {"role": "assistant", "content": None, "tool_calls": stream.calls}, reason
+        if not stream.calls:
+            return {"role": "assistant", "content": delta.get("content", "")}, reason
+        return {"role": "assistant", "content": delta.get("content") or None, "tool_calls": stream.calls}, reason
 
 
 def call(name: str, arguments: str) -> dict[str, Any]:
@@ -112,44 +134,109 @@ def call(name: str, arguments: str) -> dict[str, Any]:
     }
 
 
-class ToolStream:
-    """One choice's tool-call deltas, as its text comes. A named function's call comes first, then
-    its arguments as they are decoded (cut short when a limit cuts the answer, as OpenAI's are).
-    ``required`` calls come one by one, each once its ``{"name", "parameters"}`` object is complete;
-    an answer cut before its first call ends as text."""
+class CallStream:
+    """One choice's deltas as its text comes: :meth:`delta` per chunk; ``calls`` holds the calls so far."""
 
     def __init__(self, choice: ToolChoice):
-        self.choice, self.text, self.read = choice, "", 0  # ``read``: the text the calls so far cover
+        self.choice, self.text, self.read = choice, "", 0  # ``read``: how much of the text is spoken for
         self.calls: list[dict[str, Any]] = []
-        self.decoder = json.JSONDecoder()
 
     def delta(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The ``delta`` and ``finish_reason`` of a chunk that adds ``text`` (``reason``: the last)."""
         self.text += text
-        if reason is not None:
-            reason = self.choice.finish_reason(reason)
-        if self.choice.name is not None:
-            if not self.calls:
-                self.calls.append(call(self.choice.name, text))
-                return {"tool_calls": [{"index": 0} | self.calls[0]]}, reason
-            self.calls[0]["function"]["arguments"] += text
-            return ({"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}), reason
-        new = [{"index": len(self.calls) + n} | c for n, c in enumerate(self._complete())]
-        self.calls += [{key: value for key, value in c.items() if key != "index"} for c in new]
-        if reason is not None and not self.calls:
-            return {"content": self.text}, reason
-        return ({"tool_calls": new} if new else {}), reason
+        content, new = self._read(final=reason is not None)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if new:
+            delta["tool_calls"] = [{"index": len(self.calls) + n} | c for n, c in enumerate(new)]
+            self.calls += new
+        if reason == "stop" and self.calls and self.choice.name is None:
+            reason = "tool_calls"  # OpenAI's, when the model chose the calls
+        return delta, reason
 
-    def _complete(self) -> list[dict[str, Any]]:
-        """The calls completed since the last read: each array element that now parses whole."""
+    def _read(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """``(content, new calls)`` in the text not read yet."""
+        raise NotImplementedError
+
+
+class NamedCall(CallStream):
+    """A named function's call first, then its arguments as they are decoded (cut short when a limit
+    cuts the answer, as OpenAI's are)."""
+
+    def delta(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+        self.text += text
+        if not self.calls:
+            self.calls.append(call(self.choice.name, text))
+            return {"tool_calls": [{"index": 0} | self.calls[0]]}, reason
+        self.calls[0]["function"]["arguments"] += text
+        return ({"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}), reason
+
+
+class CallArray(CallStream):
+    """``required``: each ``{"name", "parameters"}`` object of the array as soon as it is complete; an
+    answer cut before its first call ends as text."""
+
+    decoder = json.JSONDecoder()
+
+    def _read(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
         found = []
         while True:
             start = len(self.text) - len(self.text[self.read :].lstrip("[, \n\t\r"))
             try:
                 item, end = self.decoder.raw_decode(self.text, start)
             except ValueError:
-                return found
+                break
             if not isinstance(item, dict) or not {"name", "parameters"} <= item.keys():
-                return found  # not a call: the grammar was left (a matcher error); the rest stays text
+                break  # not a call: the grammar was left (a matcher error); the rest stays text
             found.append(call(item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
             self.read = end
+        return (self.text if final and not self.calls and not found else ""), found
+
+
+class HermesCalls(CallStream):
+    """``auto`` with the ``hermes`` parser: the text before the first ``<tool_call>`` is the content
+    (held back only while it could be the start of that tag), then each ``<tool_call>{"name",
+    "arguments"}</tool_call>`` block is a call once it closes. A block that is not such JSON, or is cut
+    off, stays text while no call came before it; after a call, text outside the blocks is dropped."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+    def _read(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        content, found = "", []
+        while True:
+            start = self.text.find(self.OPEN, self.read)
+            if start < 0:
+                end = len(self.text) if final else len(self.text) - held_back(self.text[self.read :], self.OPEN)
+                content += self.text[self.read : end] if not (self.calls or found) else ""
+                self.read = end
+                return content, found
+            close = self.text.find(self.CLOSE, start)
+            if close < 0:  # a block still open: wait for it (or, cut off, it is text)
+                if not (self.calls or found):
+                    content += self.text[self.read : len(self.text) if final else start]
+                self.read = len(self.text) if final else start
+                return content, found
+            if not (self.calls or found):
+                content += self.text[self.read : start]
+            parsed = hermes_call(self.text[start + len(self.OPEN) : close])
+            if parsed is not None:
+                found.append(parsed)
+            elif not (self.calls or found):
+                content += self.text[start : close + len(self.CLOSE)]
+            self.read = close + len(self.CLOSE)
+
+
+def held_back(text: str, tag: str) -> int:
+    """How many characters at the end of ``text`` could begin ``tag`` (wait for more before sending)."""
+    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
+
+
+def hermes_call(body: str) -> dict[str, Any] | None:
+    """A call from a ``<tool_call>`` block's JSON (``name``, and ``arguments`` or ``parameters``), or None."""
+    try:
+        item = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    arguments = item.get("arguments", item.get("parameters", {}))
+    return call(item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False))

@@ -63,7 +63,7 @@ def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
 def server(tiny_dir, tmp_path_factory):
     """A server on a free localhost port: ``(base_url, stderr log path)``."""
     log = tmp_path_factory.mktemp("serve") / "stderr.log"
-    args = [f"--model.model_name_or_path={tiny_dir}", *SETTINGS, f"--api_key={KEY}"]
+    args = [f"--model.model_name_or_path={tiny_dir}", *SETTINGS, f"--api_key={KEY}", "--tool_call_parser=hermes"]
     process, base = start_server([*args, "--max_batch_size=8", "--batch_timeout=0.05"], log)
     try:
         yield base, log
@@ -444,6 +444,23 @@ def test_tool_calls_follow_their_schemas_streamed_as_whole_and_as_predict_decode
 
 
 @pytest.mark.slow
+def test_auto_tool_choice_reads_the_model_s_own_calls_and_else_answers_as_without_tools(client, tiny_dir):
+    """The server reads <tool_call> blocks (--tool_call_parser hermes); the tiny model writes none, so
+    its answer is the content it gives without tools (its template ignores them)."""
+    plain, _ = chat_text(client, tiny_dir, "What is the weather in Paris?")
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for stream in (False, True):
+        asked = dict(model=tiny_dir, messages=messages, tools=TOOLS, stream=stream)
+        if not stream:
+            done = client.chat.completions.create(**asked).choices[0]
+            assert (done.message.content, done.message.tool_calls, done.finish_reason) == (plain, None, "length")
+        else:
+            chunks = [c.choices[0] for c in client.chat.completions.create(**asked) if c.choices]
+            assert "".join(c.delta.content or "" for c in chunks) == plain
+            assert not any(c.delta.tool_calls for c in chunks) and chunks[-1].finish_reason == "length"
+
+
+@pytest.mark.slow
 def test_a_conversation_with_earlier_calls_and_their_results_is_answered(client, tiny_dir):
     earlier = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
     messages = [
@@ -471,7 +488,6 @@ BAD_REQUESTS = [
     ("top_logprobs without logprobs", {"top_logprobs": 2}, 400),
     ("top_logprobs above 20", {"logprobs": True, "top_logprobs": 21}, 400),
     ("echo on chat", {"echo": True}, 400),
-    ("tools with tool_choice auto", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
     (
         "tool_choice naming no tool",
         {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "g"}}},
@@ -568,6 +584,7 @@ def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, strea
         (["serve", "--device=tpu"], "Unknown device 'tpu'"),
         (["chat", "--device=cuda:99"], "No cuda:99 device here"),
         (["serve", "--model.logprobs=2"], "--model.logprobs does nothing in serve"),
+        (["serve", "--tool_call_parser=xml"], "tool_call_parser"),
         (["chat", "--model.logprobs=2"], "--model.logprobs does nothing in chat"),
     ],
 )

@@ -7,13 +7,14 @@ check the reading of answers the tests write, and that each mode's schema accept
 from __future__ import annotations
 
 import json
+import re
 
 import llguidance
 import llguidance.hf
 import pytest
 
 from dllm_lit.settings import DecodeSettings
-from dllm_lit.tools import AUTO_REFUSED, Tool, ToolChoice, ToolStream
+from dllm_lit.tools import AUTO_REFUSED, Tool, ToolChoice
 
 PARAMETERS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [
@@ -29,12 +30,12 @@ NAMED = {"type": "function", "function": {"name": "weather"}}
         (None, "required", "tool_choice needs tools"),
         (TOOLS, None, AUTO_REFUSED),
         (TOOLS, "auto", AUTO_REFUSED),
-        (TOOLS, "any", 'tool_choice is "none", "required" or'),
+        (TOOLS, "any", 'tool_choice is "none", "auto", "required" or'),
         (TOOLS, {"type": "function", "function": {"name": "news"}}, "names 'news', which is not one of the tools"),
     ],
 )
 def test_tool_modes_that_cannot_be_answered_are_one_sentence(tools, choice, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         ToolChoice.read(tools, choice, True)
 
 
@@ -88,14 +89,14 @@ def test_answers_become_openai_calls_and_an_answer_cut_before_its_first_call_sta
 
 
 def test_a_named_call_streams_its_arguments_and_required_calls_each_once_complete():
-    stream = ToolStream(ToolChoice.read(TOOLS, NAMED, True))
+    stream = ToolChoice.read(TOOLS, NAMED, True).stream()
     deltas = [stream.delta(text, reason) for text, reason in (('{"ci', None), ("", None), ('ty":"Oslo"}', "stop"))]
     (first,), _ = deltas[0][0]["tool_calls"], deltas[0][1]
     assert first["index"] == 0 and first["function"]["name"] == "weather" and first["id"].startswith("call_")
     assert deltas[1] == ({}, None) and deltas[2][1] == "stop"
     assert '{"ci' + deltas[2][0]["tool_calls"][0]["function"]["arguments"] == '{"city":"Oslo"}'
     assert stream.calls[0]["function"]["arguments"] == '{"city":"Oslo"}'
-    stream = ToolStream(ToolChoice.read(TOOLS, "required", True))
+    stream = ToolChoice.read(TOOLS, "required", True).stream()
     text = '[{"name":"time","parameters":{}},{"name":"weather","parameters":{"city":"Rome"}}]'
     first_end = text.index("},{") + 1
     assert stream.delta(text[: first_end - 1], None) == ({}, None)
@@ -114,3 +115,49 @@ def test_a_cut_answer_keeps_its_complete_calls_as_openai_does():
     assert reason == "length" and [c["function"]["name"] for c in message["tool_calls"]] == ["time"]
     message, reason = ToolChoice.read(TOOLS, NAMED, True).message('{"city":"Os', "length")
     assert reason == "length" and message["tool_calls"][0]["function"]["arguments"] == '{"city":"Os'
+
+
+HERMES = ToolChoice.read(TOOLS, "auto", True, "hermes")
+ANSWERS = {
+    "a call after text": 'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+    "two calls": '<tool_call>{"name": "time", "arguments": {}}</tool_call>\n<tool_call>{"name": "weather", '
+    '"arguments": {"city": "Rome"}}</tool_call>\n',
+    "plain text with a tag-like word": "Use a <tool> or a <tool_ca and see.",
+    "a block that is not a call": "<tool_call>not json</tool_call> then text",
+    "a block cut off": 'I will call <tool_call>{"name": "wea',
+}
+
+
+def merged(chunks: list[str], reason: str) -> tuple[str, list[tuple[str, str]], str]:
+    """``(content, [(name, arguments)], finish_reason)`` of the deltas of ``chunks``, merged."""
+    stream, content, calls = HERMES.stream(), "", {}
+    for n, chunk in enumerate(chunks):
+        delta, finish = stream.delta(chunk, reason if n == len(chunks) - 1 else None)
+        content += delta.get("content", "")
+        for piece in delta.get("tool_calls", []):
+            calls[piece["index"]] = (piece["function"]["name"], piece["function"]["arguments"])
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("answer", sorted(ANSWERS))
+def test_hermes_calls_streamed_in_any_chunks_equal_the_whole_answer_read_at_once(answer):
+    text = ANSWERS[answer]
+    message, reason = HERMES.message(text, "stop")
+    whole = (
+        message["content"] or "",
+        [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])],
+        reason,
+    )
+    for size in (1, 2, 5, 11, len(text)):
+        assert merged([text[i : i + size] for i in range(0, len(text), size)], "stop") == whole
+
+
+def test_hermes_calls_are_read_from_their_tags_and_the_rest_is_content():
+    message, reason = HERMES.message(ANSWERS["a call after text"], "stop")
+    assert reason == "tool_calls" and message["content"] == "Let me check.\n"
+    assert [c["function"] for c in message["tool_calls"]] == [{"name": "weather", "arguments": '{"city": "Oslo"}'}]
+    message, reason = HERMES.message(ANSWERS["two calls"], "stop")
+    assert message["content"] is None and [c["function"]["name"] for c in message["tool_calls"]] == ["time", "weather"]
+    for kind in ("plain text with a tag-like word", "a block that is not a call", "a block cut off"):
+        assert HERMES.message(ANSWERS[kind], "length") == ({"role": "assistant", "content": ANSWERS[kind]}, "length")
+    assert HERMES.schema() is None, "auto leaves the answer free"
