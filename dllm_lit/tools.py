@@ -39,9 +39,6 @@ class Tool(BaseModel):
     function: Function
 
 
-PARSERS = ("hermes",)
-"""The formats ``--tool_call_parser`` reads for ``tool_choice: "auto"``."""
-
 AUTO_REFUSED = (
     'tool_choice "auto" needs a parser for this model\'s own tool-call format (serve --tool_call_parser '
     'hermes, for Hermes and Qwen models): else send tool_choice "required" or {"type": "function", '
