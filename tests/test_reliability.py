@@ -228,7 +228,7 @@ def test_out_of_memory_splits_the_batch_and_each_prompt_keeps_its_seed(tiny_dir,
         module.decode(
             batch["input_ids"][i : i + 1, -len(it["input_ids"]) :],
             batch["attention_mask"][i : i + 1, -len(it["input_ids"]) :],
-            [7 + i],
+            {"row_seeds": [7 + i]},
         )
         .rows[0]
         .token_ids
@@ -236,11 +236,11 @@ def test_out_of_memory_splits_the_batch_and_each_prompt_keeps_its_seed(tiny_dir,
     ]
     real_decode, sizes = module.decode, []
 
-    def decode_with_a_small_memory(input_ids, attention_mask, seeds):
+    def decode_with_a_small_memory(input_ids, attention_mask, per_row):
         sizes.append(input_ids.shape[0])
         if input_ids.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_decode(input_ids, attention_mask, seeds)
+        return real_decode(input_ids, attention_mask, per_row)
 
     monkeypatch.setattr(module, "decode", decode_with_a_small_memory)
     with pytest.warns(UserWarning, match="retrying as 2 \\+ 3"):

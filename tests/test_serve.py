@@ -641,10 +641,24 @@ def test_stop_strings_in_the_settings_end_a_stream_as_a_requests_stop_does(tiny_
     assert finals[0]["completion_tokens"] == fewest, "usage counts the tokens through the stop string"
 
 
+def one_batch_as_alone(model, tokenizer, jobs: list[Job], monkeypatch) -> list[str]:
+    """The jobs' answers from ``stream_jobs``, checked to decode as one batch and to equal each job alone."""
+    from dllm_lit import streaming
+
+    batches = []
+    engine = streaming.generate_blocks
+    monkeypatch.setattr(
+        streaming, "generate_blocks", lambda m, ids, *a, **k: batches.append(len(ids)) or engine(m, ids, *a, **k)
+    )
+    together = texts(model, tokenizer, jobs)
+    assert batches == [len(jobs)]
+    assert together == [texts(model, tokenizer, [job])[0] for job in jobs]
+    return together
+
+
 def test_jobs_with_other_seeds_and_lengths_share_a_batch_and_get_their_answers_alone(tiny_dir, monkeypatch):
     """Requests that differ in seed and max_tokens decode as one batch (the server's n choices and
     concurrent clients), and each gets the answer it gets alone."""
-    from dllm_lit import streaming
     from dllm_lit.models import load_model, load_tokenizer
     from dllm_lit.settings import DecodeSettings
 
@@ -656,21 +670,13 @@ def test_jobs_with_other_seeds_and_lengths_share_a_batch_and_get_their_answers_a
         Job("b", ids[0], sampled.replace(seed=6, max_new_tokens=9)),
         Job("c", ids[1], sampled.replace(seed=5, max_new_tokens=17)),
     ]
-    batches = []
-    engine = streaming.generate_blocks
-    monkeypatch.setattr(
-        streaming, "generate_blocks", lambda m, ids, *a, **k: batches.append(len(ids)) or engine(m, ids, *a, **k)
-    )
-    together = texts(model, tokenizer, jobs)
-    assert batches == [3]
-    assert together == [texts(model, tokenizer, [job])[0] for job in jobs]
+    together = one_batch_as_alone(model, tokenizer, jobs, monkeypatch)
     assert len(set(together)) == 3 and len(tokenizer(together[1]).input_ids) <= 10
 
 
 def test_jobs_with_other_grammars_share_a_batch_and_get_their_answers_alone(tiny_dir, monkeypatch):
     """Structured-output requests with different grammars (and one without) decode as one batch, each
     row under its own grammar, each getting the answer it gets alone."""
-    from dllm_lit import streaming
     from dllm_lit.models import load_model, load_tokenizer
     from dllm_lit.settings import DecodeSettings
 
@@ -682,14 +688,7 @@ def test_jobs_with_other_grammars_share_a_batch_and_get_their_answers_alone(tiny
         Job("choice", ids, sampled.replace(guided_choice=("red", "light blue"))),
         Job("free", ids, sampled),
     ]
-    batches = []
-    engine = streaming.generate_blocks
-    monkeypatch.setattr(
-        streaming, "generate_blocks", lambda m, ids, *a, **k: batches.append(len(ids)) or engine(m, ids, *a, **k)
-    )
-    together = texts(model, tokenizer, jobs)
-    assert batches == [3]
-    assert together == [texts(model, tokenizer, [job])[0] for job in jobs]
+    together = one_batch_as_alone(model, tokenizer, jobs, monkeypatch)
     assert re.fullmatch(r"[a-z]{3}-[0-9]", together[0]) and together[1] in ("red", "light blue")
     assert not re.fullmatch(r"[a-z]{3}-[0-9]", together[2])
 
