@@ -6,7 +6,8 @@ One pass feeds ``[last] + draft`` and predicts ``p_0 .. p_{W-1}``; ``p_0`` is ac
 while every draft token before it was right (``draft_i == p_{i-1}``): those predictions saw only
 correct inputs, so they are exactly the autoregressive tokens. At least one token is accepted per
 pass. The rest of the predictions become the next draft; while those do not pay (the eager
-backend's one-token passes), ``prompt_lookup_max`` drafts from the text itself instead.
+backend's one-token passes), ``prompt_lookup_max`` drafts from the text itself instead. Under a
+``guided_*`` grammar, the tokens it forces next lead the draft (:func:`forced_draft`).
 
 Sampling picks each token from the warped distribution with a number keyed by the row's seed and
 the token's answer position (:mod:`dllm_lit.sampling`), a deterministic function of the logits as
