@@ -345,7 +345,10 @@ def settings_for(base: DecodeSettings, request: CommonRequest) -> DecodeSettings
     try:
         return base.replace(**request.overrides())
     except (ValueError, TypeError) as error:
-        raise OpenAIError(400, str(error)) from None
+        message = str(error)
+        if isinstance(request, ChatRequest) and request.tools and message.startswith("guided_json "):
+            message = f'tool_choice "required" or a named function {message.removeprefix("guided_json ")}'
+        raise OpenAIError(400, message) from None
 
 
 def usage(prompt_tokens: int, completion_tokens: int, forwards: int, settings: dict[str, Any]) -> dict[str, Any]:

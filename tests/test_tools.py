@@ -161,3 +161,13 @@ def test_hermes_calls_are_read_from_their_tags_and_the_rest_is_content():
     for kind in ("plain text with a tag-like word", "a block that is not a call", "a block cut off"):
         assert HERMES.message(ANSWERS[kind], "length") == ({"role": "assistant", "content": ANSWERS[kind]}, "length")
     assert HERMES.schema() is None, "auto leaves the answer free"
+
+
+def test_tool_calls_on_approximate_blocks_are_a_400_that_names_the_tool_choice():
+    from dllm_lit.openai_api import ChatRequest, OpenAIError, parse, settings_for
+
+    tools = [tool.model_dump() for tool in TOOLS]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools, "tool_choice": "required"}
+    with pytest.raises(OpenAIError, match='^tool_choice "required" or a named function needs lossless=True'):
+        settings_for(DecodeSettings(add_eos_length=3, refine_iter=2), parse(ChatRequest, body))
+    assert settings_for(DecodeSettings(add_eos_length=3, refine_iter=2), parse(ChatRequest, body | {"lossless": True}))
