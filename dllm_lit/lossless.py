@@ -406,10 +406,10 @@ def forced_draft(sampler: RowSampler, draft: torch.Tensor, most: int, fill: int)
         return draft
     if draft.shape[1] < longest:
         draft = torch.cat([draft, draft.new_full((draft.shape[0], longest - draft.shape[1]), fill)], dim=1)
-    draft = draft.clone()
-    for row, tokens in enumerate(forced):
-        draft[row, : len(tokens)] = torch.tensor(tokens, dtype=draft.dtype)
-    return draft
+    width = draft.shape[1]
+    known = torch.tensor([tokens + [-1] * (width - len(tokens)) for tokens in forced], dtype=draft.dtype)
+    known = known.to(draft.device)  # one copy for the batch
+    return torch.where(known >= 0, known, draft)
 
 
 def next_alternatives(
