@@ -188,6 +188,8 @@ class OpenAIBlockSpec(LitSpec):
         if len(rows) * parsed.n > MAX_CHOICES:
             raise OpenAIError(400, f"A request gets at most {MAX_CHOICES} choices (prompts times n).", "n")
         field, echo = ("messages", False) if chat else ("prompt", parsed.echo)
+        tools = parsed.tool_mode() if chat else None
+        parsing = tools is not None and tools.parser is not None  # its tags may be special tokens
         jobs = [
             Job(
                 str(uuid.uuid4()),
@@ -195,12 +197,13 @@ class OpenAIBlockSpec(LitSpec):
                 seeded(settings, sample),
                 stop,
                 echo,
+                parsing,
             )
             for row in rows
             for sample in range(parsed.n)
         ]
         exchange = Exchange(jobs, parsed.n, chat, parsed.stream, parsed.usage_chunk(), response_id(chat))
-        exchange.tools = parsed.tool_mode() if chat else None
+        exchange.tools = tools
         if echo:  # a prompt as given, or the text of its token ids
             texts = [row if isinstance(row, str) else self.tokenizer.decode(row) for row in rows]
             exchange.echo = [text for text in texts for _ in range(parsed.n)]

@@ -150,7 +150,7 @@ def serve(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     served_model_name: str | None = None,
     timeout: float = 600.0,
-    tool_call_parser: Literal["hermes"] | None = None,
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None,
 ) -> None:
     """Serve the model over the OpenAI HTTP API until Ctrl-C.
 
@@ -167,8 +167,9 @@ def serve(
         timeout: Seconds a request may wait in the queue before a 504 (0: no limit).
         tool_call_parser: How to read the calls a model writes itself, for chat requests with
             ``tool_choice: "auto"`` (OpenAI's default with tools): ``hermes`` (``<tool_call>`` blocks:
-            Hermes, Qwen2.5, Qwen3). Without it, such requests get a 400 ("required" and a named
-            function work with any model).
+            Hermes, Qwen2.5, Qwen3), ``llama3_json`` (JSON calls from the answer's start: Llama 3.1 to
+            3.3) or ``mistral`` (``[TOOL_CALLS]`` and a JSON array). Without it, such requests get a
+            400 ("required" and a named function work with any model).
     """
     if settings.logprobs is not None:  # a flag that silently did nothing
         raise ValueError("--model.logprobs does nothing in serve: each request asks for its own (logprobs).")

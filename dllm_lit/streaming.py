@@ -37,13 +37,15 @@ from dllm_lit.textstream import TextStream
 @dataclass
 class Job:
     """One prompt to decode: its token ids, settings and stop strings; ``uid`` names it for cancelling;
-    ``echo`` (with ``settings.logprobs``): a first event with the prompt's logprobs."""
+    ``echo`` (with ``settings.logprobs``): a first event with the prompt's logprobs;
+    ``special_tokens``: keep them in the text (a tool-call parser reads its tags)."""
 
     uid: str
     ids: list[int]
     settings: DecodeSettings
     stop: list[str] = field(default_factory=list)
     echo: bool = False
+    special_tokens: bool = False
 
 
 def stream_jobs(
@@ -82,7 +84,7 @@ def warm_up(model: torch.nn.Module, tokenizer, settings: DecodeSettings, rows: i
 def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled) -> Iterator[dict]:
     """Events ``{position in jobs: event}`` for one batch of jobs with the same ``settings`` (their
     seeds, ``max_new_tokens`` and grammars aside)."""
-    texts = [TextStream(tokenizer, [*job.stop, *settings.stop_strings]) for job in jobs]
+    texts = [TextStream(tokenizer, [*job.stop, *settings.stop_strings], not job.special_tokens) for job in jobs]
     commits: queue.Queue = queue.Queue()
     scored: list[list[TokenLogprob]] = [[] for _ in jobs]  # each row's logprobs of its next commit
 

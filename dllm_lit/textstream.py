@@ -28,17 +28,19 @@ class TextStream:
     Args:
         tokenizer: Decodes the row's ids (special tokens skipped, as ``predict`` writes them).
         stop: Stop strings; the text ends before the first one (it is not included).
+        skip_special_tokens: False keeps them in the text (a tool-call parser reads its tags).
     """
 
-    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = (), skip_special_tokens: bool = True):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.sent = 0  # characters already emitted
         self.stopped = False
 
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def text(self, count: int | None = None) -> str:
+        """The text of the first ``count`` ids (default: all)."""
+        return self.tokenizer.decode(self.ids[:count], skip_special_tokens=self.skip_special_tokens)
 
     def add(self, new_ids: list[int]) -> str:
         """The newly final text after ``new_ids``; sets :attr:`stopped` when a stop string appears."""
@@ -67,7 +69,7 @@ class TextStream:
             return len(self.ids)
 
         def holds(count: int) -> bool:
-            return first_stop(self.tokenizer.decode(self.ids[:count], skip_special_tokens=True), self.stop) is not None
+            return first_stop(self.text(count), self.stop) is not None
 
         return bisect_left(range(len(self.ids) + 1), True, lo=1, key=holds)
 

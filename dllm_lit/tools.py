@@ -10,8 +10,10 @@ is constrained by a JSON schema (:mod:`dllm_lit.guided`) and read back as calls.
   more calls of the given tools (one with ``parallel_tool_calls: false``); ``finish_reason`` ``tool_calls``.
 - ``"auto"`` (the default with tools): the model decides, in its own format, so it needs the server's
   ``--tool_call_parser``: ``hermes`` reads ``<tool_call>{"name", "arguments"}</tool_call>`` blocks
-  (Hermes, Qwen2.5 and Qwen3 templates), the text before them being the content. Without a parser it
-  is a 400 that names the modes above. ``"none"``: an ordinary answer.
+  (Hermes, Qwen2.5 and Qwen3 templates), the text before them being the content; ``llama3_json`` and
+  ``mistral`` read calls that start the answer (:class:`LeadingCalls`). The text keeps special tokens
+  then (some models' tags are). Without a parser it is a 400 that names the modes above. ``"none"``:
+  an ordinary answer.
 
 Each mode's :class:`CallStream` turns the answer's text, as it comes, into OpenAI's deltas; a whole
 answer's message is the same deltas merged, so streamed and non-streamed answers agree.
@@ -41,7 +43,7 @@ class Tool(BaseModel):
 
 AUTO_REFUSED = (
     'tool_choice "auto" needs a parser for this model\'s own tool-call format (serve --tool_call_parser '
-    'hermes, for Hermes and Qwen models): else send tool_choice "required" or {"type": "function", '
+    'hermes, llama3_json or mistral): else send tool_choice "required" or {"type": "function", '
     '"function": {"name": ...}}.'
 )
 
@@ -111,7 +113,7 @@ class ToolChoice:
     def stream(self) -> CallStream:
         """A fresh reader of one choice's answer."""
         if self.parser is not None:
-            return HermesCalls(self)
+            return HermesCalls(self) if self.parser == "hermes" else LeadingCalls(self)
         return NamedCall(self) if self.name is not None else CallArray(self)
 
     def message(self, text: str, reason: str) -> tuple[dict[str, Any], str]:
@@ -172,20 +174,52 @@ class CallArray(CallStream):
     """``required``: each ``{"name", "parameters"}`` object of the array as soon as it is complete; an
     answer cut before its first call ends as text."""
 
-    decoder = json.JSONDecoder()
-
     def _read(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        found = self._objects("[, \n\t\r")
+        return (self.text if final and not self.calls and not found else ""), found
+
+    def _objects(self, between: str) -> list[dict[str, Any]]:
+        """The calls in the complete JSON objects from ``read`` on, ``between`` characters apart; stops
+        at an unfinished object or one that is not a call (the rest stays unread)."""
         found = []
         while True:
-            start = len(self.text) - len(self.text[self.read :].lstrip("[, \n\t\r"))
+            start = len(self.text) - len(self.text[self.read :].lstrip(between))
             try:
-                item, end = self.decoder.raw_decode(self.text, start)
+                item, end = DECODER.raw_decode(self.text, start)
             except ValueError:
-                break
-            if not isinstance(item, dict) or not {"name", "parameters"} <= item.keys():
-                break  # not a call: the grammar was left (a matcher error); the rest stays text
-            found.append(call(item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
+                return found
+            made = call_of(item)
+            if made is None:
+                return found
+            found.append(made)
             self.read = end
+
+
+class LeadingCalls(CallArray):
+    """``auto`` for models that answer with text, or with calls from the first character on:
+    ``llama3_json`` (``<|python_tag|>``, then ``{"name", "parameters"}`` objects separated by ``;``:
+    Llama 3.1 to 3.3) and ``mistral`` (``[TOOL_CALLS]``, then an array of ``{"name", "arguments"}``).
+    Text is streamed as it comes once its start rules calls out; calls as each object completes."""
+
+    FORMATS = {"llama3_json": ("<|python_tag|>", "{", "; \n\t\r"), "mistral": ("[TOOL_CALLS]", "[", "[, \n\t\r")}
+
+    def __init__(self, choice: ToolChoice):
+        super().__init__(choice)
+        self.tag, self.opener, self.between = self.FORMATS[choice.parser]
+        self.calling: bool | None = None  # unknown until the answer's start is seen
+
+    def _read(self, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        if self.calling is None:
+            head = self.text.lstrip()
+            if not final and (not head or self.tag.startswith(head)):
+                return "", []  # it may still become the tag
+            self.calling = head.startswith((self.tag, self.opener))
+            if head.startswith(self.tag):
+                self.read = len(self.text) - len(head) + len(self.tag)
+        if not self.calling:
+            content, self.read = self.text[self.read :], len(self.text)
+            return content, []
+        found = self._objects(self.between)
         return (self.text if final and not self.calls and not found else ""), found
 
 
@@ -214,7 +248,7 @@ class HermesCalls(CallStream):
                 return content, found
             if not (self.calls or found):
                 content += self.text[self.read : start]
-            parsed = hermes_call(self.text[start + len(self.OPEN) : close])
+            parsed = call_in(self.text[start + len(self.OPEN) : close])
             if parsed is not None:
                 found.append(parsed)
             elif not (self.calls or found):
@@ -227,12 +261,19 @@ def held_back(text: str, tag: str) -> int:
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
 
 
-def hermes_call(body: str) -> dict[str, Any] | None:
-    """A call from a ``<tool_call>`` block's JSON (``name``, and ``arguments`` or ``parameters``), or None."""
+DECODER = json.JSONDecoder()
+
+
+def call_in(body: str) -> dict[str, Any] | None:
+    """The call in a ``<tool_call>`` block's JSON, or None."""
     try:
-        item = json.loads(body)
+        return call_of(json.loads(body))
     except ValueError:
         return None
+
+
+def call_of(item: Any) -> dict[str, Any] | None:
+    """A call from ``{"name", "arguments" or "parameters"}`` (anything else: None)."""
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         return None
     arguments = item.get("arguments", item.get("parameters", {}))

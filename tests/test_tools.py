@@ -119,18 +119,35 @@ def test_a_cut_answer_keeps_its_complete_calls_as_openai_does():
 
 HERMES = ToolChoice.read(TOOLS, "auto", True, "hermes")
 ANSWERS = {
-    "a call after text": 'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
-    "two calls": '<tool_call>{"name": "time", "arguments": {}}</tool_call>\n<tool_call>{"name": "weather", '
-    '"arguments": {"city": "Rome"}}</tool_call>\n',
-    "plain text with a tag-like word": "Use a <tool> or a <tool_ca and see.",
-    "a block that is not a call": "<tool_call>not json</tool_call> then text",
-    "a block cut off": 'I will call <tool_call>{"name": "wea',
+    "hermes": {
+        "a call after text": 'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}'
+        "\n</tool_call>",
+        "two calls": '<tool_call>{"name": "time", "arguments": {}}</tool_call>\n<tool_call>{"name": "weather", '
+        '"arguments": {"city": "Rome"}}</tool_call>\n',
+        "plain text with a tag-like word": "Use a <tool> or a <tool_ca and see.",
+        "a block that is not a call": "<tool_call>not json</tool_call> then text",
+        "a block cut off": 'I will call <tool_call>{"name": "wea',
+    },
+    "llama3_json": {
+        "a tagged call": '<|python_tag|>{"name": "weather", "parameters": {"city": "Oslo"}}',
+        "two calls": '{"name": "time", "parameters": {}}; {"name": "weather", "parameters": {"city": "Rome"}}',
+        "text": "The weather is {unknown} today.",
+        "an object that is not a call": '{"answer": 42}',
+        "a call cut off": '{"name": "wea',
+    },
+    "mistral": {
+        "a tagged call": '[TOOL_CALLS][{"name": "weather", "arguments": {"city": "Oslo"}}]',
+        "two calls": ' [{"name": "time", "arguments": {}}, {"name": "weather", "arguments": {"city": "Rome"}}]',
+        "text": "Sure, [1] is a footnote.",
+        "an array that is not of calls": "[1, 2]",
+    },
 }
+CASES = [(parser, answer) for parser, answers in ANSWERS.items() for answer in answers]
 
 
-def merged(chunks: list[str], reason: str) -> tuple[str, list[tuple[str, str]], str]:
+def merged(choice: ToolChoice, chunks: list[str], reason: str) -> tuple[str, list[tuple[str, str]], str]:
     """``(content, [(name, arguments)], finish_reason)`` of the deltas of ``chunks``, merged."""
-    stream, content, calls = HERMES.stream(), "", {}
+    stream, content, calls = choice.stream(), "", {}
     for n, chunk in enumerate(chunks):
         delta, finish = stream.delta(chunk, reason if n == len(chunks) - 1 else None)
         content += delta.get("content", "")
@@ -139,27 +156,38 @@ def merged(chunks: list[str], reason: str) -> tuple[str, list[tuple[str, str]], 
     return content, [calls[i] for i in sorted(calls)], finish
 
 
-@pytest.mark.parametrize("answer", sorted(ANSWERS))
-def test_hermes_calls_streamed_in_any_chunks_equal_the_whole_answer_read_at_once(answer):
-    text = ANSWERS[answer]
-    message, reason = HERMES.message(text, "stop")
-    whole = (
-        message["content"] or "",
-        [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])],
-        reason,
-    )
+@pytest.mark.parametrize("parser, answer", CASES, ids=[f"{p}-{a}" for p, a in CASES])
+def test_auto_calls_streamed_in_any_chunks_equal_the_whole_answer_read_at_once(parser, answer):
+    choice, text = ToolChoice.read(TOOLS, "auto", True, parser), ANSWERS[parser][answer]
+    message, reason = choice.message(text, "stop")
+    calls = [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])]
+    whole = (message["content"] or "", calls, reason)
     for size in (1, 2, 5, 11, len(text)):
-        assert merged([text[i : i + size] for i in range(0, len(text), size)], "stop") == whole
+        assert merged(choice, [text[i : i + size] for i in range(0, len(text), size)], "stop") == whole
+
+
+@pytest.mark.parametrize("parser", ["llama3_json", "mistral"])
+def test_json_led_calls_are_read_from_the_answer_s_start_and_other_answers_are_text(parser):
+    choice = ToolChoice.read(TOOLS, "auto", True, parser)
+    message, reason = choice.message(ANSWERS[parser]["a tagged call"], "stop")
+    assert reason == "tool_calls" and message["content"] is None
+    assert [c["function"] for c in message["tool_calls"]] == [{"name": "weather", "arguments": '{"city": "Oslo"}'}]
+    message, _ = choice.message(ANSWERS[parser]["two calls"], "stop")
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["time", "weather"]
+    for kind, text in ANSWERS[parser].items():
+        if "call" not in kind:
+            assert choice.message(text, "stop") == ({"role": "assistant", "content": text}, "stop")
 
 
 def test_hermes_calls_are_read_from_their_tags_and_the_rest_is_content():
-    message, reason = HERMES.message(ANSWERS["a call after text"], "stop")
+    answers = ANSWERS["hermes"]
+    message, reason = HERMES.message(answers["a call after text"], "stop")
     assert reason == "tool_calls" and message["content"] == "Let me check.\n"
     assert [c["function"] for c in message["tool_calls"]] == [{"name": "weather", "arguments": '{"city": "Oslo"}'}]
-    message, reason = HERMES.message(ANSWERS["two calls"], "stop")
+    message, reason = HERMES.message(answers["two calls"], "stop")
     assert message["content"] is None and [c["function"]["name"] for c in message["tool_calls"]] == ["time", "weather"]
     for kind in ("plain text with a tag-like word", "a block that is not a call", "a block cut off"):
-        assert HERMES.message(ANSWERS[kind], "length") == ({"role": "assistant", "content": ANSWERS[kind]}, "length")
+        assert HERMES.message(answers[kind], "length") == ({"role": "assistant", "content": answers[kind]}, "length")
     assert HERMES.schema() is None, "auto leaves the answer free"
 
 
@@ -171,3 +199,13 @@ def test_tool_calls_on_approximate_blocks_are_a_400_that_names_the_tool_choice()
     with pytest.raises(OpenAIError, match='^tool_choice "required" or a named function needs lossless=True'):
         settings_for(DecodeSettings(add_eos_length=3, refine_iter=2), parse(ChatRequest, body))
     assert settings_for(DecodeSettings(add_eos_length=3, refine_iter=2), parse(ChatRequest, body | {"lossless": True}))
+
+
+def test_a_parser_s_text_keeps_the_special_tokens_its_tags_may_be():
+    from dllm_lit.textstream import TextStream
+    from dllm_lit.tiny import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    ids = [tokenizer.bos_token_id, *tokenizer.encode("ab", add_special_tokens=False)]
+    kept = TextStream(tokenizer, (), skip_special_tokens=False)  # what serve uses with --tool_call_parser
+    assert kept.add(ids) + kept.finish() == "<s>ab" and TextStream(tokenizer).add(ids) == "ab"
