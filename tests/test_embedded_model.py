@@ -117,3 +117,45 @@ def test_json_mode_on_the_fast_model_gives_the_base_models_constrained_answers_a
         assert row["stop_reason"] == "eos" and set(json.loads(row["response"])) == {"name", "age"}
     assert [row["response"] for row in rows["fast"]] == [row["response"] for row in rows["base AR"]]
     assert sum(row["forwards"] for row in rows["fast"]) < sum(row["forwards"] for row in rows["base AR"])
+
+
+@pytest.mark.slow
+def test_each_prompt_s_own_grammar_on_the_fast_model_gives_the_base_models_constrained_answers(dllm_lit, tmp_path):
+    """Rows with their own ``guided_*`` fields (a compact tool-call schema, a choice, none) on the shipped
+    defaults: the base model's constrained one-token-per-forward answers, in fewer forwards (the adapter's
+    drafts and the grammar's forced keys)."""
+    weather = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+        "x-guidance": {"whitespace_flexible": False},
+    }
+    rows = [
+        {"messages": [{"role": "user", "content": "Weather in Paris, in celsius, as get_weather arguments."}]}
+        | {"guided_json": weather},
+        {"messages": [{"role": "user", "content": "Is the sky blue?"}], "guided_choice": ["yes", "no"]},
+        {"messages": [{"role": "user", "content": "Name a fruit."}]},
+    ]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    written = {}
+    for name, flags in {
+        "fast": [],
+        "base AR": ["--model.model_name_or_path=smollm2", "--model.add_eos_length=0"],
+    }.items():
+        out = tmp_path / f"{name}.jsonl"
+        args = [
+            "predict",
+            "--config",
+            "configs/demo.yaml",
+            f"--data.prompts_file={prompts}",
+            "--model.max_new_tokens=48",
+        ]
+        done = dllm_lit([*args, *flags, f"--writer.output_file={out}"], ROOT)
+        assert done.returncode == 0, done.stderr
+        written[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    fast, base = written["fast"], written["base AR"]
+    assert [row["response"] for row in fast] == [row["response"] for row in base]
+    assert set(json.loads(fast[0]["response"])) == {"city", "unit"} and fast[1]["response"] in ("yes", "no")
+    assert sum(row["forwards"] for row in fast) < sum(row["forwards"] for row in base)
