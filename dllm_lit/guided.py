@@ -60,13 +60,13 @@ def row_grammars(
     return [own if guide is None else grammar_of(cleared.replace(**guide)) for guide in row_guides]
 
 
-def row_guide(row: Mapping) -> dict | None:
-    """A prompt row's own structured output, its ``guided_*`` fields as settings (``guided_json``: a
-    schema object or its text; ``guided_choice``: a list), or None without any."""
-    guide = {name: row[name] for name in GUIDED if row.get(name) is not None}
+def guide_fields(fields: Mapping) -> dict | None:
+    """The ``guided_*`` fields among ``fields`` (a prompt row, a request's), as settings take them
+    (``guided_json``: a schema object or its text; ``guided_choice``: a list or tuple), or None without any."""
+    guide = {name: fields[name] for name in GUIDED if fields.get(name) is not None}
     if isinstance(guide.get("guided_json"), dict):
         guide["guided_json"] = json.dumps(guide["guided_json"])
-    if isinstance(guide.get("guided_choice"), list):
+    if guide.get("guided_choice") is not None:
         guide["guided_choice"] = tuple(guide["guided_choice"])
     return guide or None
 

@@ -18,7 +18,7 @@ from dllm_lit.adapters import DraftGate, adapter_base, add_lora, continue_adapte
 from dllm_lit.answers import is_correct
 from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.decoding import generate_blocks
-from dllm_lit.guided import row_grammars, row_guide
+from dllm_lit.guided import guide_fields, row_grammars
 from dllm_lit.ledger import BlockGeneration, RowResult
 from dllm_lit.logprobs import openai_logprobs
 from dllm_lit.models import DEFAULT_MODEL, default_model_note, load_model, load_tokenizer, resolve
@@ -203,7 +203,7 @@ class BlockRefineLM(L.LightningModule):
         options: dict[str, list] = {}
         if self.decoding.seed is not None:
             options["row_seeds"] = [self.decoding.seed + int(index) for index in batch["index"]]
-        guides = [row_guide(extra) for extra in batch["extra"]]
+        guides = [guide_fields(extra) for extra in batch["extra"]]
         if any(guide is not None for guide in guides):
             options["row_guides"] = guides
         return options
@@ -211,7 +211,7 @@ class BlockRefineLM(L.LightningModule):
     def check_row_guides(self, rows: list[dict[str, Any]]) -> None:
         """Refuse, before decoding, a prompt whose ``guided_*`` fields these settings cannot follow."""
         for row in rows:
-            guide = row_guide(row["extra"])
+            guide = guide_fields(row["extra"])
             if guide is not None:
                 try:
                     row_grammars(self.decoding, 1, [guide])

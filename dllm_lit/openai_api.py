@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from dllm_lit.guided import guide_fields
 from dllm_lit.settings import GUIDED, DecodeSettings
 from dllm_lit.tools import Tool, ToolChoice
 
@@ -177,12 +178,7 @@ class CommonRequest(BaseModel):
             raise OpenAIError(400, "Give one of response_format, structured_outputs and the guided_* fields.")
         if not asked:
             return {}
-        guide = asked[0]
-        if isinstance(guide.get("guided_json"), dict):
-            guide["guided_json"] = json.dumps(guide["guided_json"])
-        if guide.get("guided_choice") is not None:
-            guide["guided_choice"] = tuple(guide["guided_choice"])
-        return dict.fromkeys(GUIDED) | guide
+        return dict.fromkeys(GUIDED) | guide_fields(asked[0])
 
     def usage_chunk(self) -> bool:
         """Whether a stream ends with a chunk of usage alone (else its last choice chunk carries it)."""

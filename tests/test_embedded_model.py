@@ -88,6 +88,24 @@ def test_a_bare_predict_on_the_embedded_model_says_why_its_answer_is_empty_and_w
     assert done.returncode == 0 and "Response (0 tokens)" not in done.stdout and "note:" not in done.stderr
 
 
+def fast_and_base_ar(dllm_lit, tmp_path, prompts: list[dict], *flags: str) -> dict[str, list[dict]]:
+    """The rows `dllm_lit predict --config configs/demo.yaml` writes for ``prompts`` with ``flags``, on
+    the shipped defaults (``fast``) and on the base model one token per forward (``base AR``)."""
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text("".join(json.dumps(row) + "\n" for row in prompts))
+    written = {}
+    for name, model in {
+        "fast": [],
+        "base AR": ["--model.model_name_or_path=smollm2", "--model.add_eos_length=0"],
+    }.items():
+        out = tmp_path / f"{name}.jsonl"
+        args = ["predict", "--config", "configs/demo.yaml", f"--data.prompts_file={prompts_file}", *flags, *model]
+        done = dllm_lit([*args, f"--writer.output_file={out}"], ROOT)
+        assert done.returncode == 0, done.stderr
+        written[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    return written
+
+
 @pytest.mark.slow
 def test_json_mode_on_the_fast_model_gives_the_base_models_constrained_answers_as_json(dllm_lit, tmp_path):
     """``--model.guided_json`` on the shipped defaults (``smollm2-fast``, lossless): every answer parses
@@ -98,21 +116,9 @@ def test_json_mode_on_the_fast_model_gives_the_base_models_constrained_answers_a
         "required": ["name", "age"],
         "additionalProperties": False,
     }
-    prompts = tmp_path / "p.jsonl"
     questions = ["Describe a cat as JSON.", "Who wrote Hamlet? Reply in JSON.", "What is 2 + 2?"]
-    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in questions))
-    rows = {}
-    for name, flags in {
-        "fast": [],
-        "base AR": ["--model.model_name_or_path=smollm2", "--model.add_eos_length=0"],
-    }.items():
-        out = tmp_path / f"{name}.jsonl"
-        args = ["predict", "--config", "configs/demo.yaml", f"--data.prompts_file={prompts}"]
-        done = dllm_lit(
-            [*args, f"--model.guided_json={json.dumps(schema)}", *flags, f"--writer.output_file={out}"], ROOT
-        )
-        assert done.returncode == 0, done.stderr
-        rows[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    prompts = [{"messages": [{"role": "user", "content": q}]} for q in questions]
+    rows = fast_and_base_ar(dllm_lit, tmp_path, prompts, f"--model.guided_json={json.dumps(schema)}")
     for row in rows["fast"]:
         assert row["stop_reason"] == "eos" and set(json.loads(row["response"])) == {"name", "age"}
     assert [row["response"] for row in rows["fast"]] == [row["response"] for row in rows["base AR"]]
@@ -137,24 +143,7 @@ def test_each_prompt_s_own_grammar_on_the_fast_model_gives_the_base_models_const
         {"messages": [{"role": "user", "content": "Is the sky blue?"}], "guided_choice": ["yes", "no"]},
         {"messages": [{"role": "user", "content": "Name a fruit."}]},
     ]
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    written = {}
-    for name, flags in {
-        "fast": [],
-        "base AR": ["--model.model_name_or_path=smollm2", "--model.add_eos_length=0"],
-    }.items():
-        out = tmp_path / f"{name}.jsonl"
-        args = [
-            "predict",
-            "--config",
-            "configs/demo.yaml",
-            f"--data.prompts_file={prompts}",
-            "--model.max_new_tokens=48",
-        ]
-        done = dllm_lit([*args, *flags, f"--writer.output_file={out}"], ROOT)
-        assert done.returncode == 0, done.stderr
-        written[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    written = fast_and_base_ar(dllm_lit, tmp_path, rows, "--model.max_new_tokens=48")
     fast, base = written["fast"], written["base AR"]
     assert [row["response"] for row in fast] == [row["response"] for row in base]
     assert set(json.loads(fast[0]["response"])) == {"city", "unit"} and fast[1]["response"] in ("yes", "no")

@@ -170,7 +170,7 @@ ROW_GUIDES = [
 
 
 def test_predict_follows_each_prompt_s_own_grammar(tiny_dir, tmp_path, dllm_lit_here):
-    from dllm_lit.guided import row_guide
+    from dllm_lit.guided import guide_fields
     from dllm_lit.models import load_model, load_tokenizer
 
     rows = [
@@ -191,7 +191,7 @@ def test_predict_follows_each_prompt_s_own_grammar(tiny_dir, tmp_path, dllm_lit_
             tokenizer=tokenizer,
             lossless=True,
             max_new_tokens=40,
-            **(row_guide(guide) or {}),
+            **(guide_fields(guide) or {}),
         ).rows[0]
         assert row["response"] == tokenizer.decode(alone.token_ids, skip_special_tokens=True)
     assert re.fullmatch(r"[a-z]{2,4}-\d\d", written[0]["response"]) and written[1]["response"] in (
