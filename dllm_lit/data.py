@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import sys
@@ -11,7 +12,9 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from jinja2 import TemplateError
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
+from transformers import PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from dllm_lit.models import DEFAULT_MODEL, load_tokenizer
@@ -132,11 +135,40 @@ def _check_row(row: Any, where: str) -> None:
 
 
 def split_row(row: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """``(prompt part, response)``: a trailing assistant message or the ``response`` field is the response."""
+    """``(prompt part, response)``: a trailing assistant message or the ``response`` field is the response
+    (a trailing assistant message stays in the prompt when the row continues it)."""
     messages = row.get("messages")
-    if messages and messages[-1]["role"] == "assistant":
-        return {"messages": messages[:-1], "tools": row.get("tools")}, messages[-1]["content"]
+    if messages and messages[-1]["role"] == "assistant" and not row.get("continue_final_message"):
+        prompt = {name: value for name, value in row.items() if name in TEMPLATE_FIELDS}
+        return {**prompt, "messages": messages[:-1]}, messages[-1]["content"]
     return row, row.get("response")
+
+
+TEMPLATE_FIELDS = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+"""A chat row's fields that reach the chat template beside its messages."""
+
+_OWN_OPTIONS = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"kwargs"}
+
+
+def template_options(row: dict[str, Any]) -> dict[str, Any]:
+    """``apply_chat_template``'s options for a chat row: its ``tools``, ``add_generation_prompt`` (default:
+    true unless ``continue_final_message``), ``continue_final_message`` (the answer goes on with the last,
+    assistant, message) and the template variables in ``chat_template_kwargs`` (vLLM's names)."""
+    variables = row.get("chat_template_kwargs") or {}
+    if not isinstance(variables, dict):
+        raise PromptError("'chat_template_kwargs' must be an object of template variables.")
+    if own := sorted(_OWN_OPTIONS.intersection(variables)):
+        raise PromptError(f"chat_template_kwargs cannot set {own[0]!r}: it is not a template variable.")
+    go_on = row.get("continue_final_message", False)
+    new_turn = row.get("add_generation_prompt", not go_on)
+    if not isinstance(go_on, bool) or not isinstance(new_turn, bool):
+        raise PromptError("'add_generation_prompt' and 'continue_final_message' must be true or false.")
+    if go_on and new_turn:
+        raise PromptError("continue_final_message continues the last message: set add_generation_prompt to false.")
+    messages = row.get("messages") or [{}]
+    if go_on and messages[-1].get("role") != "assistant":
+        raise PromptError("continue_final_message needs a last message from the assistant to continue.")
+    return {**variables, "tools": row.get("tools"), "add_generation_prompt": new_turn, "continue_final_message": go_on}
 
 
 def encode_prompt(tokenizer, row: dict[str, Any], use_chat_template: bool) -> list[int]:
@@ -147,8 +179,11 @@ def encode_prompt(tokenizer, row: dict[str, Any], use_chat_template: bool) -> li
                 "The tokenizer has no chat template: drop use_chat_template and give plain 'prompt' rows."
             )
         messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-        tools = row.get("tools")  # function definitions, for templates that render them
-        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+        options = template_options({**row, "messages": messages})
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
+        except (TemplateError, ValueError) as error:  # the template's raise_exception, a final message it drops
+            raise PromptError(f"The chat template cannot render these messages: {error}") from None
         # The template already writes any BOS; adding special tokens again would double it.
         return tokenizer(text, add_special_tokens=False).input_ids
     return tokenizer(row["prompt"]).input_ids
@@ -191,7 +226,10 @@ class PromptDataset(Dataset):
             if index in skip:
                 continue
             prompt_row, response = split_row(row)
-            ids = encode_prompt(tokenizer, prompt_row, use_chat_template)
+            try:
+                ids = encode_prompt(tokenizer, prompt_row, use_chat_template)
+            except PromptError as error:
+                raise PromptError(f"Prompt {index}: {error}") from None
             if not ids:
                 raise PromptError(f"Prompt {index} is empty after tokenization.")
             if len(ids) >= max_length:

@@ -193,7 +193,20 @@ class CommonRequest(BaseModel):
         return stop
 
 
-class ChatRequest(CommonRequest):
+class TemplateFields(BaseModel):
+    """vLLM's chat template fields: ``add_generation_prompt`` (start the assistant's turn),
+    ``continue_final_message`` (go on with the last, assistant, message instead: set the other false)
+    and ``chat_template_kwargs`` (the template's own variables, such as Qwen3's ``enable_thinking``)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_fields(self) -> dict[str, Any]:
+        return self.model_dump(include={"add_generation_prompt", "continue_final_message", "chat_template_kwargs"})
+
+
+class ChatRequest(CommonRequest, TemplateFields):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -221,7 +234,7 @@ class ChatRequest(CommonRequest):
 
     def template_row(self) -> dict[str, Any]:
         """The prompt as ``encode_prompt`` takes it: the messages, and the tools for the template."""
-        row: dict[str, Any] = {"messages": [message.for_template() for message in self.messages]}
+        row = {"messages": [message.for_template() for message in self.messages], **self.template_fields()}
         if self.tools:
             row["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
         return row
@@ -249,8 +262,8 @@ class CompletionRequest(CommonRequest):
         return [self.prompt] if isinstance(self.prompt[0], int) else list(self.prompt)
 
 
-class TokenizeRequest(BaseModel):
-    """vLLM's ``POST /tokenize`` body: one ``prompt`` or chat ``messages``."""
+class TokenizeRequest(TemplateFields):
+    """vLLM's ``POST /tokenize`` body: one ``prompt`` or chat ``messages`` (with the template fields)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -263,7 +276,7 @@ class TokenizeRequest(BaseModel):
             raise OpenAIError(400, "Give exactly one of prompt and messages.")
         if self.messages is None:
             return {"prompt": self.prompt}
-        return {"messages": [message.for_template() for message in self.messages]}
+        return {"messages": [message.for_template() for message in self.messages], **self.template_fields()}
 
 
 class DetokenizeRequest(BaseModel):

@@ -1,8 +1,8 @@
 """The HTTP side of ``dllm_lit serve``: a LitServe spec with OpenAI's endpoints.
 
-``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` and vLLM's ``POST
-/tokenize`` and ``POST /detokenize`` (LitServe adds ``GET /health``). Each request is checked
-(:mod:`dllm_lit.openai_api`), tokenized as ``predict`` tokenizes, and queued as one
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, vLLM's ``POST
+/tokenize`` and ``POST /detokenize``, and Prometheus' ``GET /metrics`` (LitServe adds ``GET /health``).
+Each request is checked (:mod:`dllm_lit.openai_api`), tokenized as ``predict`` tokenizes, and queued as one
 :class:`~dllm_lit.streaming.Job` per choice: each prompt (a completion takes a list) times ``n``.
 Their event streams are merged into one response, or into server-sent events that name each choice
 by its ``index``. A client that goes away marks its unfinished jobs in the ``cancelled`` dict the
@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
@@ -41,6 +41,7 @@ from dllm_lit.openai_api import (
     settings_for,
     usage,
 )
+from dllm_lit.serve_metrics import RequestMeter, ServeMetrics
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job
 from dllm_lit.tools import ToolChoice
@@ -62,6 +63,11 @@ class Exchange:
     rid: str
     echo: list[str] | None = None  # each choice's prompt text, for a completion with ``echo``
     tools: ToolChoice | None = None  # a chat request's tool mode: its answers are read as calls
+    meter: RequestMeter | None = None  # counts its choices in the server's metrics
+
+    def prompt_tokens(self) -> int:
+        """The prompts' tokens, once per prompt (not per choice), as ``usage`` counts them."""
+        return sum(len(job.ids) for job in self.jobs[:: self.n])
 
 
 class OpenAIBlockSpec(LitSpec):
@@ -82,12 +88,13 @@ class OpenAIBlockSpec(LitSpec):
         self.model_name_or_path, self.trust_remote_code = model_name_or_path, trust_remote_code
         self.settings, self.model_id, self.api_key = settings, served_model_name, api_key
         self.cancelled, self.tool_call_parser = cancelled, tool_call_parser
-        self._tokenizer = None
+        self._tokenizer = self._metrics = None  # made in the HTTP process, at first use
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
         self.add_endpoint("/tokenize", self.tokenize, ["POST"])
         self.add_endpoint("/detokenize", self.detokenize, ["POST"])
+        self.add_endpoint("/metrics", self.metrics_text, ["GET"])
 
     @property
     def stream(self) -> bool:
@@ -140,13 +147,26 @@ class OpenAIBlockSpec(LitSpec):
             return JSONResponse(error.body(), error.status)
         return {"prompt": self.tokenizer.decode(ids)}
 
+    async def metrics_text(self, request: Request):
+        """Prometheus metrics (:mod:`dllm_lit.serve_metrics`); like vLLM's, without the API key."""
+        return Response(self.metrics.text(), media_type=self.metrics.content_type)
+
+    @property
+    def metrics(self) -> ServeMetrics:
+        if self._metrics is None:
+            self._metrics = ServeMetrics()
+        return self._metrics
+
     async def _complete(self, request: Request, chat: bool):
         try:
             self._authorize(request)
             exchange = await self._exchange(request, chat)
         except OpenAIError as error:
+            self.metrics.refused.labels(str(error.status)).inc()
             return JSONResponse(error.body(), error.status)
-        events = echoed(self._merged([self._submit(job) for job in exchange.jobs]), exchange.echo)
+        exchange.meter = RequestMeter(self.metrics, len(exchange.jobs), exchange.prompt_tokens())
+        events = exchange.meter.watch(self._merged([self._submit(job) for job in exchange.jobs]))
+        events = echoed(events, exchange.echo)
         if exchange.stream:
             return StreamingResponse(self._sse(events, exchange), media_type="text/event-stream")
         return await self._collect(events, exchange, request)
@@ -242,10 +262,12 @@ class OpenAIBlockSpec(LitSpec):
 
     def _encode(self, row: dict) -> list[int]:
         """A ``{"prompt"}`` or ``{"messages"}`` row's ids, as ``predict`` makes them."""
+        if "messages" in row and not self.tokenizer.chat_template:
+            raise OpenAIError(400, "This model's tokenizer has no chat template: use /v1/completions.")
         try:
             return encode_prompt(self.tokenizer, row, use_chat_template="messages" in row)
-        except PromptError:
-            raise OpenAIError(400, "This model's tokenizer has no chat template: use /v1/completions.") from None
+        except PromptError as error:
+            raise OpenAIError(400, str(error), "messages") from None
 
     def _submit(self, job: Job) -> AsyncIterator:
         """Queue the job for the worker; return its stream of ``(data, status)``."""
@@ -287,25 +309,27 @@ class OpenAIBlockSpec(LitSpec):
 
     def _usage(self, exchange: Exchange, finals: list[dict]) -> dict:
         echoed = {name: getattr(exchange.jobs[0].settings, name) for name in _ECHOED}
-        prompts = sum(len(job.ids) for job in exchange.jobs[:: exchange.n])
         completion = sum(final["completion_tokens"] for final in finals)
-        return usage(prompts, completion, sum(final["forwards"] for final in finals), echoed)
+        return usage(exchange.prompt_tokens(), completion, sum(final["forwards"] for final in finals), echoed)
 
     async def _collect(self, events: AsyncIterator, exchange: Exchange, request: Request):
-        """One response with every choice; a client that went away (checked at each event) cancels
-        the unfinished jobs."""
+        """One response with every choice; a client that went away (checked at each event), or an
+        error, cancels the unfinished jobs."""
         texts, finals = [""] * len(exchange.jobs), [None] * len(exchange.jobs)
         scored: list[list] = [[] for _ in exchange.jobs]
-        async for index, event in events:
-            if "error" in event:
-                return JSONResponse(OpenAIError(500, event["error"]).body(), 500)
-            texts[index] += event["text"]
-            scored[index] += event.get("logprobs", [])
-            if "finish_reason" in event:
-                finals[index] = event
-            elif await request.is_disconnected():
-                self._cancel(job for job, final in zip(exchange.jobs, finals) if final is None)
-                return JSONResponse(OpenAIError(499, "The client went away.").body(), 499)
+        try:
+            async for index, event in events:
+                if "error" in event:
+                    finals[index] = event
+                    return JSONResponse(OpenAIError(500, event["error"]).body(), 500)
+                texts[index] += event["text"]
+                scored[index] += event.get("logprobs", [])
+                if "finish_reason" in event:
+                    finals[index] = event
+                elif await request.is_disconnected():
+                    return JSONResponse(OpenAIError(499, "The client went away.").body(), 499)
+        finally:
+            self._cancel(exchange, [index for index, final in enumerate(finals) if final is None])
         if None in finals:
             return JSONResponse(OpenAIError(500, "The worker ended the request without a result.").body(), 500)
         chat, rid = exchange.chat, exchange.rid
@@ -354,7 +378,7 @@ class OpenAIBlockSpec(LitSpec):
                 yield f"data: {json.dumps(alone)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            self._cancel(job for index, job in enumerate(exchange.jobs) if index not in finals)
+            self._cancel(exchange, [index for index in range(count) if index not in finals])
 
     def _logprobs(self, exchange: Exchange, entries: list, offset: int = 0) -> dict | None:
         """A choice's ``logprobs`` for these entries, or None when the request asked for none."""
@@ -362,10 +386,11 @@ class OpenAIBlockSpec(LitSpec):
             return None
         return openai_logprobs(self.tokenizer, exchange.chat, entries, offset)
 
-    def _cancel(self, jobs) -> None:
-        """Ask the worker to stop these jobs at their next commit."""
-        for job in jobs:
-            self.cancelled[job.uid] = True
+    def _cancel(self, exchange: Exchange, indices: list[int]) -> None:
+        """Ask the worker to stop these choices' jobs at their next commit."""
+        for index in indices:
+            self.cancelled[exchange.jobs[index].uid] = True
+        exchange.meter.cancelled(indices)
 
 
 async def echoed(events: AsyncIterator[tuple[int, dict]], prompts: list[str] | None) -> AsyncIterator[tuple[int, dict]]:

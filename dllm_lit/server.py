@@ -1,8 +1,8 @@
 """``dllm_lit serve``: an OpenAI-compatible HTTP server on LitServe, streaming block by block.
 
 LitServe runs the HTTP process and a model worker process.
-:class:`~dllm_lit.openai_spec.OpenAIBlockSpec` (a LitServe spec) owns the HTTP side: ``POST
-/v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (LitServe adds ``GET /health``);
+:class:`~dllm_lit.openai_spec.OpenAIBlockSpec` (a LitServe spec) owns the HTTP side: OpenAI's
+endpoints, vLLM's ``/tokenize`` and ``/detokenize``, and ``GET /metrics`` (LitServe adds ``GET /health``);
 it checks each request (:mod:`dllm_lit.openai_api`), tokenizes it and queues one
 :class:`~dllm_lit.streaming.Job` per choice. :class:`BlockDecodingAPI` (a LitServe API) is the
 worker: LitServe batches queued jobs (``max_batch_size``, ``batch_timeout``) and the worker streams
@@ -120,7 +120,7 @@ async def openai_http_error(request: Request, error: HTTPException) -> JSONRespo
     if error.status_code in (404, 405):
         message = (
             f"No endpoint {request.method} {request.url.path}: this server has POST /v1/chat/completions, "
-            "POST /v1/completions, GET /v1/models, POST /tokenize and POST /detokenize."
+            "POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health and GET /metrics."
         )
     return JSONResponse(OpenAIError(error.status_code, message).body(), error.status_code, headers=error.headers)
 

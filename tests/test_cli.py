@@ -17,7 +17,7 @@ import torch
 
 from conftest import assert_one_line_error, write
 from dllm_lit import cli, demo, generate_blocks
-from dllm_lit.data import DataModule
+from dllm_lit.data import DataModule, PromptError
 from dllm_lit.models import load_model, load_tokenizer
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.summary import RULE
@@ -161,6 +161,48 @@ def test_chat_template_has_one_bos(tiny_dir):
     ids = data.datasets["predict"][0]["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
     assert tokenizer.decode(ids) == "<s><|user|>Hi there\n<|assistant|>"
+
+
+def rows_file(tmp_path: Path, rows: list[dict]) -> str:
+    return str(write(tmp_path / "rows.jsonl", "".join(json.dumps(row) + "\n" for row in rows)))
+
+
+def test_chat_rows_may_continue_the_last_message_and_set_template_variables(tiny_dir, tmp_path):
+    turns = [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "It is"}]
+    rows = [
+        {"messages": turns, "continue_final_message": True},
+        {"messages": turns},  # the assistant's message is the reference answer
+        {"messages": turns[:1], "chat_template_kwargs": {"enable_thinking": False}},
+    ]
+    data = DataModule(prompts_file=rows_file(tmp_path, rows), model_name_or_path=tiny_dir)
+    data.setup("predict")
+    tokenizer, items = load_tokenizer(tiny_dir), sorted(data.datasets["predict"], key=lambda item: item["index"])
+    continued, answered, unthinking = (tokenizer.decode(item["input_ids"]) for item in items)
+    complete = tokenizer.apply_chat_template(turns, tokenize=False)
+    assert complete.startswith(continued) and continued.endswith("<|assistant|>It is")
+    assert answered == tokenizer.apply_chat_template(turns[:1], add_generation_prompt=True, tokenize=False)
+    assert unthinking != answered and unthinking.replace("<|system|>/no_think\n", "") == answered
+
+
+@pytest.mark.parametrize(
+    "row,fragment",
+    [
+        ({"continue_final_message": True}, "Prompt 0: continue_final_message needs a last message from the assistant"),
+        (
+            {"continue_final_message": True, "add_generation_prompt": True, "assistant": True},
+            "set add_generation_prompt",
+        ),
+        ({"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, "cannot set 'chat_template'"),
+        ({"chat_template_kwargs": ["enable_thinking"]}, "must be an object"),
+        ({"add_generation_prompt": "yes"}, "must be true or false"),
+    ],
+)
+def test_bad_template_fields_are_one_sentence(tiny_dir, tmp_path, row, fragment):
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    row = {"messages": turns if row.pop("assistant", False) else turns[:1], **row}
+    data = DataModule(prompts_file=rows_file(tmp_path, [row]), model_name_or_path=tiny_dir)
+    with pytest.raises(PromptError, match=re.escape(fragment)):
+        data.setup("predict")
 
 
 def test_chat_template_missing_is_a_clear_error(tiny_dir, tmp_path, capsys):

@@ -294,6 +294,21 @@ def test_tokenize_gives_the_ids_a_request_decodes_and_detokenize_reads_them_back
 
 
 @pytest.mark.slow
+def test_a_chat_may_continue_the_assistant_s_message_as_predict_continues_it(server, client, tiny_dir, tmp_path):
+    turns = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is"}]
+    fields = {"continue_final_message": True, "add_generation_prompt": False}
+    fields["chat_template_kwargs"] = {"enable_thinking": False}  # the tiny template's variable
+    done = client.chat.completions.create(model=tiny_dir, messages=turns, extra_body=fields)
+    row = predicted(tiny_dir, tmp_path, {"messages": turns, **fields})
+    assert done.choices[0].message.content == row["response"] and row["response"]
+    counted = requests.post(f"{server[0]}/tokenize", json={"messages": turns, **fields}, headers=AUTH).json()
+    assert counted["count"] == done.usage.prompt_tokens == row["prompt_length"]
+    plain = client.chat.completions.create(model=tiny_dir, messages=turns[:1])
+    added = 1 + len("/no_think\nIt is")  # <|system|>, then one token a character
+    assert plain.usage.prompt_tokens + added == done.usage.prompt_tokens
+
+
+@pytest.mark.slow
 def test_extra_settings_are_used_and_echoed(client, tiny_dir, tmp_path):
     body = {"add_eos_length": 7, "refine_iter": 8}
     text, done = chat_text(client, tiny_dir, "Name a color.", extra_body=body)
@@ -515,6 +530,16 @@ BAD_REQUESTS = [
     ("negative min_tokens", {"min_tokens": -1}, 400),
     ("stream_options without stream", {"stream_options": {"include_usage": True}}, 400),
     ("prompt over max_length", {"messages": [{"role": "user", "content": "x" * 9000}]}, 400),
+    ("continue_final_message after a user", {"continue_final_message": True, "add_generation_prompt": False}, 400),
+    (
+        "continue_final_message with add_generation_prompt",
+        {
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}],
+            "continue_final_message": True,
+        },
+        400,
+    ),
+    ("chat_template_kwargs naming an option", {"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, 400),
 ]
 
 
@@ -543,6 +568,46 @@ def test_a_missing_or_wrong_api_key_is_401(server, tiny_dir, headers):
         assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
 
 
+def metrics(base: str) -> dict[tuple, float]:
+    """The server's ``/metrics`` samples: ``{(name, (label, value), ...): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = requests.get(f"{base}/metrics")  # no API key, as vLLM's
+    assert answer.status_code == 200, answer.text
+    families = text_string_to_metric_families(answer.text)
+    return {(s.name, *sorted(s.labels.items())): s.value for family in families for s in family.samples}
+
+
+def grown(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, *sorted(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+@pytest.mark.slow
+def test_metrics_count_the_choices_tokens_and_forwards_the_responses_report(server, client, tiny_dir):
+    base, _ = server
+    before = metrics(base)
+    chat = client.chat.completions.create(model=tiny_dir, messages=[{"role": "user", "content": "Hi"}])
+    many = client.completions.create(model=tiny_dir, prompt=["1+1=", "22+22="], n=2, max_tokens=5, temperature=0.8)
+    kwargs = {"stream": True, "stream_options": {"include_usage": True}}
+    chunks = list(client.completions.create(model=tiny_dir, prompt="12+34=", max_tokens=3, **kwargs))
+    refused = requests.post(f"{base}/v1/chat/completions", json={"model": tiny_dir, "messages": []}, headers=AUTH)
+    after = metrics(base)
+
+    assert refused.status_code == 400 and grown(before, after, "dllm_lit:request_refused_total", status="400") == 1
+    usages = [chat.usage, many.usage, chunks[-1].usage]
+    counted = {"prompt_tokens": "prompt_tokens", "completion_tokens": "generation_tokens", "forwards": "forwards"}
+    for field, name in counted.items():
+        assert grown(before, after, f"dllm_lit:{name}_total") == sum(getattr(u, field) for u in usages), name
+    reasons = [c.finish_reason for c in chat.choices + many.choices] + [chunks[-2].choices[0].finish_reason]
+    for reason in set(reasons):
+        assert grown(before, after, "dllm_lit:request_success_total", finished_reason=reason) == reasons.count(reason)
+    assert "length" in reasons
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert grown(before, after, f"dllm_lit:{histogram}_count") == len(reasons) == 6
+    assert after[("dllm_lit:num_requests_in_flight",)] == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, stream):
@@ -555,7 +620,7 @@ def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, strea
         "ignore_eos": True,
         "add_eos_length": 0,
     }
-    cancelled = log.read_text().count("cancelled: the client went away")
+    cancelled, before = log.read_text().count("cancelled: the client went away"), metrics(base)
     if stream:
         with requests.post(f"{base}/v1/completions", json=body, headers=AUTH, timeout=60, stream=True) as answer:
             lines = answer.iter_lines(decode_unicode=True)
@@ -567,6 +632,9 @@ def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, strea
     while log.read_text().count("cancelled: the client went away") == cancelled:
         assert time.time() < deadline, log.read_text()
         time.sleep(0.2)
+    after = metrics(base)
+    assert grown(before, after, "dllm_lit:request_failure_total", reason="cancelled") == 1
+    assert after[("dllm_lit:num_requests_in_flight",)] == 0
     assert chat_text(client, tiny_dir, "hi", max_tokens=4)[0]
 
 
