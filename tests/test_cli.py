@@ -205,6 +205,17 @@ def test_bad_template_fields_are_one_sentence(tiny_dir, tmp_path, row, fragment)
         data.setup("predict")
 
 
+def test_a_template_that_refuses_the_messages_is_one_sentence(tiny_dir):
+    from dllm_lit.data import encode_prompt
+
+    tokenizer = load_tokenizer(tiny_dir)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Start with a user.') }}{% endif %}"
+    )
+    with pytest.raises(PromptError, match=r"^The chat template cannot render these messages: Start with a user\.$"):
+        encode_prompt(tokenizer, {"messages": [{"role": "assistant", "content": "x"}]}, True)
+
+
 def test_chat_template_missing_is_a_clear_error(tiny_dir, tmp_path, capsys):
     plain = tmp_path / "no_template"
     save_tiny_model(plain)
