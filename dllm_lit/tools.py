@@ -12,8 +12,8 @@ is constrained by a JSON schema (:mod:`dllm_lit.guided`) and read back as calls.
   ``--tool_call_parser``: ``hermes`` reads ``<tool_call>{"name", "arguments"}</tool_call>`` blocks
   (Hermes, Qwen2.5 and Qwen3 templates), the text before them being the content; ``llama3_json`` and
   ``mistral`` read calls that start the answer (:class:`LeadingCalls`). The text keeps special tokens
-  then (some models' tags are). Without a parser it is a 400 that names the modes above. ``"none"``:
-  an ordinary answer.
+  then (some models' tags are); with ``parallel_tool_calls: false`` only the first call is kept.
+  Without a parser it is a 400 that names the modes above. ``"none"``: an ordinary answer.
 
 Each mode's :class:`CallStream` turns the answer's text, as it comes, into OpenAI's deltas; a whole
 answer's message is the same deltas merged, so streamed and non-streamed answers agree.
@@ -144,6 +144,8 @@ class CallStream:
         """The ``delta`` and ``finish_reason`` of a chunk that adds ``text`` (``reason``: the last)."""
         self.text += text
         content, new = self._read(final=reason is not None)
+        if not self.choice.parallel:  # the model's own calls (auto) past its first are dropped, as vLLM does
+            new = [] if self.calls else new[:1]
         delta: dict[str, Any] = {"content": content} if content else {}
         if new:
             delta["tool_calls"] = [{"index": len(self.calls) + n} | c for n, c in enumerate(new)]

@@ -179,6 +179,17 @@ def test_json_led_calls_are_read_from_the_answer_s_start_and_other_answers_are_t
             assert choice.message(text, "stop") == ({"role": "assistant", "content": text}, "stop")
 
 
+@pytest.mark.parametrize("parser", ANSWERS)
+def test_without_parallel_calls_only_the_model_s_first_call_is_kept_streamed_or_whole(parser):
+    parallel, single = (ToolChoice.read(TOOLS, "auto", allowed, parser) for allowed in (True, False))
+    text = ANSWERS[parser]["two calls"]
+    both, _ = parallel.message(text, "stop")
+    first, reason = single.message(text, "stop")
+    assert len(both["tool_calls"]) == 2 and reason == "tool_calls"
+    assert [c["function"] for c in first["tool_calls"]] == [both["tool_calls"][0]["function"]]
+    assert merged(single, list(text), "stop") == (first["content"] or "", [("time", "{}")], reason)
+
+
 def test_hermes_calls_are_read_from_their_tags_and_the_rest_is_content():
     answers = ANSWERS["hermes"]
     message, reason = HERMES.message(answers["a call after text"], "stop")
