@@ -195,7 +195,21 @@ def serve(
         tool_call_parser=tool_call_parser,
     )
     print(f"dllm_lit serve: http://{host}:{port}/v1 serves '{name}' (Ctrl-C stops)", file=sys.stderr, flush=True)
-    server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+    try:
+        server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+    except (EOFError, ConnectionError):  # LitServe shut down when its worker died, and its manager with it
+        print(f"dllm_lit serve: {worker_death(server)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def worker_death(server: ls.LitServer) -> str:
+    """One sentence on how the model worker ended (a supervisor may restart the server)."""
+    code = next((worker.exitcode for worker in server.inference_workers if worker.exitcode), None)
+    if code is not None and code < 0:
+        how = f"killed by {signal.Signals(-code).name}" + (", often the out-of-memory killer" if code == -9 else "")
+    else:
+        how = f"exit status {code}"
+    return f"the model worker process died ({how}); the server stopped, and requests in flight got no answer."
 
 
 def serve_parser():

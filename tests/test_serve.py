@@ -88,6 +88,24 @@ def test_ctrl_c_stops_the_server_and_its_worker_without_a_traceback(tiny_dir, tm
             os.killpg(process.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_a_worker_that_dies_stops_the_server_with_one_sentence(tiny_dir, tmp_path):
+    log = tmp_path / "stderr.log"
+    process, _ = start_server([f"--model.model_name_or_path={tiny_dir}"], log)
+    try:
+        group = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "-g", str(process.pid)], capture_output=True, text=True)
+        worker = [int(line.split()[0]) for line in group.stdout.splitlines() if "spawn_main" in line]
+        assert len(worker) == 1, group.stdout
+        os.kill(worker[0], signal.SIGKILL)  # as the out-of-memory killer does
+        assert process.wait(timeout=120) == 1
+        text = log.read_text()
+        assert "the model worker process died (killed by SIGKILL, often the out-of-memory killer)" in text, text
+        assert "Traceback" not in text, text
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def healthy(base: str) -> bool:
     try:
         return requests.get(f"{base}/health", timeout=2).status_code == 200
