@@ -93,7 +93,9 @@ def test_a_worker_that_dies_stops_the_server_with_one_sentence(tiny_dir, tmp_pat
     log = tmp_path / "stderr.log"
     process, _ = start_server([f"--model.model_name_or_path={tiny_dir}"], log)
     try:
-        group = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "-g", str(process.pid)], capture_output=True, text=True)
+        group = subprocess.run(
+            ["ps", "-ww", "-o", "pid=,args=", "-g", str(process.pid)], capture_output=True, text=True
+        )
         worker = [int(line.split()[0]) for line in group.stdout.splitlines() if "spawn_main" in line]
         assert len(worker) == 1, group.stdout
         os.kill(worker[0], signal.SIGKILL)  # as the out-of-memory killer does
