@@ -13,7 +13,15 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 """Seconds; vLLM's time-to-first-token buckets run from 1 ms to 2,560 s, ours from 10 ms to 640 s."""
@@ -25,6 +33,7 @@ class ServeMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self):
+        disable_created_metrics()  # no *_created series beside each counter, as vLLM's
         self.registry = registry = CollectorRegistry()
         self.in_flight = Gauge("dllm_lit:num_requests_in_flight", "Choices queued or decoding.", registry=registry)
         self.success = Counter(
