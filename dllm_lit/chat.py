@@ -34,6 +34,7 @@ def chat(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     system: str | None = None,
     multiline: bool = False,
+    chat_template: str | None = None,
 ) -> None:
     """Chat with the model until /exit or Ctrl-D.
 
@@ -42,13 +43,14 @@ def chat(
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         system: A system message put first in the history (kept across /reset).
         multiline: A message runs until an empty line (for pasted text and code); else each line is one.
+        chat_template: A chat template in place of the tokenizer's: a Jinja file, or the template itself.
     """
     if settings.logprobs is not None:
         raise ValueError("--model.logprobs does nothing in chat, which prints answers only (use predict or serve).")
     device = resolve_device(device)
-    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code, chat_template=chat_template)
     if not tokenizer.chat_template:
-        raise PromptError("This model's tokenizer has no chat template: chat needs one (use predict instead).")
+        raise PromptError("This model's tokenizer has no chat template: give one with --chat_template FILE.")
     model = load_model(model_name_or_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
     model = model.to(device)
     warm_up(model, tokenizer, settings, rows=1)  # a compiled backend compiles now, not in the first answer

@@ -394,6 +394,8 @@ class DataModule(L.LightningDataModule):
         skip_long_prompts: Skip prompts to decode that leave no room under ``max_length`` (with a
             note on stderr) instead of stopping with an error.
         num_workers: DataLoader worker processes.
+        chat_template: A chat template in place of the tokenizer's: a Jinja file, or the template
+            itself (for a model without one, or to change it).
         model_name_or_path: Whose tokenizer to use (linked to the model's by the CLI).
         trust_remote_code: Run the tokenizer code in the model directory (linked to the model's).
     """
@@ -414,6 +416,7 @@ class DataModule(L.LightningDataModule):
         truncation: Literal["error", "left", "right"] = "error",
         skip_long_prompts: bool = False,
         num_workers: int = 0,
+        chat_template: str | None = None,
         model_name_or_path: str = DEFAULT_MODEL,
         trust_remote_code: bool = False,
     ):
@@ -430,7 +433,7 @@ class DataModule(L.LightningDataModule):
         self.skip_long_prompts = skip_long_prompts
         self.skip_indices: set[int] = set()  # prompts already done (resume), set by the CLI
         self.rows: list[dict[str, Any]] | None = None  # the prompt rows, once read
-        self.num_workers = num_workers
+        self.num_workers, self.chat_template = num_workers, chat_template
         self.model_name_or_path = model_name_or_path
         self.trust_remote_code = trust_remote_code
         self.datasets: dict[str, Dataset] = {}
@@ -497,7 +500,9 @@ class DataModule(L.LightningDataModule):
         return value
 
     def setup(self, stage: str) -> None:
-        self.tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            self.model_name_or_path, trust_remote_code=self.trust_remote_code, chat_template=self.chat_template
+        )
         if stage == "predict" and "predict" not in self.datasets:
             self.datasets["predict"] = self._prompt_dataset(self.prompt_rows(), skip=self.skip_indices)
         if stage == "fit" and "train" not in self.datasets:

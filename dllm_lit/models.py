@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -165,12 +167,16 @@ def cached_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    model_name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None
+) -> PreTrainedTokenizerBase:
     """Load the tokenizer, left-padding, with ``pad_token`` set to EOS when it has none (an adapter
-    directory without tokenizer files uses its base model's)."""
+    directory without tokenizer files uses its base model's); ``chat_template`` (a Jinja file or the
+    template itself, :func:`read_chat_template`) replaces the tokenizer's own."""
     path = resolve(model_name_or_path)
     if is_adapter(path) and not (path / "tokenizer_config.json").is_file():
-        return load_tokenizer(adapter_base(path), trust_remote_code=trust_remote_code)
+        base = adapter_base(path)
+        return load_tokenizer(base, trust_remote_code=trust_remote_code, chat_template=chat_template)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
@@ -180,7 +186,26 @@ def load_tokenizer(model_name_or_path: str, *, trust_remote_code: bool = False) 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
     return tokenizer
+
+
+def read_chat_template(given: str) -> str:
+    """A chat template from the path of a Jinja file, or given as the template itself (as vLLM's
+    ``--chat-template``); its syntax is checked here, not at the first prompt. Templates render in
+    Jinja's sandbox (transformers'), so a template file cannot run code."""
+    if "{{" in given or "{%" in given:
+        text = given
+    elif Path(given).expanduser().is_file():
+        text = Path(given).expanduser().read_text(encoding="utf-8")
+    else:
+        raise ModelLoadError(f"chat_template {given!r} is neither a file nor a Jinja template.")
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as error:
+        raise ModelLoadError(f"The chat template does not parse (line {error.lineno}: {error.message}).") from None
+    return text
 
 
 def load_model(

@@ -82,12 +82,13 @@ class OpenAIBlockSpec(LitSpec):
         api_key: str | None,
         cancelled,
         tool_call_parser: str | None = None,
+        chat_template: str | None = None,
     ):
         super().__init__()
         self.api_path = "/v1/chat/completions"
         self.model_name_or_path, self.trust_remote_code = model_name_or_path, trust_remote_code
         self.settings, self.model_id, self.api_key = settings, served_model_name, api_key
-        self.cancelled, self.tool_call_parser = cancelled, tool_call_parser
+        self.cancelled, self.tool_call_parser, self.chat_template = cancelled, tool_call_parser, chat_template
         self._tokenizer = self._metrics = None  # made in the HTTP process, at first use
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
@@ -251,7 +252,9 @@ class OpenAIBlockSpec(LitSpec):
     def tokenizer(self):
         """The model's tokenizer, loaded at the first request (the HTTP process holds no model)."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+            self._tokenizer = load_tokenizer(
+                self.model_name_or_path, trust_remote_code=self.trust_remote_code, chat_template=self.chat_template
+            )
         return self._tokenizer
 
     def _in_vocabulary(self, ids: list[int], field: str) -> list[int]:

@@ -51,7 +51,7 @@ class BlockDecodingAPI(ls.LitAPI):
         quiet_libraries()
         spec = self._spec
         dtype = resolve_dtype(self.dtype, device)
-        self.tokenizer = load_tokenizer(spec.model_name_or_path, trust_remote_code=spec.trust_remote_code)
+        self.tokenizer = spec.tokenizer
         model = load_model(spec.model_name_or_path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
         self.model = model.to(device)
         self.cancelled = spec.cancelled
@@ -94,11 +94,19 @@ def build_server(
     dtype: str,
     timeout: float,
     tool_call_parser: str | None = None,
+    chat_template: str | None = None,
 ) -> ls.LitServer:
     """The LitServer (not started): one model worker on ``device``."""
     cancelled = multiprocessing.Manager().dict()
     spec = OpenAIBlockSpec(
-        model_name_or_path, trust_remote_code, settings, served_model_name, api_key, cancelled, tool_call_parser
+        model_name_or_path,
+        trust_remote_code,
+        settings,
+        served_model_name,
+        api_key,
+        cancelled,
+        tool_call_parser,
+        chat_template,
     )
     api = BlockDecodingAPI(spec, dtype, max_batch_size, batch_timeout)
     server = ls.LitServer(api, **litserve_devices(device), timeout=timeout)
@@ -151,6 +159,7 @@ def serve(
     served_model_name: str | None = None,
     timeout: float = 600.0,
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None,
+    chat_template: str | None = None,
 ) -> None:
     """Serve the model over the OpenAI HTTP API until Ctrl-C.
 
@@ -170,6 +179,8 @@ def serve(
             Hermes, Qwen2.5, Qwen3), ``llama3_json`` (JSON calls from the answer's start: Llama 3.1 to
             3.3) or ``mistral`` (``[TOOL_CALLS]`` and a JSON array). Without it, such requests get a
             400 ("required" and a named function work with any model).
+        chat_template: A chat template in place of the tokenizer's: a Jinja file, or the template
+            itself (vLLM's ``--chat-template``).
     """
     if settings.logprobs is not None:  # a flag that silently did nothing
         raise ValueError("--model.logprobs does nothing in serve: each request asks for its own (logprobs).")
@@ -178,7 +189,9 @@ def serve(
     resolve_dtype(dtype, "cpu")  # a bad dtype or device fails here, before any process starts
     resolve_device(device)
     check_port(host, port)
-    load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code)  # a bad model fails here, too
+    # A bad model or template fails here, before any process starts; the processes get the template's text.
+    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code, chat_template=chat_template)
+    chat_template = tokenizer.chat_template if chat_template is not None else None
     name = served_model_name or model_name_or_path
     api_key = api_key or os.environ.get("DLLM_LIT_API_KEY") or None
     server = build_server(
@@ -193,6 +206,7 @@ def serve(
         dtype=dtype,
         timeout=timeout,
         tool_call_parser=tool_call_parser,
+        chat_template=chat_template,
     )
     print(f"dllm_lit serve: http://{host}:{port}/v1 serves '{name}' (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

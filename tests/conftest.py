@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -58,6 +59,18 @@ def tiny_dir(tmp_path_factory) -> str:
     from dllm_lit.tiny import save_tiny_model
 
     return str(save_tiny_model(tmp_path_factory.mktemp("tiny"), initializer_range=0.3))
+
+
+def save_without_template(folder: Path) -> Path:
+    """A tiny model whose tokenizer has no chat template."""
+    from dllm_lit.tiny import save_tiny_model
+
+    save_tiny_model(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
 
 
 def run_dllm_lit(

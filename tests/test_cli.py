@@ -15,13 +15,12 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import assert_one_line_error, write
+from conftest import assert_one_line_error, save_without_template, write
 from dllm_lit import cli, demo, generate_blocks
 from dllm_lit.data import DataModule, PromptError
 from dllm_lit.models import load_model, load_tokenizer
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.summary import RULE
-from dllm_lit.tiny import save_tiny_model
 
 PROMPTS = ["What is 2+2?", "Name a color.", "x", "A much longer prompt about the weather and the sea.", "Count: 1 2 3"]
 GEN = ["--model.add_eos_length=3", "--model.refine_iter=2", "--model.max_new_tokens=24"]
@@ -217,16 +216,33 @@ def test_a_template_that_refuses_the_messages_is_one_sentence(tiny_dir):
 
 
 def test_chat_template_missing_is_a_clear_error(tiny_dir, tmp_path, capsys):
-    plain = tmp_path / "no_template"
-    save_tiny_model(plain)
-    (plain / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((plain / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    plain = save_without_template(tmp_path / "no_template")
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["predict", f"--model.model_name_or_path={plain}", "--data.prompt=hi", "--data.use_chat_template=true"])
     assert exit_info.value.code == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_a_chat_template_given_as_a_file_or_as_text_replaces_the_tokenizer_s(tiny_dir, tmp_path):
+    plain = str(save_without_template(tmp_path / "no_template"))
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    given = write(tmp_path / "t.jinja", template)
+    for source in (str(given), template):
+        data = DataModule(prompt="2+2=", use_chat_template=True, chat_template=source, model_name_or_path=plain)
+        data.setup("predict")
+        assert load_tokenizer(plain).decode(data.datasets["predict"][0]["input_ids"]) == "[user] 2+2=\n[assistant]"
+
+
+@pytest.mark.parametrize(
+    "given,fragment",
+    [
+        ("templates/none.jinja", "chat_template 'templates/none.jinja' is neither a file nor a Jinja template."),
+        ("{% for m in messages %}{{ m }}", "The chat template does not parse (line 1: Unexpected end of template."),
+    ],
+)
+def test_a_bad_chat_template_is_one_sentence(tiny_dir, given, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        load_tokenizer(tiny_dir, chat_template=given)
 
 
 def test_demo_flags_equal_the_cli(tiny_dir, prompts_file, tmp_path):

@@ -22,7 +22,7 @@ import pytest
 import requests
 import torch
 
-from conftest import assert_one_line_error, type_lines, write
+from conftest import assert_one_line_error, save_without_template, type_lines, write
 from dllm_lit import cli, generate_blocks
 from dllm_lit.models import load_tokenizer
 from dllm_lit.streaming import Job, stream_jobs
@@ -86,6 +86,27 @@ def test_ctrl_c_stops_the_server_and_its_worker_without_a_traceback(tiny_dir, tm
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_model_without_a_template_chats_through_the_one_given_as_predict_uses_it(tmp_path):
+    plain = str(save_without_template(tmp_path / "plain"))
+    template = write(tmp_path / "t.jinja", "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}>")
+    process, base = start_server(
+        [f"--model.model_name_or_path={plain}", *SETTINGS, f"--chat_template={template}"], tmp_path / "log"
+    )
+    try:
+        messages = [{"role": "user", "content": "What is 2+2?"}]
+        body = {"model": plain, "messages": messages}
+        done = requests.post(f"{base}/v1/chat/completions", json=body).json()
+        row = predicted(plain, tmp_path, {"messages": messages}, f"--data.chat_template={template}")
+        assert done["choices"][0]["message"]["content"] == row["response"] and row["response"]
+        assert (
+            done["usage"]["prompt_tokens"] == row["prompt_length"] == len("[user] What is 2+2?\n>")
+        )  # no BOS: the template writes none
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
 
 
 @pytest.mark.slow
@@ -673,6 +694,8 @@ def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, strea
         (["chat", "--device=cuda:99"], "No cuda:99 device here"),
         (["serve", "--model.logprobs=2"], "--model.logprobs does nothing in serve"),
         (["serve", "--tool_call_parser=xml"], "tool_call_parser"),
+        (["chat", "--chat_template=none.jinja"], "chat_template 'none.jinja' is neither a file nor a Jinja template."),
+        (["serve", "--chat_template={% if %}"], "The chat template does not parse"),
         (["chat", "--model.logprobs=2"], "--model.logprobs does nothing in chat"),
     ],
 )
