@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from dllm_lit.checkpoints import load_checkpoint
 from dllm_lit.data import DataModule
 from dllm_lit.export import HFExport
-from dllm_lit.models import DEFAULT_MODEL, resolve
+from dllm_lit.models import DEFAULT_MODEL, read_chat_template, resolve
 from dllm_lit.module import BlockRefineLM
 from dllm_lit.outputs import model_identity, run_fingerprint
 from dllm_lit.progress import progress_bar
@@ -181,6 +182,7 @@ class DllmCLI(LightningCLI):
                 "use_chat_template": data.use_chat_template,
                 "max_length": data.max_length,
                 "skip_long_prompts": data.skip_long_prompts,
+                "chat_template": template_digest(data.chat_template),
             },
             decoding={
                 **asdict(model.decoding),
@@ -222,6 +224,11 @@ def prefer_int_batch_limits(parser) -> None:
 
 def _interrupt_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt("SIGTERM")
+
+
+def template_digest(given: str | None) -> str | None:
+    """A short digest of a ``--data.chat_template``'s text (a file's content, not its name)."""
+    return None if given is None else hashlib.sha256(read_chat_template(given).encode()).hexdigest()[:16]
 
 
 def quiet_libraries() -> None:

@@ -130,11 +130,13 @@ def test_resume_refuses_rows_of_another_run(tiny_dir, tmp_path, forty_prompts, d
     kept = sorted(map(json.dumps, saved_rows(parts)))
     other = write(tmp_path / "other.txt", "".join(f"another prompt {i}\n" for i in range(40)))
     three = write(tmp_path / "three.txt", "a\nb\nc\n")
+    template = write(tmp_path / "t.jinja", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     cases = [
         (other, [], "different prompts (row 0 and 39 more)"),
         (three, [], "different prompts (40 then, 3 now)"),
         (forty_prompts, ["--model.refine_iter=3"], "different decoding settings (refine_iter 2 -> 3"),
         (forty_prompts, ["--model.model_name_or_path=tiny-char"], "a different model"),
+        (forty_prompts, [f"--data.chat_template={template}"], "different data settings (chat_template None -> '"),
     ]
     for prompts, extra, fragment in cases:
         done = dllm_lit_here(predict_args(tiny_dir, out, prompts, *extra, "--writer.resume=true"), tmp_path)
