@@ -33,6 +33,7 @@ def evaluate(
     log_samples: bool = False,
     batch_size: int = 8,
     apply_chat_template: bool = False,
+    chat_template: str | None = None,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     seed: int = 0,
@@ -49,6 +50,8 @@ def evaluate(
         log_samples: Also write each task's prompts, answers and scores (``samples_<task>.jsonl``).
         batch_size: Requests decoded (or scored) together.
         apply_chat_template: Wrap each prompt in the model's chat template (lm-eval's option).
+        chat_template: With ``apply_chat_template``, this template (a Jinja file or the template
+            itself) in place of the tokenizer's.
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         seed: lm-eval's random, numpy, torch and few-shot seeds.
@@ -73,7 +76,7 @@ def evaluate(
     manager = TaskManager(include_path=include_path)
     names = task_names(tasks, manager.all_tasks)
     decoding = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
-    lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, **decoding)
+    lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, chat_template, **decoding)
     if note := default_model_note(model_name_or_path, settings):  # few-shot tasks read well without a template
         print(note, file=sys.stderr)
     with hub_datasets_explained():

@@ -38,6 +38,7 @@ class DllmLM(HFLM):
         batch_size: Requests decoded (or scored) together.
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16``, ``float16``.
+        chat_template: A chat template in place of the tokenizer's (a Jinja file or the template).
         **decoding: :class:`~dllm_lit.settings.DecodeSettings` fields (``add_eos_length``, ``lossless``...).
     """
 
@@ -48,11 +49,12 @@ class DllmLM(HFLM):
         batch_size: int = 8,
         device: str = "auto",
         dtype: str = "auto",
+        chat_template: str | None = None,
         **decoding: Any,
     ):
         self.settings = DecodeSettings(**decoding)
         device = resolve_device(device)
-        tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code, chat_template=chat_template)
         model = load_model(pretrained, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
         super().__init__(pretrained=model.to(device), tokenizer=tokenizer, batch_size=int(batch_size))
         self.stats: dict[str, dict[str, float]] = defaultdict(

@@ -102,6 +102,14 @@ def test_loglikelihood_rolling_equals_a_direct_computation(lm):
     assert rolling == pytest.approx(expected, abs=1e-3)
 
 
+def test_lm_eval_s_chat_prompts_go_through_the_chat_template_given(tiny_dir, tmp_path):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    given = DllmLM(tiny_dir, batch_size=1, device="cpu", chat_template=str(write(tmp_path / "t.jinja", template)))
+    chat = [{"role": "user", "content": "2+2="}]
+    assert given.apply_chat_template(chat) == "[user] 2+2=\n[assistant]"
+    assert DllmLM(tiny_dir, batch_size=1, device="cpu").apply_chat_template(chat) == "<s><|user|>2+2=\n<|assistant|>"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny", "smollm2"])
 def test_evaluate_on_the_shipped_tasks(dllm_lit, tiny_dir, tmp_path, model):
