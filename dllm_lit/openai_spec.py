@@ -1,6 +1,7 @@
 """The HTTP side of ``dllm_lit serve``: a LitServe spec with OpenAI's endpoints.
 
-``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, vLLM's ``POST
+``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses`` (read as a chat
+completion: :mod:`dllm_lit.responses_api`), ``GET /v1/models``, vLLM's ``POST
 /tokenize`` and ``POST /detokenize``, and Prometheus' ``GET /metrics`` (LitServe adds ``GET /health``).
 Each request is checked (:mod:`dllm_lit.openai_api`), tokenized as ``predict`` tokenizes, and queued as one
 :class:`~dllm_lit.streaming.Job` per choice: each prompt (a completion takes a list) times ``n``.
@@ -41,6 +42,7 @@ from dllm_lit.openai_api import (
     settings_for,
     usage,
 )
+from dllm_lit.responses_api import ResponseBuilder, chat_body
 from dllm_lit.serve_metrics import RequestMeter, ServeMetrics
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job
@@ -92,6 +94,7 @@ class OpenAIBlockSpec(LitSpec):
         self._tokenizer = self._metrics = None  # made in the HTTP process, at first use
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
+        self.add_endpoint("/v1/responses", self.responses, ["POST"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
         self.add_endpoint("/tokenize", self.tokenize, ["POST"])
         self.add_endpoint("/detokenize", self.detokenize, ["POST"])
@@ -161,16 +164,46 @@ class OpenAIBlockSpec(LitSpec):
     async def _complete(self, request: Request, chat: bool):
         try:
             self._authorize(request)
-            exchange = await self._exchange(request, chat)
+            exchange = self._exchange(await self._body(request), chat)
         except OpenAIError as error:
-            self.metrics.refused.labels(str(error.status)).inc()
-            return JSONResponse(error.body(), error.status)
-        exchange.meter = RequestMeter(self.metrics, len(exchange.jobs), exchange.prompt_tokens())
-        events = exchange.meter.watch(self._merged([self._submit(job) for job in exchange.jobs]))
-        events = echoed(events, exchange.echo)
+            return self._refused(error)
+        events = self._start(exchange)
         if exchange.stream:
             return StreamingResponse(self._sse(events, exchange), media_type="text/event-stream")
-        return await self._collect(events, exchange, request)
+        gathered = await self._gather(events, exchange, request)
+        return gathered if isinstance(gathered, JSONResponse) else self._chat_response(exchange, *gathered)
+
+    async def responses(self, request: Request):
+        """OpenAI's Responses API (:mod:`dllm_lit.responses_api`): one answer, as a chat completion."""
+        try:
+            self._authorize(request)
+            body, asked = chat_body(await self._body(request))
+            exchange = self._exchange(body, chat=True)
+        except OpenAIError as error:
+            return self._refused(error)
+        calls = exchange.tools.stream() if exchange.tools is not None else None
+        builder = ResponseBuilder(asked, self.model_id, exchange.jobs[0].settings, calls)
+        events = self._start(exchange)
+        if exchange.stream:
+            return StreamingResponse(self._response_sse(events, exchange, builder), media_type="text/event-stream")
+        gathered = await self._gather(events, exchange, request)
+        if isinstance(gathered, JSONResponse):
+            return gathered
+        texts, finals, scored = gathered
+        builder.add(
+            texts[0], finals[0]["finish_reason"], self._entries(exchange, scored[0]), self._usage(exchange, finals)
+        )
+        return builder.response
+
+    def _refused(self, error: OpenAIError) -> JSONResponse:
+        self.metrics.refused.labels(str(error.status)).inc()
+        return JSONResponse(error.body(), error.status)
+
+    def _start(self, exchange: Exchange) -> AsyncIterator[tuple[int, dict]]:
+        """Queue the exchange's jobs; their merged events, counted, with a completion's echo."""
+        exchange.meter = RequestMeter(self.metrics, len(exchange.jobs), exchange.prompt_tokens())
+        events = exchange.meter.watch(self._merged([self._submit(job) for job in exchange.jobs]))
+        return echoed(events, exchange.echo)
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -199,8 +232,7 @@ class OpenAIBlockSpec(LitSpec):
             )
         return parsed
 
-    async def _exchange(self, request: Request, chat: bool) -> Exchange:
-        body = await self._body(request)
+    def _exchange(self, body, chat: bool) -> Exchange:
         parsed = self._check_model(parse(ChatRequest if chat else CompletionRequest, body, self.tool_call_parser))
         settings, stop = settings_for(self.settings, parsed), parsed.stop_strings()
         self._in_vocabulary(list(settings.logit_bias or {}), "logit_bias")
@@ -315,9 +347,9 @@ class OpenAIBlockSpec(LitSpec):
         completion = sum(final["completion_tokens"] for final in finals)
         return usage(exchange.prompt_tokens(), completion, sum(final["forwards"] for final in finals), echoed)
 
-    async def _collect(self, events: AsyncIterator, exchange: Exchange, request: Request):
-        """One response with every choice; a client that went away (checked at each event), or an
-        error, cancels the unfinished jobs."""
+    async def _gather(self, events: AsyncIterator, exchange: Exchange, request: Request):
+        """Every choice's ``(texts, finals, scored)``, or the error response; a client that went away
+        (checked at each event), or an error, cancels the unfinished jobs."""
         texts, finals = [""] * len(exchange.jobs), [None] * len(exchange.jobs)
         scored: list[list] = [[] for _ in exchange.jobs]
         try:
@@ -335,6 +367,10 @@ class OpenAIBlockSpec(LitSpec):
             self._cancel(exchange, [index for index, final in enumerate(finals) if final is None])
         if None in finals:
             return JSONResponse(OpenAIError(500, "The worker ended the request without a result.").body(), 500)
+        return texts, finals, scored
+
+    def _chat_response(self, exchange: Exchange, texts: list[str], finals: list[dict], scored: list[list]) -> dict:
+        """A (chat) completion with every choice."""
         chat, rid = exchange.chat, exchange.rid
         choices = [
             choice(chat, text, final["finish_reason"], False, i, self._logprobs(exchange, entries))
@@ -382,6 +418,31 @@ class OpenAIBlockSpec(LitSpec):
             yield "data: [DONE]\n\n"
         finally:
             self._cancel(exchange, [index for index in range(count) if index not in finals])
+
+    async def _response_sse(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder):
+        """The Responses stream: ``event:`` and ``data:`` per event, no ``[DONE]`` (OpenAI's shape). A
+        client that goes away cancels the job; an error ends the stream with ``response.failed``."""
+        ended = False
+        try:
+            stream = builder.start()
+            for kind, data in stream:
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+            async for _, event in events:
+                ended = "error" in event or "finish_reason" in event
+                if "error" in event:
+                    stream = builder.fail(event["error"])
+                else:
+                    usage = self._usage(exchange, [event]) if ended else None
+                    entries = self._entries(exchange, event.get("logprobs", []))
+                    stream = builder.add(event["text"], event.get("finish_reason"), entries, usage)
+                for kind, data in stream:
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+        finally:
+            self._cancel(exchange, [] if ended else [0])
+
+    def _entries(self, exchange: Exchange, entries: list) -> list[dict]:
+        """Chat-shaped logprob entries of these tokens (none when the request asked for none)."""
+        return (self._logprobs(exchange, entries) or {}).get("content") or []
 
     def _logprobs(self, exchange: Exchange, entries: list, offset: int = 0) -> dict | None:
         """A choice's ``logprobs`` for these entries, or None when the request asked for none."""

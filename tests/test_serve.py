@@ -528,6 +528,108 @@ def test_a_conversation_with_earlier_calls_and_their_results_is_answered(client,
     assert done.choices[0].message.tool_calls is None and isinstance(done.choices[0].message.content, str)
 
 
+def brief(client, model: str, **kwargs):
+    """The chat completion a Responses request with instructions "Answer briefly." amounts to."""
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"}]
+    return client.chat.completions.create(model=model, messages=messages, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit", [None, 3])
+def test_responses_streamed_equal_whole_equal_the_chat_completion(client, tiny_dir, limit):
+    asked = dict(model=tiny_dir, input="What is 2+2?", instructions="Answer briefly.", max_output_tokens=limit)
+    whole = client.responses.create(**asked)
+    events = list(client.responses.create(**asked, stream=True))
+    chat = brief(client, tiny_dir, max_tokens=limit)
+    text, streamed = chat.choices[0].message.content, events[-1].response
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert whole.output_text == streamed.output_text == deltas == text and text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:4]] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert events[2].item.status == "in_progress" and events[2].item.content == [], "the item as it was then"
+    status = {"stop": "completed", "length": "incomplete"}[chat.choices[0].finish_reason]
+    assert whole.status == streamed.status == status and events[-1].type == f"response.{status}"
+    if status == "incomplete":
+        assert whole.incomplete_details.reason == streamed.incomplete_details.reason == "max_output_tokens"
+    usage = (chat.usage.prompt_tokens, chat.usage.completion_tokens, chat.usage.total_tokens)
+    for response in (whole, streamed):
+        assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == usage
+        assert response.usage.model_dump()["forwards"] == chat.usage.model_dump()["forwards"]
+
+
+RESPONSE_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("named", [True, False])
+def test_responses_calls_streamed_or_whole_equal_the_chat_completion_s(client, tiny_dir, named):
+    choice = {"type": "function", "name": "get_weather"} if named else "required"
+    chat_choice = {"type": "function", "function": {"name": "get_weather"}} if named else "required"
+    asked = dict(model=tiny_dir, input="What is the weather in Paris?", tools=RESPONSE_TOOLS, max_output_tokens=300)
+    asked |= dict(tool_choice=choice, extra_body={"lossless": True})
+    whole = client.responses.create(**asked)
+    events = list(client.responses.create(**asked, stream=True))
+    expected, _ = tool_calls(client, tiny_dir, False, tool_choice=chat_choice, max_tokens=300)
+    calls = [("function_call", c["name"], c["arguments"]) for c in expected]
+    for response in (whole, events[-1].response):
+        assert [(item.type, item.name, item.arguments) for item in response.output] == calls
+        assert response.status == "completed" and all(item.call_id.startswith("call_") for item in response.output)
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert deltas == "".join(arguments for *_, arguments in calls)
+
+
+@pytest.mark.slow
+def test_responses_read_earlier_calls_and_their_outputs_as_chat_messages_and_report_logprobs(client, tiny_dir):
+    earlier = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    messages = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [earlier]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
+    ]
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "What is the weather in Paris?"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"},
+    ]
+    chat = client.chat.completions.create(
+        model=tiny_dir, messages=messages, tools=TOOLS, tool_choice="none", logprobs=True, top_logprobs=2
+    )
+    response = client.responses.create(
+        model=tiny_dir,
+        input=items,
+        tools=RESPONSE_TOOLS,
+        tool_choice="none",
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+    )
+    assert response.output_text == chat.choices[0].message.content
+    entries = [entry.model_dump() for entry in response.output[0].content[0].logprobs]
+    assert entries == [entry.model_dump() for entry in chat.choices[0].logprobs.content] and entries
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id is not supported: this server keeps no state"),
+        ({"include": ["file_search_call.results"]}, "include: 'file_search_call.results' is not supported"),
+        ({"input": [{"type": "image", "url": "x"}]}, "input.0 is a message, function_call or function_call_output."),
+        ({"input": [{"role": "robot", "content": "hi"}]}, "input.0.role"),
+        ({"tools": RESPONSE_TOOLS, "tool_choice": {"type": "function", "name": "g"}}, "'g', which is not one of"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+    ],
+)
+def test_bad_responses_requests_get_openai_errors(server, tiny_dir, change, fragment):
+    body = {"model": tiny_dir, "input": "hi", **change}
+    answer = requests.post(f"{server[0]}/v1/responses", json=body, headers=AUTH)
+    assert answer.status_code == 400 and fragment in answer.json()["error"]["message"], answer.text
+
+
 BAD_REQUESTS = [
     ("malformed json", b'{"model": "m", "messages": [', 400),
     ("messages not a list", {"messages": "hi"}, 400),

@@ -1,0 +1,339 @@
+"""OpenAI's Responses API (``POST /v1/responses``) for ``dllm_lit serve``, read as a chat completion.
+
+:func:`chat_body` turns a request into the chat completion it amounts to: ``instructions`` and
+``input`` become the messages (text, earlier ``function_call`` items and their
+``function_call_output``), ``max_output_tokens`` the ``max_tokens``, ``text.format`` the
+``response_format``, the flat function ``tools`` and ``tool_choice`` the chat's nested ones, and
+``include: ["message.output_text.logprobs"]`` with ``top_logprobs`` the chat's logprobs; dllm_lit's
+and vLLM's own fields pass through. The server keeps no state: ``previous_response_id`` and
+``conversation`` are refused and ``store`` reads false.
+
+:class:`ResponseBuilder` turns the one answer's text, as it comes, into the Responses stream's events
+and, at the end, the response object; a whole response is the same builder fed the whole text, so
+streamed and non-streamed answers agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dllm_lit.openai_api import OpenAIError
+from dllm_lit.tools import CallStream
+
+PASSED = (
+    "temperature", "top_p", "seed", "stop", "top_k", "min_p", "add_eos_length", "refine_iter", "lossless",
+    "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+    "stop_token_ids", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "parallel_tool_calls", "chat_template_kwargs", "stream",
+)  # fmt: skip
+"""Request fields a chat completion takes under the same name (dllm_lit's and vLLM's included)."""
+
+STATEFUL = ("previous_response_id", "conversation", "background", "prompt")
+"""Fields that need state kept on the server (or a stored prompt): refused."""
+
+LOGPROBS = "message.output_text.logprobs"
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str | list[TextPart]
+
+    def chat(self) -> dict[str, Any]:
+        parts = [self.content] if isinstance(self.content, str) else [part.text for part in self.content]
+        return {"role": self.role, "content": "\n".join(parts)}
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+ITEMS = {"message": InputMessage, "function_call": FunctionCall, "function_call_output": FunctionCallOutput}
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+    def chat(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.model_dump(exclude={"type"}, exclude_none=True)}
+
+
+class ResponsesRequest(BaseModel):
+    """The Responses fields that are not a chat completion's under the same name."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    text: dict[str, Any] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    include: list[str] | None = None
+    parallel_tool_calls: bool = True
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    metadata: dict[str, str] | None = None
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The chat messages: ``instructions`` as the system message, then each input item."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        for number, raw in enumerate(items):
+            item = read_item(raw, number)
+            if isinstance(item, FunctionCall):  # calls join the assistant message before them, if any
+                if not messages or messages[-1]["role"] != "assistant":
+                    messages.append({"role": "assistant", "content": None})
+                call = {
+                    "id": item.call_id,
+                    "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments},
+                }
+                messages[-1].setdefault("tool_calls", []).append(call)
+            elif isinstance(item, FunctionCallOutput):
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            else:
+                messages.append(item.chat())
+        return messages
+
+    def tool_choice_for_chat(self) -> str | dict[str, Any] | None:
+        if isinstance(self.tool_choice, dict) and self.tool_choice.get("type") == "function":
+            return {"type": "function", "function": {"name": self.tool_choice.get("name")}}
+        return self.tool_choice
+
+    def response_format(self) -> dict[str, Any] | None:
+        """``text.format`` as a chat ``response_format`` (``json_schema`` keeps its schema at the top)."""
+        given = (self.text or {}).get("format")
+        if not isinstance(given, dict) or given.get("type") != "json_schema":
+            return given
+        return {"type": "json_schema", "json_schema": {key: value for key, value in given.items() if key != "type"}}
+
+
+def read_item(raw: Any, number: int) -> BaseModel:
+    """One ``input`` item (a message when it names no ``type``), or a 400 naming it."""
+    kind = raw.get("type", "message") if isinstance(raw, dict) else None
+    if kind not in ITEMS:
+        raise OpenAIError(400, f"input.{number} is a message, function_call or function_call_output.", "input")
+    try:
+        return ITEMS[kind].model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise OpenAIError(400, f"input.{number}.{where}: {first['msg']}.", "input") from None
+
+
+def chat_body(body: Any) -> tuple[dict[str, Any], ResponsesRequest]:
+    """The chat completion body a Responses request amounts to, and the request; or a 400."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "The request body must be a JSON object.")
+    for name in STATEFUL:
+        if body.get(name):
+            message = f"{name} is not supported: this server keeps no state; send the whole conversation as input."
+            raise OpenAIError(400, message, name)
+    try:
+        request = ResponsesRequest.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"])
+        raise OpenAIError(400, f"{param}: {first['msg']}.", param or None) from None
+    unknown = [name for name in request.include or [] if name != LOGPROBS]
+    if unknown:
+        raise OpenAIError(400, f"include: {unknown[0]!r} is not supported by this server.", "include")
+    chat = {name: body[name] for name in PASSED if name in body}
+    chat |= {"model": request.model, "messages": request.messages(), "max_tokens": request.max_output_tokens}
+    chat |= {"response_format": request.response_format(), "tool_choice": request.tool_choice_for_chat()}
+    if request.tools:
+        chat["tools"] = [tool.chat() for tool in request.tools]
+    if LOGPROBS in (request.include or []):
+        chat |= {"logprobs": True, "top_logprobs": request.top_logprobs or 0}
+    return {name: value for name, value in chat.items() if value is not None}, request
+
+
+def response_usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
+    """A chat ``usage`` in the Responses shape (dllm_lit's statistics and settings kept beside it)."""
+    usage = dict(chat_usage)
+    prompt, completion = usage.pop("prompt_tokens"), usage.pop("completion_tokens")
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        **usage,
+    }
+
+
+def item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+class ResponseBuilder:
+    """One answer as Responses events, ``(type, data)`` pairs, and the response object they build.
+
+    Args:
+        request: The request (echoed in the response).
+        model: The served model's name.
+        settings: The answer's decoding settings (``temperature`` and ``top_p`` are echoed).
+        calls: A reader of tool calls (the request's tool mode), or None for text.
+    """
+
+    def __init__(self, request: ResponsesRequest, model: str, settings, calls: CallStream | None):
+        self.calls, self.sequence, self.open = calls, 0, None  # ``open``: the output item being written
+        self.response = {
+            "id": item_id("resp"),
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "in_progress",
+            "error": None,
+            "incomplete_details": None,
+            "instructions": request.instructions,
+            "max_output_tokens": request.max_output_tokens,
+            "model": model,
+            "output": [],
+            "parallel_tool_calls": request.parallel_tool_calls,
+            "previous_response_id": None,
+            "store": False,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "text": request.text or {"format": {"type": "text"}},
+            "tool_choice": request.tool_choice or ("auto" if request.tools else "none"),
+            "tools": [tool.model_dump(exclude_none=True) for tool in request.tools or []],
+            "truncation": "disabled",
+            "metadata": request.metadata or {},
+            "usage": None,
+        }
+
+    def start(self) -> list[tuple[str, dict]]:
+        return [
+            self._event("response.created", response=self.response),
+            self._event("response.in_progress", response=self.response),
+        ]
+
+    def add(
+        self, text: str, reason: str | None, logprobs: list[dict], usage: dict | None = None
+    ) -> list[tuple[str, dict]]:
+        """The events of a chunk that adds ``text`` (``reason``, ``usage``: with the last chunk)."""
+        delta = {"content": text} if text else {}
+        if self.calls is not None:
+            delta, reason = self.calls.delta(text, reason)
+            logprobs = []  # a call's tokens are not output text
+        events = self._text(delta.get("content", ""), logprobs) if delta.get("content") or logprobs else []
+        for piece in delta.get("tool_calls", []):
+            events += self._call(piece)
+        if reason is not None:
+            events += self._finish(reason, usage)
+        return events
+
+    def fail(self, message: str) -> list[tuple[str, dict]]:
+        self.response |= {"status": "failed", "error": {"code": "server_error", "message": message}}
+        return [self._event("response.failed", response=self.response)]
+
+    def _event(self, kind: str, **data: Any) -> tuple[str, dict]:
+        """An event as things stand now (a copy: the items it shows change later)."""
+        self.sequence += 1
+        return kind, copy.deepcopy({"type": kind, "sequence_number": self.sequence - 1, **data})
+
+    def _place(self) -> dict[str, Any]:
+        """Where the open item is: the last of the output."""
+        return {"item_id": self.open["id"], "output_index": len(self.response["output"]) - 1}
+
+    def _begin(self, item: dict[str, Any]) -> list[tuple[str, dict]]:
+        events = self._close("completed")
+        self.open = item
+        self.response["output"].append(item)
+        return [
+            *events,
+            self._event("response.output_item.added", output_index=len(self.response["output"]) - 1, item=item),
+        ]
+
+    def _text(self, text: str, logprobs: list[dict]) -> list[tuple[str, dict]]:
+        events = []
+        if self.open is None or self.open["type"] != "message":
+            message = {
+                "type": "message",
+                "id": item_id("msg"),
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            events += self._begin(message)
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            message["content"].append(part)
+            events.append(self._event("response.content_part.added", **self._place(), content_index=0, part=part))
+        part = self.open["content"][0]
+        part["text"] += text
+        part["logprobs"] += logprobs
+        delta = self._event(
+            "response.output_text.delta", **self._place(), content_index=0, delta=text, logprobs=logprobs
+        )
+        return [*events, delta]
+
+    def _call(self, piece: dict[str, Any]) -> list[tuple[str, dict]]:
+        events, function = [], piece.get("function", {})
+        if "id" in piece:  # a new call
+            item = {"type": "function_call", "id": item_id("fc"), "call_id": piece["id"], "name": function["name"]}
+            events += self._begin(item | {"arguments": "", "status": "in_progress"})
+        if function.get("arguments"):
+            self.open["arguments"] += function["arguments"]
+            events.append(
+                self._event("response.function_call_arguments.delta", **self._place(), delta=function["arguments"])
+            )
+        return events
+
+    def _close(self, status: str) -> list[tuple[str, dict]]:
+        """The events that end the open item (none if none is open)."""
+        item = self.open
+        if item is None:
+            return []
+        item["status"], place, events = status, self._place(), []
+        if item["type"] == "message":
+            part = item["content"][0]
+            text = {"text": part["text"], "logprobs": part["logprobs"]}
+            events += [
+                self._event("response.output_text.done", **place, content_index=0, **text),
+                self._event("response.content_part.done", **place, content_index=0, part=part),
+            ]
+        else:
+            events.append(
+                self._event(
+                    "response.function_call_arguments.done", **place, name=item["name"], arguments=item["arguments"]
+                )
+            )
+        self.open = None
+        return [*events, self._event("response.output_item.done", output_index=place["output_index"], item=item)]
+
+    def _finish(self, reason: str, usage: dict | None) -> list[tuple[str, dict]]:
+        cut = reason == "length"
+        events = [] if self.response["output"] else self._text("", [])  # an empty answer is an empty message
+        events += self._close("incomplete" if cut else "completed")
+        self.response |= {
+            "status": "incomplete" if cut else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "usage": response_usage(usage) if usage else None,
+        }
+        return [*events, self._event("response.incomplete" if cut else "response.completed", response=self.response)]
