@@ -288,10 +288,10 @@ class ResponseBuilder:
         part = self.open["content"][0]
         part["text"] += text
         part["logprobs"] += logprobs
-        delta = self._event(
-            "response.output_text.delta", **self._place(), content_index=0, delta=text, logprobs=logprobs
-        )
-        return [*events, delta]
+        if text or logprobs:  # an empty answer's message has no delta
+            kind = "response.output_text.delta"
+            events.append(self._event(kind, **self._place(), content_index=0, delta=text, logprobs=logprobs))
+        return events
 
     def _call(self, piece: dict[str, Any]) -> list[tuple[str, dict]]:
         events, function = [], piece.get("function", {})
