@@ -70,15 +70,51 @@ def continue_adapter(base_model: torch.nn.Module, path: str | Path, rank: int):
     return PeftModel.from_pretrained(base_model, str(path), is_trainable=True)
 
 
-def apply_adapter(base_model: torch.nn.Module, path: str | Path):
-    """``base_model`` with the adapter at ``path`` injected (a peft model, unmerged, frozen)."""
+def apply_adapter(base_model: torch.nn.Module, path: str | Path, name: str = "default"):
+    """``base_model`` with the adapter at ``path`` injected as ``name`` (a peft model, unmerged, frozen)."""
     from peft import PeftModel
 
+    with adapter_errors(path):
+        return PeftModel.from_pretrained(base_model, str(Path(path).expanduser()), name, is_trainable=False)
+
+
+@contextmanager
+def adapter_errors(path: str | Path):
+    """peft's errors on loading the adapter at ``path`` as one :class:`AdapterError` sentence."""
     try:
-        return PeftModel.from_pretrained(base_model, str(Path(path).expanduser()), is_trainable=False)
+        yield
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         reason = " ".join(str(error).split())[:300]
         raise AdapterError(f"Could not apply the adapter {path}: {reason}") from None
+
+
+class AdapterSwitch:
+    """Several LoRA adapters on one base model, unmerged (``serve --lora_modules``): :meth:`use` picks
+    the one the next forwards run, or none (the base model itself).
+
+    Args:
+        base_model: The served model (loaded, without a draft adapter).
+        adapters: Each adapter's name and directory.
+    """
+
+    def __init__(self, base_model: torch.nn.Module, adapters: dict[str, str]):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        (first, path), *others = adapters.items()
+        self.peft_model = apply_adapter(base_model, path, first)
+        for name, path in others:
+            with adapter_errors(path):
+                self.peft_model.load_adapter(str(Path(path).expanduser()), name, is_trainable=False)
+        self.model = self.peft_model.get_base_model()  # the served model, its layers now carrying the adapters
+        self.layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        self.use(None)
+
+    def use(self, name: str | None) -> None:
+        """Run the next forwards with adapter ``name`` (None: the base model)."""
+        if name is not None:
+            self.peft_model.base_model.set_adapter(name)
+        for layer in self.layers:  # as peft's enable/disable_adapters, without its walk over the parameters
+            layer._disable_adapters = name is None
 
 
 def merge_adapter(base_model: torch.nn.Module, path: str | Path) -> torch.nn.Module:

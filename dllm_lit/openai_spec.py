@@ -85,12 +85,14 @@ class OpenAIBlockSpec(LitSpec):
         cancelled,
         tool_call_parser: str | None = None,
         chat_template: str | None = None,
+        lora_modules: dict[str, str] | None = None,
     ):
         super().__init__()
         self.api_path = "/v1/chat/completions"
         self.model_name_or_path, self.trust_remote_code = model_name_or_path, trust_remote_code
         self.settings, self.model_id, self.api_key = settings, served_model_name, api_key
         self.cancelled, self.tool_call_parser, self.chat_template = cancelled, tool_call_parser, chat_template
+        self.lora_modules = lora_modules or {}  # adapter name -> directory
         self._tokenizer = self._metrics = None  # made in the HTTP process, at first use
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
@@ -122,7 +124,10 @@ class OpenAIBlockSpec(LitSpec):
             "owned_by": "dllm_lit",
             "max_model_len": self.settings.max_length,  # as vLLM reports it
         }
-        return {"object": "list", "data": [model]}
+        adapters = [
+            model | {"id": name, "root": path, "parent": self.model_id} for name, path in self.lora_modules.items()
+        ]
+        return {"object": "list", "data": [model, *adapters]}
 
     async def chat_completions(self, request: Request):
         return await self._complete(request, chat=True)
@@ -223,10 +228,12 @@ class OpenAIBlockSpec(LitSpec):
 
     def _check_model(self, parsed):
         """``parsed``, or a 404 when it names another model (the tokenizer endpoints may name none)."""
-        if parsed.model is not None and parsed.model != self.model_id:
+        served = [self.model_id, *self.lora_modules]
+        if parsed.model is not None and parsed.model not in served:
+            names = " and ".join(f"'{name}'" for name in served)
             raise OpenAIError(
                 404,
-                f"The model '{parsed.model}' does not exist: this server serves '{self.model_id}'.",
+                f"The model '{parsed.model}' does not exist: this server serves {names}.",
                 "model",
                 "model_not_found",
             )
@@ -251,6 +258,7 @@ class OpenAIBlockSpec(LitSpec):
                 stop,
                 echo,
                 parsing,
+                parsed.model if parsed.model in self.lora_modules else None,
             )
             for row in rows
             for sample in range(parsed.n)

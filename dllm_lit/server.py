@@ -27,8 +27,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from dllm_lit.adapters import AdapterSwitch, adapter_base, is_adapter, is_drafter
 from dllm_lit.model_args import ANSWERING_DEFAULTS, add_function_flags, function_flags, model_parser, model_settings
-from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from dllm_lit.models import load_model, load_tokenizer, resolve, resolve_device, resolve_dtype
 from dllm_lit.openai_api import OpenAIError
 from dllm_lit.openai_spec import OpenAIBlockSpec
 from dllm_lit.settings import DecodeSettings
@@ -53,7 +54,8 @@ class BlockDecodingAPI(ls.LitAPI):
         dtype = resolve_dtype(self.dtype, device)
         self.tokenizer = spec.tokenizer
         model = load_model(spec.model_name_or_path, dtype=dtype, trust_remote_code=spec.trust_remote_code)
-        self.model = model.to(device)
+        self.adapters = AdapterSwitch(model, spec.lora_modules) if spec.lora_modules else None
+        self.model = (self.adapters.model if self.adapters else model).to(device)
         self.cancelled = spec.cancelled
         warm_up(self.model, self.tokenizer, spec.settings, rows=2)  # before /health says ready
 
@@ -65,7 +67,8 @@ class BlockDecodingAPI(ls.LitAPI):
 
     def predict(self, jobs: Job | list[Job]) -> Iterator:
         single = not isinstance(jobs, list)  # LitServe's unbatched loop passes one job
-        for events in stream_jobs(self.model, self.tokenizer, [jobs] if single else jobs, self._is_cancelled):
+        switch = self.adapters.use if self.adapters else None
+        for events in stream_jobs(self.model, self.tokenizer, [jobs] if single else jobs, self._is_cancelled, switch):
             yield events[0] if single else events
 
     def _is_cancelled(self, uid: str) -> bool:
@@ -95,6 +98,7 @@ def build_server(
     timeout: float,
     tool_call_parser: str | None = None,
     chat_template: str | None = None,
+    lora_modules: dict[str, str] | None = None,
 ) -> ls.LitServer:
     """The LitServer (not started): one model worker on ``device``."""
     cancelled = multiprocessing.Manager().dict()
@@ -107,6 +111,7 @@ def build_server(
         cancelled,
         tool_call_parser,
         chat_template,
+        lora_modules,
     )
     api = BlockDecodingAPI(spec, dtype, max_batch_size, batch_timeout)
     server = ls.LitServer(api, **litserve_devices(device), timeout=timeout)
@@ -161,6 +166,7 @@ def serve(
     timeout: float = 600.0,
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None,
     chat_template: str | None = None,
+    lora_modules: list[str] | str | None = None,
 ) -> None:
     """Serve the model over the OpenAI HTTP API until Ctrl-C.
 
@@ -182,6 +188,9 @@ def serve(
             400 ("required" and a named function work with any model).
         chat_template: A chat template in place of the tokenizer's: a Jinja file, or the template
             itself (vLLM's ``--chat-template``).
+        lora_modules: LoRA adapters served beside the model, ``NAME=DIR`` or a list ``[NAME=DIR, ...]``
+            (vLLM's ``--lora-modules``): a request whose ``model`` is NAME decodes with that adapter, kept
+            unmerged and switched per batch (eager backend; the model itself no draft adapter).
     """
     if settings.logprobs is not None:  # a flag that silently did nothing
         raise ValueError("--model.logprobs does nothing in serve: each request asks for its own (logprobs).")
@@ -194,6 +203,8 @@ def serve(
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code, chat_template=chat_template)
     chat_template = tokenizer.chat_template if chat_template is not None else None
     name = served_model_name or model_name_or_path
+    entries = [lora_modules] if isinstance(lora_modules, str) else lora_modules or []
+    adapters = read_lora_modules(entries, name, model_name_or_path, settings)
     api_key = api_key or os.environ.get("DLLM_LIT_API_KEY") or None
     server = build_server(
         model_name_or_path,
@@ -208,6 +219,7 @@ def serve(
         timeout=timeout,
         tool_call_parser=tool_call_parser,
         chat_template=chat_template,
+        lora_modules=adapters,
     )
     print(f"dllm_lit serve: http://{host}:{port}/v1 serves '{name}' (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
@@ -215,6 +227,26 @@ def serve(
     except (EOFError, ConnectionError):  # LitServe shut down when its worker died, and its manager with it
         print(f"dllm_lit serve: {worker_death(server)}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def read_lora_modules(entries: list[str], served: str, model_name_or_path: str, settings: DecodeSettings) -> dict:
+    """``--lora_modules NAME=DIR ...`` as ``{name: directory}``, each checked, or a ValueError sentence."""
+    adapters: dict[str, str] = {}
+    for entry in entries:
+        name, _, path = entry.partition("=")
+        if not name or not path:
+            raise ValueError(f"--lora_modules takes NAME=DIR entries, got {entry!r}.")
+        if name in adapters or name == served:
+            raise ValueError(f"--lora_modules: the name {name!r} is taken (by the model or another adapter).")
+        if not is_adapter(path) or is_drafter(path):
+            raise ValueError(f"--lora_modules: {path} is not a LoRA adapter directory (adapter_config.json).")
+        adapter_base(path)  # safetensors weights, a readable config
+        adapters[name] = path
+    if adapters and settings.backend != "eager":
+        raise ValueError("--lora_modules needs --model.backend eager: a compiled pass holds one set of weights.")
+    if adapters and is_drafter(resolve(model_name_or_path)):
+        raise ValueError("--lora_modules needs a model without a draft adapter: serve its base (e.g. smollm2).")
+    return adapters
 
 
 def worker_death(server: ls.LitServer) -> str:

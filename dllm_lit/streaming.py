@@ -9,8 +9,8 @@ stop string at most; they may run ahead of the text, which holds back partial ch
 ``echo`` job's first event ``"prompt_logprobs"``, its prompt's
 (:func:`~dllm_lit.logprobs.prompt_logprobs`). Jobs whose settings differ at most in ``seed``,
 ``max_new_tokens`` and their ``guided_*`` grammar decode as one batch, each row with its own (a row's
-answer does not depend on its batch, sampled ones included); groups with other differences run one
-after the other. The engine
+answer does not depend on its batch, sampled ones included); groups with other differences (or
+another LoRA adapter) run one after the other. The engine
 runs in a helper thread and reports each commit through ``generate_blocks(on_commit=...)``; a job
 whose text reached a stop string, or whose client went away (``is_cancelled``), is stopped there and
 leaves the batch.
@@ -38,7 +38,8 @@ from dllm_lit.textstream import TextStream
 class Job:
     """One prompt to decode: its token ids, settings and stop strings; ``uid`` names it for cancelling;
     ``echo`` (with ``settings.logprobs``): a first event with the prompt's logprobs;
-    ``special_tokens``: keep them in the text (a tool-call parser reads its tags)."""
+    ``special_tokens``: keep them in the text (a tool-call parser reads its tags); ``adapter``: the LoRA
+    adapter to decode with (``serve --lora_modules``; None: the model itself)."""
 
     uid: str
     ids: list[int]
@@ -46,6 +47,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     echo: bool = False
     special_tokens: bool = False
+    adapter: str | None = None
 
 
 def stream_jobs(
@@ -53,13 +55,17 @@ def stream_jobs(
     tokenizer,
     jobs: list[Job],
     is_cancelled: Callable[[str], bool] = lambda uid: False,
+    use_adapter: Callable[[str | None], None] | None = None,
 ) -> Iterator[list[dict]]:
-    """Per step, one event per job (see the module docstring)."""
-    groups: dict[DecodeSettings, list[int]] = {}
+    """Per step, one event per job (see the module docstring); ``use_adapter`` switches the model to a
+    group's LoRA adapter (:class:`~dllm_lit.adapters.AdapterSwitch`) before it decodes."""
+    groups: dict[tuple[DecodeSettings, str | None], list[int]] = {}
     for index, job in enumerate(jobs):
         shared = job.settings.replace(seed=None, max_new_tokens=1, **dict.fromkeys(GUIDED))
-        groups.setdefault(shared, []).append(index)
-    for settings, members in groups.items():
+        groups.setdefault((shared, job.adapter), []).append(index)
+    for (settings, adapter), members in groups.items():
+        if use_adapter is not None:
+            use_adapter(adapter)
         for events in _stream_group(model, tokenizer, [jobs[i] for i in members], settings, is_cancelled):
             merged = [{} for _ in jobs]
             for position, event in events.items():

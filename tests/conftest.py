@@ -73,6 +73,20 @@ def save_without_template(folder: Path) -> Path:
     return folder
 
 
+def save_lora(base_dir: str, folder: Path, seed: int) -> Path:
+    """A LoRA adapter (rank 4) on ``base_dir`` with random weights, so that it changes the answers."""
+    from dllm_lit.adapters import add_lora
+    from dllm_lit.models import load_model
+
+    torch.manual_seed(seed)
+    model = add_lora(load_model(base_dir), 4, None, 0.0, base_dir)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # peft starts them at zero: an adapter that changes nothing
+            torch.nn.init.normal_(weight, std=0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
 def run_dllm_lit(
     args: list[str], cwd: Path, *, env: dict[str, str] | None = None, module: str = "dllm_lit.cli", timeout: float = 900
 ) -> subprocess.CompletedProcess:

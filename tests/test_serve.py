@@ -22,7 +22,7 @@ import pytest
 import requests
 import torch
 
-from conftest import assert_one_line_error, save_without_template, type_lines, write
+from conftest import assert_one_line_error, save_lora, save_without_template, type_lines, write
 from dllm_lit import cli, generate_blocks
 from dllm_lit.models import load_tokenizer
 from dllm_lit.streaming import Job, stream_jobs
@@ -104,6 +104,37 @@ def test_a_model_without_a_template_chats_through_the_one_given_as_predict_uses_
         assert (
             done["usage"]["prompt_tokens"] == row["prompt_length"] == len("[user] What is 2+2?\n>")
         )  # no BOS: the template writes none
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_lora_modules_answer_as_predict_does_with_each_adapter_alone_or_batched(tiny_dir, tmp_path):
+    adapters = {name: str(save_lora(tiny_dir, tmp_path / name, seed)) for name, seed in (("a", 1), ("b", 2))}
+    modules = "[" + ", ".join(f"{name}={path}" for name, path in adapters.items()) + "]"
+    args = [f"--model.model_name_or_path={tiny_dir}", *SETTINGS, f"--lora_modules={modules}"]
+    process, base = start_server(args, tmp_path / "log")
+    try:
+        listed = requests.get(f"{base}/v1/models").json()["data"]
+        assert [(m["id"], m.get("parent")) for m in listed] == [(tiny_dir, None), ("a", tiny_dir), ("b", tiny_dir)]
+        messages = [{"role": "user", "content": "What is 2+2?"}]
+
+        def answer(model: str) -> str:
+            body = {"model": model, "messages": messages}
+            return requests.post(f"{base}/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+        names = [tiny_dir, "a", "b"]
+        alone = {name: answer(name) for name in names}
+        for name, path in [(tiny_dir, tiny_dir), *adapters.items()]:  # predict merges the adapter into the model
+            assert alone[name] == predicted(path, tmp_path, {"messages": messages})["response"], name
+        assert len(set(alone.values())) == 3, "each adapter changes the answer"
+        with ThreadPoolExecutor(9) as pool:
+            together = list(pool.map(answer, names * 3))
+        assert together == [alone[name] for name in names * 3]
+        assert (
+            requests.post(f"{base}/v1/chat/completions", json={"model": "c", "messages": messages}).status_code == 404
+        )
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
@@ -798,6 +829,8 @@ def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, strea
         (["serve", "--tool_call_parser=xml"], "tool_call_parser"),
         (["chat", "--chat_template=none.jinja"], "chat_template 'none.jinja' is neither a file nor a Jinja template."),
         (["serve", "--chat_template={% if %}"], "The chat template does not parse"),
+        (["serve", "--lora_modules=a"], "--lora_modules takes NAME=DIR entries, got 'a'."),
+        (["serve", "--lora_modules=a=/nonexistent"], "/nonexistent is not a LoRA adapter directory"),
         (["chat", "--model.logprobs=2"], "--model.logprobs does nothing in chat"),
     ],
 )
