@@ -13,6 +13,7 @@ stops its row at the next commit.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -50,6 +51,15 @@ class BlockDecodingAPI(ls.LitAPI):
         # down and terminates this worker; a KeyboardInterrupt here would only print a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         quiet_libraries()
+        try:
+            self._load(device)
+        except Exception as error:  # one sentence, not LitServe's traceback; the server then stops
+            logging.getLogger("litserve.loops.loops").disabled = True
+            reason = " ".join(str(error).split())
+            print(f"dllm_lit serve: the model worker could not start: {reason}", file=sys.stderr, flush=True)
+            raise
+
+    def _load(self, device: str) -> None:
         spec = self._spec
         dtype = resolve_dtype(self.dtype, device)
         self.tokenizer = spec.tokenizer
@@ -227,6 +237,10 @@ def serve(
     except (EOFError, ConnectionError):  # LitServe shut down when its worker died, and its manager with it
         print(f"dllm_lit serve: {worker_death(server)}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except RuntimeError as error:
+        if "failed to start" not in str(error):
+            raise
+        sys.exit(1)  # the worker has said why
 
 
 def read_lora_modules(entries: list[str], served: str, model_name_or_path: str, settings: DecodeSettings) -> dict:

@@ -141,6 +141,16 @@ def test_lora_modules_answer_as_predict_does_with_each_adapter_alone_or_batched(
 
 
 @pytest.mark.slow
+def test_a_worker_that_cannot_start_stops_the_server_with_one_sentence(dllm_lit, tiny_dir, tmp_path):
+    adapter = save_lora(tiny_dir, tmp_path / "a", 1)  # not an adapter of tiny-char, whose layers are wider
+    args = ["serve", "--model.model_name_or_path=tiny-char", f"--lora_modules=a={adapter}", f"--port={free_port()}"]
+    done = dllm_lit(args, tmp_path, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("dllm_lit serve: the model worker")]
+    assert len(errors) == 1 and f"could not start: Could not apply the adapter {adapter}" in errors[0], done.stderr
+
+
+@pytest.mark.slow
 def test_a_worker_that_dies_stops_the_server_with_one_sentence(tiny_dir, tmp_path):
     log = tmp_path / "stderr.log"
     process, _ = start_server([f"--model.model_name_or_path={tiny_dir}"], log)
