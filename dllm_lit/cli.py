@@ -43,6 +43,7 @@ APPS = {
     "chat": "dllm_lit.chat",
     "evaluate": "dllm_lit.evaluate",
     "distill": "dllm_lit.distill",
+    "batch": "dllm_lit.batch",
 }
 """Subcommands outside LightningCLI (no Trainer): the module whose ``main(args)`` runs them."""
 CHECKPOINT_STRUCTURE = {"model_name_or_path": DEFAULT_MODEL, "lora_rank": 0, "lora_alpha": None}
@@ -87,8 +88,8 @@ class DllmCLI(LightningCLI):
             parser_kwargs={
                 "description": "Block-parallel EOS-block + refine decoding on Lightning. Also: "
                 "'dllm_lit serve' (an OpenAI-compatible server), 'dllm_lit chat' (a terminal chat), "
-                "'dllm_lit evaluate' (lm-eval tasks) and 'dllm_lit distill' (training rows from a "
-                "model's own answers); each takes --help.",
+                "'dllm_lit evaluate' (lm-eval tasks), 'dllm_lit distill' (training rows from a "
+                "model's own answers) and 'dllm_lit batch' (OpenAI batch files); each takes --help.",
                 "exit_on_error": False,
             },
             args=args,

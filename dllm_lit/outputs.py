@@ -45,28 +45,29 @@ def check_writable(path: Path) -> None:
         raise OutputError(f"Cannot write the output file {path}: {error.strerror} ({error.filename}).") from None
 
 
-def check_replaceable(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Fail if this run would replace a finished file or drop unfinished rows the user did not give up."""
+def check_replaceable(path: Path, *, resume: bool, overwrite: bool, flags: str = "--writer.") -> None:
+    """Fail if this run would replace a finished file or drop unfinished rows the user did not give up
+    (``flags``: the prefix of the ``resume`` and ``overwrite`` flags the messages name)."""
     unfinished = parts_dir(path).is_dir()
     if resume and not unfinished and path.is_file():
         raise OutputError(
             f"Nothing to resume: {path} is complete (no unfinished run in {parts_dir(path).name}); "
-            "pass --writer.overwrite true to decode it again."
+            f"pass {flags}overwrite true to decode it again."
         )
     if not resume and not overwrite and (path.is_file() or unfinished):
         what = "exists" if path.is_file() else f"has unfinished rows from an interrupted run in {parts_dir(path).name}"
         raise OutputError(
-            f"Output file {path} {what}: pass --writer.resume true to finish that run, or "
-            "--writer.overwrite true to replace it when this run finishes."
+            f"Output file {path} {what}: pass {flags}resume true to finish that run, or "
+            f"{flags}overwrite true to replace it when this run finishes."
         )
 
 
 class OutputLock:
     """An exclusive, non-blocking ``flock`` on ``.<output>.lock`` holding the owner's PID."""
 
-    def __init__(self, output_file: Path):
+    def __init__(self, output_file: Path, flag: str = "--writer.output_file"):
         self.path = output_file.with_name(f".{output_file.name}.lock")
-        self.handle = None
+        self.handle, self.flag = None, flag
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`OutputError` naming the process that holds it."""
@@ -79,7 +80,7 @@ class OutputLock:
             handle.close()
             raise OutputError(
                 f"Output file {self.path.name[1:-5]} is being written by another dllm_lit run (PID {owner}): "
-                "wait for it to finish, or choose another --writer.output_file."
+                f"wait for it to finish, or choose another {self.flag}."
             ) from None
         handle.truncate(0)
         handle.write(str(os.getpid()))
