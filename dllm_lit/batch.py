@@ -51,6 +51,9 @@ from dllm_lit.server import serve_parser
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 BATCH_FLAGS = ("input_file", "output_file", "concurrency", "resume", "overwrite")
+ANSWERING_FLAGS = ("device", "dtype", "served_model_name", "tool_call_parser", "chat_template", "lora_modules")
+"""The server's flags besides ``--model.*`` that may change an answer: what resume compares (with the
+requests and the model; not ports, batch sizes or timeouts)."""
 
 
 def read_requests(path: str) -> list[dict[str, Any]]:
@@ -105,7 +108,7 @@ def batch(config) -> None:
     lock = OutputLock(output, "--output_file")
     lock.acquire()
     try:
-        flags = {key: value for key, value in config.as_dict().items() if key not in (*BATCH_FLAGS, "model")}
+        flags = {name: config[name] for name in ANSWERING_FLAGS}
         identity = model_identity(name, resolve(name)) | {"trust_remote_code": trust}
         fingerprint = run_fingerprint(requests, data=flags, decoding=asdict(settings), model=identity)
         unfinished = config.resume and (parts_dir(output) / "results.jsonl").is_file()
