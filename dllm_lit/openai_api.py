@@ -338,15 +338,20 @@ def parse(model: type[BaseModel], body: Any, tool_call_parser: str | None = None
             raise OpenAIError(400, f"{name} is not supported by this server.", name)
     if body.get("best_of") not in (None, 1):
         raise OpenAIError(400, "best_of above 1 is not supported by this server.", "best_of")
-    try:
-        parsed = model.model_validate(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"])
-        raise OpenAIError(400, f"{param}: {first['msg']}.", param or None) from None
+    parsed = validated(model, body)
     if isinstance(parsed, ChatRequest):
         parsed._tool_call_parser = tool_call_parser
     return parsed
+
+
+def validated(model: type[BaseModel], body: Any, where: str = "") -> Any:
+    """``body`` read as ``model``, or a 400 naming the first bad field (after ``where``, e.g. ``input.0.``)."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = where + ".".join(str(part) for part in first["loc"])
+        raise OpenAIError(400, f"{param}: {first['msg']}.", param or None) from None
 
 
 def settings_for(base: DecodeSettings, request: CommonRequest) -> DecodeSettings:

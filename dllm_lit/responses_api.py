@@ -20,9 +20,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from dllm_lit.openai_api import OpenAIError
+from dllm_lit.openai_api import OpenAIError, validated
 from dllm_lit.tools import CallStream
 
 PASSED = (
@@ -140,12 +140,7 @@ def read_item(raw: Any, number: int) -> BaseModel:
     kind = raw.get("type", "message") if isinstance(raw, dict) else None
     if kind not in ITEMS:
         raise OpenAIError(400, f"input.{number} is a message, function_call or function_call_output.", "input")
-    try:
-        return ITEMS[kind].model_validate(raw)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise OpenAIError(400, f"input.{number}.{where}: {first['msg']}.", "input") from None
+    return validated(ITEMS[kind], raw, f"input.{number}.")
 
 
 def chat_body(body: Any) -> tuple[dict[str, Any], ResponsesRequest]:
@@ -156,12 +151,7 @@ def chat_body(body: Any) -> tuple[dict[str, Any], ResponsesRequest]:
         if body.get(name):
             message = f"{name} is not supported: this server keeps no state; send the whole conversation as input."
             raise OpenAIError(400, message, name)
-    try:
-        request = ResponsesRequest.model_validate(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"])
-        raise OpenAIError(400, f"{param}: {first['msg']}.", param or None) from None
+    request = validated(ResponsesRequest, body)
     unknown = [name for name in request.include or [] if name != LOGPROBS]
     if unknown:
         raise OpenAIError(400, f"include: {unknown[0]!r} is not supported by this server.", "include")
