@@ -14,9 +14,9 @@ import re
 import signal
 import sys
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from dllm_lit.data import PromptError, encode_prompt
+from dllm_lit.data import PromptError, encode_prompt, template_options
 from dllm_lit.model_args import ANSWERING_DEFAULTS, add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.settings import DecodeSettings
@@ -35,6 +35,7 @@ def chat(
     system: str | None = None,
     multiline: bool = False,
     chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Chat with the model until /exit or Ctrl-D.
 
@@ -44,9 +45,11 @@ def chat(
         system: A system message put first in the history (kept across /reset).
         multiline: A message runs until an empty line (for pasted text and code); else each line is one.
         chat_template: A chat template in place of the tokenizer's: a Jinja file, or the template itself.
+        chat_template_kwargs: The template's own variables, e.g. ``{"enable_thinking": false}`` (Qwen3).
     """
     if settings.logprobs is not None:
         raise ValueError("--model.logprobs does nothing in chat, which prints answers only (use predict or serve).")
+    template_options({"chat_template_kwargs": chat_template_kwargs})  # a bad variable fails now, not at a message
     device = resolve_device(device)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code, chat_template=chat_template)
     if not tokenizer.chat_template:
@@ -72,7 +75,7 @@ def chat(
         if re.fullmatch(r"/\w+", line):
             history = run_command(line, history, start, usage)
         elif line:
-            history = take_turn(model, tokenizer, settings, history, line, kept=len(start))
+            history = take_turn(model, tokenizer, settings, history, line, len(start), chat_template_kwargs)
 
 
 def read_message(multiline: bool) -> str:
@@ -96,11 +99,14 @@ def run_command(command: str, history: list[dict], start: list[dict], usage: str
     return history
 
 
-def take_turn(model, tokenizer, settings: DecodeSettings, history: list[dict], line: str, kept: int) -> list[dict]:
-    """Answer ``line`` after ``history``; return the history with both, or unchanged when the message
-    does not fit or decoding failed (the reason is printed)."""
+def take_turn(
+    model, tokenizer, settings: DecodeSettings, history: list[dict], line: str, kept: int, variables: dict | None = None
+) -> list[dict]:
+    """Answer ``line`` after ``history`` (``variables``: the template's); return the history with both,
+    or unchanged when the message does not fit or decoding failed (the reason is printed)."""
     try:
-        ids, fitted = fitted_prompt(tokenizer, [*history, {"role": "user", "content": line}], kept, settings)
+        turns = [*history, {"role": "user", "content": line}]
+        ids, fitted = fitted_prompt(tokenizer, turns, kept, settings, variables)
     except PromptError as error:
         print(f"[{error}]", file=sys.stderr)
         return history
@@ -108,17 +114,19 @@ def take_turn(model, tokenizer, settings: DecodeSettings, history: list[dict], l
     return history if reply is None else [*fitted, {"role": "assistant", "content": reply}]
 
 
-def fitted_prompt(tokenizer, history: list[dict], kept: int, settings: DecodeSettings) -> tuple[list[int], list]:
+def fitted_prompt(
+    tokenizer, history: list[dict], kept: int, settings: DecodeSettings, variables: dict | None = None
+) -> tuple[list[int], list]:
     """The prompt ids and the history they encode: ``history`` less its oldest exchanges (never the
     first ``kept`` messages: the system one) until an answer has room under ``max_length``,
     ``min(max_new_tokens, max_length // 2)`` tokens. A last message that does not fit even alone is
     a :class:`PromptError`."""
     room = min(settings.max_new_tokens, settings.max_length // 2)
     fitted = list(history)
-    ids = encode_prompt(tokenizer, {"messages": fitted}, use_chat_template=True)
+    ids = encode_prompt(tokenizer, {"messages": fitted, "chat_template_kwargs": variables}, use_chat_template=True)
     while len(ids) + room > settings.max_length and len(fitted) > kept + 1:
         del fitted[kept : kept + 2]  # a user message and its answer
-        ids = encode_prompt(tokenizer, {"messages": fitted}, use_chat_template=True)
+        ids = encode_prompt(tokenizer, {"messages": fitted, "chat_template_kwargs": variables}, True)
     if len(ids) >= settings.max_length:
         raise PromptError(
             f"This message makes a prompt of {len(ids)} tokens, which leaves no room under "

@@ -1166,6 +1166,31 @@ def test_multiline_chat_messages_run_to_an_empty_line(tiny_dir, capsys, monkeypa
     assert capsys.readouterr().err.count("A message ends with an empty line.") == 2
 
 
+def test_chat_passes_its_template_variables_to_every_prompt(tiny_dir, monkeypatch):
+    from dllm_lit import chat
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    type_lines(monkeypatch, ["hi", "again"])
+    prompts = []
+    monkeypatch.setattr(chat, "answer", lambda model, tokenizer, job: prompts.append(job.ids) or "ok")
+    variables = {"enable_thinking": False}  # the tiny template's, as Qwen3's
+    chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=8), device="cpu", chat_template_kwargs=variables)
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "again"},
+    ]
+    tokenizer = load_tokenizer(tiny_dir)
+    expected = [
+        encode_prompt(tokenizer, {"messages": turns[:n], "chat_template_kwargs": variables}, True) for n in (1, 3)
+    ]
+    assert prompts == expected and "/no_think" in tokenizer.decode(prompts[0])
+    with pytest.raises(ValueError, match="chat_template_kwargs cannot set 'tools'"):
+        chat.chat(tiny_dir, False, DecodeSettings(), device="cpu", chat_template_kwargs={"tools": []})
+
+
 def test_ctrl_c_while_chat_loads_exits_130_without_a_traceback(tiny_dir, capsys, monkeypatch):
     from dllm_lit import chat
 
