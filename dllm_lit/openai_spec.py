@@ -20,6 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -86,6 +87,7 @@ class OpenAIBlockSpec(LitSpec):
         tool_call_parser: str | None = None,
         chat_template: str | None = None,
         lora_modules: dict[str, str] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.api_path = "/v1/chat/completions"
@@ -93,6 +95,7 @@ class OpenAIBlockSpec(LitSpec):
         self.settings, self.model_id, self.api_key = settings, served_model_name, api_key
         self.cancelled, self.tool_call_parser, self.chat_template = cancelled, tool_call_parser, chat_template
         self.lora_modules = lora_modules or {}  # adapter name -> directory
+        self.template_defaults = chat_template_kwargs or {}  # under each chat request's own
         self._tokenizer = self._metrics = None  # made in the HTTP process, at first use
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
@@ -307,6 +310,8 @@ class OpenAIBlockSpec(LitSpec):
         """A ``{"prompt"}`` or ``{"messages"}`` row's ids, as ``predict`` makes them."""
         if "messages" in row and not self.tokenizer.chat_template:
             raise OpenAIError(400, "This model's tokenizer has no chat template: use /v1/completions.")
+        if "messages" in row and self.template_defaults:
+            row = row | {"chat_template_kwargs": self.template_defaults | (row.get("chat_template_kwargs") or {})}
         try:
             return encode_prompt(self.tokenizer, row, use_chat_template="messages" in row)
         except PromptError as error:

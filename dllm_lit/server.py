@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import litserve as ls
 import torch
@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from dllm_lit.adapters import AdapterSwitch, adapter_base, is_adapter, is_drafter
+from dllm_lit.data import template_options
 from dllm_lit.model_args import ANSWERING_DEFAULTS, add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve, resolve_device, resolve_dtype
 from dllm_lit.openai_api import OpenAIError
@@ -109,6 +110,7 @@ def build_server(
     tool_call_parser: str | None = None,
     chat_template: str | None = None,
     lora_modules: dict[str, str] | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> ls.LitServer:
     """The LitServer (not started): one model worker on ``device``."""
     cancelled = multiprocessing.Manager().dict()
@@ -122,6 +124,7 @@ def build_server(
         tool_call_parser,
         chat_template,
         lora_modules,
+        chat_template_kwargs,
     )
     api = BlockDecodingAPI(spec, dtype, max_batch_size, batch_timeout)
     server = ls.LitServer(api, **litserve_devices(device), timeout=timeout)
@@ -176,6 +179,7 @@ def serve(
     timeout: float = 600.0,
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None,
     chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
     lora_modules: list[str] | str | None = None,
 ) -> None:
     """Serve the model over the OpenAI HTTP API until Ctrl-C.
@@ -198,6 +202,9 @@ def serve(
             400 ("required" and a named function work with any model).
         chat_template: A chat template in place of the tokenizer's: a Jinja file, or the template
             itself (vLLM's ``--chat-template``).
+        chat_template_kwargs: The template's own variables for every chat request, e.g.
+            ``{"enable_thinking": false}`` (vLLM's ``--default-chat-template-kwargs``); a request's own
+            ``chat_template_kwargs`` win, name by name.
         lora_modules: LoRA adapters served beside the model, ``NAME=DIR`` or a list ``[NAME=DIR, ...]``
             (vLLM's ``--lora-modules``): a request whose ``model`` is NAME decodes with that adapter, kept
             unmerged and switched per batch (eager backend; the model itself no draft adapter).
@@ -215,6 +222,7 @@ def serve(
     name = served_model_name or model_name_or_path
     entries = [lora_modules] if isinstance(lora_modules, str) else lora_modules or []
     adapters = read_lora_modules(entries, name, model_name_or_path, settings)
+    template_options({"chat_template_kwargs": chat_template_kwargs})  # a bad variable fails here
     api_key = api_key or os.environ.get("DLLM_LIT_API_KEY") or None
     server = build_server(
         model_name_or_path,
@@ -230,6 +238,7 @@ def serve(
         tool_call_parser=tool_call_parser,
         chat_template=chat_template,
         lora_modules=adapters,
+        chat_template_kwargs=chat_template_kwargs,
     )
     print(f"dllm_lit serve: http://{host}:{port}/v1 serves '{name}' (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

@@ -390,6 +390,25 @@ def test_a_chat_may_continue_the_assistant_s_message_as_predict_continues_it(ser
     assert plain.usage.prompt_tokens + added == done.usage.prompt_tokens
 
 
+def test_the_server_s_template_variables_go_under_each_request_s_own(tiny_dir):
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.openai_spec import OpenAIBlockSpec
+    from dllm_lit.settings import DecodeSettings
+
+    spec = OpenAIBlockSpec(
+        tiny_dir, False, DecodeSettings(), "m", None, {}, chat_template_kwargs={"enable_thinking": False}
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    tokenizer = load_tokenizer(tiny_dir)
+    for own, variables in ((None, {"enable_thinking": False}), ({"enable_thinking": True}, {"enable_thinking": True})):
+        ids = spec._encode({"messages": messages, "chat_template_kwargs": own})
+        assert ids == encode_prompt(tokenizer, {"messages": messages, "chat_template_kwargs": variables}, True)
+    assert "/no_think" in tokenizer.decode(spec._encode({"messages": messages}))
+    assert spec._encode({"prompt": "hi"}) == encode_prompt(tokenizer, {"prompt": "hi"}, False), (
+        "completions: no template"
+    )
+
+
 @pytest.mark.slow
 def test_extra_settings_are_used_and_echoed(client, tiny_dir, tmp_path):
     body = {"add_eos_length": 7, "refine_iter": 8}
@@ -840,6 +859,7 @@ def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, strea
         (["chat", "--chat_template=none.jinja"], "chat_template 'none.jinja' is neither a file nor a Jinja template."),
         (["serve", "--chat_template={% if %}"], "The chat template does not parse"),
         (["serve", "--lora_modules=a"], "--lora_modules takes NAME=DIR entries, got 'a'."),
+        (["serve", '--chat_template_kwargs={"tokenize": true}'], "chat_template_kwargs cannot set 'tokenize'"),
         (["serve", "--lora_modules=a=/nonexistent"], "/nonexistent is not a LoRA adapter directory"),
         (["chat", "--model.logprobs=2"], "--model.logprobs does nothing in chat"),
     ],
