@@ -151,9 +151,10 @@ def resumed(output: Path, fingerprint: dict) -> dict[str, dict]:
     kept = {}
     for line in lines:
         try:
-            kept[json.loads(line)["custom_id"]] = json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError:  # cut off by a kill: that request is asked again
             continue
+        kept[row["custom_id"]] = row
     return kept
 
 
@@ -175,10 +176,14 @@ class LocalServer:
         env = {**os.environ, "DLLM_LIT_API_KEY": key}
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
         base = f"http://127.0.0.1:{self.config.port}"
-        while not healthy(base):
-            if self.process.poll() is not None:
-                raise SystemExit(1)  # the server has said why on stderr
-            time.sleep(0.5)
+        try:
+            while not healthy(base):
+                if self.process.poll() is not None:
+                    raise SystemExit(1)  # the server has said why on stderr
+                time.sleep(0.5)
+        except BaseException as error:  # Ctrl-C while it starts: stop it too
+            self.__exit__(type(error))
+            raise
         return base, key
 
     def __exit__(self, kind, *error) -> None:
