@@ -169,6 +169,7 @@ class LocalServer:
 
     def __enter__(self) -> tuple[str, str]:
         self.config.host, self.config.port = "127.0.0.1", free_port()
+        self.config.api_key = None  # the one-time key, from the environment (not in the flags file)
         key, self.flags = secrets.token_urlsafe(24), tempfile.NamedTemporaryFile("w", suffix=".yaml")
         self.flags.write(serve_parser().dump(self.config))
         self.flags.flush()
