@@ -184,6 +184,7 @@ class DllmCLI(LightningCLI):
                 "max_length": data.max_length,
                 "skip_long_prompts": data.skip_long_prompts,
                 "chat_template": template_digest(data.chat_template),
+                "chat_template_kwargs": data.chat_template_kwargs,
             },
             decoding={
                 **asdict(model.decoding),

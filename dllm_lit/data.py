@@ -171,6 +171,13 @@ def template_options(row: dict[str, Any]) -> dict[str, Any]:
     return {**variables, "tools": row.get("tools"), "add_generation_prompt": new_turn, "continue_final_message": go_on}
 
 
+def with_defaults(row: dict[str, Any], defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """``row`` with template variables ``defaults`` under its own ``chat_template_kwargs``."""
+    if not defaults:
+        return row
+    return row | {"chat_template_kwargs": defaults | (row.get("chat_template_kwargs") or {})}
+
+
 def encode_prompt(tokenizer, row: dict[str, Any], use_chat_template: bool) -> list[int]:
     """Token ids of one row's prompt: the chat template (no double BOS) or the plain prompt."""
     if "messages" in row or use_chat_template:
@@ -216,6 +223,7 @@ class PromptDataset(Dataset):
         tokenizer,
         *,
         use_chat_template: bool,
+        template_defaults: dict[str, Any] | None = None,
         sort_by_length: bool,
         max_length: int,
         skip_long_prompts: bool = False,
@@ -227,7 +235,7 @@ class PromptDataset(Dataset):
                 continue
             prompt_row, response = split_row(row)
             try:
-                ids = encode_prompt(tokenizer, prompt_row, use_chat_template)
+                ids = encode_prompt(tokenizer, with_defaults(prompt_row, template_defaults), use_chat_template)
             except PromptError as error:
                 raise PromptError(f"Prompt {index}: {error}") from None
             if not ids:
@@ -275,6 +283,7 @@ class SFTDataset(Dataset):
         tokenizer,
         *,
         use_chat_template: bool,
+        template_defaults: dict[str, Any] | None = None,
         max_length: int,
         truncation: str,
         source: str,
@@ -286,7 +295,7 @@ class SFTDataset(Dataset):
                 raise PromptError(
                     f"{source}, row {number}: training rows need a 'response' (or a final assistant message)."
                 )
-            prompt = encode_prompt(tokenizer, prompt_row, use_chat_template)
+            prompt = encode_prompt(tokenizer, with_defaults(prompt_row, template_defaults), use_chat_template)
             answer = tokenizer(response, add_special_tokens=False).input_ids
             answer += [tokenizer.eos_token_id] if row.get("finished", True) else []
             ids = truncate(prompt + answer, max_length, truncation, f"{source}, row {number}")
@@ -396,6 +405,8 @@ class DataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         chat_template: A chat template in place of the tokenizer's: a Jinja file, or the template
             itself (for a model without one, or to change it).
+        chat_template_kwargs: The template's own variables for every chat row, e.g.
+            ``{"enable_thinking": false}`` (Qwen3), under a row's own ``chat_template_kwargs``.
         model_name_or_path: Whose tokenizer to use (linked to the model's by the CLI).
         trust_remote_code: Run the tokenizer code in the model directory (linked to the model's).
     """
@@ -417,6 +428,7 @@ class DataModule(L.LightningDataModule):
         skip_long_prompts: bool = False,
         num_workers: int = 0,
         chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         model_name_or_path: str = DEFAULT_MODEL,
         trust_remote_code: bool = False,
     ):
@@ -434,6 +446,8 @@ class DataModule(L.LightningDataModule):
         self.skip_indices: set[int] = set()  # prompts already done (resume), set by the CLI
         self.rows: list[dict[str, Any]] | None = None  # the prompt rows, once read
         self.num_workers, self.chat_template = num_workers, chat_template
+        self.chat_template_kwargs = chat_template_kwargs
+        template_options({"chat_template_kwargs": chat_template_kwargs})  # a bad variable fails before any model loads
         self.model_name_or_path = model_name_or_path
         self.trust_remote_code = trust_remote_code
         self.datasets: dict[str, Dataset] = {}
@@ -477,6 +491,7 @@ class DataModule(L.LightningDataModule):
             rows,
             self.tokenizer,
             use_chat_template=self.use_chat_template,
+            template_defaults=self.chat_template_kwargs,
             sort_by_length=self.sort_by_length,
             max_length=self.max_length,
             skip_long_prompts=self.skip_long_prompts,
@@ -488,6 +503,7 @@ class DataModule(L.LightningDataModule):
             read_rows(path, "--data.train_file"),
             self.tokenizer,
             use_chat_template=self.use_chat_template,
+            template_defaults=self.chat_template_kwargs,
             max_length=self.max_length,
             truncation=self.truncation,
             source=path,

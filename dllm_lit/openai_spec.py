@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
-from dllm_lit.data import PromptError, encode_prompt
+from dllm_lit.data import PromptError, encode_prompt, with_defaults
 from dllm_lit.logprobs import openai_logprobs
 from dllm_lit.models import load_tokenizer
 from dllm_lit.openai_api import (
@@ -310,10 +310,8 @@ class OpenAIBlockSpec(LitSpec):
         """A ``{"prompt"}`` or ``{"messages"}`` row's ids, as ``predict`` makes them."""
         if "messages" in row and not self.tokenizer.chat_template:
             raise OpenAIError(400, "This model's tokenizer has no chat template: use /v1/completions.")
-        if "messages" in row and self.template_defaults:
-            row = row | {"chat_template_kwargs": self.template_defaults | (row.get("chat_template_kwargs") or {})}
         try:
-            return encode_prompt(self.tokenizer, row, use_chat_template="messages" in row)
+            return encode_prompt(self.tokenizer, with_defaults(row, self.template_defaults), "messages" in row)
         except PromptError as error:
             raise OpenAIError(400, str(error), "messages") from None
 

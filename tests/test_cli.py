@@ -183,6 +183,20 @@ def test_chat_rows_may_continue_the_last_message_and_set_template_variables(tiny
     assert unthinking != answered and unthinking.replace("<|system|>/no_think\n", "") == answered
 
 
+def test_data_template_variables_go_under_each_row_s_own(tiny_dir, tmp_path):
+    hi = [{"role": "user", "content": "hi"}]
+    rows = [{"messages": hi}, {"messages": hi, "chat_template_kwargs": {"enable_thinking": True}}, {"prompt": "hi"}]
+    source = rows_file(tmp_path, rows)
+    data = DataModule(prompts_file=source, chat_template_kwargs={"enable_thinking": False}, model_name_or_path=tiny_dir)
+    data.setup("predict")
+    tokenizer, items = load_tokenizer(tiny_dir), sorted(data.datasets["predict"], key=lambda item: item["index"])
+    unthinking, own, plain = (tokenizer.decode(item["input_ids"]) for item in items)
+    assert unthinking == "<s><|system|>/no_think\n<|user|>hi\n<|assistant|>" and own == "<s><|user|>hi\n<|assistant|>"
+    assert plain == "<s>hi", "a plain prompt has no template"
+    with pytest.raises(PromptError, match="chat_template_kwargs cannot set 'tools'"):
+        DataModule(prompts_file=source, chat_template_kwargs={"tools": []}, model_name_or_path=tiny_dir)
+
+
 @pytest.mark.parametrize(
     "row,fragment",
     [
