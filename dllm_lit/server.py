@@ -242,7 +242,9 @@ def serve(
     )
     print(f"dllm_lit serve: http://{host}:{port}/v1 serves '{name}' (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+        # uvicorn closes a connection idle for 5 s by default; a client's pool that reuses one just then
+        # gets "Server disconnected". 75 s outlasts the idle times of common pools and proxies (nginx's).
+        server.run(host=host, port=port, generate_client_file=False, log_level="warning", timeout_keep_alive=75)
     except (EOFError, ConnectionError):  # LitServe shut down when its worker died, and its manager with it
         print(f"dllm_lit serve: {worker_death(server)}", file=sys.stderr, flush=True)
         sys.exit(1)
