@@ -47,7 +47,7 @@ from dllm_lit.outputs import (
     run_fingerprint,
 )
 from dllm_lit.progress import counter
-from dllm_lit.server import serve_parser
+from dllm_lit.server import read_lora_modules, serve_parser
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 BATCH_FLAGS = ("input_file", "output_file", "concurrency", "resume", "overwrite")
@@ -103,6 +103,7 @@ def batch(config) -> None:
     name, trust, settings = model_settings(config.model)  # a bad flag fails here, before any model loads
     if config.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {config.concurrency}.")
+    names = served_names(config, settings)
     check_writable(output)
     check_replaceable(output, resume=config.resume, overwrite=config.overwrite, flags="--")
     lock = OutputLock(output, "--output_file")
@@ -115,7 +116,7 @@ def batch(config) -> None:
         done = resumed(output, fingerprint) if unfinished else start_parts(output, fingerprint)
         todo = [request for request in requests if request["custom_id"] not in done]
         with LocalServer(config) as (base, key):
-            done |= answer_all(todo, base, key, served_names(config), output, config.concurrency, len(done))
+            done |= answer_all(todo, base, key, names, output, config.concurrency, len(done))
         write_output(output, requests, done)
     except (KeyboardInterrupt, BatchStopped):
         print("dllm_lit batch: the answers so far are kept; --resume true finishes the run.", file=sys.stderr)
@@ -126,12 +127,11 @@ def batch(config) -> None:
     print(f"dllm_lit batch: {len(done)} requests -> {output} ({failed} failed)", file=sys.stderr)
 
 
-def served_names(config) -> tuple[str, set[str]]:
-    """The served model's name and its adapters' (the names a body's ``model`` may keep)."""
-    entries = config.lora_modules
-    entries = [entries] if isinstance(entries, str) else entries or []
+def served_names(config, settings) -> tuple[str, set[str]]:
+    """The served model's name and its adapters' (the names a body's ``model`` may keep); bad
+    ``--lora_modules`` fail here, as ``serve`` would fail on them, before the server starts."""
     name = config.served_model_name or config.model.model_name_or_path
-    return name, {entry.partition("=")[0] for entry in entries}
+    return name, set(read_lora_modules(config.lora_modules, name, config.model.model_name_or_path, settings))
 
 
 def start_parts(output: Path, fingerprint: dict) -> dict:

@@ -123,10 +123,14 @@ def fitted_prompt(
     a :class:`PromptError`."""
     room = min(settings.max_new_tokens, settings.max_length // 2)
     fitted = list(history)
-    ids = encode_prompt(tokenizer, {"messages": fitted, "chat_template_kwargs": variables}, use_chat_template=True)
+
+    def encoded() -> list[int]:
+        return encode_prompt(tokenizer, {"messages": fitted, "chat_template_kwargs": variables}, use_chat_template=True)
+
+    ids = encoded()
     while len(ids) + room > settings.max_length and len(fitted) > kept + 1:
         del fitted[kept : kept + 2]  # a user message and its answer
-        ids = encode_prompt(tokenizer, {"messages": fitted, "chat_template_kwargs": variables}, True)
+        ids = encoded()
     if len(ids) >= settings.max_length:
         raise PromptError(
             f"This message makes a prompt of {len(ids)} tokens, which leaves no room under "

@@ -220,8 +220,7 @@ def serve(
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code, chat_template=chat_template)
     chat_template = tokenizer.chat_template if chat_template is not None else None
     name = served_model_name or model_name_or_path
-    entries = [lora_modules] if isinstance(lora_modules, str) else lora_modules or []
-    adapters = read_lora_modules(entries, name, model_name_or_path, settings)
+    adapters = read_lora_modules(lora_modules, name, model_name_or_path, settings)
     template_options({"chat_template_kwargs": chat_template_kwargs})  # a bad variable fails here
     api_key = api_key or os.environ.get("DLLM_LIT_API_KEY") or None
     server = build_server(
@@ -254,10 +253,13 @@ def serve(
         sys.exit(1)  # the worker has said why
 
 
-def read_lora_modules(entries: list[str], served: str, model_name_or_path: str, settings: DecodeSettings) -> dict:
-    """``--lora_modules NAME=DIR ...`` as ``{name: directory}``, each checked, or a ValueError sentence."""
+def read_lora_modules(
+    given: list[str] | str | None, served: str, model_name_or_path: str, settings: DecodeSettings
+) -> dict[str, str]:
+    """``--lora_modules`` (``NAME=DIR`` or a list of them) as ``{name: directory}``, each checked, or a
+    ValueError sentence."""
     adapters: dict[str, str] = {}
-    for entry in entries:
+    for entry in [given] if isinstance(given, str) else given or []:
         name, _, path = entry.partition("=")
         if not name or not path:
             raise ValueError(f"--lora_modules takes NAME=DIR entries, got {entry!r}.")

@@ -24,18 +24,13 @@ import torch
 
 from conftest import assert_one_line_error, save_lora, save_without_template, type_lines, write
 from dllm_lit import cli, generate_blocks
+from dllm_lit.batch import free_port
 from dllm_lit.models import load_tokenizer
 from dllm_lit.streaming import Job, stream_jobs
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SETTINGS = ["--model.add_eos_length=3", "--model.max_new_tokens=24", "--model.lossless=false"]  # block mode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
