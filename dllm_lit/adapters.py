@@ -110,7 +110,8 @@ class AdapterSwitch:
         self.use(None)
 
     def use(self, name: str | None) -> None:
-        """Run the next forwards with adapter ``name`` (None: the base model)."""
+        """Run the next forwards with adapter ``name`` (None: the base model; ``current`` says which)."""
+        self.current = name
         if name is not None:
             self.peft_model.base_model.set_adapter(name)
         for layer in self.layers:  # as peft's enable/disable_adapters, without its walk over the parameters

@@ -29,6 +29,7 @@ from dllm_lit.ledger import BlockGeneration, CommitListener, LogprobListener, Ro
 from dllm_lit.logprobs import EXACT_IDS
 from dllm_lit.lossless import decode_lossless
 from dllm_lit.lossless_compiled import decode_lossless_static
+from dllm_lit.prompt_cache import PromptCache
 from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DEFAULTS, DecodeSettings
 from dllm_lit.textstream import StopStringWatch
@@ -115,6 +116,7 @@ def generate_blocks(
     row_seeds: Sequence[int | None] | None = None,
     row_max_new_tokens: Sequence[int] | None = None,
     row_guides: Sequence[dict[str, Any] | None] | None = None,
+    prompt_cache: PromptCache | None = None,
     **overrides: Any,
 ) -> BlockGeneration:
     """Decode a left-padded batch block by block; return per-row tokens and call statistics.
@@ -144,6 +146,10 @@ def generate_blocks(
         row_guides: Each row's own structured output, in place of the settings' ``guided_*``: a dict
             such as ``{"guided_json": schema}`` (None: the settings'; ``{}``: unconstrained), so that
             requests with different grammars share one batch (``serve``).
+        prompt_cache: A :class:`~dllm_lit.prompt_cache.PromptCache`: the K/V of the longest beginning
+            every prompt shares with an earlier call's prompt are reused, not computed again, and
+            these prompts' are stored for later calls (the eager backend with ``use_cache``). Each
+            row's ``cached_tokens`` says how many it reused.
         **overrides: Any :class:`~dllm_lit.settings.DecodeSettings` field, e.g. ``refine_iter=3``,
             applied on top of ``settings``.
     """
@@ -165,8 +171,16 @@ def generate_blocks(
     )
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
+    start = {}
+    if prompt_cache is not None:
+        if settings.backend != "eager" or not settings.use_cache:
+            raise ValueError(
+                "prompt_cache works on the eager backend with use_cache: the compiled ones keep a static cache."
+            )
+        start["start"] = prompt_cache.start(prompt_ids, prompt_mask)
+        ledger.cached_tokens = start["start"].length
     try:
-        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0])
+        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], **start)
     finally:
         if streamer is not None:
             streamer.end()  # a TextIteratorStreamer's reader must not wait forever on a failed call

@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache
 
 from dllm_lit.ledger import RowLedger
+from dllm_lit.prompt_cache import CachedStart
 from dllm_lit.sampling import RowSampler, block_positions
 from dllm_lit.settings import DecodeSettings
 
@@ -21,12 +22,12 @@ class CommittedBatch:
     """The active rows' committed ids and mask, and a prefix KV cache of the positions whose K/V
     are final (``cached`` leading columns). Without a cache every pass re-encodes everything."""
 
-    def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, use_cache: bool):
-        self.model = model
-        self.ids = prompt_ids
-        self.mask = prompt_mask
+    def __init__(self, model: torch.nn.Module, prompt_ids, prompt_mask, use_cache: bool, start: CachedStart | None):
+        self.model, self.start = model, start
+        self.ids, self.mask, self.cached = prompt_ids, prompt_mask, 0
         self.cache = DynamicCache() if use_cache else None
-        self.cached = 0
+        if start is not None and start.length:  # the prompts' beginning is cached already
+            self.ids, self.mask, self.cache, self.cached = start.ids, start.mask, start.cache, start.length
         self.keep_kwarg = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def forward(self, block_inputs: torch.Tensor, predict: int) -> torch.Tensor:
@@ -46,6 +47,9 @@ class CommittedBatch:
             use_cache=self.cache is not None,
             **kwargs,
         ).logits[:, -predict:]
+        if self.start is not None:  # the prompts' K/V are in the cache now: keep them for later calls
+            self.start.keep(self.cache)
+            self.start = None
         self.cached = self.ids.shape[1]  # the K/V of the block inputs are drafts, not final
         return logits
 
@@ -73,9 +77,11 @@ def decode_eager(
     sampler: RowSampler,
     *,
     fill: int,
+    start: CachedStart | None = None,
 ) -> None:
-    """Decode left-padded prompts block by block into ``ledger``, picking with ``sampler``."""
-    batch = CommittedBatch(model, prompt_ids, prompt_mask, settings.use_cache)
+    """Decode left-padded prompts block by block into ``ledger``, picking with ``sampler``; ``start``:
+    the prompt cache's start (:mod:`dllm_lit.prompt_cache`; needs ``use_cache``)."""
+    batch = CommittedBatch(model, prompt_ids, prompt_mask, settings.use_cache, start)
     active = torch.arange(prompt_ids.shape[0], device=prompt_ids.device)  # input row of each active row
     generated = 0  # tokens committed so far by every active row
     while active.numel() > 0:

@@ -33,6 +33,7 @@ class RowResult:
         forwards: Forward passes run while this row was in the active batch.
         logprobs: With ``settings.logprobs``: one :class:`~dllm_lit.logprobs.TokenLogprob` per id of
             ``token_ids``; else None.
+        cached_tokens: Prompt tokens whose K/V came from ``generate_blocks(prompt_cache=)``.
     """
 
     token_ids: list[int]
@@ -40,6 +41,7 @@ class RowResult:
     stop_token_id: int | None
     forwards: int
     logprobs: list[TokenLogprob] | None = None
+    cached_tokens: int = 0
 
     @property
     def num_generated(self) -> int:
@@ -158,7 +160,7 @@ class RowLedger:
             None if settings.logprobs is None else [[] for _ in range(batch)]
         )
         self.rows: list[RowResult | None] = [None] * batch
-        self.forwards = 0
+        self.forwards = self.cached_tokens = 0
         self.refine_passes_per_block: list[int] = []
         self.accepted_per_pass: list[list[int]] = []
         self.on_commit, self.on_logprobs = on_commit, on_logprobs
@@ -219,7 +221,7 @@ class RowLedger:
 
     def _finished(self, row: int, reason: StopReason, stop_token_id: int | None) -> RowResult:
         logprobs = self.logprobs[row] if self.logprobs is not None else None
-        return RowResult(self.tokens[row], reason, stop_token_id, self.forwards, logprobs)
+        return RowResult(self.tokens[row], reason, stop_token_id, self.forwards, logprobs, self.cached_tokens)
 
     def result(self) -> BlockGeneration:
         return BlockGeneration(

@@ -38,6 +38,7 @@ from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import attention_bias
 from dllm_lit.ledger import RowLedger
 from dllm_lit.logprobs import token_scores
+from dllm_lit.prompt_cache import CachedStart
 from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DecodeSettings
 
@@ -48,11 +49,14 @@ class RaggedBatch:
     first, then the last accepted token). A pass may also feed alternatives for the first draft token
     and, for a model with a draft adapter (``model.draft_gate``), a draft branch (:func:`pass_mask`)."""
 
-    def __init__(self, model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        self.model, self.gate = model, draft_gate(model)
-        self.cache = DynamicCache()
-        self.valid = prompt_mask[:, :0]  # [rows, cached columns]
-        self.pending, self.pending_mask = prompt_ids, prompt_mask
+    def __init__(self, model: torch.nn.Module, prompt_ids, prompt_mask, start: CachedStart | None = None):
+        self.model, self.gate, self.start = model, draft_gate(model), start
+        reused = 0
+        if start is not None:  # the prompts' beginning is cached already
+            prompt_ids, prompt_mask, reused = start.ids, start.mask, start.length
+        self.cache = start.cache if reused else DynamicCache()
+        self.valid = prompt_mask[:, :reused]  # [rows, cached columns]
+        self.pending, self.pending_mask = prompt_ids[:, reused:], prompt_mask[:, reused:]
         self.keep_kwarg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.fed = (0, 0, 0)  # the last pass's draft tokens, alternatives and branch tokens
 
@@ -92,6 +96,9 @@ class RaggedBatch:
             use_cache=True,
             **kwargs,
         )
+        if self.start is not None:  # the prompts' K/V are in the cache now: keep them for later calls
+            self.start.keep(self.cache)
+            self.start = None
         return out.logits[:, -keep:]
 
     def accept(self, accepted: torch.Tensor, last: torch.Tensor, taken: torch.Tensor | None = None) -> None:
@@ -235,11 +242,12 @@ def decode_lossless(
     sampler: RowSampler,
     *,
     fill: int,
+    start: CachedStart | None = None,
 ) -> None:
     """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output
-    (picked by ``sampler``)."""
+    (picked by ``sampler``); ``start``: the prompt cache's start (:mod:`dllm_lit.prompt_cache`)."""
     device = prompt_ids.device
-    batch = RaggedBatch(model, prompt_ids, prompt_mask)
+    batch = RaggedBatch(model, prompt_ids, prompt_mask, start)
     active = torch.arange(prompt_ids.shape[0], device=device)
     generated = torch.zeros_like(active)
     schedule, width = WindowSchedule(settings.width, settings.adaptive_window), settings.width

@@ -365,13 +365,17 @@ def settings_for(base: DecodeSettings, request: CommonRequest) -> DecodeSettings
         raise OpenAIError(400, message) from None
 
 
-def usage(prompt_tokens: int, completion_tokens: int, forwards: int, settings: dict[str, Any]) -> dict[str, Any]:
+def usage(
+    prompt_tokens: int, completion_tokens: int, forwards: int, settings: dict[str, Any], cached_tokens: int = 0
+) -> dict[str, Any]:
     """OpenAI's usage block plus the decoding statistics and the settings that produced them (with
-    several choices: tokens and forwards summed over them, each prompt counted once)."""
+    several choices: tokens and forwards summed over them, each prompt counted once; ``cached_tokens``:
+    the prompt tokens read from the prompt cache)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
         "forwards": forwards,
         "tokens_per_forward": round(completion_tokens / max(forwards, 1), 4),
         **settings,

@@ -209,7 +209,7 @@ class OpenAIBlockSpec(LitSpec):
 
     def _start(self, exchange: Exchange) -> AsyncIterator[tuple[int, dict]]:
         """Queue the exchange's jobs; their merged events, counted, with a completion's echo."""
-        exchange.meter = RequestMeter(self.metrics, len(exchange.jobs), exchange.prompt_tokens())
+        exchange.meter = RequestMeter(self.metrics, len(exchange.jobs), exchange.prompt_tokens(), exchange.n)
         events = exchange.meter.watch(self._merged([self._submit(job) for job in exchange.jobs]))
         return echoed(events, exchange.echo)
 
@@ -356,7 +356,9 @@ class OpenAIBlockSpec(LitSpec):
     def _usage(self, exchange: Exchange, finals: list[dict]) -> dict:
         echoed = {name: getattr(exchange.jobs[0].settings, name) for name in _ECHOED}
         completion = sum(final["completion_tokens"] for final in finals)
-        return usage(exchange.prompt_tokens(), completion, sum(final["forwards"] for final in finals), echoed)
+        forwards = sum(final["forwards"] for final in finals)
+        cached = sum(final["cached_tokens"] for final in finals) // exchange.n  # each prompt once, as prompt_tokens
+        return usage(exchange.prompt_tokens(), completion, forwards, echoed, cached)
 
     async def _gather(self, events: AsyncIterator, exchange: Exchange, request: Request):
         """Every choice's ``(texts, finals, scored)``, or the error response; a client that went away

@@ -171,7 +171,7 @@ def response_usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
     prompt, completion = usage.pop("prompt_tokens"), usage.pop("completion_tokens")
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": usage.pop("prompt_tokens_details"),
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": 0},
         **usage,

@@ -3,7 +3,8 @@
 Named as vLLM names its own, with the ``dllm_lit:`` prefix, and counted per choice (a request with
 ``n`` choices or a list of prompts is that many): choices in flight, finished by their decoding's
 finish reason or failed (``error``, ``cancelled``: the client went away), prompt and generated tokens
-(the sums of the responses' ``usage``), forward passes (tokens per forward is
+(the sums of the responses' ``usage``), prompt tokens read from the prompt cache (vLLM's
+``prefix_cache_hits``; each prompt once, as ``usage`` counts them), forward passes (tokens per forward is
 ``generation_tokens_total / forwards_total``), time to the first token and end-to-end latency, and
 requests refused with an error status before decoding.
 """
@@ -54,6 +55,11 @@ class ServeMetrics:
         self.prompt_tokens = Counter(
             "dllm_lit:prompt_tokens", "Prompt tokens (as usage counts them).", registry=registry
         )
+        self.cached_tokens = Counter(
+            "dllm_lit:prefix_cache_hits",
+            "Prompt tokens read from the prompt cache, not computed again (of prompt_tokens).",
+            registry=registry,
+        )
         self.generation_tokens = Counter("dllm_lit:generation_tokens", "Tokens generated.", registry=registry)
         self.forwards = Counter("dllm_lit:forwards", "Forward passes of the finished choices.", registry=registry)
         self.first_token = Histogram(
@@ -77,8 +83,8 @@ class ServeMetrics:
 class RequestMeter:
     """One request's choices as they run: each ends once, as finished, failed or cancelled."""
 
-    def __init__(self, metrics: ServeMetrics, choices: int, prompt_tokens: int):
-        self.metrics, self.start = metrics, time.monotonic()
+    def __init__(self, metrics: ServeMetrics, choices: int, prompt_tokens: int, choices_per_prompt: int = 1):
+        self.metrics, self.start, self.per_prompt = metrics, time.monotonic(), choices_per_prompt
         self.open, self.silent = set(range(choices)), set(range(choices))  # not ended; no text yet
         metrics.in_flight.inc(choices)
         metrics.prompt_tokens.inc(prompt_tokens)
@@ -102,6 +108,7 @@ class RequestMeter:
             metrics = self._end(index)
             metrics.success.labels(event["finish_reason"]).inc()
             metrics.generation_tokens.inc(event["completion_tokens"])
+            metrics.cached_tokens.inc(event["cached_tokens"] / self.per_prompt)
             metrics.forwards.inc(event["forwards"])
             metrics.latency.observe(seconds)
 

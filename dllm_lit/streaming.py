@@ -30,6 +30,7 @@ from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import RowResult
 from dllm_lit.logprobs import TokenLogprob, prompt_logprobs
 from dllm_lit.openai_api import finish_reason
+from dllm_lit.prompt_cache import PromptCache
 from dllm_lit.settings import GUIDED, DecodeSettings
 from dllm_lit.textstream import TextStream
 
@@ -56,9 +57,12 @@ def stream_jobs(
     jobs: list[Job],
     is_cancelled: Callable[[str], bool] = lambda uid: False,
     use_adapter: Callable[[str | None], None] | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[list[dict]]:
     """Per step, one event per job (see the module docstring); ``use_adapter`` switches the model to a
-    group's LoRA adapter (:class:`~dllm_lit.adapters.AdapterSwitch`) before it decodes."""
+    group's LoRA adapter (:class:`~dllm_lit.adapters.AdapterSwitch`) before it decodes; ``prompt_cache``
+    (eager backend) reuses earlier prompts' K/V, and each job's last event says how many tokens
+    (``cached_tokens``)."""
     groups: dict[tuple[DecodeSettings, str | None], list[int]] = {}
     for index, job in enumerate(jobs):
         shared = job.settings.replace(seed=None, max_new_tokens=1, **dict.fromkeys(GUIDED))
@@ -66,7 +70,8 @@ def stream_jobs(
     for (settings, adapter), members in groups.items():
         if use_adapter is not None:
             use_adapter(adapter)
-        for events in _stream_group(model, tokenizer, [jobs[i] for i in members], settings, is_cancelled):
+        group = [jobs[i] for i in members]
+        for events in _stream_group(model, tokenizer, group, settings, is_cancelled, prompt_cache):
             merged = [{} for _ in jobs]
             for position, event in events.items():
                 merged[members[position]] = event
@@ -87,7 +92,7 @@ def warm_up(model: torch.nn.Module, tokenizer, settings: DecodeSettings, rows: i
             pass
 
 
-def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled) -> Iterator[dict]:
+def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled, prompt_cache):
     """Events ``{position in jobs: event}`` for one batch of jobs with the same ``settings`` (their
     seeds, ``max_new_tokens`` and grammars aside)."""
     texts = [TextStream(tokenizer, [*job.stop, *settings.stop_strings], not job.special_tokens) for job in jobs]
@@ -112,7 +117,8 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
         }
     failure: list[BaseException] = []
     listeners = (on_commit, on_logprobs)
-    worker = threading.Thread(target=_decode, args=(model, tokenizer, jobs, settings, listeners, failure, commits))
+    engine = (model, tokenizer, prompt_cache)
+    worker = threading.Thread(target=_decode, args=(engine, jobs, settings, listeners, failure, commits))
     worker.start()
     try:
         yield from _events(jobs, texts, commits, failure)
@@ -146,7 +152,12 @@ def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, fail
                 event["text"] += texts[row].finish()
                 reason = "stop" if texts[row].stopped else finish_reason(result.stop_reason)
                 tokens = texts[row].tokens_through_stop() if texts[row].stopped else result.num_generated
-                event.update(finish_reason=reason, completion_tokens=tokens, forwards=result.forwards)
+                event.update(
+                    finish_reason=reason,
+                    completion_tokens=tokens,
+                    forwards=result.forwards,
+                    cached_tokens=result.cached_tokens,
+                )
                 open_rows.discard(row)
             item = _next_nowait(commits)
         yield events
@@ -163,8 +174,10 @@ def _next_nowait(commits: queue.Queue):
     return item
 
 
-def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits: queue.Queue) -> None:
-    """Run the engine on the group's left-padded prompts; always end with the ``None`` marker."""
+def _decode(engine, jobs, settings, listeners, failure: list, commits: queue.Queue) -> None:
+    """Run the engine (model, tokenizer, prompt cache) on the group's left-padded prompts; always end
+    with the ``None`` marker."""
+    model, tokenizer, prompt_cache = engine
     try:
         ids, mask = left_pad([job.ids for job in jobs], tokenizer.pad_token_id)  # load_tokenizer sets a pad id
         # The rows' own TextStreams (on_commit) watch the settings' stop strings with the jobs': the
@@ -184,6 +197,7 @@ def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits:
             row_seeds=[job.settings.seed for job in jobs],
             row_max_new_tokens=limits,
             row_guides=[own_guide(job.settings) for job in jobs],
+            prompt_cache=prompt_cache if settings.backend == "eager" and settings.use_cache else None,
         )
     except Exception as error:  # reported to the jobs' clients as a 500, the server keeps serving
         failure.append(error)

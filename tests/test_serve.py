@@ -807,6 +807,21 @@ def test_metrics_count_the_choices_tokens_and_forwards_the_responses_report(serv
 
 
 @pytest.mark.slow
+def test_a_chat_s_next_turn_reuses_the_keys_and_values_of_its_earlier_prompt_and_answers_as_predict(
+    server, client, tiny_dir, tmp_path
+):
+    first = [{"role": "user", "content": "Tell me about caches."}]
+    done = client.chat.completions.create(model=tiny_dir, messages=first)
+    later = [*first, {"role": "assistant", "content": done.choices[0].message.content}]
+    later.append({"role": "user", "content": "And then?"})
+    before = metrics(server[0])
+    again = client.chat.completions.create(model=tiny_dir, messages=later)
+    assert again.usage.prompt_tokens_details.cached_tokens == done.usage.prompt_tokens
+    assert grown(before, metrics(server[0]), "dllm_lit:prefix_cache_hits_total") == done.usage.prompt_tokens
+    assert again.choices[0].message.content == predicted(tiny_dir, tmp_path, {"messages": later})["response"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, stream):
     base, log = server
@@ -857,6 +872,11 @@ def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, strea
         (["serve", '--chat_template_kwargs={"tokenize": true}'], "chat_template_kwargs cannot set 'tokenize'"),
         (["serve", "--lora_modules=a=/nonexistent"], "/nonexistent is not a LoRA adapter directory"),
         (["chat", "--model.logprobs=2"], "--model.logprobs does nothing in chat"),
+        (["serve", "--prompt_cache_mib=-1"], "--prompt_cache_mib must be 0 (off) or more, got -1.0."),
+        (
+            ["chat", "--model.backend=inductor", "--prompt_cache_mib=64"],
+            "--prompt_cache_mib needs --model.backend eager",
+        ),
     ],
 )
 def test_bad_flags_are_one_line(dllm_lit, tmp_path, args, fragment):
@@ -1084,7 +1104,7 @@ def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_fu
     tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
     settings = DecodeSettings(add_eos_length=0, max_new_tokens=60, ignore_eos=True)
     job = Job("t", tokenizer("go on")["input_ids"], settings)
-    full = answer(model, tokenizer, job)
+    full = answer((model, tokenizer, None), job)
     forwards = []
 
     def interrupt_at_the_fifth_forward(module, args):
@@ -1095,7 +1115,7 @@ def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_fu
     handler = signal.getsignal(signal.SIGINT)
     hook = model.register_forward_pre_hook(interrupt_at_the_fifth_forward)
     try:
-        stopped = answer(model, tokenizer, job)
+        stopped = answer((model, tokenizer, None), job)
     finally:
         hook.remove()
     assert 0 < len(stopped) < len(full) / 2 and full.startswith(stopped)
@@ -1113,11 +1133,12 @@ def test_each_chat_answer_ends_with_a_line_of_its_tokens_and_forwards(tiny_dir, 
     settings = DecodeSettings(add_eos_length=3, max_new_tokens=24, ignore_eos=ignore_eos)
     ids = tokenizer("hello")["input_ids"]
     row = generate_blocks(model, torch.tensor([ids]), settings, eos_token_id=tokenizer.eos_token_id).rows[0]
-    answer(model, tokenizer, Job("t", ids, settings))
+    answer((model, tokenizer, None), Job("t", ids, settings))
     tokens, forwards = row.num_generated, row.forwards
     cut = ", cut at the length limit" if row.stop_reason == "max_new_tokens" else ""
     speed = r"[\d.]+ s \([\d.]+ tok/s\)"
     pattern = rf"\[{tokens} tokens in {speed}, {forwards} forwards \({tokens / forwards:.2f} tokens/forward\)"
+    pattern += rf", prompt {len(ids)} tokens \(0 cached\)"
     assert re.fullmatch(pattern + re.escape(cut) + r"\]", capsys.readouterr().err.splitlines()[-1])
     assert (row.stop_reason == "max_new_tokens") == ignore_eos
 
@@ -1134,7 +1155,7 @@ def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_messag
     type_lines(monkeypatch, [*lines, "/reset", "fifth", "/exit", "never read"])
     prompts = []
 
-    def answered(model, tokenizer, job):
+    def answered(engine, job):
         prompts.append(job.ids)
         return f"answer {len(prompts)}"
 
@@ -1168,7 +1189,7 @@ def test_multiline_chat_messages_run_to_an_empty_line(tiny_dir, capsys, monkeypa
 
     type_lines(monkeypatch, ["Fix this:", "def f():", "    return 1", "", "/help", "last one"])
     prompts = []
-    monkeypatch.setattr(chat, "answer", lambda model, tokenizer, job: prompts.append(job.ids) or "ok")
+    monkeypatch.setattr(chat, "answer", lambda engine, job: prompts.append(job.ids) or "ok")
     chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=8), device="cpu", multiline=True)
     tokenizer, first = load_tokenizer(tiny_dir), "Fix this:\ndef f():\n    return 1"
     turns = [{"role": "user", "content": first}, {"role": "assistant", "content": "ok"}]
@@ -1189,7 +1210,7 @@ def test_chat_passes_its_template_variables_to_every_prompt(tiny_dir, monkeypatc
 
     type_lines(monkeypatch, ["hi", "again"])
     prompts = []
-    monkeypatch.setattr(chat, "answer", lambda model, tokenizer, job: prompts.append(job.ids) or "ok")
+    monkeypatch.setattr(chat, "answer", lambda engine, job: prompts.append(job.ids) or "ok")
     variables = {"enable_thinking": False}  # the tiny template's, as Qwen3's
     chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=8), device="cpu", chat_template_kwargs=variables)
     turns = [
@@ -1204,6 +1225,27 @@ def test_chat_passes_its_template_variables_to_every_prompt(tiny_dir, monkeypatc
     assert prompts == expected and "/no_think" in tokenizer.decode(prompts[0])
     with pytest.raises(ValueError, match="chat_template_kwargs cannot set 'tools'"):
         chat.chat(tiny_dir, False, DecodeSettings(), device="cpu", chat_template_kwargs={"tools": []})
+
+
+def test_a_chat_turn_computes_only_what_follows_the_last_prompt_and_answers_as_without_a_cache(
+    tiny_dir, capsys, monkeypatch
+):
+    from dllm_lit import chat
+    from dllm_lit.data import encode_prompt
+    from dllm_lit.models import load_tokenizer
+    from dllm_lit.settings import DecodeSettings
+
+    said = {}
+    for mib in (0, None):  # off, then the default
+        type_lines(monkeypatch, ["hi", "tell me more", "/reset", "hi"])
+        chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=12), device="cpu", prompt_cache_mib=mib)
+        out, err = capsys.readouterr()
+        said[mib] = out, [tuple(map(int, pair)) for pair in re.findall(r"prompt (\d+) tokens \((\d+) cached\)", err)]
+    n = len(encode_prompt(load_tokenizer(tiny_dir), {"messages": [{"role": "user", "content": "hi"}]}, True))
+    (plain, counts), (cached, reused) = said[0], said[None]
+    second = counts[1][0]
+    assert cached == plain and counts == [(n, 0), (second, 0), (n, 0)]
+    assert reused == [(n, 0), (second, n), (n, n - 1)], "each turn reads the earlier prompts' K/V"
 
 
 def test_ctrl_c_while_chat_loads_exits_130_without_a_traceback(tiny_dir, capsys, monkeypatch):

@@ -1,0 +1,139 @@
+"""Prompt caching: the K/V of earlier prompts reused where a new prompt begins the same way.
+
+``serve`` and ``chat`` keep one :class:`PromptCache` (vLLM's automatic prefix caching, llama.cpp's
+``cache_prompt``): a chat's next turn begins with the conversation so far, and requests share a
+system prompt or few-shot examples. Per call, :meth:`PromptCache.start` finds the stored prompt that
+shares the longest beginning with every row of the batch (at least one token of each row is still
+fed) and returns a :class:`CachedStart`: the prompt rows with that beginning moved in front of their
+left padding, and a ``DynamicCache`` that already holds its K/V. Positions count unpadded tokens, so a
+row's positions, and so its answer, are those of a plain start. After the first forward the loop
+calls :meth:`CachedStart.keep`, which stores each row's whole prompt for later calls. Entries are
+dropped least recently used first once they exceed ``max_bytes``; a prompt that extends a stored one
+replaces it. The eager loops only (``use_cache`` on): a compiled backend keeps its own static cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [1, heads, tokens, dim]
+
+
+class PromptCache:
+    """Stored prompts' K/V, by their token ids, up to ``max_bytes`` in all (see the module docstring).
+    ``weights`` names the weights the model runs now (``serve``'s LoRA adapter: K/V computed under
+    one are reused under that one only; default: always the same). ``hits`` and ``reused_tokens``
+    count the calls that reused a beginning and the prompt tokens they did not feed again."""
+
+    def __init__(self, max_bytes: int, weights: Callable[[], str | None] = lambda: None):
+        self.max_bytes, self.weights = max_bytes, weights
+        self.entries: OrderedDict[tuple, KeyValues] = OrderedDict()  # (scope, *tokens), least recently used first
+        self.used_bytes = self.hits = self.reused_tokens = 0
+        self.lock = threading.Lock()  # serve's engine thread and a request's lookup may meet
+
+    def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> CachedStart:
+        """The batch's start: the longest stored beginning all rows share (none: a plain start)."""
+        scope, rows = self.weights(), [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+        most = min(map(len, rows)) - 1  # every row feeds at least its last token
+        with self.lock:
+            best, length = None, 0
+            for key in self.entries:
+                shared = min(common_length(key[1:], row) for row in rows) if key[0] == scope else 0
+                if min(shared, most) > length:
+                    best, length = key, min(shared, most)
+            if best is None:
+                return CachedStart(self, scope, rows, prompt_ids, prompt_mask)
+            self.entries.move_to_end(best)
+            self.hits, self.reused_tokens = self.hits + 1, self.reused_tokens + length * len(rows)
+            kept = [(k[:, :, :length], v[:, :, :length]) for k, v in self.entries[best]]
+        size = len(rows)
+        cache = DynamicCache(
+            [(k.expand(size, -1, -1, -1).clone(), v.expand(size, -1, -1, -1).clone()) for k, v in kept]
+        )
+        ids, mask = prefix_first(prompt_ids, prompt_mask, length)
+        return CachedStart(self, scope, rows, ids, mask, cache, length)
+
+    def store(self, scope: str | None, tokens: list[int], key_values: KeyValues) -> None:
+        """Keep one prompt's K/V (replacing stored prompts it extends), then drop the least recently
+        used entries over ``max_bytes``. A prompt a stored one already extends is only refreshed."""
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in key_values)
+        key = (scope, *tokens)
+        with self.lock:
+            longer = next((stored for stored in self.entries if stored[: len(key)] == key), None)
+            if longer is not None:
+                self.entries.move_to_end(longer)
+                return
+            if size > self.max_bytes:
+                return
+            for stored in [stored for stored in self.entries if key[: len(stored)] == stored]:
+                self._drop(stored)
+            self.entries[key] = key_values
+            self.used_bytes += size
+            while self.used_bytes > self.max_bytes:
+                self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: tuple) -> None:
+        for k, v in self.entries.pop(key):
+            self.used_bytes -= k.numel() * k.element_size() + v.numel() * v.element_size()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.used_bytes = 0
+
+
+class CachedStart:
+    """One call's start: ``ids``/``mask`` are the prompt rows with the reused beginning (``length``
+    tokens, whose K/V ``cache`` holds for every row) moved in front; ``cache`` is None without one."""
+
+    def __init__(self, store, scope, rows, ids, mask, cache: DynamicCache | None = None, length: int = 0):
+        self.store, self.scope, self.rows, self.ids, self.mask = store, scope, rows, ids, mask
+        self.cache, self.length = cache, length
+
+    def keep(self, cache: DynamicCache) -> None:
+        """Store every row's prompt from ``cache``, whose first columns are the K/V of ``ids`` (a
+        model whose cache is not plain full attention layers stores nothing)."""
+        if self.store is None or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            return
+        width, seen = self.ids.shape[1], set()
+        for row, (tokens, mask) in enumerate(zip(self.rows, self.mask)):
+            if tuple(tokens) in seen:
+                continue
+            seen.add(tuple(tokens))
+            columns = mask.bool().nonzero().squeeze(1)
+            key_values = [
+                (
+                    layer.keys[row : row + 1, :, :width][:, :, columns],
+                    layer.values[row : row + 1, :, :width][:, :, columns],
+                )
+                for layer in cache.layers
+            ]
+            self.store.store(self.scope, tokens, key_values)
+        self.store = None  # once per call
+
+
+def common_length(first: tuple | list[int], second: list[int]) -> int:
+    """How many leading tokens the two sequences share."""
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def prefix_first(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each left-padded row with its first ``length`` tokens moved in front of its padding."""
+    width, padding = prompt_ids.shape[1], (1 - prompt_mask).sum(1, keepdim=True)
+    column = torch.arange(width, device=prompt_ids.device)[None, :]
+    order = torch.where(
+        column < length,
+        padding + column,  # the first tokens
+        torch.where(column < length + padding, column - length, column),  # then the padding, then the rest
+    )
+    return prompt_ids.gather(1, order), prompt_mask.gather(1, order)

@@ -1,0 +1,108 @@
+"""Prompt caching: reused K/V never change a token, and they are reused.
+
+Oracles: the same calls without a prompt cache; the tokens each forward pass is fed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_drafter import with_drafter
+from test_lossless import LOSSLESS_MODELS
+
+from conftest import EOS, left_pad, random_prompts
+from dllm_lit import generate_blocks
+from dllm_lit.prompt_cache import PromptCache, prefix_first
+
+SHARED = random_prompts([9], seed=3)[0]
+FIRST = [SHARED + tail for tail in random_prompts([4, 1, 7], seed=4)]  # three prompts, one beginning
+LATER = [FIRST[0] + [5, 6], SHARED[:6] + [7], FIRST[2] + [8, 9, 10]]  # a chat's next turns, an earlier cut
+MODES = {
+    "lossless-W1": {"lossless": True, "add_eos_length": 0},
+    "lossless-W4": {"lossless": True, "add_eos_length": 3},
+    "exact-blocks": {"add_eos_length": 2, "refine_iter": 3},
+    "approximate-blocks": {"add_eos_length": 3, "refine_iter": 2},
+}
+
+
+def decode(model, prompts, cache=None, **settings):
+    """Each row's tokens and reused count, and the tokens the forward passes were fed in all."""
+    fed = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    try:
+        ids, mask = left_pad(prompts)
+        out = generate_blocks(
+            model, ids, attention_mask=mask, eos_token_id=EOS, max_new_tokens=12, prompt_cache=cache, **settings
+        )
+    finally:
+        hook.remove()
+    return [(row.token_ids, row.stop_token_id) for row in out.rows], [row.cached_tokens for row in out.rows], sum(fed)
+
+
+@pytest.fixture(params=sorted(LOSSLESS_MODELS), scope="module")
+def model(request):
+    return LOSSLESS_MODELS[request.param]()
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_reused_prompts_decode_the_same_tokens_with_fewer_fed(model, mode):
+    cache = PromptCache(1 << 30)
+    settings = MODES[mode]
+    for prompts in (FIRST, LATER[:1], LATER, [LATER[2]] * 2):
+        plain, none, plain_fed = decode(model, prompts, **settings)
+        reused, counts, fed = decode(model, prompts, cache, **settings)
+        assert reused == plain and none == [0] * len(prompts)
+        assert fed == plain_fed - sum(counts)
+    assert counts == [len(LATER[2]) - 1] * 2, "the third call's prompt serves the fourth (its last token is fed)"
+    assert cache.hits == 3
+
+
+def test_a_draft_adapter_s_passes_reuse_the_base_s_prompt_keys_and_values():
+    _, drafter = with_drafter("llama", 0.5)
+    cache = PromptCache(1 << 30)
+    for prompts in (FIRST, LATER):
+        assert (
+            decode(drafter, prompts, cache, **MODES["lossless-W4"])[0]
+            == decode(drafter, prompts, **MODES["lossless-W4"])[0]
+        )
+    assert cache.reused_tokens == len(SHARED[:6]) * 3
+
+
+def test_keys_and_values_of_other_weights_are_not_reused():
+    model, weights = LOSSLESS_MODELS["llama"](), ["a"]
+    cache = PromptCache(1 << 30, weights=lambda: weights[0])
+    decode(model, FIRST, cache, lossless=True)
+    weights[0] = "b"
+    assert decode(model, LATER[:1], cache, lossless=True)[1] == [0]
+    weights[0] = "a"
+    assert decode(model, LATER[:1], cache, lossless=True)[1] == [len(FIRST[0])]
+
+
+def test_the_least_recently_used_prompts_leave_first_and_longer_prompts_replace_their_beginnings():
+    model = LOSSLESS_MODELS["gpt2"]()
+    decode(model, FIRST[:1], probe := PromptCache(1 << 30), lossless=True)
+    per_token = probe.used_bytes // len(FIRST[0])
+    cache = PromptCache(per_token * 30)
+    one, two, three = random_prompts([10, 10, 12], seed=9)
+    for prompt in (one, two, one + [4]):  # the third replaces the first
+        decode(model, [prompt], cache, lossless=True)
+    assert [len(key) - 1 for key in cache.entries] == [10, 11]
+    decode(model, [one], cache, lossless=True)  # a stored prompt's beginning: refreshed, not stored
+    decode(model, [three], cache, lossless=True)  # 33 tokens: the least recently used, two, leaves
+    assert [len(key) - 1 for key in cache.entries] == [11, 12] and cache.used_bytes == 23 * per_token
+    decode(model, [random_prompts([31], seed=2)[0]], cache, lossless=True)  # over the budget alone
+    assert [len(key) - 1 for key in cache.entries] == [11, 12]
+
+
+def test_the_shared_beginning_moves_in_front_of_the_left_padding():
+    ids, mask = left_pad([[5, 6, 7, 8], [5, 6, 9]])
+    moved, moved_mask = prefix_first(ids, mask, 2)
+    assert moved.tolist() == [[5, 6, 7, 8], [5, 6, 0, 9]] and moved_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
+
+
+def test_compiled_backends_refuse_a_prompt_cache():
+    with pytest.raises(ValueError, match="eager backend with use_cache"):
+        decode(LOSSLESS_MODELS["llama"](), FIRST, PromptCache(1 << 20), lossless=True, backend="cuda_graph")
+    with pytest.raises(ValueError, match="eager backend with use_cache"):
+        decode(LOSSLESS_MODELS["llama"](), FIRST, PromptCache(1 << 20), use_cache=False)
