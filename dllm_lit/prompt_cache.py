@@ -32,7 +32,7 @@ class PromptCache:
 
     def __init__(self, max_bytes: int, weights: Callable[[], str | None] = lambda: None):
         self.max_bytes, self.weights = max_bytes, weights
-        self.entries: OrderedDict[tuple, KeyValues] = OrderedDict()  # (scope, *tokens), least recently used first
+        self.entries: OrderedDict[tuple, KeyValues] = OrderedDict()  # (scope, tokens): least recently used first
         self.used_bytes = self.hits = self.reused_tokens = 0
         self.lock = threading.Lock()  # serve's engine thread and a request's lookup may meet
 
@@ -43,7 +43,7 @@ class PromptCache:
         with self.lock:
             best, length = None, 0
             for key in self.entries:
-                shared = min(common_length(key[1:], row) for row in rows) if key[0] == scope else 0
+                shared = min(common_length(key[1], row) for row in rows) if key[0] == scope else 0
                 if min(shared, most) > length:
                     best, length = key, min(shared, most)
             if best is None:
@@ -62,15 +62,15 @@ class PromptCache:
         """Keep one prompt's K/V (replacing stored prompts it extends), then drop the least recently
         used entries over ``max_bytes``. A prompt a stored one already extends is only refreshed."""
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in key_values)
-        key = (scope, *tokens)
+        key = (scope, tuple(tokens))
         with self.lock:
-            longer = next((stored for stored in self.entries if stored[: len(key)] == key), None)
+            longer = next((stored for stored in self.entries if extends(stored, key)), None)
             if longer is not None:
                 self.entries.move_to_end(longer)
                 return
             if size > self.max_bytes:
                 return
-            for stored in [stored for stored in self.entries if key[: len(stored)] == stored]:
+            for stored in [stored for stored in self.entries if extends(key, stored)]:
                 self._drop(stored)
             self.entries[key] = key_values
             self.used_bytes += size
@@ -117,7 +117,12 @@ class CachedStart:
         self.store = None  # once per call
 
 
-def common_length(first: tuple | list[int], second: list[int]) -> int:
+def extends(longer: tuple, shorter: tuple) -> bool:
+    """Whether entry key ``longer`` (scope, tokens) begins with entry key ``shorter``."""
+    return longer[0] == shorter[0] and longer[1][: len(shorter[1])] == shorter[1]
+
+
+def common_length(first: tuple[int, ...], second: list[int]) -> int:
     """How many leading tokens the two sequences share."""
     length = 0
     for a, b in zip(first, second):

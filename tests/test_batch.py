@@ -121,7 +121,8 @@ def test_an_interrupted_batch_resumes_keeping_its_answers(dllm_lit_here, tiny_di
         assert run.poll() is None and time.time() < deadline, run.stderr.read()
         time.sleep(0.2)
     run.send_signal(signal.SIGINT)
-    assert run.wait(timeout=120) == 130 and b"--resume true finishes the run" in run.stderr.read()
+    code, said = run.wait(timeout=120), run.stderr.read()
+    assert code == 130 and b"--resume true finishes the run" in said, said.decode()
     kept = parts.read_text().splitlines()[1:]
     assert 3 <= len(kept) < 6 and not out.exists()
 

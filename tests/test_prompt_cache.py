@@ -87,12 +87,12 @@ def test_the_least_recently_used_prompts_leave_first_and_longer_prompts_replace_
     one, two, three = random_prompts([10, 10, 12], seed=9)
     for prompt in (one, two, one + [4]):  # the third replaces the first
         decode(model, [prompt], cache, lossless=True)
-    assert [len(key) - 1 for key in cache.entries] == [10, 11]
+    assert [len(tokens) for _, tokens in cache.entries] == [10, 11]
     decode(model, [one], cache, lossless=True)  # a stored prompt's beginning: refreshed, not stored
     decode(model, [three], cache, lossless=True)  # 33 tokens: the least recently used, two, leaves
-    assert [len(key) - 1 for key in cache.entries] == [11, 12] and cache.used_bytes == 23 * per_token
+    assert [len(tokens) for _, tokens in cache.entries] == [11, 12] and cache.used_bytes == 23 * per_token
     decode(model, [random_prompts([31], seed=2)[0]], cache, lossless=True)  # over the budget alone
-    assert [len(key) - 1 for key in cache.entries] == [11, 12]
+    assert [len(tokens) for _, tokens in cache.entries] == [11, 12]
 
 
 def test_the_shared_beginning_moves_in_front_of_the_left_padding():
