@@ -22,8 +22,10 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from dllm_lit.data import encode_prompt
+from dllm_lit.model_args import prompt_cache_bytes
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.progress import counter
+from dllm_lit.prompt_cache import PromptCache
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs
 
@@ -39,6 +41,9 @@ class DllmLM(HFLM):
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16``, ``float16``.
         chat_template: A chat template in place of the tokenizer's (a Jinja file or the template).
+        prompt_cache_mib: Memory for the K/V of earlier prompts (:mod:`dllm_lit.prompt_cache`): a
+            batch whose prompts begin as an earlier one did (a task's few-shot examples) computes only
+            the rest (default: 1024 on the eager backend; 0: off).
         **decoding: :class:`~dllm_lit.settings.DecodeSettings` fields (``add_eos_length``, ``lossless``...).
     """
 
@@ -50,15 +55,25 @@ class DllmLM(HFLM):
         device: str = "auto",
         dtype: str = "auto",
         chat_template: str | None = None,
+        prompt_cache_mib: float | None = None,
         **decoding: Any,
     ):
         self.settings = DecodeSettings(**decoding)
+        cache_bytes = prompt_cache_bytes(None if prompt_cache_mib is None else float(prompt_cache_mib), self.settings)
+        self.prompt_cache = PromptCache(cache_bytes) if cache_bytes else None
         device = resolve_device(device)
         tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code, chat_template=chat_template)
         model = load_model(pretrained, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
         super().__init__(pretrained=model.to(device), tokenizer=tokenizer, batch_size=int(batch_size))
         self.stats: dict[str, dict[str, float]] = defaultdict(
-            lambda: {"requests": 0, "generated_tokens": 0, "forwards": 0, "seconds": 0.0}
+            lambda: {
+                "requests": 0,
+                "prompt_tokens": 0,
+                "cached_prompt_tokens": 0,
+                "generated_tokens": 0,
+                "forwards": 0,
+                "seconds": 0.0,
+            }
         )
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
@@ -77,9 +92,9 @@ class DllmLM(HFLM):
             for start in range(0, len(ordered), self.batch_size):
                 batch = ordered[start : start + self.batch_size]
                 jobs = [Job(str(i), ids[i], settings, until) for i in batch]
-                for i, (text, final, seconds) in zip(batch, self._decode(jobs)):
+                for i, job, (text, final, seconds) in zip(batch, jobs, self._decode(jobs)):
                     answers[i] = postprocess_generated_text(text, until, None)
-                    self._record(requests[i], final, seconds)
+                    self._record(requests[i], len(job.ids), final, seconds)
                     self.cache_hook.add_partial("generate_until", requests[i].args, answers[i])
                 bar.update(len(batch))
         bar.close()
@@ -101,7 +116,7 @@ class DllmLM(HFLM):
         """``(text, final event, share of the batch's seconds)`` per job."""
         texts, finals = [""] * len(jobs), [{}] * len(jobs)
         start = time.perf_counter()
-        for events in stream_jobs(self.model, self.tokenizer, jobs):
+        for events in stream_jobs(self.model, self.tokenizer, jobs, prompt_cache=self.prompt_cache):
             for position, event in enumerate(events):
                 if "error" in event:
                     raise RuntimeError(event["error"])
@@ -112,15 +127,18 @@ class DllmLM(HFLM):
         tokens = sum(final["completion_tokens"] for final in finals) or 1
         return [(t, f, seconds * f["completion_tokens"] / tokens) for t, f in zip(texts, finals)]
 
-    def _record(self, request, final: dict, seconds: float) -> None:
+    def _record(self, request, prompt_tokens: int, final: dict, seconds: float) -> None:
         stats = self.stats[getattr(request, "task_name", None) or "all"]
         stats["requests"] += 1
+        stats["prompt_tokens"] += prompt_tokens
+        stats["cached_prompt_tokens"] += final["cached_tokens"]
         stats["generated_tokens"] += final["completion_tokens"]
         stats["forwards"] += final["forwards"]
         stats["seconds"] += seconds
 
     def decoding_statistics(self) -> dict[str, dict[str, float]]:
-        """Per task: requests, generated tokens, forwards, tokens per forward, seconds, tok/s."""
+        """Per task: requests, prompt tokens (and those read from the prompt cache), generated tokens,
+        forwards, tokens per forward, seconds, tok/s."""
         table = {}
         for task, stats in sorted(self.stats.items()):
             table[task] = {

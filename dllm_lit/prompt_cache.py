@@ -1,8 +1,8 @@
 """Prompt caching: the K/V of earlier prompts reused where a new prompt begins the same way.
 
-``serve`` and ``chat`` keep one :class:`PromptCache` (vLLM's automatic prefix caching, llama.cpp's
-``cache_prompt``): a chat's next turn begins with the conversation so far, and requests share a
-system prompt or few-shot examples. Per call, :meth:`PromptCache.start` finds the stored prompt that
+``serve``, ``chat`` and ``evaluate`` keep one :class:`PromptCache` (vLLM's automatic prefix caching,
+llama.cpp's ``cache_prompt``): a chat's next turn begins with the conversation so far, and requests
+share a system prompt or few-shot examples. Per call, :meth:`PromptCache.start` finds the stored prompt that
 shares the longest beginning with every row of the batch (at least one token of each row is still
 fed) and returns a :class:`CachedStart`: the prompt rows with that beginning moved in front of their
 left padding, and a ``DynamicCache`` that already holds its K/V. Positions count unpadded tokens, so a
@@ -34,7 +34,7 @@ class PromptCache:
         self.max_bytes, self.weights = max_bytes, weights
         self.entries: OrderedDict[tuple, KeyValues] = OrderedDict()  # (scope, tokens): least recently used first
         self.used_bytes = self.hits = self.reused_tokens = 0
-        self.lock = threading.Lock()  # serve's engine thread and a request's lookup may meet
+        self.lock = threading.Lock()  # for callers that decode in several threads
 
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> CachedStart:
         """The batch's start: the longest stored beginning all rows share (none: a plain start)."""

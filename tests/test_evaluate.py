@@ -59,6 +59,19 @@ def test_generate_until_equals_predict_and_cuts_at_stop_sequences(lm, tiny_dir, 
     assert lm.stats["task"]["requests"] == 8 and lm.stats["task"]["forwards"] > 0
 
 
+def test_few_shot_prompts_reuse_their_shared_examples_and_answer_as_predict(tiny_dir, tmp_path):
+    shots = "Q: 1+1=\nA: 2\nQ: 2+3=\nA: 5\nQ: "
+    prompts = [shots + q for q in ("12+34=\nA:", "7+8=\nA:", "5+5=\nA:", "9+9=\nA:")]  # two batches of two
+    lm = DllmLM(tiny_dir, batch_size=2, device="cpu", **SETTINGS)
+    answers = lm.generate_until([request("generate_until", (p, {"max_gen_toks": 12})) for p in prompts])
+    assert answers == predicted(tiny_dir, tmp_path, prompts, 12)
+    stats, shared = (
+        lm.decoding_statistics()["task"],
+        len(shots) + 1,
+    )  # the character tokenizer's BOS, then one a character
+    assert stats["prompt_tokens"] == sum(len(p) + 1 for p in prompts) and stats["cached_prompt_tokens"] >= 2 * shared
+
+
 def direct_logprob(model, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
     ids = torch.tensor([context_ids + continuation_ids])
     with torch.no_grad():
