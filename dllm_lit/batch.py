@@ -10,8 +10,8 @@ is answered by the model (an OpenAI file names OpenAI's models).
 Each result is appended to ``.<output>.parts`` as it comes (fsynced). At the end the output file is
 written in input order, one line a request in OpenAI's batch output format, ``{"id", "custom_id",
 "response": {"status_code", "request_id", "body"}, "error": null}``, and the parts removed. An
-interrupted run resumes with ``--resume true`` (the answered requests are kept), but only with the
-same requests, model and flags.
+interrupted run resumes with ``--resume true`` (the answered requests are kept, those the server
+failed with a 5xx asked again), but only with the same requests, model and flags.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def resumed(output: Path, fingerprint: dict) -> dict[str, dict]:
             row = json.loads(line)
         except json.JSONDecodeError:  # cut off by a kill: that request is asked again
             continue
-        kept[row["custom_id"]] = row
+        if row["response"]["status_code"] < 500:  # a server error is the server's, not the request's: asked again
+            kept[row["custom_id"]] = row
     return kept
 
 
@@ -309,7 +310,8 @@ def batch_flags(
         input_file: OpenAI batch requests, one JSON object a line (``custom_id``, ``url``, ``body``).
         output_file: The results, one line a request in input order (OpenAI's batch output format).
         concurrency: Requests sent at a time (the server batches up to ``--max_batch_size`` of them).
-        resume: Finish an interrupted run (same requests, model and flags), keeping its results.
+        resume: Finish an interrupted run (same requests, model and flags), keeping its results
+            (a 5xx answer, the server's failure, is asked again).
         overwrite: Replace an existing output file (or an interrupted run's results).
     """
 

@@ -123,14 +123,18 @@ def test_an_interrupted_batch_resumes_keeping_its_answers(dllm_lit_here, tiny_di
     run.send_signal(signal.SIGINT)
     code, said = run.wait(timeout=120), run.stderr.read()
     assert code == 130 and b"--resume true finishes the run" in said, said.decode()
-    kept = parts.read_text().splitlines()[1:]
+    header, *kept = parts.read_text().splitlines()
     assert 3 <= len(kept) < 6 and not out.exists()
+    failed = json.loads(kept[0]) | {"response": {"status_code": 500, "request_id": "r", "body": {"error": {}}}}
+    kept[0] = json.dumps(failed)  # a server error (a decoding failure, say): resume asks again
+    parts.write_text("\n".join([header, *kept]) + "\n")
 
     other = dllm_lit_here(batch_args(tiny_dir, source, out, "--resume=true", "--model.refine_iter=3"), tmp_path)
     assert_one_line_error(other, f"Cannot resume {out}: different decoding settings (refine_iter 2 -> 3)")
     assert dllm_lit_here(batch_args(tiny_dir, source, out, "--resume=true"), tmp_path).returncode == 0
     finished = out.read_text().splitlines()
-    assert all(row in finished for row in kept), "the answers of the first run are kept as they were"
+    assert all(row in finished for row in kept[1:]), "the answers of the first run are kept as they were"
+    assert kept[0] not in finished
     texts = [json.loads(row)["response"]["body"]["choices"][0]["text"] for row in finished]
     long = ["--model.max_new_tokens=1500", "--model.ignore_eos=true", "--model.add_eos_length=0"]
     expected = predicted(tiny_dir, tmp_path, [{"prompt": p} for p in quick])
