@@ -262,6 +262,7 @@ class OpenAIBlockSpec(LitSpec):
                 echo,
                 parsing,
                 parsed.model if parsed.model in self.lora_modules else None,
+                time.time(),
             )
             for row in rows
             for sample in range(parsed.n)

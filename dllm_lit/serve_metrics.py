@@ -5,7 +5,8 @@ Named as vLLM names its own, with the ``dllm_lit:`` prefix, and counted per choi
 finish reason or failed (``error``, ``cancelled``: the client went away), prompt and generated tokens
 (the sums of the responses' ``usage``), prompt tokens read from the prompt cache (vLLM's
 ``prefix_cache_hits``; each prompt once, as ``usage`` counts them), forward passes (tokens per forward is
-``generation_tokens_total / forwards_total``), time to the first token and end-to-end latency, and
+``generation_tokens_total / forwards_total``), time to the first token, time in the queue (from the
+request's arrival to its batch's start in the worker) and end-to-end latency, and
 requests refused with an error status before decoding.
 """
 
@@ -68,6 +69,12 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.queued = Histogram(
+            "dllm_lit:request_queue_time_seconds",
+            "Seconds from a request's arrival to the start of its choice's batch in the model worker.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.latency = Histogram(
             "dllm_lit:e2e_request_latency_seconds",
             "Seconds from a request's arrival to its choice's last token.",
@@ -111,6 +118,8 @@ class RequestMeter:
             metrics.cached_tokens.inc(event["cached_tokens"] / self.per_prompt)
             metrics.forwards.inc(event["forwards"])
             metrics.latency.observe(seconds)
+            if "queued" in event:
+                metrics.queued.observe(event["queued"])
 
     def cancelled(self, indices: Iterable[int]) -> None:
         """These choices will not be answered (the client went away, or another choice failed)."""

@@ -2,8 +2,9 @@
 
 :func:`stream_jobs` decodes a list of :class:`Job` with the engine and yields, after each commit,
 one event per job: ``{}`` (nothing new), ``{"text": delta}``, and a last event that adds
-``finish_reason``, ``completion_tokens`` and ``forwards`` (or ``{"error": message}`` if decoding
-failed). With ``settings.logprobs`` an event also carries ``"logprobs"``: one
+``finish_reason``, ``completion_tokens``, ``forwards``, ``cached_tokens`` (prompt tokens read from
+the prompt cache) and, for a job with an ``arrival``, ``queued`` (seconds until its batch began),
+or ``{"error": message}`` if decoding failed. With ``settings.logprobs`` an event also carries ``"logprobs"``: one
 :class:`~dllm_lit.logprobs.TokenLogprob` per token committed since the last event (through the
 stop string at most; they may run ahead of the text, which holds back partial characters), and an
 ``echo`` job's first event ``"prompt_logprobs"``, its prompt's
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -40,7 +42,8 @@ class Job:
     """One prompt to decode: its token ids, settings and stop strings; ``uid`` names it for cancelling;
     ``echo`` (with ``settings.logprobs``): a first event with the prompt's logprobs;
     ``special_tokens``: keep them in the text (a tool-call parser reads its tags); ``adapter``: the LoRA
-    adapter to decode with (``serve --lora_modules``; None: the model itself)."""
+    adapter to decode with (``serve --lora_modules``; None: the model itself); ``arrival``: when the
+    request came (``time.time()``), for the last event's ``queued`` seconds (serve's metrics)."""
 
     uid: str
     ids: list[int]
@@ -49,6 +52,7 @@ class Job:
     echo: bool = False
     special_tokens: bool = False
     adapter: str | None = None
+    arrival: float | None = None
 
 
 def stream_jobs(
@@ -116,19 +120,21 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
             if job.echo
         }
     failure: list[BaseException] = []
+    started = time.time()  # the jobs leave the queue
     listeners = (on_commit, on_logprobs)
     engine = (model, tokenizer, prompt_cache)
     worker = threading.Thread(target=_decode, args=(engine, jobs, settings, listeners, failure, commits))
     worker.start()
     try:
-        yield from _events(jobs, texts, commits, failure)
+        yield from _events(jobs, texts, commits, failure, started)
     finally:
         abandoned.set()
         worker.join()
 
 
-def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, failure: list) -> Iterator[dict]:
-    """Merge the queued commits into one event per row, until every row has finished."""
+def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, failure: list, started: float):
+    """Merge the queued commits into one event per row, until every row has finished (``started``:
+    when decoding began, for each job's ``queued`` seconds)."""
     open_rows = set(range(len(jobs)))
     sent = [0] * len(jobs)  # logprobs sent per row
     while open_rows:
@@ -158,6 +164,8 @@ def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, fail
                     forwards=result.forwards,
                     cached_tokens=result.cached_tokens,
                 )
+                if jobs[row].arrival is not None:
+                    event["queued"] = max(0.0, started - jobs[row].arrival)
                 open_rows.discard(row)
             item = _next_nowait(commits)
         yield events

@@ -804,8 +804,11 @@ def test_metrics_count_the_choices_tokens_and_forwards_the_responses_report(serv
     for reason in set(reasons):
         assert grown(before, after, "dllm_lit:request_success_total", finished_reason=reason) == reasons.count(reason)
     assert "length" in reasons
-    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+    for histogram in ("time_to_first_token_seconds", "request_queue_time_seconds", "e2e_request_latency_seconds"):
         assert grown(before, after, f"dllm_lit:{histogram}_count") == len(reasons) == 6
+    names = ("request_queue_time_seconds", "e2e_request_latency_seconds")
+    queued, whole = (grown(before, after, f"dllm_lit:{name}_sum") for name in names)
+    assert 0 < queued < whole, "a choice waits for its batch (at least the batch timeout), then decodes"
     assert after[("dllm_lit:num_requests_in_flight",)] == 0
 
 
