@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dllm_lit.prompt_cache import ADAPTER
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -110,8 +112,9 @@ class AdapterSwitch:
         self.use(None)
 
     def use(self, name: str | None) -> None:
-        """Run the next forwards with adapter ``name`` (None: the base model; ``current`` says which)."""
-        self.current = name
+        """Run the next forwards with adapter ``name`` (None: the base model), named on the model for
+        its prompt cache (K/V computed under one adapter serve that one only)."""
+        setattr(self.model, ADAPTER, name)
         if name is not None:
             self.peft_model.base_model.set_adapter(name)
         for layer in self.layers:  # as peft's enable/disable_adapters, without its walk over the parameters

@@ -17,16 +17,8 @@ import time
 from typing import Any, Literal
 
 from dllm_lit.data import PromptError, encode_prompt, template_options
-from dllm_lit.model_args import (
-    ANSWERING_DEFAULTS,
-    add_function_flags,
-    function_flags,
-    model_parser,
-    model_settings,
-    prompt_cache_bytes,
-)
+from dllm_lit.model_args import ANSWERING_DEFAULTS, add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
-from dllm_lit.prompt_cache import PromptCache
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs, warm_up
 
@@ -44,7 +36,6 @@ def chat(
     multiline: bool = False,
     chat_template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
-    prompt_cache_mib: float | None = None,
 ) -> None:
     """Chat with the model until /exit or Ctrl-D.
 
@@ -55,13 +46,10 @@ def chat(
         multiline: A message runs until an empty line (for pasted text and code); else each line is one.
         chat_template: A chat template in place of the tokenizer's: a Jinja file, or the template itself.
         chat_template_kwargs: The template's own variables, e.g. ``{"enable_thinking": false}`` (Qwen3).
-        prompt_cache_mib: Memory for the K/V of earlier prompts: a turn computes only what follows the
-            conversation's last prompt (default: 1024 on the eager backend; 0: off).
     """
     if settings.logprobs is not None:
         raise ValueError("--model.logprobs does nothing in chat, which prints answers only (use predict or serve).")
     template_options({"chat_template_kwargs": chat_template_kwargs})  # a bad variable fails now, not at a message
-    cache_bytes = prompt_cache_bytes(prompt_cache_mib, settings)
     device = resolve_device(device)
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code=trust_remote_code, chat_template=chat_template)
     if not tokenizer.chat_template:
@@ -69,7 +57,6 @@ def chat(
     model = load_model(model_name_or_path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
     model = model.to(device)
     warm_up(model, tokenizer, settings, rows=1)  # a compiled backend compiles now, not in the first answer
-    prompt_cache = PromptCache(cache_bytes) if cache_bytes else None
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     usage = HELP + (" A message ends with an empty line." if multiline else "")
@@ -88,8 +75,7 @@ def chat(
         if re.fullmatch(r"/\w+", line):
             history = run_command(line, history, start, usage)
         elif line:
-            engine = (model, tokenizer, prompt_cache)
-            history = take_turn(engine, settings, history, line, len(start), chat_template_kwargs)
+            history = take_turn(model, tokenizer, settings, history, line, len(start), chat_template_kwargs)
 
 
 def read_message(multiline: bool) -> str:
@@ -114,19 +100,17 @@ def run_command(command: str, history: list[dict], start: list[dict], usage: str
 
 
 def take_turn(
-    engine: tuple, settings: DecodeSettings, history: list[dict], line: str, kept: int, variables: dict | None = None
+    model, tokenizer, settings: DecodeSettings, history: list[dict], line: str, kept: int, variables: dict | None = None
 ) -> list[dict]:
-    """Answer ``line`` after ``history`` with the ``engine`` (model, tokenizer, prompt cache or None;
-    ``variables``: the template's); return the history with both, or unchanged when the message does
-    not fit or decoding failed (the reason is printed)."""
-    tokenizer = engine[1]
+    """Answer ``line`` after ``history`` (``variables``: the template's); return the history with both,
+    or unchanged when the message does not fit or decoding failed (the reason is printed)."""
     try:
         turns = [*history, {"role": "user", "content": line}]
         ids, fitted = fitted_prompt(tokenizer, turns, kept, settings, variables)
     except PromptError as error:
         print(f"[{error}]", file=sys.stderr)
         return history
-    reply = answer(engine, Job("chat", ids, settings))
+    reply = answer(model, tokenizer, Job("chat", ids, settings))
     return history if reply is None else [*fitted, {"role": "assistant", "content": reply}]
 
 
@@ -158,7 +142,7 @@ def fitted_prompt(
     return ids, fitted
 
 
-def answer(engine: tuple, job: Job) -> str | None:
+def answer(model, tokenizer, job: Job) -> str | None:
     """Print the answer as it is committed; Ctrl-C stops it at the next commit. Returns the text
     printed, or ``None`` when decoding failed (the error is printed).
 
@@ -169,8 +153,7 @@ def answer(engine: tuple, job: Job) -> str | None:
     previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     text, failed, final, started = "", False, {}, time.perf_counter()
     try:
-        model, tokenizer, cache = engine
-        for (event,) in stream_jobs(model, tokenizer, [job], lambda uid: bool(interrupted), prompt_cache=cache):
+        for (event,) in stream_jobs(model, tokenizer, [job], is_cancelled=lambda uid: bool(interrupted)):
             piece = event.get("text", "")
             print(piece, end="", flush=True)
             text += piece

@@ -29,7 +29,7 @@ from dllm_lit.ledger import BlockGeneration, CommitListener, LogprobListener, Ro
 from dllm_lit.logprobs import EXACT_IDS
 from dllm_lit.lossless import decode_lossless
 from dllm_lit.lossless_compiled import decode_lossless_static
-from dllm_lit.prompt_cache import PromptCache
+from dllm_lit.prompt_cache import CachedStart, PromptCache, model_prompt_cache
 from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DEFAULTS, DecodeSettings
 from dllm_lit.textstream import StopStringWatch
@@ -146,10 +146,11 @@ def generate_blocks(
         row_guides: Each row's own structured output, in place of the settings' ``guided_*``: a dict
             such as ``{"guided_json": schema}`` (None: the settings'; ``{}``: unconstrained), so that
             requests with different grammars share one batch (``serve``).
-        prompt_cache: A :class:`~dllm_lit.prompt_cache.PromptCache`: the K/V of the longest beginning
-            every prompt shares with an earlier call's prompt are reused, not computed again, and
-            these prompts' are stored for later calls (the eager backend with ``use_cache``). Each
-            row's ``cached_tokens`` says how many it reused.
+        prompt_cache: A :class:`~dllm_lit.prompt_cache.PromptCache` to use in place of the one
+            ``prompt_cache_mib`` keeps with the model: the K/V of the longest beginning every prompt
+            shares with an earlier call's prompt are reused, not computed again, and these prompts'
+            are stored for later calls (the eager backend with ``use_cache``). Each row's
+            ``cached_tokens`` says how many it reused.
         **overrides: Any :class:`~dllm_lit.settings.DecodeSettings` field, e.g. ``refine_iter=3``,
             applied on top of ``settings``.
     """
@@ -171,20 +172,28 @@ def generate_blocks(
     )
     loops = {False: (decode_eager, decode_static), True: (decode_lossless, decode_lossless_static)}
     loop = loops[settings.lossless][settings.backend != "eager"]
-    start = {}
-    if prompt_cache is not None:
-        if settings.backend != "eager" or not settings.use_cache:
-            raise ValueError(
-                "prompt_cache works on the eager backend with use_cache: the compiled ones keep a static cache."
-            )
-        start["start"] = prompt_cache.start(prompt_ids, prompt_mask)
-        ledger.cached_tokens = start["start"].length
+    start = cached_start(model, settings, prompt_cache, prompt_ids, prompt_mask)
+    ledger.cached_tokens = start.length if start is not None else 0
     try:
-        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], **start)
+        extra = {"start": start} if start is not None else {}  # the eager loops take it
+        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], **extra)
     finally:
         if streamer is not None:
             streamer.end()  # a TextIteratorStreamer's reader must not wait forever on a failed call
     return watch.finish(ledger.result()) if watch else ledger.result()
+
+
+def cached_start(model, settings: DecodeSettings, prompt_cache, prompt_ids, prompt_mask) -> CachedStart | None:
+    """Where the prompt cache (``prompt_cache``, else the model's with ``prompt_cache_mib``) lets the
+    eager loops start; None without one (the compiled backends keep a static cache)."""
+    eager = settings.backend == "eager" and settings.use_cache
+    if prompt_cache is not None and not eager:
+        raise ValueError(
+            "prompt_cache works on the eager backend with use_cache: the compiled ones keep a static cache."
+        )
+    if prompt_cache is None and settings.prompt_cache_mib and eager:
+        prompt_cache = model_prompt_cache(model, settings.prompt_cache_mib)
+    return prompt_cache.start(prompt_ids, prompt_mask) if prompt_cache is not None else None
 
 
 def _listeners(on_commit, streamer, tokenizer, settings: DecodeSettings, input_ids: torch.Tensor):

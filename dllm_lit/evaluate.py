@@ -38,7 +38,6 @@ def evaluate(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     seed: int = 0,
     overwrite: bool = False,
-    prompt_cache_mib: float | None = None,
 ) -> dict:
     """Evaluate on lm-eval tasks in one process on one device (data-parallel runs are not supported).
 
@@ -57,9 +56,6 @@ def evaluate(
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         seed: lm-eval's random, numpy, torch and few-shot seeds.
         overwrite: Replace the ``results.json`` of an earlier run in ``output_dir`` (refused without it).
-        prompt_cache_mib: Memory for the K/V of earlier prompts: a batch of ``generate_until``
-            prompts that begin as an earlier one did (a task's few-shot examples) computes only the
-            rest (default: 1024 on the eager backend; 0: off).
     """
     try:
         import lm_eval
@@ -80,9 +76,7 @@ def evaluate(
     manager = TaskManager(include_path=include_path)
     names = task_names(tasks, manager.all_tasks)
     decoding = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
-    lm = DllmLM(
-        model_name_or_path, trust_remote_code, batch_size, device, dtype, chat_template, prompt_cache_mib, **decoding
-    )
+    lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, chat_template, **decoding)
     if note := default_model_note(model_name_or_path, settings):  # few-shot tasks read well without a template
         print(note, file=sys.stderr)
     with hub_datasets_explained():

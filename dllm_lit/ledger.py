@@ -33,7 +33,7 @@ class RowResult:
         forwards: Forward passes run while this row was in the active batch.
         logprobs: With ``settings.logprobs``: one :class:`~dllm_lit.logprobs.TokenLogprob` per id of
             ``token_ids``; else None.
-        cached_tokens: Prompt tokens whose K/V came from ``generate_blocks(prompt_cache=)``.
+        cached_tokens: Prompt tokens whose K/V came from the prompt cache (``prompt_cache_mib``).
     """
 
     token_ids: list[int]

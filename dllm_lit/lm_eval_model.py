@@ -22,10 +22,8 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from dllm_lit.data import encode_prompt
-from dllm_lit.model_args import prompt_cache_bytes
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.progress import counter
-from dllm_lit.prompt_cache import PromptCache
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs
 
@@ -41,9 +39,6 @@ class DllmLM(HFLM):
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16``, ``float16``.
         chat_template: A chat template in place of the tokenizer's (a Jinja file or the template).
-        prompt_cache_mib: Memory for the K/V of earlier prompts (:mod:`dllm_lit.prompt_cache`): a
-            batch whose prompts begin as an earlier one did (a task's few-shot examples) computes only
-            the rest (default: 1024 on the eager backend; 0: off).
         **decoding: :class:`~dllm_lit.settings.DecodeSettings` fields (``add_eos_length``, ``lossless``...).
     """
 
@@ -55,12 +50,9 @@ class DllmLM(HFLM):
         device: str = "auto",
         dtype: str = "auto",
         chat_template: str | None = None,
-        prompt_cache_mib: float | None = None,
         **decoding: Any,
     ):
         self.settings = DecodeSettings(**decoding)
-        cache_bytes = prompt_cache_bytes(None if prompt_cache_mib is None else float(prompt_cache_mib), self.settings)
-        self.prompt_cache = PromptCache(cache_bytes) if cache_bytes else None
         device = resolve_device(device)
         tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code, chat_template=chat_template)
         model = load_model(pretrained, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
@@ -116,7 +108,7 @@ class DllmLM(HFLM):
         """``(text, final event, share of the batch's seconds)`` per job."""
         texts, finals = [""] * len(jobs), [{}] * len(jobs)
         start = time.perf_counter()
-        for events in stream_jobs(self.model, self.tokenizer, jobs, prompt_cache=self.prompt_cache):
+        for events in stream_jobs(self.model, self.tokenizer, jobs):
             for position, event in enumerate(events):
                 if "error" in event:
                     raise RuntimeError(event["error"])

@@ -28,9 +28,11 @@ ANSWERING_DEFAULTS = {
     "model.lossless": True,
     "model.add_eos_length": 7,
     "model.max_new_tokens": 512,
+    "model.prompt_cache_mib": 1024,
 }
 """``serve``'s and ``chat``'s defaults: answers that are exactly the model's own (lossless mode, the
-shipped draft adapter), where ``predict`` keeps the original script's block defaults."""
+shipped draft adapter), and earlier prompts' K/V reused (a chat's turns), where ``predict`` keeps the
+original script's block defaults."""
 
 
 def model_parser(prog: str, description: str, defaults: dict[str, Any] | None = None) -> ArgumentParser:
@@ -67,20 +69,3 @@ def model_settings(model: Any) -> tuple[str, bool, DecodeSettings]:
     except ValueError as error:
         raise ValueError(f"--model.{error}") from None
     return model.model_name_or_path, model.trust_remote_code, settings
-
-
-PROMPT_CACHE_MIB = 1024
-"""``--prompt_cache_mib``'s default on the eager backend (``serve`` and ``chat``)."""
-
-
-def prompt_cache_bytes(mib: float | None, settings: DecodeSettings) -> int:
-    """The bytes of ``--prompt_cache_mib`` (None: :data:`PROMPT_CACHE_MIB` on the eager backend with
-    ``use_cache``, else 0: off), or a ValueError sentence."""
-    cached = settings.backend == "eager" and settings.use_cache
-    if mib is None:
-        return PROMPT_CACHE_MIB * 2**20 if cached else 0
-    if mib < 0:
-        raise ValueError(f"--prompt_cache_mib must be 0 (off) or more, got {mib}.")
-    if mib and not cached:
-        raise ValueError("--prompt_cache_mib needs --model.backend eager and --model.use_cache true (or 0: off).")
-    return int(mib * 2**20)

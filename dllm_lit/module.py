@@ -267,6 +267,8 @@ class BlockRefineLM(L.LightningModule):
                     "tokens_per_forward": round(row.tokens_per_forward, 4),
                 }
             )
+            if self.decoding.prompt_cache_mib:  # prompt tokens read from the prompt cache
+                rows[-1]["cached_tokens"] = row.cached_tokens
             if row.logprobs is not None:  # --model.logprobs: as OpenAI's completion API shows them
                 rows[-1]["logprobs"] = openai_logprobs(self.tokenizer, False, row.logprobs)
             if self.hparams.full_text:

@@ -1,8 +1,11 @@
 """Prompt caching: the K/V of earlier prompts reused where a new prompt begins the same way.
 
-``serve``, ``chat`` and ``evaluate`` keep one :class:`PromptCache` (vLLM's automatic prefix caching,
-llama.cpp's ``cache_prompt``): a chat's next turn begins with the conversation so far, and requests
-share a system prompt or few-shot examples. Per call, :meth:`PromptCache.start` finds the stored prompt that
+With ``DecodeSettings.prompt_cache_mib`` the engine keeps one :class:`PromptCache` per model
+(:func:`model_prompt_cache`; vLLM's automatic prefix caching, llama.cpp's ``cache_prompt``): a
+chat's next turn begins with the conversation so far, and requests share a system prompt or
+few-shot examples. It is emptied when the model's weights change (an optimizer step, a merge, a
+move), and K/V computed under one of ``serve``'s LoRA adapters (:data:`ADAPTER`) serve that adapter
+only. Per call, :meth:`PromptCache.start` finds the stored prompt that
 shares the longest beginning with every row of the batch (at least one token of each row is still
 fed) and returns a :class:`CachedStart`: the prompt rows with that beginning moved in front of their
 left padding, and a ``DynamicCache`` that already holds its K/V. Positions count unpadded tokens, so a
@@ -15,6 +18,7 @@ replaces it. The eager loops only (``use_cache`` on): a compiled backend keeps i
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -22,6 +26,25 @@ import torch
 from transformers import DynamicCache
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [1, heads, tokens, dim]
+
+ADAPTER = "dllm_lit_adapter"
+"""The model attribute that names the LoRA adapter its forwards run now (``serve --lora_modules``)."""
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weights state, PromptCache)
+
+
+def model_prompt_cache(model: torch.nn.Module, mib: float) -> PromptCache:
+    """The :class:`PromptCache` kept with ``model`` (``mib`` MiB at most), emptied first if the
+    model's weights changed since the last call (in place, as an optimizer step does, or moved)."""
+    parameters = list(model.parameters())
+    state = (parameters[0].data_ptr(), sum(p._version for p in parameters))
+    known, cache = _CACHES.get(model, (None, None))
+    if cache is None or known != state:
+        held = weakref.ref(model)  # the cache must not keep its model alive
+        cache = PromptCache(0, weights=lambda: getattr(held(), ADAPTER, None))
+        _CACHES[model] = (state, cache)
+    cache.max_bytes = int(mib * 2**20)
+    return cache
 
 
 class PromptCache:

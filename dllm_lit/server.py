@@ -30,18 +30,10 @@ from starlette.exceptions import HTTPException
 
 from dllm_lit.adapters import AdapterSwitch, adapter_base, is_adapter, is_drafter
 from dllm_lit.data import template_options
-from dllm_lit.model_args import (
-    ANSWERING_DEFAULTS,
-    add_function_flags,
-    function_flags,
-    model_parser,
-    model_settings,
-    prompt_cache_bytes,
-)
+from dllm_lit.model_args import ANSWERING_DEFAULTS, add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import load_model, load_tokenizer, resolve, resolve_device, resolve_dtype
 from dllm_lit.openai_api import OpenAIError
 from dllm_lit.openai_spec import OpenAIBlockSpec
-from dllm_lit.prompt_cache import PromptCache
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs, warm_up
 
@@ -49,11 +41,9 @@ from dllm_lit.streaming import Job, stream_jobs, warm_up
 class BlockDecodingAPI(ls.LitAPI):
     """The model worker: loads the model in ``setup`` and streams the events of each batch of jobs."""
 
-    def __init__(
-        self, spec: OpenAIBlockSpec, dtype: str, max_batch_size: int, batch_timeout: float, cache_bytes: int = 0
-    ):
+    def __init__(self, spec: OpenAIBlockSpec, dtype: str, max_batch_size: int, batch_timeout: float):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=spec, stream=True)
-        self.dtype, self.cache_bytes = dtype, cache_bytes
+        self.dtype = dtype
 
     def setup(self, device: str) -> None:
         from dllm_lit.cli import quiet_libraries  # this is a fresh worker process
@@ -78,9 +68,6 @@ class BlockDecodingAPI(ls.LitAPI):
         self.adapters = AdapterSwitch(model, spec.lora_modules) if spec.lora_modules else None
         self.model = (self.adapters.model if self.adapters else model).to(device)
         self.cancelled = spec.cancelled
-        self.prompt_cache = None
-        if self.cache_bytes:  # K/V computed under one adapter are reused under that one only
-            self.prompt_cache = PromptCache(self.cache_bytes, lambda: getattr(self.adapters, "current", None))
         warm_up(self.model, self.tokenizer, spec.settings, rows=2)  # before /health says ready
 
     def decode_request(self, request: Job) -> Job:  # LitServe reads the parameter's name
@@ -92,8 +79,7 @@ class BlockDecodingAPI(ls.LitAPI):
     def predict(self, jobs: Job | list[Job]) -> Iterator:
         single = not isinstance(jobs, list)  # LitServe's unbatched loop passes one job
         switch = self.adapters.use if self.adapters else None
-        batch = [jobs] if single else jobs
-        for events in stream_jobs(self.model, self.tokenizer, batch, self._is_cancelled, switch, self.prompt_cache):
+        for events in stream_jobs(self.model, self.tokenizer, [jobs] if single else jobs, self._is_cancelled, switch):
             yield events[0] if single else events
 
     def _is_cancelled(self, uid: str) -> bool:
@@ -125,7 +111,6 @@ def build_server(
     chat_template: str | None = None,
     lora_modules: dict[str, str] | None = None,
     chat_template_kwargs: dict | None = None,
-    cache_bytes: int = 0,
 ) -> ls.LitServer:
     """The LitServer (not started): one model worker on ``device``."""
     cancelled = multiprocessing.Manager().dict()
@@ -141,7 +126,7 @@ def build_server(
         lora_modules,
         chat_template_kwargs,
     )
-    api = BlockDecodingAPI(spec, dtype, max_batch_size, batch_timeout, cache_bytes)
+    api = BlockDecodingAPI(spec, dtype, max_batch_size, batch_timeout)
     server = ls.LitServer(api, **litserve_devices(device), timeout=timeout)
     server.app.add_exception_handler(HTTPException, openai_http_error)
     return server
@@ -196,7 +181,6 @@ def serve(
     chat_template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     lora_modules: list[str] | str | None = None,
-    prompt_cache_mib: float | None = None,
 ) -> None:
     """Serve the model over the OpenAI HTTP API until Ctrl-C.
 
@@ -224,11 +208,6 @@ def serve(
         lora_modules: LoRA adapters served beside the model, ``NAME=DIR`` or a list ``[NAME=DIR, ...]``
             (vLLM's ``--lora-modules``): a request whose ``model`` is NAME decodes with that adapter, kept
             unmerged and switched per batch (eager backend; the model itself no draft adapter).
-        prompt_cache_mib: Memory for prompt caching (vLLM's automatic prefix caching): the K/V of
-            recent prompts, reused where a request begins as one of them did (a system prompt, a
-            chat's earlier turns), so that only the rest is computed; ``usage.prompt_tokens_details.
-            cached_tokens`` counts the reused tokens. Default: 1024 on the eager backend (0: off); the
-            compiled backends keep a static cache and have none.
     """
     if settings.logprobs is not None:  # a flag that silently did nothing
         raise ValueError("--model.logprobs does nothing in serve: each request asks for its own (logprobs).")
@@ -243,7 +222,6 @@ def serve(
     name = served_model_name or model_name_or_path
     adapters = read_lora_modules(lora_modules, name, model_name_or_path, settings)
     template_options({"chat_template_kwargs": chat_template_kwargs})  # a bad variable fails here
-    cache_bytes = prompt_cache_bytes(prompt_cache_mib, settings)
     api_key = api_key or os.environ.get("DLLM_LIT_API_KEY") or None
     server = build_server(
         model_name_or_path,
@@ -260,7 +238,6 @@ def serve(
         chat_template=chat_template,
         lora_modules=adapters,
         chat_template_kwargs=chat_template_kwargs,
-        cache_bytes=cache_bytes,
     )
     print(f"dllm_lit serve: http://{host}:{port}/v1 serves '{name}' (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

@@ -61,6 +61,14 @@ class DecodeSettings:
         use_cache: Keep a prefix KV cache of committed tokens (same tokens, far fewer FLOPs). False
             re-encodes the whole sequence every pass (the reference, and the fallback for models
             without a cache).
+        prompt_cache_mib: Prompt caching (vLLM's automatic prefix caching): keep up to this many MiB
+            of recent prompts' K/V with the model, so that a call whose prompts all begin as a kept
+            prompt began (a shared system message or few-shot examples, a chat's earlier turns)
+            computes only the rest; each row's ``cached_tokens`` counts the tokens reused. The same
+            tokens in fp32 (in bf16 a prefill of another length may differ in the last bits, as a
+            batch may). Kept per model, dropped when its weights change. 0 (the default; ``serve``,
+            ``chat`` and ``batch``: 1024) is off. The eager backend with ``use_cache``; the compiled
+            backends keep a static cache and ignore it.
         early_exit: Stop refining a block once a pass leaves it unchanged. Never changes the tokens;
             turning it off is for tests and benchmarks.
         lossless: Lossless mode: a sliding window of ``add_eos_length + 1`` tokens whose drafts are
@@ -127,6 +135,7 @@ class DecodeSettings:
     seed: int | None = None
     ignore_eos: bool = False
     use_cache: bool = True
+    prompt_cache_mib: float = 0
     early_exit: bool = True
     lossless: bool = False
     adaptive_window: bool = True
@@ -157,6 +166,8 @@ class DecodeSettings:
             value = getattr(self, name)
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}.")
+        if self.prompt_cache_mib < 0:
+            raise ValueError(f"prompt_cache_mib must be 0 (off) or more, got {self.prompt_cache_mib}.")
         if self.temperature < 0:
             raise ValueError(f"temperature must be 0 (greedy) or above, got {self.temperature}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -32,7 +32,6 @@ from dllm_lit.decoding import generate_blocks
 from dllm_lit.ledger import RowResult
 from dllm_lit.logprobs import TokenLogprob, prompt_logprobs
 from dllm_lit.openai_api import finish_reason
-from dllm_lit.prompt_cache import PromptCache
 from dllm_lit.settings import GUIDED, DecodeSettings
 from dllm_lit.textstream import TextStream
 
@@ -61,12 +60,9 @@ def stream_jobs(
     jobs: list[Job],
     is_cancelled: Callable[[str], bool] = lambda uid: False,
     use_adapter: Callable[[str | None], None] | None = None,
-    prompt_cache: PromptCache | None = None,
 ) -> Iterator[list[dict]]:
     """Per step, one event per job (see the module docstring); ``use_adapter`` switches the model to a
-    group's LoRA adapter (:class:`~dllm_lit.adapters.AdapterSwitch`) before it decodes; ``prompt_cache``
-    (eager backend) reuses earlier prompts' K/V, and each job's last event says how many tokens
-    (``cached_tokens``)."""
+    group's LoRA adapter (:class:`~dllm_lit.adapters.AdapterSwitch`) before it decodes."""
     groups: dict[tuple[DecodeSettings, str | None], list[int]] = {}
     for index, job in enumerate(jobs):
         shared = job.settings.replace(seed=None, max_new_tokens=1, **dict.fromkeys(GUIDED))
@@ -74,8 +70,7 @@ def stream_jobs(
     for (settings, adapter), members in groups.items():
         if use_adapter is not None:
             use_adapter(adapter)
-        group = [jobs[i] for i in members]
-        for events in _stream_group(model, tokenizer, group, settings, is_cancelled, prompt_cache):
+        for events in _stream_group(model, tokenizer, [jobs[i] for i in members], settings, is_cancelled):
             merged = [{} for _ in jobs]
             for position, event in events.items():
                 merged[members[position]] = event
@@ -96,7 +91,7 @@ def warm_up(model: torch.nn.Module, tokenizer, settings: DecodeSettings, rows: i
             pass
 
 
-def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled, prompt_cache):
+def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, is_cancelled) -> Iterator[dict]:
     """Events ``{position in jobs: event}`` for one batch of jobs with the same ``settings`` (their
     seeds, ``max_new_tokens`` and grammars aside)."""
     texts = [TextStream(tokenizer, [*job.stop, *settings.stop_strings], not job.special_tokens) for job in jobs]
@@ -122,8 +117,7 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
     failure: list[BaseException] = []
     started = time.time()  # the jobs leave the queue
     listeners = (on_commit, on_logprobs)
-    engine = (model, tokenizer, prompt_cache)
-    worker = threading.Thread(target=_decode, args=(engine, jobs, settings, listeners, failure, commits))
+    worker = threading.Thread(target=_decode, args=(model, tokenizer, jobs, settings, listeners, failure, commits))
     worker.start()
     try:
         yield from _events(jobs, texts, commits, failure, started)
@@ -182,10 +176,8 @@ def _next_nowait(commits: queue.Queue):
     return item
 
 
-def _decode(engine, jobs, settings, listeners, failure: list, commits: queue.Queue) -> None:
-    """Run the engine (model, tokenizer, prompt cache) on the group's left-padded prompts; always end
-    with the ``None`` marker."""
-    model, tokenizer, prompt_cache = engine
+def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits: queue.Queue) -> None:
+    """Run the engine on the group's left-padded prompts; always end with the ``None`` marker."""
     try:
         ids, mask = left_pad([job.ids for job in jobs], tokenizer.pad_token_id)  # load_tokenizer sets a pad id
         # The rows' own TextStreams (on_commit) watch the settings' stop strings with the jobs': the
@@ -205,7 +197,6 @@ def _decode(engine, jobs, settings, listeners, failure: list, commits: queue.Que
             row_seeds=[job.settings.seed for job in jobs],
             row_max_new_tokens=limits,
             row_guides=[own_guide(job.settings) for job in jobs],
-            prompt_cache=prompt_cache if settings.backend == "eager" and settings.use_cache else None,
         )
     except Exception as error:  # reported to the jobs' clients as a 500, the server keeps serving
         failure.append(error)

@@ -342,6 +342,7 @@ def test_a_settings_object_equals_flat_keywords_and_keywords_override_it(model):
         (dict(top_p=1.5), ValueError, "top_p must be above 0 and at most 1, got 1.5."),
         (dict(top_p=0.0), ValueError, "top_p must be above 0"),
         (dict(min_p=1.5), ValueError, "min_p must be between 0 and 1, got 1.5."),
+        (dict(prompt_cache_mib=-1), ValueError, "prompt_cache_mib must be 0 \\(off\\) or more, got -1."),
         (dict(top_k=-1), ValueError, "top_k must be at least 0"),
         (dict(refine_iters=2), TypeError, "Unknown decoding setting\\(s\\): refine_iters."),
         (dict(stop_strings=["ok", ""]), ValueError, "stop_strings must be non-empty strings, got \\['ok', ''\\]."),

@@ -62,7 +62,7 @@ def test_generate_until_equals_predict_and_cuts_at_stop_sequences(lm, tiny_dir, 
 def test_few_shot_prompts_reuse_their_shared_examples_and_answer_as_predict(tiny_dir, tmp_path):
     shots = "Q: 1+1=\nA: 2\nQ: 2+3=\nA: 5\nQ: "
     prompts = [shots + q for q in ("12+34=\nA:", "7+8=\nA:", "5+5=\nA:", "9+9=\nA:")]  # two batches of two
-    lm = DllmLM(tiny_dir, batch_size=2, device="cpu", **SETTINGS)
+    lm = DllmLM(tiny_dir, batch_size=2, device="cpu", prompt_cache_mib=64, **SETTINGS)
     answers = lm.generate_until([request("generate_until", (p, {"max_gen_toks": 12})) for p in prompts])
     assert answers == predicted(tiny_dir, tmp_path, prompts, 12)
     stats, shared = (

@@ -1,21 +1,25 @@
 """Prompt caching: reused K/V never change a token, and they are reused.
 
-Oracles: the same calls without a prompt cache; the tokens each forward pass is fed.
+Oracles: the same calls (and `predict` runs) without a prompt cache; the tokens each forward pass is fed.
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 from test_drafter import with_drafter
 from test_lossless import LOSSLESS_MODELS
 
-from conftest import EOS, left_pad, random_prompts
-from dllm_lit import generate_blocks
-from dllm_lit.prompt_cache import PromptCache, prefix_first
+from conftest import EOS, left_pad, predict_args, random_prompts, write
+from dllm_lit import cli, generate_blocks
+from dllm_lit.prompt_cache import ADAPTER, PromptCache, prefix_first
 
 SHARED = random_prompts([9], seed=3)[0]
 FIRST = [SHARED + tail for tail in random_prompts([4, 1, 7], seed=4)]  # three prompts, one beginning
 LATER = [FIRST[0] + [5, 6], SHARED[:6] + [7], FIRST[2] + [8, 9, 10]]  # a chat's next turns, an earlier cut
+SETTING = {"lossless": True, "prompt_cache_mib": 1}  # the model's own cache, 1 MiB
 MODES = {
     "lossless-W1": {"lossless": True, "add_eos_length": 0},
     "lossless-W4": {"lossless": True, "add_eos_length": 3},
@@ -101,8 +105,41 @@ def test_the_shared_beginning_moves_in_front_of_the_left_padding():
     assert moved.tolist() == [[5, 6, 7, 8], [5, 6, 0, 9]] and moved_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
 
 
+def test_the_setting_keeps_a_cache_with_the_model_emptied_when_its_weights_change():
+    model, reused = LOSSLESS_MODELS["llama"](), lambda prompts: decode(model, prompts, **SETTING)[1]
+    fresh = decode(model, LATER[:1], lossless=True)[0]
+    assert reused(FIRST) == [0, 0, 0] and reused(LATER[:1]) == [len(FIRST[0])]
+    setattr(model, ADAPTER, "sql")  # serve's adapter switch names the adapter its forwards run
+    assert reused(LATER[:1]) == [0], "K/V of other weights"
+    setattr(model, ADAPTER, None)
+    assert reused(LATER[:1]) == [len(LATER[0]) - 1]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # in place, as an optimizer step: the K/V stay right, the logits change
+        model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)  # and these K/V are stale
+    tokens, counts, _ = decode(model, LATER[:1], **SETTING)
+    assert counts == [0] and tokens == decode(model, LATER[:1], lossless=True)[0] != fresh
+    assert decode(model, LATER[:1], **SETTING, backend="cuda_graph")[1] == [0], "a static cache keeps none"
+
+
 def test_compiled_backends_refuse_a_prompt_cache():
     with pytest.raises(ValueError, match="eager backend with use_cache"):
         decode(LOSSLESS_MODELS["llama"](), FIRST, PromptCache(1 << 20), lossless=True, backend="cuda_graph")
     with pytest.raises(ValueError, match="eager backend with use_cache"):
         decode(LOSSLESS_MODELS["llama"](), FIRST, PromptCache(1 << 20), use_cache=False)
+
+
+def test_predict_reuses_a_shared_beginning_across_batches_and_writes_the_same_responses(tiny_dir, tmp_path):
+    shots = "Q: 1+1=\nA: 2\nQ: 2+3=\nA: 5\nQ: "
+    rows = [{"prompt": f"{shots}{a}+{a}=\nA:"} for a in (12, 7, 5, 9)]
+    prompts = write(tmp_path / "p.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+
+    def responses(*extra: str) -> list[dict]:
+        out = tmp_path / f"out{len(extra)}.jsonl"
+        cli.main(predict_args(tiny_dir, out, prompts, "--model.max_new_tokens=12", *extra))
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    plain, cached = responses(), responses("--model.prompt_cache_mib=64")
+    assert [row["response"] for row in cached] == [row["response"] for row in plain]
+    shared = len(shots) + 1  # the character tokenizer's BOS, then a token a character
+    assert [row["cached_tokens"] >= shared for row in cached] == [False, False, True, True], "the second batch"
+    assert "cached_tokens" not in plain[0]

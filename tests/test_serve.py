@@ -878,11 +878,7 @@ def test_a_client_that_disconnects_frees_its_row(server, client, tiny_dir, strea
         (["serve", '--chat_template_kwargs={"tokenize": true}'], "chat_template_kwargs cannot set 'tokenize'"),
         (["serve", "--lora_modules=a=/nonexistent"], "/nonexistent is not a LoRA adapter directory"),
         (["chat", "--model.logprobs=2"], "--model.logprobs does nothing in chat"),
-        (["serve", "--prompt_cache_mib=-1"], "--prompt_cache_mib must be 0 (off) or more, got -1.0."),
-        (
-            ["chat", "--model.backend=inductor", "--prompt_cache_mib=64"],
-            "--prompt_cache_mib needs --model.backend eager",
-        ),
+        (["serve", "--model.prompt_cache_mib=-1"], "--model.prompt_cache_mib must be 0 (off) or more, got -1.0."),
     ],
 )
 def test_bad_flags_are_one_line(dllm_lit, tmp_path, args, fragment):
@@ -1110,7 +1106,7 @@ def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_fu
     tokenizer, model = load_tokenizer(tiny_dir), load_model(tiny_dir)
     settings = DecodeSettings(add_eos_length=0, max_new_tokens=60, ignore_eos=True)
     job = Job("t", tokenizer("go on")["input_ids"], settings)
-    full = answer((model, tokenizer, None), job)
+    full = answer(model, tokenizer, job)
     forwards = []
 
     def interrupt_at_the_fifth_forward(module, args):
@@ -1121,7 +1117,7 @@ def test_ctrl_c_during_an_answer_stops_it_at_a_commit_keeping_a_prefix_of_the_fu
     handler = signal.getsignal(signal.SIGINT)
     hook = model.register_forward_pre_hook(interrupt_at_the_fifth_forward)
     try:
-        stopped = answer((model, tokenizer, None), job)
+        stopped = answer(model, tokenizer, job)
     finally:
         hook.remove()
     assert 0 < len(stopped) < len(full) / 2 and full.startswith(stopped)
@@ -1139,7 +1135,7 @@ def test_each_chat_answer_ends_with_a_line_of_its_tokens_and_forwards(tiny_dir, 
     settings = DecodeSettings(add_eos_length=3, max_new_tokens=24, ignore_eos=ignore_eos)
     ids = tokenizer("hello")["input_ids"]
     row = generate_blocks(model, torch.tensor([ids]), settings, eos_token_id=tokenizer.eos_token_id).rows[0]
-    answer((model, tokenizer, None), Job("t", ids, settings))
+    answer(model, tokenizer, Job("t", ids, settings))
     tokens, forwards = row.num_generated, row.forwards
     cut = ", cut at the length limit" if row.stop_reason == "max_new_tokens" else ""
     speed = r"[\d.]+ s \([\d.]+ tok/s\)"
@@ -1161,7 +1157,7 @@ def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_messag
     type_lines(monkeypatch, [*lines, "/reset", "fifth", "/exit", "never read"])
     prompts = []
 
-    def answered(engine, job):
+    def answered(model, tokenizer, job):
         prompts.append(job.ids)
         return f"answer {len(prompts)}"
 
@@ -1195,7 +1191,7 @@ def test_multiline_chat_messages_run_to_an_empty_line(tiny_dir, capsys, monkeypa
 
     type_lines(monkeypatch, ["Fix this:", "def f():", "    return 1", "", "/help", "last one"])
     prompts = []
-    monkeypatch.setattr(chat, "answer", lambda engine, job: prompts.append(job.ids) or "ok")
+    monkeypatch.setattr(chat, "answer", lambda model, tokenizer, job: prompts.append(job.ids) or "ok")
     chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=8), device="cpu", multiline=True)
     tokenizer, first = load_tokenizer(tiny_dir), "Fix this:\ndef f():\n    return 1"
     turns = [{"role": "user", "content": first}, {"role": "assistant", "content": "ok"}]
@@ -1216,7 +1212,7 @@ def test_chat_passes_its_template_variables_to_every_prompt(tiny_dir, monkeypatc
 
     type_lines(monkeypatch, ["hi", "again"])
     prompts = []
-    monkeypatch.setattr(chat, "answer", lambda engine, job: prompts.append(job.ids) or "ok")
+    monkeypatch.setattr(chat, "answer", lambda model, tokenizer, job: prompts.append(job.ids) or "ok")
     variables = {"enable_thinking": False}  # the tiny template's, as Qwen3's
     chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=8), device="cpu", chat_template_kwargs=variables)
     turns = [
@@ -1242,13 +1238,13 @@ def test_a_chat_turn_computes_only_what_follows_the_last_prompt_and_answers_as_w
     from dllm_lit.settings import DecodeSettings
 
     said = {}
-    for mib in (0, None):  # off, then the default
+    for mib in (0, 1024):  # off, then chat's default
         type_lines(monkeypatch, ["hi", "tell me more", "/reset", "hi"])
-        chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=12), device="cpu", prompt_cache_mib=mib)
+        chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=12, prompt_cache_mib=mib), device="cpu")
         out, err = capsys.readouterr()
         said[mib] = out, [tuple(map(int, pair)) for pair in re.findall(r"prompt (\d+) tokens \((\d+) cached\)", err)]
     n = len(encode_prompt(load_tokenizer(tiny_dir), {"messages": [{"role": "user", "content": "hi"}]}, True))
-    (plain, counts), (cached, reused) = said[0], said[None]
+    (plain, counts), (cached, reused) = said[0], said[1024]
     second = counts[1][0]
     assert cached == plain and counts == [(n, 0), (second, 0), (n, 0)]
     assert reused == [(n, 0), (second, n), (n, n - 1)], "each turn reads the earlier prompts' K/V"
