@@ -37,7 +37,11 @@ def model_prompt_cache(model: torch.nn.Module, mib: float) -> PromptCache:
     """The :class:`PromptCache` kept with ``model`` (``mib`` MiB at most), emptied first if the
     model's weights changed since the last call (in place, as an optimizer step does, or moved)."""
     parameters = list(model.parameters())
-    state = (parameters[0].data_ptr(), sum(p._version for p in parameters))
+    try:
+        version = sum(p._version for p in parameters)
+    except RuntimeError:  # weights made under inference_mode keep no version counter
+        version = None
+    state = (parameters[0].data_ptr(), version)
     known, cache = _CACHES.get(model, (None, None))
     if cache is None or known != state:
         held = weakref.ref(model)  # the cache must not keep its model alive
@@ -103,11 +107,6 @@ class PromptCache:
     def _drop(self, key: tuple) -> None:
         for k, v in self.entries.pop(key):
             self.used_bytes -= k.numel() * k.element_size() + v.numel() * v.element_size()
-
-    def clear(self) -> None:
-        with self.lock:
-            self.entries.clear()
-            self.used_bytes = 0
 
 
 class CachedStart:

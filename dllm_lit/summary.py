@@ -68,7 +68,7 @@ class PredictionSummary(L.Callback):
             raise ValueError(f"--summary.max_display must be 0 or above, got {max_display}.")
         self.max_display = max_display
         self.first_rows: list[dict[str, Any]] = []
-        self.totals = {"prompts": 0, "forwards": 0, "tokens": 0, "row_forwards": 0}
+        self.totals = {"prompts": 0, "forwards": 0, "tokens": 0, "row_forwards": 0, "prompt_tokens": 0, "cached": 0}
         self.totals.update((reason, 0) for reason in get_args(StopReason))
         self.setup_at = 0.0
         self.decode_at = 0.0
@@ -93,6 +93,8 @@ class PredictionSummary(L.Callback):
         self.totals["forwards"] += outputs.forwards
         self.totals["tokens"] += outputs.generated_tokens
         self.totals["row_forwards"] += sum(row["forwards"] for row in rows)  # forwards while each row was active
+        self.totals["prompt_tokens"] += sum(row["prompt_length"] for row in rows)
+        self.totals["cached"] += sum(row.get("cached_tokens", 0) for row in rows)  # with --model.prompt_cache_mib
         for row in rows:
             self.totals[row["stop_reason"]] += 1
         self.first_rows = heapq.nsmallest(self.max_display, self.first_rows + rows, key=lambda row: row["index"])
@@ -110,13 +112,14 @@ class PredictionSummary(L.Callback):
         )
         totals = {name: sum(t[name] for _, t in ranks) for name in self.totals}
         print(format_console_view(rows, totals["prompts"], self.max_display), flush=True)
-        print(self.performance_line(totals, seconds, pl_module.device), file=sys.stderr, flush=True)
+        caching = bool(pl_module.decoding.prompt_cache_mib)
+        print(self.performance_line(totals, seconds, pl_module.device, caching), file=sys.stderr, flush=True)
 
-    def performance_line(self, totals: dict[str, int], seconds: float, device: torch.device) -> str:
+    def performance_line(self, totals: dict[str, int], seconds: float, device: torch.device, caching: bool) -> str:
         """Tokens per forward is per row: generated tokens over the sum of each row's forwards (the
         passes run while it was active), what one sequence gains per pass whatever the batch size.
         Inductor's compiles (``backend: inductor``) are counted apart from the decoding's seconds; the
-        rows are counted by stop reason."""
+        rows are counted by stop reason; with ``caching``, the prompt tokens read from the prompt cache."""
         tokens, row_forwards = totals["tokens"], totals["row_forwards"]
         compiling = StaticForward.compile_seconds - self.compiled_before
         seconds -= compiling
@@ -126,5 +129,6 @@ class PredictionSummary(L.Callback):
             + f"{tokens} tokens in {seconds:.1f}s ({tokens / max(seconds, 1e-9):.1f} tok/s) | "
             f"{totals['forwards']} forwards | per row: {tokens / max(row_forwards, 1):.2f} tokens/forward "
             f"({row_forwards / max(tokens, 1):.3f} forwards/token) | "
-            f"stopped: {', '.join(f'{totals[r]} {r}' for r in get_args(StopReason) if totals[r])} | {_memory(device)}"
+            + (f"prompt cache: {totals['cached']} of {totals['prompt_tokens']} prompt tokens | " if caching else "")
+            + f"stopped: {', '.join(f'{totals[r]} {r}' for r in get_args(StopReason) if totals[r])} | {_memory(device)}"
         )

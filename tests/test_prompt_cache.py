@@ -128,7 +128,7 @@ def test_compiled_backends_refuse_a_prompt_cache():
         decode(LOSSLESS_MODELS["llama"](), FIRST, PromptCache(1 << 20), use_cache=False)
 
 
-def test_predict_reuses_a_shared_beginning_across_batches_and_writes_the_same_responses(tiny_dir, tmp_path):
+def test_predict_reuses_a_shared_beginning_across_batches_and_writes_the_same_responses(tiny_dir, tmp_path, capsys):
     shots = "Q: 1+1=\nA: 2\nQ: 2+3=\nA: 5\nQ: "
     rows = [{"prompt": f"{shots}{a}+{a}=\nA:"} for a in (12, 7, 5, 9)]
     prompts = write(tmp_path / "p.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
@@ -138,8 +138,19 @@ def test_predict_reuses_a_shared_beginning_across_batches_and_writes_the_same_re
         cli.main(predict_args(tiny_dir, out, prompts, "--model.max_new_tokens=12", *extra))
         return [json.loads(line) for line in out.read_text().splitlines()]
 
-    plain, cached = responses(), responses("--model.prompt_cache_mib=64")
+    plain = responses()
+    assert "prompt cache:" not in capsys.readouterr().err
+    cached = responses("--model.prompt_cache_mib=64")
+    counts = [sum(row[name] for row in cached) for name in ("cached_tokens", "prompt_length")]
+    assert "prompt cache: {} of {} prompt tokens".format(*counts) in capsys.readouterr().err
     assert [row["response"] for row in cached] == [row["response"] for row in plain]
     shared = len(shots) + 1  # the character tokenizer's BOS, then a token a character
     assert [row["cached_tokens"] >= shared for row in cached] == [False, False, True, True], "the second batch"
     assert "cached_tokens" not in plain[0]
+
+
+def test_a_model_made_under_inference_mode_keeps_a_cache_too():
+    with torch.inference_mode():
+        model = LOSSLESS_MODELS["gpt2"]()
+    decode(model, FIRST, **SETTING)
+    assert decode(model, LATER[:1], **SETTING)[1] == [len(FIRST[0])]
