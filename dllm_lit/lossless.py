@@ -275,6 +275,8 @@ def decode_lossless(
         if count and width > 1:
             alternatives = next_alternatives(guess_logits, accepted, draft[:, 0], count, fill)
         if bool(finished.any()):
+            if start is not None:  # their answers' K/V leave the batch now: the prompt cache keeps them
+                keep_answers(start, batch, finished, active, ledger)
             still = (~finished).nonzero().squeeze(1)
             active, generated, draft = active[still], generated[still], draft[still]
             alternatives = alternatives[still] if alternatives is not None else None
@@ -283,6 +285,17 @@ def decode_lossless(
         if lookup is not None and width == 1:  # the model's own drafts do not pay: look the text up
             draft = lookup.drafts(active.tolist(), ledger.tokens, settings.width - 1, fill, device)
         draft = forced_draft(sampler, draft, settings.width - 1, fill)
+
+
+def keep_answers(start: CachedStart, batch: RaggedBatch, finished: torch.Tensor, active: torch.Tensor, ledger) -> None:
+    """Store each ``finished`` row's prompt and answer in the prompt cache: the tokens whose K/V it
+    holds (its valid columns, in order), so that a chat's next turn computes only the new message."""
+    for position in finished.nonzero().squeeze(1).tolist():
+        row = int(active[position])
+        result = ledger.rows[row]
+        answer = result.token_ids + ([result.stop_token_id] if result.stop_token_id is not None else [])
+        columns = batch.valid[position].bool().nonzero().squeeze(1)
+        start.keep_row(batch.cache, position, columns, start.rows[row] + answer)
 
 
 def penalized(sampler: RowSampler, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):

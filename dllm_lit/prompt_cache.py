@@ -10,7 +10,9 @@ shares the longest beginning with every row of the batch (at least one token of 
 fed) and returns a :class:`CachedStart`: the prompt rows with that beginning moved in front of their
 left padding, and a ``DynamicCache`` that already holds its K/V. Positions count unpadded tokens, so a
 row's positions, and so its answer, are those of a plain start. After the first forward the loop
-calls :meth:`CachedStart.keep`, which stores each row's whole prompt for later calls. Entries are
+calls :meth:`CachedStart.keep`, which stores each row's whole prompt for later calls; the lossless
+loop also stores a row's prompt and answer when it finishes (:meth:`CachedStart.keep_row`: a chat's
+next turn then computes only the new message). Entries are
 dropped least recently used first once they exceed ``max_bytes``; a prompt that extends a stored one
 replaces it. The eager loops only (``use_cache`` on): a compiled backend keeps its own static cache.
 """
@@ -118,25 +120,25 @@ class CachedStart:
         self.cache, self.length = cache, length
 
     def keep(self, cache: DynamicCache) -> None:
-        """Store every row's prompt from ``cache``, whose first columns are the K/V of ``ids`` (a
-        model whose cache is not plain full attention layers stores nothing)."""
-        if self.store is None or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
-            return
-        width, seen = self.ids.shape[1], set()
+        """Store every row's prompt from ``cache``, whose first columns are the K/V of ``ids``."""
+        seen = set()
         for row, (tokens, mask) in enumerate(zip(self.rows, self.mask)):
-            if tuple(tokens) in seen:
-                continue
-            seen.add(tuple(tokens))
-            columns = mask.bool().nonzero().squeeze(1)
-            key_values = [
-                (
-                    layer.keys[row : row + 1, :, :width][:, :, columns],
-                    layer.values[row : row + 1, :, :width][:, :, columns],
-                )
-                for layer in cache.layers
-            ]
-            self.store.store(self.scope, tokens, key_values)
-        self.store = None  # once per call
+            if tuple(tokens) not in seen:
+                seen.add(tuple(tokens))
+                self.keep_row(cache, row, mask.bool().nonzero().squeeze(1), tokens)
+
+    def keep_row(self, cache: DynamicCache, row: int, columns: torch.Tensor, tokens: list[int]) -> None:
+        """Store the K/V of cache row ``row``'s ``columns``: those of ``tokens`` (the first ones only,
+        where fewer columns are given); a model whose cache is not plain full attention layers stores
+        nothing."""
+        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            return
+        columns = columns[: len(tokens)]
+        key_values = [
+            (layer.keys[row : row + 1][:, :, columns], layer.values[row : row + 1][:, :, columns])
+            for layer in cache.layers
+        ]
+        self.store.store(self.scope, tokens[: len(columns)], key_values)
 
 
 def extends(longer: tuple, shorter: tuple) -> bool:

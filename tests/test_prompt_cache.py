@@ -84,19 +84,29 @@ def test_keys_and_values_of_other_weights_are_not_reused():
 
 
 def test_the_least_recently_used_prompts_leave_first_and_longer_prompts_replace_their_beginnings():
-    model = LOSSLESS_MODELS["gpt2"]()
-    decode(model, FIRST[:1], probe := PromptCache(1 << 30), lossless=True)
+    model = LOSSLESS_MODELS["gpt2"]()  # block mode (autoregressive here): the prompts alone are stored
+    decode(model, FIRST[:1], probe := PromptCache(1 << 30), add_eos_length=0)
     per_token = probe.used_bytes // len(FIRST[0])
     cache = PromptCache(per_token * 30)
     one, two, three = random_prompts([10, 10, 12], seed=9)
     for prompt in (one, two, one + [4]):  # the third replaces the first
-        decode(model, [prompt], cache, lossless=True)
+        decode(model, [prompt], cache, add_eos_length=0)
     assert [len(tokens) for _, tokens in cache.entries] == [10, 11]
-    decode(model, [one], cache, lossless=True)  # a stored prompt's beginning: refreshed, not stored
-    decode(model, [three], cache, lossless=True)  # 33 tokens: the least recently used, two, leaves
+    decode(model, [one], cache, add_eos_length=0)  # a stored prompt's beginning: refreshed, not stored
+    decode(model, [three], cache, add_eos_length=0)  # 33 tokens: the least recently used, two, leaves
     assert [len(tokens) for _, tokens in cache.entries] == [11, 12] and cache.used_bytes == 23 * per_token
-    decode(model, [random_prompts([31], seed=2)[0]], cache, lossless=True)  # over the budget alone
+    decode(model, [random_prompts([31], seed=2)[0]], cache, add_eos_length=0)  # over the budget alone
     assert [len(tokens) for _, tokens in cache.entries] == [11, 12]
+
+
+def test_a_lossless_answer_is_kept_with_its_prompt_for_the_next_turn():
+    model = LOSSLESS_MODELS["llama-drafty"]()
+    cache = PromptCache(1 << 30)
+    (answer, stop), *_ = decode(model, FIRST[:1], cache, **MODES["lossless-W4"])[0]
+    turn = FIRST[0] + answer + [stop] * (stop is not None) + [5, 6]  # the conversation so far, then more
+    tokens, counts, _ = decode(model, [turn], cache, **MODES["lossless-W4"])
+    assert tokens == decode(model, [turn], **MODES["lossless-W4"])[0]
+    assert counts[0] >= len(FIRST[0]) + len(answer), "the prompt and the answer (its stop token's K/V, if fed)"
 
 
 def test_the_shared_beginning_moves_in_front_of_the_left_padding():
