@@ -1063,7 +1063,7 @@ def texts(model, tokenizer, jobs: list[Job]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_compiled_server_compiles_its_passes_before_it_is_ready(tiny_dir, capfd, fresh_compiles):
+def test_a_compiled_server_compiles_its_passes_before_it_is_ready(tiny_dir, capfd, fresh_compiles, monkeypatch):
     """The worker's setup compiles for one row, a longer cache and more rows: requests of other lengths
     and batch sizes then compile nothing, and get the eager engine's answers."""
     from dataclasses import replace
@@ -1073,7 +1073,11 @@ def test_a_compiled_server_compiles_its_passes_before_it_is_ready(tiny_dir, capf
 
     settings = DecodeSettings(add_eos_length=3, max_new_tokens=24, backend="inductor")
     worker = BlockDecodingAPI(OpenAIBlockSpec(tiny_dir, False, settings, "tiny", None, {}), "float32", 8, 0.05)
-    worker.setup("cpu")
+    # setup ignores SIGINT (a worker process's): the test process, and the subprocesses of later tests,
+    # keep theirs
+    with monkeypatch.context() as patch:
+        patch.setattr(signal, "signal", lambda *args: None)
+        worker.setup("cpu")
     assert "inductor: compiled the" in capfd.readouterr().err
     prompts = [worker.tokenizer(text).input_ids for text in ("a cat", "the dog ran " * 9, "x" * 150)]
     eager = replace(settings, backend="eager")
