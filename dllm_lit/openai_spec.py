@@ -43,7 +43,7 @@ from dllm_lit.openai_api import (
     settings_for,
     usage,
 )
-from dllm_lit.responses_api import ResponseBuilder, chat_body
+from dllm_lit.responses_api import ResponseBuilder, ResponseStore, chat_body
 from dllm_lit.serve_metrics import RequestMeter, ServeMetrics
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job
@@ -97,9 +97,11 @@ class OpenAIBlockSpec(LitSpec):
         self.lora_modules = lora_modules or {}  # adapter name -> directory
         self.template_defaults = chat_template_kwargs or {}  # under each chat request's own
         self._tokenizer = self._metrics = None  # made in the HTTP process, at first use
+        self.stored = ResponseStore()  # finished Responses, for previous_response_id
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/responses", self.responses, ["POST"])
+        self.add_endpoint("/v1/responses/{response_id}", self.stored_response, ["GET", "DELETE"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
         self.add_endpoint("/tokenize", self.tokenize, ["POST"])
         self.add_endpoint("/detokenize", self.detokenize, ["POST"])
@@ -185,15 +187,17 @@ class OpenAIBlockSpec(LitSpec):
         """OpenAI's Responses API (:mod:`dllm_lit.responses_api`): one answer, as a chat completion."""
         try:
             self._authorize(request)
-            body, asked = chat_body(await self._body(request))
+            body, asked, conversation = chat_body(await self._body(request), self.stored)
             exchange = self._exchange(body, chat=True)
         except OpenAIError as error:
             return self._refused(error)
         calls = exchange.tools.stream() if exchange.tools is not None else None
         builder = ResponseBuilder(asked, self.model_id, exchange.jobs[0].settings, calls)
+        conversation = conversation if asked.store else None  # what a finished response is kept with
         events = self._start(exchange)
         if exchange.stream:
-            return StreamingResponse(self._response_sse(events, exchange, builder), media_type="text/event-stream")
+            stream = self._response_sse(events, exchange, builder, conversation)
+            return StreamingResponse(stream, media_type="text/event-stream")
         gathered = await self._gather(events, exchange, request)
         if isinstance(gathered, JSONResponse):
             return gathered
@@ -201,7 +205,24 @@ class OpenAIBlockSpec(LitSpec):
         builder.add(
             texts[0], finals[0]["finish_reason"], self._entries(exchange, scored[0]), self._usage(exchange, finals)
         )
+        self._keep(builder, conversation)
         return builder.response
+
+    async def stored_response(self, request: Request, response_id: str):
+        """``GET /v1/responses/{id}``: a stored response; ``DELETE``: forget it."""
+        try:
+            self._authorize(request)
+            if request.method == "DELETE":
+                return self.stored.delete(response_id)
+            return self.stored.response(response_id)
+        except OpenAIError as error:
+            return JSONResponse(error.body(), error.status)
+
+    def _keep(self, builder: ResponseBuilder, conversation: list | None) -> None:
+        """Store a finished response with its ``conversation`` (None: the request said ``store:
+        false``), for ``previous_response_id`` and ``GET``."""
+        if conversation is not None and builder.response["status"] in ("completed", "incomplete"):
+            self.stored.keep(builder.response, conversation)
 
     def _refused(self, error: OpenAIError) -> JSONResponse:
         self.metrics.refused.labels(str(error.status)).inc()
@@ -433,9 +454,10 @@ class OpenAIBlockSpec(LitSpec):
         finally:
             self._cancel(exchange, [index for index in range(count) if index not in finals])
 
-    async def _response_sse(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder):
-        """The Responses stream: ``event:`` and ``data:`` per event, no ``[DONE]`` (OpenAI's shape). A
-        client that goes away cancels the job; an error ends the stream with ``response.failed``."""
+    async def _response_sse(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder, conversation):
+        """The Responses stream: ``event:`` and ``data:`` per event, no ``[DONE]`` (OpenAI's shape), the
+        response stored (:meth:`_keep`) before its last event. A client that goes away cancels the job;
+        an error ends the stream with ``response.failed``."""
         ended = False
         try:
             stream = builder.start()
@@ -449,6 +471,8 @@ class OpenAIBlockSpec(LitSpec):
                     usage = self._usage(exchange, [event]) if ended else None
                     entries = self._entries(exchange, event.get("logprobs", []))
                     stream = builder.add(event["text"], event.get("finish_reason"), entries, usage)
+                    if ended:  # before the client reads the end, so that it may continue the response at once
+                        self._keep(builder, conversation)
                 for kind, data in stream:
                     yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
         finally:

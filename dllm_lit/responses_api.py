@@ -5,8 +5,10 @@
 ``function_call_output``), ``max_output_tokens`` the ``max_tokens``, ``text.format`` the
 ``response_format``, the flat function ``tools`` and ``tool_choice`` the chat's nested ones, and
 ``include: ["message.output_text.logprobs"]`` with ``top_logprobs`` the chat's logprobs; dllm_lit's
-and vLLM's own fields pass through. The server keeps no state: ``previous_response_id`` and
-``conversation`` are refused and ``store`` reads false.
+and vLLM's own fields pass through. Finished responses are kept in memory (:class:`ResponseStore`,
+unless ``store`` is false), so that ``previous_response_id`` continues one: its input and output
+come before the new input (its ``instructions`` do not, as OpenAI's), and ``GET``/``DELETE
+/v1/responses/{id}`` read and remove one. ``conversation`` and ``background`` are refused.
 
 :class:`ResponseBuilder` turns the one answer's text, as it comes, into the Responses stream's events
 and, at the end, the response object; a whole response is the same builder fed the whole text, so
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,8 +36,8 @@ PASSED = (
 )  # fmt: skip
 """Request fields a chat completion takes under the same name (dllm_lit's and vLLM's included)."""
 
-STATEFUL = ("previous_response_id", "conversation", "background", "prompt")
-"""Fields that need state kept on the server (or a stored prompt): refused."""
+STATEFUL = ("conversation", "background", "prompt")
+"""Fields that need state this server does not keep (conversations, jobs, stored prompts): refused."""
 
 LOGPROBS = "message.output_text.logprobs"
 
@@ -100,12 +103,18 @@ class ResponsesRequest(BaseModel):
     parallel_tool_calls: bool = True
     top_logprobs: int | None = Field(None, ge=0, le=20)
     metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
+    store: bool = True
 
-    def messages(self) -> list[dict[str, Any]]:
-        """The chat messages: ``instructions`` as the system message, then each input item."""
+    def items(self) -> list[dict[str, Any]]:
+        """The input as a list of items (a text is one user message)."""
+        return [{"role": "user", "content": self.input}] if isinstance(self.input, str) else list(self.input)
+
+    def messages(self, earlier: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The chat messages: ``instructions`` as the system message, then each item of ``earlier``
+        (a previous response's conversation) and of the input."""
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
-        for number, raw in enumerate(items):
+        for number, raw in enumerate([*earlier, *self.items()]):
             item = read_item(raw, number)
             if isinstance(item, FunctionCall):  # calls join the assistant message before them, if any
                 if not messages or messages[-1]["role"] != "assistant":
@@ -143,26 +152,65 @@ def read_item(raw: Any, number: int) -> BaseModel:
     return validated(ITEMS[kind], raw, f"input.{number}.")
 
 
-def chat_body(body: Any) -> tuple[dict[str, Any], ResponsesRequest]:
-    """The chat completion body a Responses request amounts to, and the request; or a 400."""
+def chat_body(body: Any, store: ResponseStore) -> tuple[dict[str, Any], ResponsesRequest, list[dict[str, Any]]]:
+    """The chat completion body a Responses request amounts to, the request, and its conversation
+    (the previous response's, then this input); or a 4xx."""
     if not isinstance(body, dict):
         raise OpenAIError(400, "The request body must be a JSON object.")
     for name in STATEFUL:
         if body.get(name):
-            message = f"{name} is not supported: this server keeps no state; send the whole conversation as input."
+            message = (
+                f"{name} is not supported: continue a response with previous_response_id, or send it all as input."
+            )
             raise OpenAIError(400, message, name)
     request = validated(ResponsesRequest, body)
+    earlier = store.conversation(request.previous_response_id) if request.previous_response_id else []
     unknown = [name for name in request.include or [] if name != LOGPROBS]
     if unknown:
         raise OpenAIError(400, f"include: {unknown[0]!r} is not supported by this server.", "include")
     chat = {name: body[name] for name in PASSED if name in body}
-    chat |= {"model": request.model, "messages": request.messages(), "max_tokens": request.max_output_tokens}
+    chat |= {"model": request.model, "messages": request.messages(earlier), "max_tokens": request.max_output_tokens}
     chat |= {"response_format": request.response_format(), "tool_choice": request.tool_choice_for_chat()}
     if request.tools:
         chat["tools"] = [tool.chat() for tool in request.tools]
     if LOGPROBS in (request.include or []):
         chat |= {"logprobs": True, "top_logprobs": request.top_logprobs or 0}
-    return {name: value for name, value in chat.items() if value is not None}, request
+    return {name: value for name, value in chat.items() if value is not None}, request, [*earlier, *request.items()]
+
+
+class ResponseStore:
+    """The finished responses a later request may continue (``previous_response_id``) or read, the
+    ``capacity`` most recent in memory (a restart forgets them, as vLLM's store does)."""
+
+    def __init__(self, capacity: int = 1000):
+        self.capacity = capacity
+        self.kept: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+
+    def keep(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        """Keep a finished response and the conversation (input items) it answered."""
+        self.kept[response["id"]] = (copy.deepcopy(response), conversation)
+        while len(self.kept) > self.capacity:
+            self.kept.popitem(last=False)
+
+    def response(self, response_id: str) -> dict[str, Any]:
+        if response_id not in self.kept:
+            raise OpenAIError(404, f"No response with id {response_id!r} is stored here.", "response_id")
+        return self.kept[response_id][0]
+
+    def conversation(self, response_id: str) -> list[dict[str, Any]]:
+        """A response's whole conversation: the items it answered, then its output."""
+        if response_id not in self.kept:
+            message = (
+                f"Previous response with id {response_id!r} not found (store: false keeps none; a restart forgets all)."
+            )
+            raise OpenAIError(404, message, "previous_response_id")
+        response, conversation = self.kept[response_id]
+        return [*conversation, *response["output"]]
+
+    def delete(self, response_id: str) -> dict[str, Any]:
+        self.response(response_id)  # a 404 if unknown
+        del self.kept[response_id]
+        return {"id": response_id, "object": "response", "deleted": True}
 
 
 def response_usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
@@ -206,8 +254,8 @@ class ResponseBuilder:
             "model": model,
             "output": [],
             "parallel_tool_calls": request.parallel_tool_calls,
-            "previous_response_id": None,
-            "store": False,
+            "previous_response_id": request.previous_response_id,
+            "store": request.store,
             "temperature": settings.temperature,
             "top_p": settings.top_p,
             "text": request.text or {"format": {"type": "text"}},

@@ -146,7 +146,8 @@ async def openai_http_error(request: Request, error: HTTPException) -> JSONRespo
     if error.status_code in (404, 405):
         message = (
             f"No endpoint {request.method} {request.url.path}: this server has POST /v1/chat/completions, "
-            "POST /v1/completions, POST /v1/responses, GET /v1/models, POST /tokenize, POST /detokenize, GET /health "
+            "POST /v1/completions, POST /v1/responses, GET and DELETE /v1/responses/{id}, GET /v1/models, "
+            "POST /tokenize, POST /detokenize, GET /health "
             "and GET /metrics."
         )
     return JSONResponse(OpenAIError(error.status_code, message).body(), error.status_code, headers=error.headers)
