@@ -29,7 +29,7 @@ from dllm_lit.ledger import BlockGeneration, CommitListener, LogprobListener, Ro
 from dllm_lit.logprobs import EXACT_IDS
 from dllm_lit.lossless import decode_lossless
 from dllm_lit.lossless_compiled import decode_lossless_static
-from dllm_lit.prompt_cache import CachedStart, PromptCache, model_prompt_cache
+from dllm_lit.prompt_cache import CachedStart, PromptCache, forget, model_prompt_cache
 from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DEFAULTS, DecodeSettings
 from dllm_lit.textstream import StopStringWatch
@@ -177,6 +177,9 @@ def generate_blocks(
     try:
         extra = {"start": start} if start is not None else {}  # the eager loops take it
         loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], **extra)
+    except torch.OutOfMemoryError:
+        forget(model)  # a retry (predict splits the batch) gets the kept prompts' memory back
+        raise
     finally:
         if streamer is not None:
             streamer.end()  # a TextIteratorStreamer's reader must not wait forever on a failed call

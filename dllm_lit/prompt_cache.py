@@ -53,6 +53,11 @@ def model_prompt_cache(model: torch.nn.Module, mib: float) -> PromptCache:
     return cache
 
 
+def forget(model: torch.nn.Module) -> None:
+    """Drop the prompt cache kept with ``model`` (its memory is wanted: the call ran out of it)."""
+    _CACHES.pop(model, None)
+
+
 class PromptCache:
     """Stored prompts' K/V, by their token ids, up to ``max_bytes`` in all (see the module docstring).
     ``weights`` names the weights the model runs now (``serve``'s LoRA adapter: K/V computed under

@@ -14,7 +14,7 @@ from test_lossless import LOSSLESS_MODELS
 
 from conftest import EOS, left_pad, predict_args, random_prompts, write
 from dllm_lit import cli, generate_blocks
-from dllm_lit.prompt_cache import ADAPTER, PromptCache, prefix_first
+from dllm_lit.prompt_cache import ADAPTER, PromptCache, model_prompt_cache, prefix_first
 
 SHARED = random_prompts([9], seed=3)[0]
 FIRST = [SHARED + tail for tail in random_prompts([4, 1, 7], seed=4)]  # three prompts, one beginning
@@ -129,6 +129,21 @@ def test_the_setting_keeps_a_cache_with_the_model_emptied_when_its_weights_chang
     tokens, counts, _ = decode(model, LATER[:1], **SETTING)
     assert counts == [0] and tokens == decode(model, LATER[:1], lossless=True)[0] != fresh
     assert decode(model, LATER[:1], **SETTING, backend="cuda_graph")[1] == [0], "a static cache keeps none"
+
+
+def test_running_out_of_memory_drops_the_kept_prompts():
+    model = LOSSLESS_MODELS["llama"]()
+    decode(model, FIRST, **SETTING)
+    assert model_prompt_cache(model, 1).entries
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    hook = model.register_forward_pre_hook(out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode(model, LATER[:1], **SETTING)
+    hook.remove()
+    assert not model_prompt_cache(model, 1).entries and decode(model, LATER[:1], **SETTING)[1] == [0]
 
 
 def test_compiled_backends_refuse_a_prompt_cache():
