@@ -66,7 +66,7 @@ class DecodeSettings:
             prompt began (a shared system message or few-shot examples, a chat's earlier turns)
             computes only the rest; each row's ``cached_tokens`` counts the tokens reused. The same
             tokens in fp32 (in bf16 a prefill of another length may differ in the last bits, as a
-            batch may). Kept per model, dropped when its weights change. 0 (the default; ``serve``,
+            batch may). Kept per model, dropped when its weights change or a call runs out of memory. 0 (the default; ``serve``,
             ``chat`` and ``batch``: 1024) is off. The eager backend with ``use_cache``; the compiled
             backends keep a static cache and ignore it.
         early_exit: Stop refining a block once a pass leaves it unchanged. Never changes the tokens;
