@@ -249,9 +249,22 @@ class CompletionRequest(CommonRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt alone, as OpenAI's legacy API
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompt_only(self) -> bool:
+        """``max_tokens: 0`` with ``echo``: the prompt (and its logprobs) is the answer, nothing decoded."""
+        if self.max_tokens == 0 and not self.echo:
+            raise OpenAIError(400, "max_tokens 0 needs echo: true (the prompt alone, with its logprobs).", "max_tokens")
+        return self.max_tokens == 0
+
+    def overrides(self) -> dict[str, Any]:
+        chosen = super().overrides()
+        if self.max_tokens == 0:  # nothing is decoded; the settings still hold a valid limit
+            chosen.pop("max_new_tokens", None)
+        return chosen
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a text, or token ids (one list of ids is one prompt)."""

@@ -274,6 +274,7 @@ class OpenAIBlockSpec(LitSpec):
         field, echo = ("messages", False) if chat else ("prompt", parsed.echo)
         tools = parsed.tool_mode() if chat else None
         parsing = tools is not None and tools.parser is not None  # its tags may be special tokens
+        prompt_only = not chat and parsed.prompt_only()
         jobs = [
             Job(
                 str(uuid.uuid4()),
@@ -284,6 +285,7 @@ class OpenAIBlockSpec(LitSpec):
                 parsing,
                 parsed.model if parsed.model in self.lora_modules else None,
                 time.time(),
+                prompt_only,
             )
             for row in rows
             for sample in range(parsed.n)

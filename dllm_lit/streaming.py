@@ -42,7 +42,8 @@ class Job:
     ``echo`` (with ``settings.logprobs``): a first event with the prompt's logprobs;
     ``special_tokens``: keep them in the text (a tool-call parser reads its tags); ``adapter``: the LoRA
     adapter to decode with (``serve --lora_modules``; None: the model itself); ``arrival``: when the
-    request came (``time.time()``), for the last event's ``queued`` seconds (serve's metrics)."""
+    request came (``time.time()``), for the last event's ``queued`` seconds (serve's metrics);
+    ``prompt_only``: decode nothing (an ``echo`` with ``max_tokens`` 0: the prompt's logprobs alone)."""
 
     uid: str
     ids: list[int]
@@ -52,6 +53,7 @@ class Job:
     special_tokens: bool = False
     adapter: str | None = None
     arrival: float | None = None
+    prompt_only: bool = False
 
 
 def stream_jobs(
@@ -66,8 +68,8 @@ def stream_jobs(
     groups: dict[tuple[DecodeSettings, str | None], list[int]] = {}
     for index, job in enumerate(jobs):
         shared = job.settings.replace(seed=None, max_new_tokens=1, **dict.fromkeys(GUIDED))
-        groups.setdefault((shared, job.adapter), []).append(index)
-    for (settings, adapter), members in groups.items():
+        groups.setdefault((shared, job.adapter, job.prompt_only), []).append(index)
+    for (settings, adapter, _), members in groups.items():
         if use_adapter is not None:
             use_adapter(adapter)
         for events in _stream_group(model, tokenizer, [jobs[i] for i in members], settings, is_cancelled):
@@ -108,14 +110,17 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
         commits.put((row, texts[row].add(new_ids), result, new))
         return texts[row].stopped or abandoned.is_set() or is_cancelled(jobs[row].uid)
 
+    started = time.time()  # the jobs leave the queue
     if settings.logprobs is not None and any(job.echo for job in jobs):
         yield {
             row: {"text": "", "prompt_logprobs": prompt_logprobs(model, job.ids, settings.logprobs)}
             for row, job in enumerate(jobs)
             if job.echo
         }
+    if jobs[0].prompt_only:  # nothing to decode: each job ends at once
+        yield {row: prompt_only_end(job, started) for row, job in enumerate(jobs)}
+        return
     failure: list[BaseException] = []
-    started = time.time()  # the jobs leave the queue
     listeners = (on_commit, on_logprobs)
     worker = threading.Thread(target=_decode, args=(model, tokenizer, jobs, settings, listeners, failure, commits))
     worker.start()
@@ -202,6 +207,12 @@ def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits:
         failure.append(error)
     finally:
         commits.put(None)
+
+
+def prompt_only_end(job: Job, started: float) -> dict:
+    """The last event of a job that decodes nothing."""
+    end = {"text": "", "finish_reason": "length", "completion_tokens": 0, "forwards": 0, "cached_tokens": 0}
+    return end | ({"queued": max(0.0, started - job.arrival)} if job.arrival is not None else {})
 
 
 def own_guide(settings: DecodeSettings) -> dict:

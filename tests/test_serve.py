@@ -354,6 +354,21 @@ def test_lm_evals_loglikelihood_requests_read_the_models_own_logprobs_from_an_ec
 
 
 @pytest.mark.slow
+def test_an_echo_with_max_tokens_0_is_the_prompt_and_its_logprobs_alone(server, client, tiny_dir):
+    asked = dict(model=tiny_dir, prompt="12+34=", echo=True, logprobs=1)
+    alone, longer = (client.completions.create(**asked, max_tokens=limit) for limit in (0, 4))
+    (choice,), (answered,), count = alone.choices, longer.choices, alone.usage.prompt_tokens
+    assert choice.text == "12+34=" and choice.finish_reason == "length" and alone.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == answered.logprobs.tokens[:count] and len(choice.logprobs.tokens) == count
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(answered.logprobs.token_logprobs[1:count], abs=1e-5)
+    chunks = list(client.completions.create(**asked, max_tokens=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "12+34="
+    refused = requests.post(f"{server[0]}/v1/completions", json={**asked, "echo": False, "max_tokens": 0}, headers=AUTH)
+    assert refused.status_code == 400 and "max_tokens 0 needs echo: true" in refused.json()["error"]["message"]
+
+
+@pytest.mark.slow
 def test_tokenize_gives_the_ids_a_request_decodes_and_detokenize_reads_them_back(server, client, tiny_dir):
     def post(path: str, body: dict, headers=AUTH) -> requests.Response:
         return requests.post(f"{server[0]}{path}", json=body, headers=headers)
