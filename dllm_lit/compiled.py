@@ -33,6 +33,7 @@ from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import grouped_attention
 from dllm_lit.ledger import RowLedger
 from dllm_lit.norms import fused_norms
+from dllm_lit.prompt_cache import CachedStart
 from dllm_lit.sampling import RowSampler, block_positions
 from dllm_lit.settings import DecodeSettings
 
@@ -130,10 +131,30 @@ class StaticForward:
         return family[batch]
 
     def reset(self, prompt_mask: torch.Tensor) -> None:
-        """Start a new batch of left-padded prompts (``prompt_mask`` is 0 on padding)."""
+        """Start a new batch of prompts (``prompt_mask``: 0 on padding, which sits before the tokens it
+        pads: positions count the padding before a slot)."""
         self.valid.fill_(True)
         self.valid[:, : prompt_mask.shape[1]] = prompt_mask.bool()
         self.pad.copy_((prompt_mask == 0).sum(1, keepdim=True))
+
+    def prefill(self, start: CachedStart | None, prompt_ids, prompt_mask, tail: torch.Tensor, keep: int, branch=0):
+        """Start a new batch of left-padded prompts: feed them and ``tail`` eagerly from slot 0 and return
+        the logits (:meth:`__call__`). With a prompt cache's ``start``, its cached beginning is copied
+        into the first slots instead of fed, and the prompts' K/V go back to the prompt cache."""
+        reused = 0
+        if start is not None:
+            prompt_ids, prompt_mask, reused = start.ids, start.mask, start.length
+        self.reset(prompt_mask)
+        if reused:
+            for mine, cached in zip(self.cache.layers, start.cache.layers):
+                if not mine.is_initialized:
+                    mine.lazy_initialization(cached.keys, cached.values)
+                mine.keys[:, :, :reused].copy_(cached.keys)
+                mine.values[:, :, :reused].copy_(cached.values)
+        logits = self(torch.cat([prompt_ids[:, reused:], tail], 1), reused, keep, graph=False, branch=branch)
+        if start is not None:
+            start.keep(self.cache)
+        return logits
 
     def shrink(self, positions: list[int]) -> StaticForward:
         """The model's :class:`StaticForward` for ``len(positions)`` rows, holding rows ``positions``
@@ -323,9 +344,10 @@ def decode_static(
     sampler: RowSampler,
     *,
     fill: int,
+    start: CachedStart | None = None,
 ) -> None:
-    """Decode left-padded prompts into ``ledger``, picking with ``sampler``; every pass has one of
-    three fixed shapes.
+    """Decode left-padded prompts into ``ledger``, picking with ``sampler`` (``start``: the prompt
+    cache's, :meth:`StaticForward.prefill`); every pass has one of three fixed shapes.
 
     Finished rows stay in the batch (they have no room, so they never block a fixed point) until at
     most half the batch is alive; then, at a block boundary, the alive rows move to a smaller
@@ -338,12 +360,11 @@ def decode_static(
     blocks = -(-max(budgets) // width)
     cache_len = -(-(prompt_len + blocks * width) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
-    forward.reset(prompt_mask)
     members = list(range(batch))  # the ledger row at each position of the batch
     alive = list(range(batch))
     block, settled = None, False
     for index in range(blocks):
-        start = prompt_len + index * width  # cache slot of the block's first token
+        first = prompt_len + index * width  # cache slot of the block's first token
         if block is not None and len(alive) <= forward.batch // 2:
             positions = compacted_positions(members, alive)
             forward, block, members = forward.shrink(positions), block[positions], [members[p] for p in positions]
@@ -352,11 +373,11 @@ def decode_static(
         room = torch.where(on, ledger.budget[members] - index * width, 0)
         fills = torch.full((forward.batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
         if block is None:  # the prefill: prompt + fills, run eagerly (its width varies per call)
-            logits = forward(torch.cat([prompt_ids, fills], 1), 0, width, graph=False)
+            logits = forward.prefill(start, prompt_ids, prompt_mask, fills, width)
         elif settled:  # the last pass fed exactly block[:-1]: its K/V are final
-            logits = forward(torch.cat([block[:, -1:], fills], 1), start - 1, width)
+            logits = forward(torch.cat([block[:, -1:], fills], 1), first - 1, width)
         else:  # re-feed the whole committed block
-            logits = forward(torch.cat([block, fills], 1), start - width, width)
+            logits = forward(torch.cat([block, fills], 1), first - width, width)
         at = block_positions(index * width, width, device)
         block, scores = sampler.choose(logits, at)
         ledger.count_forward()
@@ -364,7 +385,7 @@ def decode_static(
         # refine: that token depends on committed tokens alone.
         refinable = min(width, max(budgets[row] for row in alive) - index * width) > 1
         block, scores, settled = refine_static(
-            forward, sampler, ledger, settings, block, scores, room, (start, at), refinable
+            forward, sampler, ledger, settings, block, scores, room, (first, at), refinable
         )
         positions = [members.index(row) for row in alive]
         scores = scores[positions] if scores is not None else None

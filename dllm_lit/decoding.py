@@ -175,8 +175,7 @@ def generate_blocks(
     start = cached_start(model, settings, prompt_cache, prompt_ids, prompt_mask)
     ledger.cached_tokens = start.length if start is not None else 0
     try:
-        extra = {"start": start} if start is not None else {}  # the eager loops take it
-        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], **extra)
+        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], start=start)
     except torch.OutOfMemoryError:
         forget(model)  # a retry (predict splits the batch) gets the kept prompts' memory back
         raise
@@ -188,13 +187,10 @@ def generate_blocks(
 
 def cached_start(model, settings: DecodeSettings, prompt_cache, prompt_ids, prompt_mask) -> CachedStart | None:
     """Where the prompt cache (``prompt_cache``, else the model's with ``prompt_cache_mib``) lets the
-    eager loops start; None without one (the compiled backends keep a static cache)."""
-    eager = settings.backend == "eager" and settings.use_cache
-    if prompt_cache is not None and not eager:
-        raise ValueError(
-            "prompt_cache works on the eager backend with use_cache: the compiled ones keep a static cache."
-        )
-    if prompt_cache is None and settings.prompt_cache_mib and eager:
+    loops start; None without one."""
+    if prompt_cache is not None and not settings.use_cache:
+        raise ValueError("prompt_cache needs use_cache: without a KV cache there is nothing to start from.")
+    if prompt_cache is None and settings.prompt_cache_mib and settings.use_cache:
         prompt_cache = model_prompt_cache(model, settings.prompt_cache_mib)
     return prompt_cache.start(prompt_ids, prompt_mask) if prompt_cache is not None else None
 

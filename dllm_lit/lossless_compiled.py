@@ -32,6 +32,7 @@ from dllm_lit.lossless import (
     penalized,
     verify_pass,
 )
+from dllm_lit.prompt_cache import CachedStart
 from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DecodeSettings
 
@@ -45,9 +46,10 @@ def decode_lossless_static(
     sampler: RowSampler,
     *,
     fill: int,
+    start: CachedStart | None = None,
 ) -> None:
     """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output
-    (picked by ``sampler``)."""
+    (picked by ``sampler``; ``start``: the prompt cache's, :meth:`~dllm_lit.compiled.StaticForward.prefill`)."""
     batch, prompt_len = prompt_ids.shape
     device, width = prompt_ids.device, settings.width
     longest = int(ledger.budget.max())
@@ -57,12 +59,11 @@ def decode_lossless_static(
     # A finished row's slot may sit W - 1 past its budget, and a pass writes ``fed`` more slots there.
     cache_len = -(-(prompt_len + longest + width + fed) // 64) * 64  # round up: reuse graphs across calls
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
-    forward.reset(prompt_mask)
     top = settings.logprobs
     state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1, top)
     fills = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
     draft = forced_draft(sampler, fills, width - 1, fill)  # fill tokens, but the text a grammar forces
-    logits = forward(torch.cat([prompt_ids, draft], 1), 0, width, graph=False, branch=branch)  # the prefill
+    logits = forward.prefill(start, prompt_ids, prompt_mask, draft, width, branch)
     lag = device.type == "cuda"
     pending, alternatives = None, None
     for _pass in range(longest + 1):  # every active row accepts a token per pass; +1 for the late read

@@ -14,7 +14,8 @@ calls :meth:`CachedStart.keep`, which stores each row's whole prompt for later c
 loop also stores a row's prompt and answer when it finishes (:meth:`CachedStart.keep_row`: a chat's
 next turn then computes only the new message). Entries are
 dropped least recently used first once they exceed ``max_bytes``; a prompt that extends a stored one
-replaces it. The eager loops only (``use_cache`` on): a compiled backend keeps its own static cache.
+replaces it. The compiled path copies a reused beginning into its static cache
+(:meth:`~dllm_lit.compiled.StaticForward.prefill`) and stores prompts only.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import torch
 from transformers import DynamicCache
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values [1, heads, tokens, dim]
+
+FULL_ATTENTION = ("DynamicLayer", "RowSlotLayer")
+"""Cache layers whose columns are every token's K/V (the eager loops' and the compiled path's)."""
 
 ADAPTER = "dllm_lit_adapter"
 """The model attribute that names the LoRA adapter its forwards run now (``serve --lora_modules``)."""
@@ -136,7 +140,7 @@ class CachedStart:
         """Store the K/V of cache row ``row``'s ``columns``: those of ``tokens`` (the first ones only,
         where fewer columns are given); a model whose cache is not plain full attention layers stores
         nothing."""
-        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        if any(type(layer).__name__ not in FULL_ATTENTION for layer in cache.layers):
             return
         columns = columns[: len(tokens)]
         key_values = [

@@ -67,8 +67,9 @@ class DecodeSettings:
             computes only the rest; each row's ``cached_tokens`` counts the tokens reused. The same
             tokens in fp32 (in bf16 a prefill of another length may differ in the last bits, as a
             batch may). Kept per model, dropped when its weights change or a call runs out of
-            memory. 0 (the default; ``serve``, ``chat`` and ``batch``: 1024) is off. The eager
-            backend with ``use_cache``; the compiled backends keep a static cache and ignore it.
+            memory. 0 (the default; ``serve``, ``chat`` and ``batch``: 1024) is off. Every backend
+            (the compiled ones copy the reused K/V into their static cache); lossless mode on the
+            eager backend also keeps each answer with its prompt.
         early_exit: Stop refining a block once a pass leaves it unchanged. Never changes the tokens;
             turning it off is for tests and benchmarks.
         lossless: Lossless mode: a sliding window of ``add_eos_length + 1`` tokens whose drafts are
