@@ -4,10 +4,10 @@
 one event per job: ``{}`` (nothing new), ``{"text": delta}``, and a last event that adds
 ``finish_reason``, ``completion_tokens``, ``forwards``, ``cached_tokens`` (prompt tokens read from
 the prompt cache) and, for a job with an ``arrival``, ``queued`` (seconds until its batch began),
-or ``{"error": message}`` if decoding failed. With ``settings.logprobs`` an event also carries ``"logprobs"``: one
-:class:`~dllm_lit.logprobs.TokenLogprob` per token committed since the last event (through the
-stop string at most; they may run ahead of the text, which holds back partial characters), and an
-``echo`` job's first event ``"prompt_logprobs"``, its prompt's
+or ``{"error": message}`` if decoding failed. With ``settings.logprobs`` an event also carries
+``"logprobs"``: one :class:`~dllm_lit.logprobs.TokenLogprob` per token committed since the last
+event (through the stop string at most; they may run ahead of the text, which holds back partial
+characters), and an ``echo`` job's first event ``"prompt_logprobs"``, its prompt's
 (:func:`~dllm_lit.logprobs.prompt_logprobs`). Jobs whose settings differ at most in ``seed``,
 ``max_new_tokens`` and their ``guided_*`` grammar decode as one batch, each row with its own (a row's
 answer does not depend on its batch, sampled ones included); groups with other differences (or
@@ -65,7 +65,7 @@ def stream_jobs(
 ) -> Iterator[list[dict]]:
     """Per step, one event per job (see the module docstring); ``use_adapter`` switches the model to a
     group's LoRA adapter (:class:`~dllm_lit.adapters.AdapterSwitch`) before it decodes."""
-    groups: dict[tuple[DecodeSettings, str | None], list[int]] = {}
+    groups: dict[tuple[DecodeSettings, str | None, bool], list[int]] = {}
     for index, job in enumerate(jobs):
         shared = job.settings.replace(seed=None, max_new_tokens=1, **dict.fromkeys(GUIDED))
         groups.setdefault((shared, job.adapter, job.prompt_only), []).append(index)
