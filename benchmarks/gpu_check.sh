@@ -6,7 +6,8 @@
 #
 # 1. predict on a tiny fp32 model with backend cuda_graph under 32-true, bf16-mixed and bf16-true, and
 #    inductor under 32-true: tokens against the eager engine in fp32 (equal in fp32; bf16 reported as
-#    a share), the summary line's tok/s, inductor's compiles;
+#    a share), the summary line's tok/s, inductor's compiles; then (1b) cuda_graph with the prompt
+#    cache on prompts that share a beginning, against eager without it;
 # 2. a few `dllm_lit fit` steps of the tiny model under --trainer.strategy fsdp (one process) and
 #    ddp: loss going down, a checkpoint saved and exported;
 # 3. on the 8B shape: bench_forward_profile.py (one forward's kernels by kind), bench_gpu.py (graphs
@@ -70,6 +71,27 @@ PYEOF
       log "predict $backend $precision $mode FAILED: $(tail -1 "$out.err")"
     fi
   done
+done
+log "1b. the prompt cache on cuda_graph: prompts that share a beginning, one by one, against eager without it"
+sed 's/^/You are a patient teacher; answer briefly and carefully. /' "$WORK/prompts.txt" > "$WORK/shared.txt"
+for mode in block lossless; do
+  lossless=$([ $mode = lossless ] && echo true || echo false)
+  shared=(--trainer.accelerator "$ACCEL" --model.lossless "$lossless" --data.prompts_file "$WORK/shared.txt" --data.batch_size 1)
+  predict "$WORK/shared-eager-$mode.jsonl" "${shared[@]}" || log "shared eager $mode FAILED"
+  if predict "$WORK/shared-cached-$mode.jsonl" "${shared[@]}" --model.backend cuda_graph --model.prompt_cache_mib 64; then
+    "$PY" - "$WORK/shared-eager-$mode.jsonl" "$WORK/shared-cached-$mode.jsonl" "$mode" <<'PYEOF' | tee -a "$OUT/summary.md"
+import json, sys
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+a, b = read(sys.argv[1]), read(sys.argv[2])
+same = sum(x["response"] == y["response"] for x, y in zip(a, b))
+print(f"cuda_graph {sys.argv[3]} with the prompt cache: {same}/{len(a)} responses equal to eager without it, "
+      f"cached prompt tokens {[row['cached_tokens'] for row in b]}")
+PYEOF
+  else
+    log "cached cuda_graph $mode FAILED: $(tail -1 "$WORK/shared-cached-$mode.jsonl.err")"
+  fi
 done
 }
 
