@@ -149,7 +149,7 @@ def generate_blocks(
         prompt_cache: A :class:`~dllm_lit.prompt_cache.PromptCache` to use in place of the one
             ``prompt_cache_mib`` keeps with the model: the K/V of the longest beginning every prompt
             shares with an earlier call's prompt are reused, not computed again, and these prompts'
-            are stored for later calls (the eager backend with ``use_cache``). Each row's
+            are stored for later calls (any backend; needs ``use_cache``). Each row's
             ``cached_tokens`` says how many it reused.
         **overrides: Any :class:`~dllm_lit.settings.DecodeSettings` field, e.g. ``refine_iter=3``,
             applied on top of ``settings``.

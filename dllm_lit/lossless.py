@@ -38,7 +38,7 @@ from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import attention_bias
 from dllm_lit.ledger import RowLedger
 from dllm_lit.logprobs import token_scores
-from dllm_lit.prompt_cache import CachedStart
+from dllm_lit.prompt_cache import CachedStart, unpadded
 from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DecodeSettings
 
@@ -444,8 +444,3 @@ def next_alternatives(
     top = at.topk(count + 1, dim=-1).indices
     top = top.gather(1, (top == drafted[:, None]).long().argsort(dim=1, stable=True))[:, :count]
     return torch.where((accepted < fed)[:, None], top, torch.full_like(top, fill))
-
-
-def unpadded(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
-    """Each row's prompt tokens without its left padding."""
-    return [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]

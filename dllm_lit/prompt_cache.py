@@ -76,7 +76,7 @@ class PromptCache:
 
     def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> CachedStart:
         """The batch's start: the longest stored beginning all rows share (none: a plain start)."""
-        scope, rows = self.weights(), [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+        scope, rows = self.weights(), unpadded(prompt_ids, prompt_mask)
         most = min(map(len, rows)) - 1  # every row feeds at least its last token
         with self.lock:
             best, length = None, 0
@@ -163,6 +163,11 @@ def common_length(first: tuple[int, ...], second: list[int]) -> int:
             break
         length += 1
     return length
+
+
+def unpadded(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's prompt tokens without its left padding."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
 
 
 def prefix_first(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,7 +118,7 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
             if job.echo
         }
     if jobs[0].prompt_only:  # nothing to decode: each job ends at once
-        yield {row: prompt_only_end(job, started) for row, job in enumerate(jobs)}
+        yield {row: {"text": "", **ending(job, started, "length", 0, 0, 0)} for row, job in enumerate(jobs)}
         return
     failure: list[BaseException] = []
     listeners = (on_commit, on_logprobs)
@@ -157,14 +157,7 @@ def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, fail
                 event["text"] += texts[row].finish()
                 reason = "stop" if texts[row].stopped else finish_reason(result.stop_reason)
                 tokens = texts[row].tokens_through_stop() if texts[row].stopped else result.num_generated
-                event.update(
-                    finish_reason=reason,
-                    completion_tokens=tokens,
-                    forwards=result.forwards,
-                    cached_tokens=result.cached_tokens,
-                )
-                if jobs[row].arrival is not None:
-                    event["queued"] = max(0.0, started - jobs[row].arrival)
+                event.update(ending(jobs[row], started, reason, tokens, result.forwards, result.cached_tokens))
                 open_rows.discard(row)
             item = _next_nowait(commits)
         yield events
@@ -209,9 +202,9 @@ def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits:
         commits.put(None)
 
 
-def prompt_only_end(job: Job, started: float) -> dict:
-    """The last event of a job that decodes nothing."""
-    end = {"text": "", "finish_reason": "length", "completion_tokens": 0, "forwards": 0, "cached_tokens": 0}
+def ending(job: Job, started: float, reason: str, tokens: int, forwards: int, cached: int) -> dict:
+    """What a job's last event adds (``started``: when its batch began, for ``queued``)."""
+    end = {"finish_reason": reason, "completion_tokens": tokens, "forwards": forwards, "cached_tokens": cached}
     return end | ({"queued": max(0.0, started - job.arrival)} if job.arrival is not None else {})
 
 
