@@ -97,13 +97,32 @@ def decode_lossless_static(
             alive = [position for position, done in enumerate(finished) if not done]
             if len(alive) <= forward.batch // 2:  # finished rows would cost compute: shrink the batch
                 positions = compacted_positions(list(range(forward.batch)), alive)
+                if start is not None:
+                    gone = [position for position in range(forward.batch) if position not in positions]
+                    keep_answers(start, forward, state, gone, prompt_len)
                 forward, last, draft, pending = forward.shrink(positions), last[positions], draft[positions], None
                 alternatives = alternatives[positions] if count else None
                 state.keep(positions)
                 sampler.keep(positions)
         ids = torch.cat([last[:, None], draft] + ([alternatives] if count else []), 1)
         logits = forward(ids, state.start, width, end=end, branch=branch, alternatives=count)
+    if start is not None:
+        keep_answers(start, forward, state, list(range(forward.batch)), prompt_len)
     state.replay_into(ledger)
+
+
+def keep_answers(start: CachedStart, forward: StaticForward, state: _DeviceRows, positions: list[int], prompt_len: int):
+    """Store the prompt and answer of the rows at batch ``positions`` in the prompt cache: the answer
+    tokens whose K/V the static cache holds (slot ``prompt_len + i`` for token ``i``; all but the last
+    accepted one, whose K/V the next pass would write), so that a chat's next turn computes only its
+    new message."""
+    counts = (state.generated[positions] - 1).clamp(min=0).tolist()
+    answers = state.out[positions].tolist()
+    for position, count, answer in zip(positions, counts, answers):
+        row = state.rows[position]
+        prompt = start.mask[row].bool().nonzero().squeeze(1)
+        columns = torch.cat([prompt, torch.arange(prompt_len, prompt_len + count, device=prompt.device)])
+        start.keep_row(forward.cache, position, columns, start.rows[row] + answer[:count])
 
 
 class _DeviceRows:

@@ -11,11 +11,11 @@ fed) and returns a :class:`CachedStart`: the prompt rows with that beginning mov
 left padding, and a ``DynamicCache`` that already holds its K/V. Positions count unpadded tokens, so a
 row's positions, and so its answer, are those of a plain start. After the first forward the loop
 calls :meth:`CachedStart.keep`, which stores each row's whole prompt for later calls; the lossless
-loop also stores a row's prompt and answer when it finishes (:meth:`CachedStart.keep_row`: a chat's
-next turn then computes only the new message). Entries are
-dropped least recently used first once they exceed ``max_bytes``; a prompt that extends a stored one
-replaces it. The compiled path copies a reused beginning into its static cache
-(:meth:`~dllm_lit.compiled.StaticForward.prefill`) and stores prompts only.
+loops (eager and compiled) also store a row's prompt and answer when it finishes
+(:meth:`CachedStart.keep_row`: a chat's next turn then computes only the new message); block mode
+stores prompts only. Entries are dropped least recently used first once they exceed ``max_bytes``; a
+prompt that extends a stored one replaces it. The compiled path copies a reused beginning into its
+static cache (:meth:`~dllm_lit.compiled.StaticForward.prefill`).
 """
 
 from __future__ import annotations

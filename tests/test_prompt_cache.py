@@ -61,6 +61,7 @@ def test_reused_prompts_decode_the_same_tokens_with_fewer_fed(model, mode, backe
         assert fed == plain_fed - sum(counts)
     assert counts == [len(LATER[2]) - 1] * 2, "the third call's prompt serves the fourth (its last token is fed)"
     assert cache.hits == 3
+    assert_entries_are_their_tokens_keys_and_values(model, cache)
 
 
 def test_a_draft_adapter_s_passes_reuse_the_base_s_prompt_keys_and_values():
@@ -100,14 +101,26 @@ def test_the_least_recently_used_prompts_leave_first_and_longer_prompts_replace_
     assert [len(tokens) for _, tokens in cache.entries] == [11, 12]
 
 
-def test_a_lossless_answer_is_kept_with_its_prompt_for_the_next_turn():
-    model = LOSSLESS_MODELS["llama-drafty"]()
+@pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
+def test_lossless_answers_are_kept_with_their_prompts_for_the_next_turn(backend):
+    model, settings = LOSSLESS_MODELS["llama-drafty"](), MODES["lossless-W4"] | {"backend": backend}
     cache = PromptCache(1 << 30)
-    (answer, stop), *_ = decode(model, FIRST[:1], cache, **MODES["lossless-W4"])[0]
-    turn = FIRST[0] + answer + [stop] * (stop is not None) + [5, 6]  # the conversation so far, then more
-    tokens, counts, _ = decode(model, [turn], cache, **MODES["lossless-W4"])
-    assert tokens == decode(model, [turn], **MODES["lossless-W4"])[0]
-    assert counts[0] >= len(FIRST[0]) + len(answer), "the prompt and the answer (its stop token's K/V, if fed)"
+    answers = decode(model, FIRST, cache, **settings, row_max_new_tokens=[3, 12, 5])[0]  # the compiled batch shrinks
+    assert_entries_are_their_tokens_keys_and_values(model, cache)
+    for prompt, (answer, stop) in zip(FIRST, answers):
+        turn = prompt + answer + [stop] * (stop is not None) + [5, 6]  # the conversation so far, then more
+        tokens, counts, _ = decode(model, [turn], cache, **settings)
+        assert tokens == decode(model, [turn], **settings)[0]
+        assert counts[0] >= len(prompt) + len(answer) - 1, "the prompt and the answer (its last token may not be fed)"
+
+
+def assert_entries_are_their_tokens_keys_and_values(model, cache):
+    """Every stored entry's K/V equal those of a plain forward over its tokens."""
+    for (_, tokens), key_values in cache.entries.items():
+        with torch.no_grad():
+            fresh = model(torch.tensor([tokens]), use_cache=True).past_key_values
+        for (keys, values), layer in zip(key_values, fresh.layers, strict=True):
+            torch.testing.assert_close((keys, values), (layer.keys, layer.values), rtol=1e-4, atol=1e-5)
 
 
 def test_the_shared_beginning_moves_in_front_of_the_left_padding():
