@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prompt_cache.py                       # smollm2-fast, lossless W8 (serve's defaults)
     python benchmarks/bench_prompt_cache.py --system-tokens 1500 --turns 6 --repeats 5
+    python benchmarks/bench_prompt_cache.py --refine-iter 8       # block mode, exact (W = R = 8)
 
 A conversation with a long system message (the start of the README, ``--system-tokens`` tokens) and
 ``--turns`` user questions is decoded once without a cache to fix its prompts (each turn's prompt is
@@ -83,12 +84,15 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--refine-iter", type=int, help="block mode with this refine_iter (default: lossless mode)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     tokenizer, model = load_tokenizer(args.model), load_model(args.model).eval()
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     system = tokenizer.decode(tokenizer(readme)["input_ids"][: args.system_tokens], skip_special_tokens=True)
     settings = {"lossless": True, "add_eos_length": 7, "max_new_tokens": args.max_new_tokens, "max_length": 8192}
+    if args.refine_iter:
+        settings |= {"lossless": False, "refine_iter": args.refine_iter}
     prompts = conversation(model, tokenizer, system, args.turns, settings)
     runs = {turn: {"plain": [], "cached": [], "reused": 0, "equal": True} for turn in range(args.turns)}
     for repeat in range(args.repeats):
@@ -105,7 +109,10 @@ def main() -> None:
                 runs[turn]["reused"] = reused if kind == "cached" else runs[turn]["reused"]
             runs[turn]["equal"] &= answers["plain"] == answers["cached"]
     print(f"`python {shlex.join(['benchmarks/bench_prompt_cache.py', *sys.argv[1:]])}`")
-    print(f"\n{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, model {args.model}\n")
+    mode = f"block mode R={args.refine_iter}" if args.refine_iter else "lossless mode"
+    print(
+        f"\n{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, model {args.model}, {mode}\n"
+    )
     print(
         "| turn | prompt tokens | reused | first token s (no cache) | first token s (cache) | ratio "
         "| answer s (no cache) | answer s (cache) | ratio | answers equal |"

@@ -391,9 +391,21 @@ def decode_static(
         scores = scores[positions] if scores is not None else None
         finished = ledger.commit(alive, block[positions], room[positions], scores=scores).tolist()
         sampler.add(block)
+        if start is not None:  # final K/V: the blocks before this one, and this one's but its last token if settled
+            done = [(members.index(row), row) for row, stop in zip(alive, finished) if stop]
+            keep_answers(start, forward, ledger, done, index * width + (width - 1 if settled else 0))
         alive = [row for row, done in zip(alive, finished) if not done]
         if not alive:
             return
+
+
+def keep_answers(start: CachedStart, forward: StaticForward, ledger: RowLedger, done: list[tuple[int, int]], count):
+    """Store the prompt and the first ``count`` answer tokens of each finished ``(batch position,
+    ledger row)`` in the prompt cache, for a chat's next turn."""
+    for position, row in done:
+        result = ledger.rows[row]
+        answer = result.token_ids + ([result.stop_token_id] if result.stop_token_id is not None else [])
+        start.keep_static_row(forward.cache, position, row, answer, count)
 
 
 def compacted_positions(members: list[int], alive: list[int]) -> list[int]:

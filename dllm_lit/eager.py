@@ -23,7 +23,7 @@ class CommittedBatch:
     are final (``cached`` leading columns). Without a cache every pass re-encodes everything."""
 
     def __init__(self, model: torch.nn.Module, prompt_ids, prompt_mask, use_cache: bool, start: CachedStart | None):
-        self.model, self.start = model, start
+        self.model, self.start, self.prompt_cache = model, start, start
         self.ids, self.mask, self.cached = prompt_ids, prompt_mask, 0
         self.cache = DynamicCache() if use_cache else None
         if start is not None and start.length:  # the prompts' beginning is cached already
@@ -61,6 +61,16 @@ class CommittedBatch:
         self.ids = torch.cat([self.ids, block], dim=1)
         self.mask = torch.cat([self.mask, torch.ones_like(block)], dim=1)
 
+    def keep_answers(self, finished: torch.Tensor) -> None:
+        """Store each ``finished`` row's prompt and the answer tokens whose K/V are final (all blocks
+        but the last, in full after a fixed point) in the prompt cache, for a chat's next turn."""
+        if self.prompt_cache is None or self.cache is None:
+            return
+        for position in finished.nonzero().squeeze(1).tolist():
+            mask = self.mask[position, : self.cached].bool()
+            tokens = self.ids[position, : self.cached][mask].tolist()
+            self.prompt_cache.keep_row(self.cache, position, mask.nonzero().squeeze(1), tokens)
+
     def keep_rows(self, still: torch.Tensor) -> None:
         """Drop every row not listed in ``still`` (finished rows leave the batch and the cache)."""
         self.ids, self.mask = self.ids[still], self.mask[still]
@@ -96,6 +106,7 @@ def decode_eager(
         sampler.add(block)
         generated += block_width
         if bool(finished.any()):
+            batch.keep_answers(finished)
             still = (~finished).nonzero().squeeze(1)
             active = active[still]
             batch.keep_rows(still)

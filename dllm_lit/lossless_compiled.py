@@ -99,7 +99,7 @@ def decode_lossless_static(
                 positions = compacted_positions(list(range(forward.batch)), alive)
                 if start is not None:
                     gone = [position for position in range(forward.batch) if position not in positions]
-                    keep_answers(start, forward, state, gone, prompt_len)
+                    keep_answers(start, forward, state, gone)
                 forward, last, draft, pending = forward.shrink(positions), last[positions], draft[positions], None
                 alternatives = alternatives[positions] if count else None
                 state.keep(positions)
@@ -107,22 +107,17 @@ def decode_lossless_static(
         ids = torch.cat([last[:, None], draft] + ([alternatives] if count else []), 1)
         logits = forward(ids, state.start, width, end=end, branch=branch, alternatives=count)
     if start is not None:
-        keep_answers(start, forward, state, list(range(forward.batch)), prompt_len)
+        keep_answers(start, forward, state, list(range(forward.batch)))
     state.replay_into(ledger)
 
 
-def keep_answers(start: CachedStart, forward: StaticForward, state: _DeviceRows, positions: list[int], prompt_len: int):
+def keep_answers(start: CachedStart, forward: StaticForward, state: _DeviceRows, positions: list[int]) -> None:
     """Store the prompt and answer of the rows at batch ``positions`` in the prompt cache: the answer
-    tokens whose K/V the static cache holds (slot ``prompt_len + i`` for token ``i``; all but the last
-    accepted one, whose K/V the next pass would write), so that a chat's next turn computes only its
-    new message."""
+    tokens whose K/V the static cache holds (all but the last accepted one, whose K/V the next pass
+    would write), so that a chat's next turn computes only its new message."""
     counts = (state.generated[positions] - 1).clamp(min=0).tolist()
-    answers = state.out[positions].tolist()
-    for position, count, answer in zip(positions, counts, answers):
-        row = state.rows[position]
-        prompt = start.mask[row].bool().nonzero().squeeze(1)
-        columns = torch.cat([prompt, torch.arange(prompt_len, prompt_len + count, device=prompt.device)])
-        start.keep_row(forward.cache, position, columns, start.rows[row] + answer[:count])
+    for position, count, answer in zip(positions, counts, state.out[positions].tolist()):
+        start.keep_static_row(forward.cache, position, state.rows[position], answer, count)
 
 
 class _DeviceRows:

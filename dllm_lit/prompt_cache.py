@@ -10,12 +10,13 @@ shares the longest beginning with every row of the batch (at least one token of 
 fed) and returns a :class:`CachedStart`: the prompt rows with that beginning moved in front of their
 left padding, and a ``DynamicCache`` that already holds its K/V. Positions count unpadded tokens, so a
 row's positions, and so its answer, are those of a plain start. After the first forward the loop
-calls :meth:`CachedStart.keep`, which stores each row's whole prompt for later calls; the lossless
-loops (eager and compiled) also store a row's prompt and answer when it finishes
-(:meth:`CachedStart.keep_row`: a chat's next turn then computes only the new message); block mode
-stores prompts only. Entries are dropped least recently used first once they exceed ``max_bytes``; a
-prompt that extends a stored one replaces it. The compiled path copies a reused beginning into its
-static cache (:meth:`~dllm_lit.compiled.StaticForward.prefill`).
+calls :meth:`CachedStart.keep`, which stores each row's whole prompt for later calls; when a row
+finishes every loop also stores its prompt and the answer tokens whose K/V it holds
+(:meth:`CachedStart.keep_row`: the whole answer but its last token in lossless mode, all blocks but
+the last in block mode), so a chat's next turn computes little more than the new message. Entries
+are dropped least recently used first once they exceed ``max_bytes``; a prompt that extends a stored
+one replaces it. The compiled path copies a reused beginning into its static cache
+(:meth:`~dllm_lit.compiled.StaticForward.prefill`).
 """
 
 from __future__ import annotations
@@ -148,6 +149,15 @@ class CachedStart:
             for layer in cache.layers
         ]
         self.store.store(self.scope, tokens[: len(columns)], key_values)
+
+    def keep_static_row(self, cache, position: int, row: int, answer: list[int], count: int) -> None:
+        """Store row ``row``'s prompt and the first ``count`` tokens of its ``answer`` from batch
+        ``position`` of a static cache (the prompts in the first slots as ``ids`` lays them out, answer
+        token ``i`` in the slot after them plus ``i``)."""
+        first = self.ids.shape[1]
+        prompt = self.mask[row].bool().nonzero().squeeze(1)
+        columns = torch.cat([prompt, torch.arange(first, first + count, device=prompt.device)])
+        self.keep_row(cache, position, columns, self.rows[row] + answer[:count])
 
 
 def extends(longer: tuple, shorter: tuple) -> bool:

@@ -86,24 +86,26 @@ def test_keys_and_values_of_other_weights_are_not_reused():
 
 
 def test_the_least_recently_used_prompts_leave_first_and_longer_prompts_replace_their_beginnings():
-    model = LOSSLESS_MODELS["gpt2"]()  # block mode (autoregressive here): the prompts alone are stored
-    decode(model, FIRST[:1], probe := PromptCache(1 << 30), add_eos_length=0)
+    model = LOSSLESS_MODELS["gpt2"]()
+    prompts_alone = {"add_eos_length": 0, "row_max_new_tokens": [1]}  # one-token answers, never fed
+    decode(model, FIRST[:1], probe := PromptCache(1 << 30), **prompts_alone)
     per_token = probe.used_bytes // len(FIRST[0])
     cache = PromptCache(per_token * 30)
     one, two, three = random_prompts([10, 10, 12], seed=9)
     for prompt in (one, two, one + [4]):  # the third replaces the first
-        decode(model, [prompt], cache, add_eos_length=0)
+        decode(model, [prompt], cache, **prompts_alone)
     assert [len(tokens) for _, tokens in cache.entries] == [10, 11]
-    decode(model, [one], cache, add_eos_length=0)  # a stored prompt's beginning: refreshed, not stored
-    decode(model, [three], cache, add_eos_length=0)  # 33 tokens: the least recently used, two, leaves
+    decode(model, [one], cache, **prompts_alone)  # a stored prompt's beginning: refreshed, not stored
+    decode(model, [three], cache, **prompts_alone)  # 33 tokens: the least recently used, two, leaves
     assert [len(tokens) for _, tokens in cache.entries] == [11, 12] and cache.used_bytes == 23 * per_token
-    decode(model, [random_prompts([31], seed=2)[0]], cache, add_eos_length=0)  # over the budget alone
+    decode(model, [random_prompts([31], seed=2)[0]], cache, **prompts_alone)  # over the budget alone
     assert [len(tokens) for _, tokens in cache.entries] == [11, 12]
 
 
 @pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
-def test_lossless_answers_are_kept_with_their_prompts_for_the_next_turn(backend):
-    model, settings = LOSSLESS_MODELS["llama-drafty"](), MODES["lossless-W4"] | {"backend": backend}
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_answers_are_kept_with_their_prompts_for_the_next_turn(mode, backend):
+    model, settings = LOSSLESS_MODELS["llama-drafty"](), MODES[mode] | {"backend": backend}
     cache = PromptCache(1 << 30)
     answers = decode(model, FIRST, cache, **settings, row_max_new_tokens=[3, 12, 5])[0]  # the compiled batch shrinks
     assert_entries_are_their_tokens_keys_and_values(model, cache)
@@ -111,7 +113,8 @@ def test_lossless_answers_are_kept_with_their_prompts_for_the_next_turn(backend)
         turn = prompt + answer + [stop] * (stop is not None) + [5, 6]  # the conversation so far, then more
         tokens, counts, _ = decode(model, [turn], cache, **settings)
         assert tokens == decode(model, [turn], **settings)[0]
-        assert counts[0] >= len(prompt) + len(answer) - 1, "the prompt and the answer (its last token may not be fed)"
+        unfed = 1 if settings.get("lossless") else settings["add_eos_length"] + 1  # the last token or block
+        assert counts[0] >= len(prompt) + max(len(answer) - unfed, 0), "the prompt and the answer"
 
 
 def assert_entries_are_their_tokens_keys_and_values(model, cache):
