@@ -13,6 +13,7 @@ worker reads.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import secrets
 import time
@@ -97,11 +98,13 @@ class OpenAIBlockSpec(LitSpec):
         self.lora_modules = lora_modules or {}  # adapter name -> directory
         self.template_defaults = chat_template_kwargs or {}  # under each chat request's own
         self._tokenizer = self._metrics = None  # made in the HTTP process, at first use
-        self.stored = ResponseStore()  # finished Responses, for previous_response_id
+        self.stored = ResponseStore()  # finished Responses (for previous_response_id) and background ones
+        self.background: set[asyncio.Future] = set()  # the tasks that gather background responses
         self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
         self.add_endpoint("/v1/responses", self.responses, ["POST"])
         self.add_endpoint("/v1/responses/{response_id}", self.stored_response, ["GET", "DELETE"])
+        self.add_endpoint("/v1/responses/{response_id}/cancel", self.cancel_response, ["POST"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
         self.add_endpoint("/tokenize", self.tokenize, ["POST"])
         self.add_endpoint("/detokenize", self.detokenize, ["POST"])
@@ -198,15 +201,46 @@ class OpenAIBlockSpec(LitSpec):
         if exchange.stream:
             stream = self._response_sse(events, exchange, builder, conversation)
             return StreamingResponse(stream, media_type="text/event-stream")
+        if asked.background:
+            return self._background(events, exchange, builder, conversation)
         gathered = await self._gather(events, exchange, request)
         if isinstance(gathered, JSONResponse):
             return gathered
+        self._answer(builder, exchange, gathered)
+        self._keep(builder, conversation)
+        return builder.response
+
+    def _answer(self, builder: ResponseBuilder, exchange: Exchange, gathered: tuple) -> None:
+        """Give ``builder`` the whole answer (:meth:`_gather`'s)."""
         texts, finals, scored = gathered
         builder.add(
             texts[0], finals[0]["finish_reason"], self._entries(exchange, scored[0]), self._usage(exchange, finals)
         )
-        self._keep(builder, conversation)
-        return builder.response
+
+    def _background(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder, conversation) -> dict:
+        """A ``background`` response: returned at once (``queued``) and kept in the store as it stands
+        while a task of this process gathers its answer (``GET`` polls it, ``POST .../cancel`` stops it)."""
+        builder.response["status"] = "queued"
+        created = copy.deepcopy(builder.response)
+        self.stored.begin(builder.response, conversation, lambda: self._cancel(exchange, [0]))
+        task = asyncio.ensure_future(self._run_background(events, exchange, builder, conversation))
+        self.background.add(task)  # held until it ends (the loop keeps weak references only)
+        task.add_done_callback(self.background.discard)
+        return created
+
+    async def _run_background(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder, conversation):
+        """Gather a background response's answer and keep it as it ended (failed, or cancelled meanwhile)."""
+        if builder.response["status"] == "queued":
+            builder.response["status"] = "in_progress"
+        gathered = await self._gather(events, exchange)
+        cancelled = builder.response["status"] == "cancelled"
+        if isinstance(gathered, JSONResponse):
+            builder.fail(json.loads(gathered.body)["error"]["message"])
+        else:
+            self._answer(builder, exchange, gathered)
+        if cancelled:
+            builder.response["status"] = "cancelled"
+        self.stored.end(builder.response, conversation)
 
     async def stored_response(self, request: Request, response_id: str):
         """``GET /v1/responses/{id}``: a stored response; ``DELETE``: forget it."""
@@ -215,6 +249,14 @@ class OpenAIBlockSpec(LitSpec):
             if request.method == "DELETE":
                 return self.stored.delete(response_id)
             return self.stored.response(response_id)
+        except OpenAIError as error:
+            return JSONResponse(error.body(), error.status)
+
+    async def cancel_response(self, request: Request, response_id: str):
+        """``POST /v1/responses/{id}/cancel``: stop a background response (it is kept as ``cancelled``)."""
+        try:
+            self._authorize(request)
+            return self.stored.cancel(response_id)
         except OpenAIError as error:
             return JSONResponse(error.body(), error.status)
 
@@ -384,9 +426,9 @@ class OpenAIBlockSpec(LitSpec):
         cached = sum(final["cached_tokens"] for final in finals) // exchange.n  # each prompt once, as prompt_tokens
         return usage(exchange.prompt_tokens(), completion, forwards, echoed, cached)
 
-    async def _gather(self, events: AsyncIterator, exchange: Exchange, request: Request):
+    async def _gather(self, events: AsyncIterator, exchange: Exchange, request: Request | None = None):
         """Every choice's ``(texts, finals, scored)``, or the error response; a client that went away
-        (checked at each event), or an error, cancels the unfinished jobs."""
+        (checked at each event, where a ``request`` waits), or an error, cancels the unfinished jobs."""
         texts, finals = [""] * len(exchange.jobs), [None] * len(exchange.jobs)
         scored: list[list] = [[] for _ in exchange.jobs]
         try:
@@ -398,7 +440,7 @@ class OpenAIBlockSpec(LitSpec):
                 scored[index] += event.get("logprobs", [])
                 if "finish_reason" in event:
                     finals[index] = event
-                elif await request.is_disconnected():
+                elif request is not None and await request.is_disconnected():
                     return JSONResponse(OpenAIError(499, "The client went away.").body(), 499)
         finally:
             self._cancel(exchange, [index for index, final in enumerate(finals) if final is None])

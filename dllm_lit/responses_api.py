@@ -8,7 +8,9 @@
 and vLLM's own fields pass through. Finished responses are kept in memory (:class:`ResponseStore`,
 unless ``store`` is false), so that ``previous_response_id`` continues one: its input and output
 come before the new input (its ``instructions`` do not, as OpenAI's), and ``GET``/``DELETE
-/v1/responses/{id}`` read and remove one. ``conversation`` and ``background`` are refused.
+/v1/responses/{id}`` read and remove one. A ``background`` response is kept from the start, as it
+stands (``queued``, ``in_progress``, then how it ended), until ``POST /v1/responses/{id}/cancel`` stops
+it or it ends. ``conversation`` is refused.
 
 :class:`ResponseBuilder` turns the one answer's text, as it comes, into the Responses stream's events
 and, at the end, the response object; a whole response is the same builder fed the whole text, so
@@ -21,6 +23,7 @@ import copy
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,8 +39,10 @@ PASSED = (
 )  # fmt: skip
 """Request fields a chat completion takes under the same name (dllm_lit's and vLLM's included)."""
 
-STATEFUL = ("conversation", "background", "prompt")
-"""Fields that need state this server does not keep (conversations, jobs, stored prompts): refused."""
+STATEFUL = ("conversation", "prompt")
+"""Fields that need state this server does not keep (conversations, stored prompts): refused."""
+CONTINUABLE = ("completed", "incomplete")
+"""The statuses of a response that ``previous_response_id`` may continue."""
 
 LOGPROBS = "message.output_text.logprobs"
 
@@ -105,6 +110,7 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = None
     previous_response_id: str | None = None
     store: bool = True
+    background: bool = False
 
     def items(self) -> list[dict[str, Any]]:
         """The input as a list of items (a text is one user message)."""
@@ -164,6 +170,11 @@ def chat_body(body: Any, store: ResponseStore) -> tuple[dict[str, Any], Response
             )
             raise OpenAIError(400, message, name)
     request = validated(ResponsesRequest, body)
+    if request.background and (not request.store or body.get("stream")):
+        message = (
+            "A background response is kept and read with GET /v1/responses/{id}: it needs store true, stream false."
+        )
+        raise OpenAIError(400, message, "background")
     earlier = store.conversation(request.previous_response_id) if request.previous_response_id else []
     unknown = [name for name in request.include or [] if name != LOGPROBS]
     if unknown:
@@ -179,18 +190,45 @@ def chat_body(body: Any, store: ResponseStore) -> tuple[dict[str, Any], Response
 
 
 class ResponseStore:
-    """The finished responses a later request may continue (``previous_response_id``) or read, the
-    ``capacity`` most recent in memory (a restart forgets them, as vLLM's store does)."""
+    """The responses a later request may continue (``previous_response_id``), read or cancel, the
+    ``capacity`` most recent in memory (a restart forgets them, as vLLM's store does): finished ones,
+    and background ones from their start."""
 
     def __init__(self, capacity: int = 1000):
         self.capacity = capacity
         self.kept: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+        self.stops: dict[str, Callable[[], None]] = {}  # running background responses: what cancels each
 
     def keep(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         """Keep a finished response and the conversation (input items) it answered."""
+        self.stops.pop(response["id"], None)
         self.kept[response["id"]] = (copy.deepcopy(response), conversation)
         while len(self.kept) > self.capacity:
-            self.kept.popitem(last=False)
+            self.stops.pop(self.kept.popitem(last=False)[0], None)
+
+    def begin(self, response: dict[str, Any], conversation: list[dict[str, Any]], stop: Callable[[], None]) -> None:
+        """Keep a background response while it runs: the object itself, read as it stands; ``stop``
+        cancels it. It is kept as it ends with :meth:`end`."""
+        self.keep(response, conversation)
+        self.kept[response["id"]] = (response, conversation)
+        self.stops[response["id"]] = stop
+
+    def end(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        """Keep a background response as it ended (unless it was deleted meanwhile)."""
+        if response["id"] in self.kept:
+            self.keep(response, conversation)
+
+    def cancel(self, response_id: str) -> dict[str, Any]:
+        """Stop a background response that is still running (its status: ``cancelled``); one that ended
+        stays as it is."""
+        response = self.response(response_id)
+        if not response.get("background"):
+            raise OpenAIError(400, "Only a background response can be cancelled.", "response_id")
+        stop = self.stops.pop(response_id, None)
+        if stop is not None:
+            stop()
+            response["status"] = "cancelled"
+        return response
 
     def response(self, response_id: str) -> dict[str, Any]:
         if response_id not in self.kept:
@@ -205,10 +243,19 @@ class ResponseStore:
             )
             raise OpenAIError(404, message, "previous_response_id")
         response, conversation = self.kept[response_id]
+        if response["status"] not in CONTINUABLE:
+            message = (
+                f"Previous response {response_id!r} is {response['status']}: only a finished answer can be continued."
+            )
+            raise OpenAIError(400, message, "previous_response_id")
         return [*conversation, *response["output"]]
 
     def delete(self, response_id: str) -> dict[str, Any]:
+        """Forget a response (a running background one is cancelled)."""
         self.response(response_id)  # a 404 if unknown
+        stop = self.stops.pop(response_id, None)
+        if stop is not None:
+            stop()
         del self.kept[response_id]
         return {"id": response_id, "object": "response", "deleted": True}
 
@@ -256,6 +303,7 @@ class ResponseBuilder:
             "parallel_tool_calls": request.parallel_tool_calls,
             "previous_response_id": request.previous_response_id,
             "store": request.store,
+            "background": request.background,
             "temperature": settings.temperature,
             "top_p": settings.top_p,
             "text": request.text or {"format": {"type": "text"}},

@@ -734,6 +734,47 @@ def test_a_response_continues_a_stored_one_as_the_chat_of_the_whole_conversation
 
 
 @pytest.mark.slow
+def test_a_background_response_is_polled_to_the_plain_one_s_answer_and_a_running_one_is_cancelled(client, tiny_dir):
+    from openai import BadRequestError
+
+    asked = dict(model=tiny_dir, input="What is 2+2?")
+    created = client.responses.create(**asked, background=True)
+    assert created.status == "queued" and created.background and created.output == []
+    polled = until_ended(client, created.id)
+    plain = client.responses.create(**asked)
+    assert (polled.status, polled.output_text, polled.usage.output_tokens) == (
+        plain.status,
+        plain.output_text,
+        plain.usage.output_tokens,
+    )
+    later = dict(model=tiny_dir, input="And 3+3?")
+    continued = client.responses.create(**later, previous_response_id=created.id)
+    assert continued.output_text == client.responses.create(**later, previous_response_id=plain.id).output_text
+    with pytest.raises(BadRequestError, match="Only a background response can be cancelled"):
+        client.responses.cancel(plain.id)
+    assert client.responses.cancel(created.id).status == polled.status, "an ended response stays as it ended"
+
+    long = dict(model=tiny_dir, input="Count.", max_output_tokens=4000, extra_body={"ignore_eos": True})
+    running = client.responses.create(**long, background=True)
+    assert client.responses.cancel(running.id).status == "cancelled"
+    stopped = until_ended(client, running.id, still=("queued", "in_progress", "cancelled"))
+    assert stopped.status == "cancelled" and 0 < stopped.usage.output_tokens < 4000, "stopped at its next commit"
+    with pytest.raises(BadRequestError, match=f"Previous response '{running.id}' is cancelled"):
+        client.responses.create(model=tiny_dir, input="Go on.", previous_response_id=running.id)
+
+
+def until_ended(client, response_id: str, still=("queued", "in_progress"), timeout: float = 60):
+    """A background response once it has ended (for ``cancelled``: once its usage is known)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.responses.retrieve(response_id)
+        if response.status not in still or response.usage is not None:
+            return response
+        time.sleep(0.05)
+    raise AssertionError(f"{response_id} is still {response.status} after {timeout} s")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change,fragment",
     [
@@ -743,6 +784,8 @@ def test_a_response_continues_a_stored_one_as_the_chat_of_the_whole_conversation
         ({"input": [{"role": "robot", "content": "hi"}]}, "input.0.role"),
         ({"tools": RESPONSE_TOOLS, "tool_choice": {"type": "function", "name": "g"}}, "'g', which is not one of"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"background": True, "store": False}, "A background response is kept and read with GET"),
+        ({"background": True, "stream": True}, "it needs store true, stream false."),
     ],
 )
 def test_bad_responses_requests_get_openai_errors(server, tiny_dir, change, fragment):
