@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
-from dllm_lit.models import default_model_note
-from dllm_lit.outputs import check_writable
+from dllm_lit.models import default_model_note, resolve
+from dllm_lit.outputs import OutputLock, check_writable, model_identity, parts_dir, run_fingerprint
 
 
 def evaluate(
@@ -38,6 +38,7 @@ def evaluate(
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     seed: int = 0,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Evaluate on lm-eval tasks in one process on one device (data-parallel runs are not supported).
 
@@ -55,7 +56,10 @@ def evaluate(
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         seed: lm-eval's random, numpy, torch and few-shot seeds.
-        overwrite: Replace the ``results.json`` of an earlier run in ``output_dir`` (refused without it).
+        overwrite: Replace the ``results.json`` of an earlier run in ``output_dir`` (refused without it),
+            or start again over an interrupted one.
+        resume: Finish the interrupted run in ``output_dir``: the answers it kept (every answer is kept
+            as it comes) are not computed again. Only with the same model, settings, dtype and device.
     """
     try:
         import lm_eval
@@ -63,46 +67,95 @@ def evaluate(
         from lm_eval.utils import handle_non_serializable, make_table
     except ImportError:
         raise ValueError("dllm_lit evaluate needs lm-eval: pip install 'dllm-lit[eval]'.") from None
+    from dllm_lit.answer_log import AnswerLog
     from dllm_lit.lm_eval_model import DllmLM
 
     out = Path(output_dir)
     check_flags(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, include_path=include_path)
-    if (out / "results.json").is_file() and not overwrite:
-        raise ValueError(
-            f"{out / 'results.json'} holds an earlier run's results: pass --overwrite true to replace them, "
-            "or choose another --output_dir."
-        )
+    check_run(out, resume=resume, overwrite=overwrite)
     check_writable(out / "results.json")  # creates the directory
     manager = TaskManager(include_path=include_path)
     names = task_names(tasks, manager.all_tasks)
     decoding = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
-    lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, chat_template, **decoding)
-    if note := default_model_note(model_name_or_path, settings):  # few-shot tasks read well without a template
-        print(note, file=sys.stderr)
-    with hub_datasets_explained():
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=names,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            log_samples=log_samples,
-            apply_chat_template=apply_chat_template,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-    samples = results.pop("samples", None) or {}
-    results["dllm_lit"] = {"model": model_name_or_path, "decoding": decoding, "statistics": lm.decoding_statistics()}
-    write_json(out / "results.json", results, handle_non_serializable)
-    for task, rows in samples.items():
-        with (out / f"samples_{task}.jsonl").open("w") as f:
-            f.writelines(json.dumps(row, default=handle_non_serializable) + "\n" for row in rows)
+    lock = OutputLock(out / "results.json", "--output_dir")
+    lock.acquire()
+    try:
+        lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, chat_template, **decoding)
+        identity = model_identity(model_name_or_path, resolve(model_name_or_path))
+        answering = {"dtype": dtype, "device": device, "chat_template": chat_template, "trust": trust_remote_code}
+        fingerprint = run_fingerprint([], data=answering, decoding=decoding, model=identity)
+        log = AnswerLog(parts_dir(out / "results.json") / "answers.jsonl", fingerprint, resume)
+        lm.keep_answers(log)
+        if note := default_model_note(model_name_or_path, settings):  # few-shot tasks read well without a template
+            print(note, file=sys.stderr)
+        with hub_datasets_explained(), answers_kept(log):
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                log_samples=log_samples,
+                apply_chat_template=apply_chat_template,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
+        statistics = {"statistics": lm.decoding_statistics(), "resumed_answers": log.resumed}
+        results["dllm_lit"] = {"model": model_name_or_path, "decoding": decoding, **statistics}
+        write_results(out, results, handle_non_serializable)
+        log.close(finished=True)
+    finally:
+        lock.release()
     print(make_table(results))
     print(statistics_table(results["dllm_lit"]["statistics"]))
-    print(f"dllm_lit evaluate: wrote {out / 'results.json'}", file=sys.stderr)
+    resumed = f" ({log.resumed} answers from the interrupted run)" if resume else ""
+    print(f"dllm_lit evaluate: wrote {out / 'results.json'}{resumed}", file=sys.stderr)
     return results
+
+
+@contextmanager
+def answers_kept(log):
+    """On a failure or Ctrl-C, the answers so far stay for ``--resume true`` (if there are none, the file goes)."""
+    try:
+        yield
+    except BaseException:
+        log.close(finished=not log.answers)
+        if log.answers:
+            print(
+                f"dllm_lit evaluate: {len(log.answers)} answers are kept; --resume true finishes the run.",
+                file=sys.stderr,
+            )
+        raise
+
+
+def write_results(out: Path, results: dict, default) -> None:
+    """``results.json`` (its samples aside) and each task's ``samples_<task>.jsonl``."""
+    samples = results.pop("samples", None) or {}
+    write_json(out / "results.json", results, default)
+    for task, rows in samples.items():
+        with (out / f"samples_{task}.jsonl").open("w") as f:
+            f.writelines(json.dumps(row, default=default) + "\n" for row in rows)
+
+
+def check_run(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before any model loads, to replace finished results or drop an interrupted run's
+    answers unasked, or to resume what holds no interrupted run."""
+    results, parts = out / "results.json", parts_dir(out / "results.json")
+    if resume and not parts.is_dir():
+        finished = "its results.json is complete" if results.is_file() else "it holds no interrupted run"
+        raise ValueError(f"Nothing to resume in {out}: {finished}.")
+    if not resume and not overwrite and results.is_file():
+        raise ValueError(
+            f"{results} holds an earlier run's results: pass --overwrite true to replace them, "
+            "or choose another --output_dir."
+        )
+    if not resume and not overwrite and parts.is_dir():
+        raise ValueError(
+            f"{out} holds the answers of an interrupted run: pass --resume true to finish it, or "
+            "--overwrite true to start again."
+        )
 
 
 def check_flags(*, limit, num_fewshot, batch_size, include_path) -> None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
+from dllm_lit.answer_log import AnswerLog
 from dllm_lit.data import encode_prompt
 from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from dllm_lit.progress import counter
@@ -57,6 +59,7 @@ class DllmLM(HFLM):
         tokenizer = load_tokenizer(pretrained, trust_remote_code=trust_remote_code, chat_template=chat_template)
         model = load_model(pretrained, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
         super().__init__(pretrained=model.to(device), tokenizer=tokenizer, batch_size=int(batch_size))
+        self.log: AnswerLog | None = None  # an evaluation run's answers (keep_answers)
         self.stats: dict[str, dict[str, float]] = defaultdict(
             lambda: {
                 "requests": 0,
@@ -68,8 +71,30 @@ class DllmLM(HFLM):
             }
         )
 
+    def keep_answers(self, log: AnswerLog) -> None:
+        """Keep every answer in ``log`` as it comes, and take the answers it holds from there."""
+        self.log = log
+        self.set_cache_hook(log)
+
+    def _answered(self, kind: str, requests: list, ask: Callable[[list], list]) -> list:
+        return ask(requests) if self.log is None else self.log.answered(kind, requests, ask)
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """HFLM's (an answer the log holds is not computed again)."""
+        return self._answered("loglikelihood", requests, lambda rest: HFLM.loglikelihood(self, rest, disable_tqdm))
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        """HFLM's (an answer the log holds is not computed again)."""
+        return self._answered(
+            "loglikelihood_rolling", requests, lambda rest: HFLM.loglikelihood_rolling(self, rest, disable_tqdm)
+        )
+
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or the task's sampling) block decoding until a stop sequence, per request."""
+        """Greedy (or the task's sampling) block decoding until a stop sequence, per request (an
+        answer the log holds is not decoded again)."""
+        return self._answered("generate_until", requests, lambda rest: self._generate_until(rest, disable_tqdm))
+
+    def _generate_until(self, requests: list, disable_tqdm: bool) -> list[str]:
         groups: dict[str, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(index)

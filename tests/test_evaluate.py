@@ -186,3 +186,36 @@ def test_evaluate_refuses_bad_counts_and_keeps_earlier_results(dllm_lit_here, tm
     done = dllm_lit_here(["evaluate", "--model.model_name_or_path=tiny-char", *task, *args], tmp_path)
     assert_one_line_error(done, fragment)
     assert earlier.read_text() == '{"earlier": true}'
+
+
+def test_an_interrupted_evaluation_resumes_from_the_answers_it_kept_to_the_results_of_one_run(
+    dllm_lit_here, tmp_path, monkeypatch
+):
+    tasks = [f"--include_path={ROOT / 'examples/eval_tasks'}", "--tasks=dllm_arith,dllm_arith_choice", "--limit=4"]
+    args = ["evaluate", "--model.model_name_or_path=tiny-char", "--model.add_eos_length=3", *tasks, "--batch_size=2"]
+    assert dllm_lit_here([*args, f"--output_dir={tmp_path / 'whole'}"], tmp_path).returncode == 0
+    whole = json.loads((tmp_path / "whole/results.json").read_text())
+    decode, batches = DllmLM._decode, []
+
+    def interrupted(self, jobs):  # Ctrl-C during the second batch of generations
+        if batches:
+            raise KeyboardInterrupt
+        batches.append(len(jobs))
+        return decode(self, jobs)
+
+    monkeypatch.setattr(DllmLM, "_decode", interrupted)
+    cut = [*args, f"--output_dir={tmp_path / 'cut'}"]
+    stopped = dllm_lit_here(cut, tmp_path)
+    assert stopped.returncode == 130 and "answers are kept; --resume true finishes the run." in stopped.stderr
+    monkeypatch.setattr(DllmLM, "_decode", decode)
+    assert_one_line_error(dllm_lit_here(cut, tmp_path), "holds the answers of an interrupted run: pass --resume true")
+    other = dllm_lit_here([*cut, "--model.add_eos_length=2", "--resume=true"], tmp_path)
+    assert_one_line_error(other, "Cannot resume the evaluation in", "add_eos_length 3 -> 2")
+    resumed = dllm_lit_here([*cut, "--resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    finished = json.loads((tmp_path / "cut/results.json").read_text())
+    assert finished["results"] == whole["results"], "the same scores as one uninterrupted run"
+    kept = finished["dllm_lit"]["resumed_answers"]
+    assert kept >= 2 and finished["dllm_lit"]["statistics"]["dllm_arith"]["requests"] == 4 - batches[0]
+    assert not list((tmp_path / "cut").glob(".*")), "the kept answers go once the results are written"
+    assert_one_line_error(dllm_lit_here([*cut, "--resume=true"], tmp_path), "its results.json is complete")
