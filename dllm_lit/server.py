@@ -27,6 +27,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from dllm_lit.adapters import AdapterSwitch, adapter_base, is_adapter, is_drafter
 from dllm_lit.data import template_options
@@ -111,8 +112,9 @@ def build_server(
     chat_template: str | None = None,
     lora_modules: dict[str, str] | None = None,
     chat_template_kwargs: dict | None = None,
+    allowed_origins: list[str] | None = None,
 ) -> ls.LitServer:
-    """The LitServer (not started): one model worker on ``device``."""
+    """The LitServer (not started): one model worker on ``device``; CORS for ``allowed_origins``."""
     cancelled = multiprocessing.Manager().dict()
     spec = OpenAIBlockSpec(
         model_name_or_path,
@@ -127,7 +129,9 @@ def build_server(
         chat_template_kwargs,
     )
     api = BlockDecodingAPI(spec, dtype, max_batch_size, batch_timeout)
-    server = ls.LitServer(api, **litserve_devices(device), timeout=timeout)
+    cors = {"allow_origins": allowed_origins, "allow_methods": ["*"], "allow_headers": ["*"]}
+    middlewares = [(CORSMiddleware, cors)] if allowed_origins else []
+    server = ls.LitServer(api, **litserve_devices(device), timeout=timeout, middlewares=middlewares)
     server.app.add_exception_handler(HTTPException, openai_http_error)
     return server
 
@@ -182,6 +186,7 @@ def serve(
     chat_template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     lora_modules: list[str] | str | None = None,
+    allowed_origins: list[str] | None = None,
 ) -> None:
     """Serve the model over the OpenAI HTTP API until Ctrl-C.
 
@@ -209,6 +214,9 @@ def serve(
         lora_modules: LoRA adapters served beside the model, ``NAME=DIR`` or a list ``[NAME=DIR, ...]``
             (vLLM's ``--lora-modules``): a request whose ``model`` is NAME decodes with that adapter, kept
             unmerged and switched per batch (eager backend; the model itself no draft adapter).
+        allowed_origins: The web pages (origins) whose scripts may call the server from a browser
+            (CORS), e.g. ``[http://localhost:3000]``; ``["*"]``: any page. Default: none, so a page
+            the user happens to visit cannot use a server on this machine (vLLM allows any).
     """
     if settings.logprobs is not None:  # a flag that silently did nothing
         raise ValueError("--model.logprobs does nothing in serve: each request asks for its own (logprobs).")
@@ -239,6 +247,7 @@ def serve(
         chat_template=chat_template,
         lora_modules=adapters,
         chat_template_kwargs=chat_template_kwargs,
+        allowed_origins=allowed_origins,
     )
     print(f"dllm_lit serve: http://{host}:{port}/v1 serves '{name}' (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

@@ -1414,3 +1414,27 @@ def test_chat_keeps_the_history_and_ctrl_c_stops_an_answer(tiny_dir, tmp_path):
     session.expect_exact(b">> ")
     session.sendline(b"/exit")
     session.expect(pexpect.EOF)
+
+
+@pytest.mark.parametrize(
+    ("allowed", "origin", "status"), [(None, None, 405), (["http://app.test"], "http://app.test", 200)]
+)
+def test_browser_pages_call_the_server_only_from_the_allowed_origins(allowed, origin, status):
+    from starlette.testclient import TestClient
+
+    from dllm_lit.server import build_server
+    from dllm_lit.settings import DecodeSettings
+
+    options = dict(api_key=None, max_batch_size=1, batch_timeout=0.0, dtype="auto", timeout=30.0, device="cpu")
+    server = build_server("smollm2", False, DecodeSettings(), served_model_name="m", allowed_origins=allowed, **options)
+    client = TestClient(server.app)  # no lifespan: no worker starts
+    for page in ("http://app.test", "http://evil.test"):
+        asked = {
+            "Origin": page,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        answer = client.options("/v1/chat/completions", headers=asked)
+        allowed_here = page == origin
+        assert answer.status_code == (status if allowed_here or allowed is None else 400), (page, answer.text)
+        assert answer.headers.get("access-control-allow-origin") == (page if allowed_here else None)
