@@ -90,6 +90,8 @@ def request_problem(request: Any, seen: set[str]) -> str | None:
         return f"'method' is POST and 'url' one of {', '.join(URLS)}."
     if not isinstance(request.get("body"), dict):
         return "'body' is the request's JSON object."
+    if request["body"].get("background"):
+        return "'background' has no place in a batch, whose answers are each written whole."
     return None
 
 

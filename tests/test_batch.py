@@ -63,6 +63,10 @@ GOOD = line("ok", "/v1/completions", {"prompt": "1+1="})
         ([GOOD, GOOD], "line 2: custom_id 'ok' is used twice."),
         ([GOOD | {"url": "/v1/embeddings"}], "line 1: 'method' is POST and 'url' one of /v1/chat/completions"),
         ([GOOD | {"body": "hi"}], "line 1: 'body' is the request's JSON object."),
+        (
+            [line("r", "/v1/responses", {"input": "hi", "background": True})],
+            "line 1: 'background' has no place in a batch, whose answers are each written whole.",
+        ),
         ([""], "holds no requests."),
     ],
 )
