@@ -44,8 +44,11 @@ class AnswerLog(CacheHook):
         self.path, self.file, self.synced = path, path.open("a", encoding="utf-8"), time.monotonic()
 
     def _read(self, path: Path, fingerprint: dict[str, Any]) -> None:
-        header, *lines = path.read_text(encoding="utf-8").splitlines()
-        difference = fingerprint_difference(json.loads(header)["fingerprint"], fingerprint)
+        try:
+            header, *lines = path.read_text(encoding="utf-8").splitlines()
+            difference = fingerprint_difference(json.loads(header)["fingerprint"], fingerprint)
+        except (OSError, ValueError, KeyError, TypeError):  # no file, or no fingerprint: nothing to trust
+            difference = f"its kept answers ({path}) are unreadable; pass --overwrite true to start again"
         if difference:
             raise OutputError(f"Cannot resume the evaluation in {path.parent.parent}: {difference}.")
         for line in lines:

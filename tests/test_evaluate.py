@@ -219,3 +219,27 @@ def test_an_interrupted_evaluation_resumes_from_the_answers_it_kept_to_the_resul
     assert kept >= 2 and finished["dllm_lit"]["statistics"]["dllm_arith"]["requests"] == 4 - batches[0]
     assert not list((tmp_path / "cut").glob(".*")), "the kept answers go once the results are written"
     assert_one_line_error(dllm_lit_here([*cut, "--resume=true"], tmp_path), "its results.json is complete")
+
+
+def test_kept_answers_read_back_without_a_line_a_kill_cut_and_never_from_an_unreadable_file(tmp_path):
+    from dataclasses import asdict
+
+    from dllm_lit.answer_log import AnswerLog
+    from dllm_lit.outputs import OutputError, run_fingerprint
+    from dllm_lit.settings import DecodeSettings
+
+    path = tmp_path / ".results.json.parts" / "answers.jsonl"
+    fingerprint = run_fingerprint([], data={}, decoding=asdict(DecodeSettings()), model={"name": "m"})
+    log = AnswerLog(path, fingerprint)
+    log.add_partial("loglikelihood", ("2+2=", "4"), (-0.5, True))
+    log.add_partial("generate_until", ("Q", {"until": ["\n"]}), "A")
+    log.close(finished=False)
+    path.write_text(path.read_text() + '{"key": "cut', encoding="utf-8")
+    again = AnswerLog(path, fingerprint, resume=True)
+    asked = []
+    questions = [request("loglikelihood", ("2+2=", "4")), request("loglikelihood", ("1+1=", "2"))]
+    answers = again.answered("loglikelihood", questions, lambda rest: asked.extend(rest) or [(-1.0, False)])
+    assert answers == [(-0.5, True), (-1.0, False)] and asked == questions[1:] and again.resumed == 2
+    path.write_text("garbage\n", encoding="utf-8")
+    with pytest.raises(OutputError, match="are unreadable; pass --overwrite true"):
+        AnswerLog(path, fingerprint, resume=True)
