@@ -2,7 +2,7 @@
 
 lm-eval asks a model three kinds of question (``generate_until``, ``loglikelihood``,
 ``loglikelihood_rolling``) and hands every answer to the model's cache hook. :class:`AnswerLog` is that
-hook: it appends each answer to a JSON lines file under lm-eval's own key for the question
+hook: it appends each answer to a JSON lines file (one per rank) under lm-eval's own key for the question
 (:func:`lm_eval.api.model.hash_args`: the kind and the arguments, the whole prompt included), after a
 first line holding the run's fingerprint (the model and every setting that shapes an answer). A
 resumed run with the same fingerprint answers the questions found there from the file and asks the
@@ -28,20 +28,31 @@ SYNC_SECONDS = 1.0
 
 
 class AnswerLog(CacheHook):
-    """The answers of one evaluation run in ``path``: a new file with ``fingerprint`` first, or, with
-    ``resume``, the file an interrupted run with the same fingerprint left (an
-    :class:`~dllm_lit.outputs.OutputError` if it was another run)."""
+    """The answers of one evaluation run, rank ``rank``'s in its own file in ``folder`` (a new one
+    with ``fingerprint`` first). With ``resume`` it first reads every rank's file an interrupted run
+    with the same fingerprint left, whatever its number of ranks (an
+    :class:`~dllm_lit.outputs.OutputError` if it was another run), and goes on in its own."""
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any], resume: bool = False):
+    def __init__(self, folder: Path, fingerprint: dict[str, Any], resume: bool = False, rank: int = 0):
         super().__init__(None)
         self.answers: dict[str, Any] = {}
+        self.path = folder / ("answers.jsonl" if rank == 0 else f"answers.rank{rank}.jsonl")
         if resume:
-            self._read(path, fingerprint)
-        else:
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
+            for path in sorted(folder.glob("answers*.jsonl")):
+                self._read(path, fingerprint)
         self.resumed = len(self.answers)
-        self.path, self.file, self.synced = path, path.open("a", encoding="utf-8"), time.monotonic()
+        if not (resume and self.path.is_file()):
+            folder.mkdir(exist_ok=True)
+            self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n", encoding="utf-8")
+        self.file, self.synced = self.path.open("a", encoding="utf-8"), time.monotonic()
+
+    @staticmethod
+    def clear(folder: Path, remove: bool = False) -> None:
+        """Delete every rank's answers in ``folder`` (``remove``: the folder too, if it is there)."""
+        for path in folder.glob("answers*.jsonl"):
+            path.unlink()
+        if remove and folder.is_dir():
+            folder.rmdir()
 
     def _read(self, path: Path, fingerprint: dict[str, Any]) -> None:
         try:
@@ -77,10 +88,7 @@ class AnswerLog(CacheHook):
         fresh = iter(ask(rest) if rest else [])
         return [next(fresh) if answer is None else answer for answer in kept]
 
-    def close(self, finished: bool) -> None:
-        """Close the file; a ``finished`` run's is removed (its results are written)."""
+    def close(self) -> None:
+        """Write everything to the disk and close the file."""
         os.fsync(self.file.fileno())
         self.file.close()
-        if finished:
-            self.path.unlink()
-            self.path.parent.rmdir()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
-from dllm_lit.models import default_model_note, resolve
+from dllm_lit.models import default_model_note, resolve, resolve_device
 from dllm_lit.outputs import OutputLock, check_writable, model_identity, parts_dir, run_fingerprint
 
 
@@ -40,7 +40,7 @@ def evaluate(
     overwrite: bool = False,
     resume: bool = False,
 ) -> dict:
-    """Evaluate on lm-eval tasks in one process on one device (data-parallel runs are not supported).
+    """Evaluate on lm-eval tasks (under ``torchrun``: one process a device, each a share of the documents).
 
     Args:
         tasks: Comma-separated lm-eval task names (or groups), e.g. ``gsm8k`` or ``dllm_arith``.
@@ -70,25 +70,31 @@ def evaluate(
     from dllm_lit.answer_log import AnswerLog
     from dllm_lit.lm_eval_model import DllmLM
 
-    out = Path(output_dir)
+    out, results_file = Path(output_dir), Path(output_dir) / "results.json"
     check_flags(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, include_path=include_path)
     check_run(out, resume=resume, overwrite=overwrite)
-    check_writable(out / "results.json")  # creates the directory
+    device, rank = join_ranks(device)
+    if rank == 0:
+        check_writable(results_file)  # creates the directory
     manager = TaskManager(include_path=include_path)
     names = task_names(tasks, manager.all_tasks)
     decoding = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
-    lock = OutputLock(out / "results.json", "--output_dir")
-    lock.acquire()
+    lock = OutputLock(results_file, "--output_dir")
+    if rank == 0:
+        lock.acquire()
     try:
         lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, chat_template, **decoding)
         identity = model_identity(model_name_or_path, resolve(model_name_or_path))
-        answering = {"dtype": dtype, "device": device, "chat_template": chat_template, "trust": trust_remote_code}
+        answering = {"dtype": dtype, "chat_template": chat_template, "trust": trust_remote_code}
         fingerprint = run_fingerprint([], data=answering, decoding=decoding, model=identity)
-        log = AnswerLog(parts_dir(out / "results.json") / "answers.jsonl", fingerprint, resume)
+        if rank == 0 and not resume:
+            AnswerLog.clear(parts_dir(results_file))  # an interrupted run's answers, given up (--overwrite)
+        lm.barrier()
+        log = AnswerLog(parts_dir(results_file), fingerprint, resume, rank)
         lm.keep_answers(log)
-        if note := default_model_note(model_name_or_path, settings):  # few-shot tasks read well without a template
-            print(note, file=sys.stderr)
-        with hub_datasets_explained(), answers_kept(log):
+        if rank == 0 and (note := default_model_note(model_name_or_path, settings)):
+            print(note, file=sys.stderr)  # few-shot tasks read well without a template
+        with hub_datasets_explained(), answers_kept(log, lm):
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=names,
@@ -103,26 +109,55 @@ def evaluate(
                 fewshot_random_seed=seed,
             )
         statistics = {"statistics": lm.decoding_statistics(), "resumed_answers": log.resumed}
+        log.close()
+        lm.barrier()  # every rank's answers are written
+        if rank != 0:
+            return None
         results["dllm_lit"] = {"model": model_name_or_path, "decoding": decoding, **statistics}
         write_results(out, results, handle_non_serializable)
-        log.close(finished=True)
+        AnswerLog.clear(parts_dir(results_file), remove=True)
     finally:
         lock.release()
     print(make_table(results))
     print(statistics_table(results["dllm_lit"]["statistics"]))
     resumed = f" ({log.resumed} answers from the interrupted run)" if resume else ""
-    print(f"dllm_lit evaluate: wrote {out / 'results.json'}{resumed}", file=sys.stderr)
+    print(f"dllm_lit evaluate: wrote {results_file}{resumed}", file=sys.stderr)
     return results
 
 
+def join_ranks(device: str) -> tuple[str, int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` above 1): join the process group and return this process's
+    device (its ``LOCAL_RANK``'s GPU, else the CPU) and rank; else ``(device, 0)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device, 0
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(
+            f"Under torchrun --device is auto, cuda or cpu (each process takes its LOCAL_RANK's GPU), got {device}."
+        )
+    import torch
+
+    if resolve_device(device) == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device, backend = f"cuda:{local}", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    return device, torch.distributed.get_rank()
+
+
 @contextmanager
-def answers_kept(log):
-    """On a failure or Ctrl-C, the answers so far stay for ``--resume true`` (if there are none, the file goes)."""
+def answers_kept(log, lm):
+    """On a failure or Ctrl-C, the answers so far stay for ``--resume true`` (one process that has
+    none: the file goes)."""
     try:
         yield
     except BaseException:
-        log.close(finished=not log.answers)
-        if log.answers:
+        log.close()
+        if lm.world_size == 1 and not log.answers:
+            log.clear(log.path.parent, remove=True)
+        elif lm.rank == 0:
             print(
                 f"dllm_lit evaluate: {len(log.answers)} answers are kept; --resume true finishes the run.",
                 file=sys.stderr,

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -60,6 +61,8 @@ class DllmLM(HFLM):
         model = load_model(pretrained, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
         super().__init__(pretrained=model.to(device), tokenizer=tokenizer, batch_size=int(batch_size))
         self.log: AnswerLog | None = None  # an evaluation run's answers (keep_answers)
+        if torch.distributed.is_initialized():  # torchrun: lm-eval gives each rank its share of the requests
+            self._rank, self._world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.stats: dict[str, dict[str, float]] = defaultdict(
             lambda: {
                 "requests": 0,
@@ -77,7 +80,22 @@ class DllmLM(HFLM):
         self.set_cache_hook(log)
 
     def _answered(self, kind: str, requests: list, ask: Callable[[list], list]) -> list:
-        return ask(requests) if self.log is None else self.log.answered(kind, requests, ask)
+        # HFLM's rolling scores gather across ranks: every rank computes them all, none from the log
+        if self.log is None or (kind == "loglikelihood_rolling" and self.world_size > 1):
+            return ask(requests)
+        return self.log.answered(kind, requests, ask)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor``, concatenated (a scalar's: stacked), as lm-eval asks."""
+        if self.world_size <= 1:
+            return tensor
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """HFLM's (an answer the log holds is not computed again)."""
@@ -153,11 +171,22 @@ class DllmLM(HFLM):
         stats["forwards"] += final["forwards"]
         stats["seconds"] += seconds
 
-    def decoding_statistics(self) -> dict[str, dict[str, float]]:
+    def decoding_statistics(self) -> dict[str, dict[str, float]] | None:
         """Per task: requests, prompt tokens (and those read from the prompt cache), generated tokens,
-        forwards, tokens per forward, seconds, tok/s."""
+        forwards, tokens per forward, seconds, tok/s; of every rank (summed, the seconds of the
+        slowest), on rank 0 (the others: None)."""
+        ranks = self.gather_object(dict(self.stats))
+        if ranks is None:
+            return None
+        merged: dict[str, dict[str, float]] = {}
+        for task, stats in (item for rank in ranks for item in rank.items()):
+            if task not in merged:
+                merged[task] = dict(stats)
+                continue
+            for name, value in stats.items():
+                merged[task][name] = max(merged[task][name], value) if name == "seconds" else merged[task][name] + value
         table = {}
-        for task, stats in sorted(self.stats.items()):
+        for task, stats in sorted(merged.items()):
             table[task] = {
                 **stats,
                 "tokens_per_forward": round(stats["generated_tokens"] / max(stats["forwards"], 1), 4),

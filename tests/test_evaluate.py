@@ -221,25 +221,61 @@ def test_an_interrupted_evaluation_resumes_from_the_answers_it_kept_to_the_resul
     assert_one_line_error(dllm_lit_here([*cut, "--resume=true"], tmp_path), "its results.json is complete")
 
 
-def test_kept_answers_read_back_without_a_line_a_kill_cut_and_never_from_an_unreadable_file(tmp_path):
+def test_every_rank_s_kept_answers_read_back_without_a_line_a_kill_cut_and_never_from_an_unreadable_file(tmp_path):
     from dataclasses import asdict
 
     from dllm_lit.answer_log import AnswerLog
     from dllm_lit.outputs import OutputError, run_fingerprint
     from dllm_lit.settings import DecodeSettings
 
-    path = tmp_path / ".results.json.parts" / "answers.jsonl"
+    folder = tmp_path / ".results.json.parts"
     fingerprint = run_fingerprint([], data={}, decoding=asdict(DecodeSettings()), model={"name": "m"})
-    log = AnswerLog(path, fingerprint)
+    log, other = AnswerLog(folder, fingerprint), AnswerLog(folder, fingerprint, rank=1)  # two ranks
     log.add_partial("loglikelihood", ("2+2=", "4"), (-0.5, True))
-    log.add_partial("generate_until", ("Q", {"until": ["\n"]}), "A")
-    log.close(finished=False)
-    path.write_text(path.read_text() + '{"key": "cut', encoding="utf-8")
-    again = AnswerLog(path, fingerprint, resume=True)
+    other.add_partial("generate_until", ("Q", {"until": ["\n"]}), "A")
+    log.close()
+    other.close()
+    log.path.write_text(log.path.read_text() + '{"key": "cut', encoding="utf-8")
+    again = AnswerLog(folder, fingerprint, resume=True)  # one rank now: it reads both files
     asked = []
     questions = [request("loglikelihood", ("2+2=", "4")), request("loglikelihood", ("1+1=", "2"))]
     answers = again.answered("loglikelihood", questions, lambda rest: asked.extend(rest) or [(-1.0, False)])
     assert answers == [(-0.5, True), (-1.0, False)] and asked == questions[1:] and again.resumed == 2
-    path.write_text("garbage\n", encoding="utf-8")
+    again.close()
+    other.path.write_text("garbage\n", encoding="utf-8")
     with pytest.raises(OutputError, match="are unreadable; pass --overwrite true"):
-        AnswerLog(path, fingerprint, resume=True)
+        AnswerLog(folder, fingerprint, resume=True)
+
+
+def samples(folder, task: str) -> dict:
+    """Each document's prompt and answers in a run's ``samples_<task>.jsonl``."""
+    rows = [json.loads(line) for line in (folder / f"samples_{task}.jsonl").read_text().splitlines()]
+    return {row["doc_id"]: (row["arguments"], row["resps"]) for row in rows}
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_answer_and_score_as_one(dllm_lit, tmp_path):
+    tasks = [f"--include_path={ROOT / 'examples/eval_tasks'}", "--tasks=dllm_arith,dllm_arith_choice", "--limit=6"]
+    args = ["evaluate", "--model.model_name_or_path=tiny-char", *tasks, "--num_fewshot=0", "--log_samples=true"]
+    env = {"HF_DATASETS_OFFLINE": "1"}
+    one = dllm_lit([*args, f"--output_dir={tmp_path / 'one'}"], tmp_path, env=env)
+    ranks = ["--standalone", "--nproc_per_node=2", "-m", "dllm_lit.cli"]
+    two = dllm_lit(
+        [*ranks, *args, f"--output_dir={tmp_path / 'two'}"], tmp_path, env=env, module="torch.distributed.run"
+    )
+    assert one.returncode == two.returncode == 0, two.stderr[-3000:]
+    alone, shared = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert alone["results"] == shared["results"]
+    assert samples(tmp_path / "one", "dllm_arith") == samples(tmp_path / "two", "dllm_arith")
+    scored = [samples(tmp_path / name, "dllm_arith_choice") for name in ("one", "two")]
+    assert scored[0].keys() == scored[1].keys()
+    for doc, (prompts, scores) in scored[0].items():  # batched otherwise: the same to 1e-6
+        other = scored[1][doc][1]
+        assert prompts == scored[1][doc][0] and [greedy for ((_, greedy),) in scores] == [g for ((_, g),) in other]
+        assert [logprob for ((logprob, _),) in scores] == pytest.approx([p for ((p, _),) in other], abs=1e-4)
+    counts = ("requests", "prompt_tokens", "generated_tokens", "forwards")
+    assert [shared["dllm_lit"]["statistics"]["dllm_arith"][name] for name in counts] == [
+        alone["dllm_lit"]["statistics"]["dllm_arith"][name] for name in counts
+    ], "every rank's statistics, summed"
+    assert two.stdout.count("| dllm_arith |") == 1, "rank 0 alone prints the tables"
+    assert not list((tmp_path / "two").glob(".*")), "every rank's kept answers go at the end"
