@@ -232,7 +232,10 @@ class OpenAIBlockSpec(LitSpec):
         """Gather a background response's answer and keep it as it ended (failed, or cancelled meanwhile)."""
         if builder.response["status"] == "queued":
             builder.response["status"] = "in_progress"
-        gathered = await self._gather(events, exchange)
+        try:
+            gathered = await self._gather(events, exchange)
+        except Exception as error:  # kept as failed, never in progress for ever
+            gathered = JSONResponse(OpenAIError(500, f"Decoding failed: {error}").body(), 500)
         cancelled = builder.response["status"] == "cancelled"
         if isinstance(gathered, JSONResponse):
             builder.fail(json.loads(gathered.body)["error"]["message"])

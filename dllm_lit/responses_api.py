@@ -202,16 +202,19 @@ class ResponseStore:
     def keep(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         """Keep a finished response and the conversation (input items) it answered."""
         self.stops.pop(response["id"], None)
-        self.kept[response["id"]] = (copy.deepcopy(response), conversation)
-        while len(self.kept) > self.capacity:
-            self.stops.pop(self.kept.popitem(last=False)[0], None)
+        self._add(copy.deepcopy(response), conversation)
 
     def begin(self, response: dict[str, Any], conversation: list[dict[str, Any]], stop: Callable[[], None]) -> None:
         """Keep a background response while it runs: the object itself, read as it stands; ``stop``
         cancels it. It is kept as it ends with :meth:`end`."""
-        self.keep(response, conversation)
-        self.kept[response["id"]] = (response, conversation)
         self.stops[response["id"]] = stop
+        self._add(response, conversation)
+
+    def _add(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        self.kept[response["id"]] = (response, conversation)
+        self.kept.move_to_end(response["id"])
+        while len(self.kept) > self.capacity:
+            self.stops.pop(self.kept.popitem(last=False)[0], None)
 
     def end(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         """Keep a background response as it ended (unless it was deleted meanwhile)."""

@@ -1438,3 +1438,31 @@ def test_browser_pages_call_the_server_only_from_the_allowed_origins(allowed, or
         allowed_here = page == origin
         assert answer.status_code == (status if allowed_here or allowed is None else 400), (page, answer.text)
         assert answer.headers.get("access-control-allow-origin") == (page if allowed_here else None)
+
+
+def test_the_response_store_keeps_a_background_response_live_until_it_ends_and_cancels_or_forgets_it():
+    from dllm_lit.openai_api import OpenAIError
+    from dllm_lit.responses_api import ResponseStore
+
+    store, stopped = ResponseStore(capacity=2), []
+    running = {"id": "a", "status": "in_progress", "background": True, "output": []}
+    store.begin(running, [{"role": "user", "content": "hi"}], lambda: stopped.append("a"))
+    running["output"].append("so far")
+    assert store.response("a")["output"] == ["so far"], "read as it stands"
+    with pytest.raises(OpenAIError, match="is in_progress: only a finished answer can be continued"):
+        store.conversation("a")
+    assert store.cancel("a")["status"] == "cancelled" and stopped == ["a"]
+    assert store.cancel("a")["status"] == "cancelled" and stopped == ["a"], "stopped once"
+    store.end(running, [])
+    running["status"] = "changed later"
+    assert store.response("a")["status"] == "cancelled", "kept as it ended: a copy"
+    gone = {"id": "b", "status": "queued", "background": True, "output": []}
+    store.begin(gone, [], lambda: stopped.append("b"))
+    store.delete("b")
+    store.end(gone, [])
+    assert stopped == ["a", "b"] and "b" not in store.kept, "a deleted response stays deleted"
+    finished = {"id": "c", "status": "completed", "background": False, "output": ["x"]}
+    with pytest.raises(OpenAIError, match="Only a background response can be cancelled"):
+        store.keep(finished, []) or store.cancel("c")
+    store.keep(finished | {"id": "d"}, [])
+    assert list(store.kept) == ["c", "d"], "the capacity: the least recent goes"
