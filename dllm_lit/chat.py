@@ -2,7 +2,9 @@
 
 Multi-turn: each turn sends the whole history through the chat template; each answer ends with a
 line of statistics on stderr (tokens, tok/s, forwards, tokens per forward). ``/reset`` clears the
-history, ``/exit`` (``/quit``, Ctrl-D) leaves, ``/help`` lists these, Ctrl-C stops the current answer
+history, ``/save FILE`` writes it as JSON (``{"messages": [...]}``: a ``predict`` prompt row, or OpenAI's
+messages) and ``/load FILE`` reads such a file back in its place, ``/exit`` (``/quit``, Ctrl-D) leaves,
+``/help`` lists these, Ctrl-C stops the current answer
 (at the next commit) and keeps what was said so far; at the prompt, Ctrl-C clears the line. When
 the history no longer fits under ``max_length`` with room for an answer, its oldest exchanges are
 dropped (the system message stays).
@@ -10,10 +12,13 @@ dropped (the system message stays).
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from dllm_lit.data import PromptError, encode_prompt, template_options
@@ -22,7 +27,11 @@ from dllm_lit.models import load_model, load_tokenizer, resolve_device, resolve_
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job, stream_jobs, warm_up
 
-HELP = "Type a message. /reset clears the history, /exit (or Ctrl-D) leaves, /help shows this, Ctrl-C stops an answer."
+HELP = (
+    "Type a message. /reset clears the history, /save FILE and /load FILE write and read it, /exit (or Ctrl-D)"
+    " leaves, /help shows this, Ctrl-C stops an answer."
+)
+ROLES = ("system", "user", "assistant")
 
 
 def chat(
@@ -72,10 +81,11 @@ def chat(
             continue
         if line in ("/exit", "/quit"):
             return
-        if re.fullmatch(r"/\w+", line):
+        if re.fullmatch(r"/\w+( .*)?", line):
             history = run_command(line, history, start, usage)
         elif line:
-            history = take_turn(model, tokenizer, settings, history, line, len(start), chat_template_kwargs)
+            system = int(bool(history) and history[0]["role"] == "system")  # never dropped to fit
+            history = take_turn(model, tokenizer, settings, history, line, system, chat_template_kwargs)
 
 
 def read_message(multiline: bool) -> str:
@@ -91,12 +101,53 @@ def read_message(multiline: bool) -> str:
 
 
 def run_command(command: str, history: list[dict], start: list[dict], usage: str) -> list[dict]:
-    """``/reset`` (the history back to ``start``), ``/help``, or a one-line note on an unknown command."""
-    if command == "/reset":
+    """``/reset`` (the history back to ``start``), ``/save FILE``, ``/load FILE``, ``/help``, or a
+    one-line note on an unknown command (or a file that cannot be written or read)."""
+    name, _, path = command.partition(" ")
+    path = path.strip()
+    if name in ("/save", "/load") and not path:
+        print(f"[{name} needs a file name: {name} FILE]", file=sys.stderr)
+    elif name == "/save":
+        save_history(history, path)
+    elif name == "/load":
+        return load_history(path, history)
+    elif command == "/reset":
         print("(history cleared)", file=sys.stderr)
         return list(start)
-    print(usage if command == "/help" else f"Unknown command {command}. {usage}", file=sys.stderr)
+    else:
+        print(usage if command == "/help" else f"Unknown command {command}. {usage}", file=sys.stderr)
     return history
+
+
+def save_history(history: list[dict], path: str) -> None:
+    """Write the conversation to ``path`` as ``{"messages": [...]}`` (whole, or not at all)."""
+    partial = Path(f"{path}.tmp-{os.getpid()}")
+    try:
+        partial.write_text(json.dumps({"messages": history}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        partial.replace(path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        print(f"[cannot write {path}: {error.strerror}]", file=sys.stderr)
+        return
+    print(f"(saved {len(history)} messages to {path})", file=sys.stderr)
+
+
+def load_history(path: str, history: list[dict]) -> list[dict]:
+    """The conversation ``/save`` wrote to ``path`` (or a list of messages), in place of ``history``;
+    ``history`` itself when the file cannot be read or is not a conversation (the reason is printed)."""
+    try:
+        loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        print(f"[cannot read {path}: {getattr(error, 'strerror', None) or error}]", file=sys.stderr)
+        return history
+    messages = loaded.get("messages") if isinstance(loaded, dict) else loaded
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+    ):
+        print(f'[{path} is not a conversation: {{"messages": [{{"role", "content"}}, ...]}}]', file=sys.stderr)
+        return history
+    print(f"(loaded {len(messages)} messages from {path})", file=sys.stderr)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def take_turn(

@@ -1466,3 +1466,26 @@ def test_the_response_store_keeps_a_background_response_live_until_it_ends_and_c
         store.keep(finished, []) or store.cancel("c")
     store.keep(finished | {"id": "d"}, [])
     assert list(store.kept) == ["c", "d"], "the capacity: the least recent goes"
+
+
+def test_a_saved_chat_loads_back_and_goes_on_as_if_it_never_left(tiny_dir, tmp_path, capsys, monkeypatch):
+    from dllm_lit import chat
+    from dllm_lit.settings import DecodeSettings
+
+    saved, bad = tmp_path / "chat.json", write(tmp_path / "bad.json", '{"messages": [{"role": "robot"}]}')
+    said = []
+    for lines in (
+        ["hi", f"/save {saved}", "/reset", "/save", f"/load {tmp_path / 'none.json'}", f"/load {bad}"],
+        [f"/load {saved}", "tell me more"],
+        ["hi", "tell me more"],
+    ):
+        type_lines(monkeypatch, lines)
+        chat.chat(tiny_dir, False, DecodeSettings(max_new_tokens=8), device="cpu", system="Be brief.")
+        said.append(capsys.readouterr())
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"] and messages[1]["content"] == "hi"
+    first = said[0].out.removesuffix("\n")  # the line Ctrl-D ends the first session with
+    assert first + said[1].out == said[2].out, "the answers of one chat, saved and loaded between turns"
+    for note in ("(saved 3 messages to", "[/save needs a file name", "[cannot read", "bad.json is not a conversation"):
+        assert note in said[0].err
+    assert "(loaded 3 messages from" in said[1].err
