@@ -13,7 +13,7 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dllm_lit.model_args import add_function_flags, function_flags, model_parser, model_settings
 from dllm_lit.models import default_model_note, resolve, resolve_device
@@ -34,6 +34,9 @@ def evaluate(
     batch_size: int = 8,
     apply_chat_template: bool = False,
     chat_template: str | None = None,
+    fewshot_as_multiturn: bool = True,
+    system_instruction: str | None = None,
+    gen_kwargs: dict[str, Any] | None = None,
     device: str = "auto",
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
     seed: int = 0,
@@ -53,6 +56,11 @@ def evaluate(
         apply_chat_template: Wrap each prompt in the model's chat template (lm-eval's option).
         chat_template: With ``apply_chat_template``, this template (a Jinja file or the template
             itself) in place of the tokenizer's.
+        fewshot_as_multiturn: With ``apply_chat_template``, each few-shot example as a user message
+            and an assistant answer (lm-eval's option; false: all in the first user message).
+        system_instruction: A system message (a chat template's) or text before every prompt.
+        gen_kwargs: Generation arguments over every task's, e.g. ``{"max_gen_toks": 256}``
+            (lm-eval's ``--gen_kwargs``; ``temperature``/``do_sample`` sample, as a task's would).
         device: ``auto``, ``cpu`` or ``cuda``.
         dtype: ``auto`` (bfloat16 on a GPU, float32 on a CPU), ``float32``, ``bfloat16`` or ``float16``.
         seed: lm-eval's random, numpy, torch and few-shot seeds.
@@ -103,6 +111,9 @@ def evaluate(
                 task_manager=manager,
                 log_samples=log_samples,
                 apply_chat_template=apply_chat_template,
+                fewshot_as_multiturn=fewshot_as_multiturn,
+                system_instruction=system_instruction,
+                gen_kwargs=gen_kwargs,
                 random_seed=seed,
                 numpy_random_seed=seed,
                 torch_random_seed=seed,

@@ -279,3 +279,14 @@ def test_two_processes_under_torchrun_answer_and_score_as_one(dllm_lit, tmp_path
     ], "every rank's statistics, summed"
     assert two.stdout.count("| dllm_arith |") == 1, "rank 0 alone prints the tables"
     assert not list((tmp_path / "two").glob(".*")), "every rank's kept answers go at the end"
+
+
+def test_a_system_instruction_and_generation_arguments_reach_every_request(dllm_lit_here, tmp_path):
+    tasks = [f"--include_path={ROOT / 'examples/eval_tasks'}", "--tasks=dllm_arith", "--limit=3", "--log_samples=true"]
+    extra = ["--system_instruction=Add.", '--gen_kwargs={"max_gen_toks": 3, "until": ["#"]}']
+    args = ["evaluate", "--model.model_name_or_path=tiny-char", *tasks, *extra, f"--output_dir={tmp_path}"]
+    assert dllm_lit_here(args, tmp_path).returncode == 0
+    rows = samples(tmp_path, "dllm_arith").values()
+    assert all(prompt.startswith("Add.") and kwargs["max_gen_toks"] == 3 for (((prompt, kwargs),), _) in rows)
+    stats = json.loads((tmp_path / "results.json").read_text())["dllm_lit"]["statistics"]["dllm_arith"]
+    assert stats["requests"] == 3 and stats["generated_tokens"] <= 9
