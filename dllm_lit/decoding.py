@@ -116,6 +116,7 @@ def generate_blocks(
     row_seeds: Sequence[int | None] | None = None,
     row_max_new_tokens: Sequence[int] | None = None,
     row_guides: Sequence[dict[str, Any] | None] | None = None,
+    row_predictions: Sequence[Sequence[int] | None] | None = None,
     prompt_cache: PromptCache | None = None,
     **overrides: Any,
 ) -> BlockGeneration:
@@ -146,6 +147,10 @@ def generate_blocks(
         row_guides: Each row's own structured output, in place of the settings' ``guided_*``: a dict
             such as ``{"guided_json": schema}`` (None: the settings'; ``{}``: unconstrained), so that
             requests with different grammars share one batch (``serve``).
+        row_predictions: Each row's predicted answer, token ids (None: none), as OpenAI's Predicted
+            Outputs take it: in lossless mode on the eager backend the answer is drafted from it
+            where it follows it, so an answer that repeats much of it (code being edited) takes
+            fewer forwards; the answer itself does not change. Elsewhere it is not read.
         prompt_cache: A :class:`~dllm_lit.prompt_cache.PromptCache` to use in place of the one
             ``prompt_cache_mib`` keeps with the model: the K/V of the longest beginning every prompt
             shares with an earlier call's prompt are reused, not computed again, and these prompts'
@@ -174,8 +179,13 @@ def generate_blocks(
     loop = loops[settings.lossless][settings.backend != "eager"]
     start = cached_start(model, settings, prompt_cache, prompt_ids, prompt_mask)
     ledger.cached_tokens = start.length if start is not None else 0
+    extra = {}
+    if row_predictions is not None and loop is decode_lossless:
+        if len(row_predictions) != prompt_ids.shape[0]:
+            raise ValueError(f"row_predictions needs one prediction (or None) per prompt ({prompt_ids.shape[0]}).")
+        extra["predictions"] = [list(prediction) if prediction else None for prediction in row_predictions]
     try:
-        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], start=start)
+        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], start=start, **extra)
     except torch.OutOfMemoryError:
         forget(model)  # a retry (predict splits the batch) gets the kept prompts' memory back
         raise

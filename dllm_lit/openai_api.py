@@ -83,6 +83,15 @@ def template_call(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "function": function}
 
 
+class Prediction(BaseModel):
+    """``{"type": "content", "content": text or text parts}``: what the answer is expected to repeat
+    (OpenAI's Predicted Outputs). Drafted from in lossless mode (fewer forwards where the answer
+    follows it); the answer is the model's own either way."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
 class StreamOptions(BaseModel):
     """``include_usage``: end a stream with a chunk of ``usage`` and no choices (OpenAI's rule)."""
 
@@ -128,6 +137,14 @@ class CommonRequest(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    prediction: Prediction | None = None
+
+    def predicted_text(self) -> str | None:
+        """OpenAI's Predicted Outputs: the text the answer is expected to repeat (None: none)."""
+        if self.prediction is None:
+            return None
+        content = self.prediction.content
+        return content if isinstance(content, str) else "".join(part.text for part in content)
 
     def logprob_count(self) -> int | None:
         """The most likely tokens to report beside each token's log-probability (None: no logprobs)."""

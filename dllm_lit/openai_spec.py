@@ -320,6 +320,8 @@ class OpenAIBlockSpec(LitSpec):
         tools = parsed.tool_mode() if chat else None
         parsing = tools is not None and tools.parser is not None  # its tags may be special tokens
         prompt_only = not chat and parsed.prompt_only()
+        predicted = parsed.predicted_text()
+        prediction = self.tokenizer(predicted, add_special_tokens=False)["input_ids"] if predicted else None
         jobs = [
             Job(
                 str(uuid.uuid4()),
@@ -331,6 +333,7 @@ class OpenAIBlockSpec(LitSpec):
                 parsed.model if parsed.model in self.lora_modules else None,
                 time.time(),
                 prompt_only,
+                prediction,
             )
             for row in rows
             for sample in range(parsed.n)

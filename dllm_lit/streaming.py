@@ -43,7 +43,8 @@ class Job:
     ``special_tokens``: keep them in the text (a tool-call parser reads its tags); ``adapter``: the LoRA
     adapter to decode with (``serve --lora_modules``; None: the model itself); ``arrival``: when the
     request came (``time.time()``), for the last event's ``queued`` seconds (serve's metrics);
-    ``prompt_only``: decode nothing (an ``echo`` with ``max_tokens`` 0: the prompt's logprobs alone)."""
+    ``prompt_only``: decode nothing (an ``echo`` with ``max_tokens`` 0: the prompt's logprobs alone);
+    ``prediction``: the answer's expected tokens (Predicted Outputs: drafted from in lossless mode)."""
 
     uid: str
     ids: list[int]
@@ -54,6 +55,7 @@ class Job:
     adapter: str | None = None
     arrival: float | None = None
     prompt_only: bool = False
+    prediction: list[int] | None = None
 
 
 def stream_jobs(
@@ -195,6 +197,7 @@ def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits:
             row_seeds=[job.settings.seed for job in jobs],
             row_max_new_tokens=limits,
             row_guides=[own_guide(job.settings) for job in jobs],
+            row_predictions=[job.prediction for job in jobs],
         )
     except Exception as error:  # reported to the jobs' clients as a 500, the server keeps serving
         failure.append(error)

@@ -360,3 +360,18 @@ def test_predict_and_the_legacy_flag_run_lossless(tiny_dir, tmp_path):
     answers = {name: [row["response"] for row in rows] for name, rows in read.items()}
     assert answers["lossless"] == answers["exact"] == answers["legacy"]
     assert all(row["tokens_per_forward"] >= 1 for row in read["lossless"])
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "seed": 5}])
+def test_a_predicted_answer_drafts_the_model_s_own_tokens_in_fewer_forwards(model, sampling):
+    prompts, settings = random_prompts([5, 8, 3], seed=11), {"add_eos_length": 3, "max_new_tokens": 16, **sampling}
+    plain = run(model, prompts, **settings)
+    answers = [with_stop(row) for row in plain.rows]
+    edited = [answer[:5] + [7] + answer[5:] for answer in answers]  # a token slipped in: the rest re-found
+    forwards = []
+    for predictions in (answers, edited, [answers[0], None, [9, 9, 9]]):
+        predicted = run(model, prompts, row_predictions=predictions, **settings)
+        assert [with_stop(row) for row in predicted.rows] == answers, "the same answers, whatever predicted"
+        forwards.append(predicted.forwards)
+    assert forwards[0] <= 16 // 4 + 1, "a right prediction: W tokens a pass"
+    assert forwards[1] <= forwards[0] + 2, "an edit costs its pass, and the answer finds its place again"

@@ -1489,3 +1489,19 @@ def test_a_saved_chat_loads_back_and_goes_on_as_if_it_never_left(tiny_dir, tmp_p
     for note in ("(saved 3 messages to", "[/save needs a file name", "[cannot read", "bad.json is not a conversation"):
         assert note in said[0].err
     assert "(loaded 3 messages from" in said[1].err
+
+
+@pytest.mark.slow
+def test_a_predicted_answer_comes_back_the_same_in_fewer_forwards(client, tiny_dir):
+    asked = dict(model=tiny_dir, messages=[{"role": "user", "content": "Say it again."}], max_tokens=24)
+    lossless = {"lossless": True, "ignore_eos": True}
+    plain = client.chat.completions.create(**asked, extra_body=lossless)
+    text = plain.choices[0].message.content
+    for prediction in (text, [{"type": "text", "text": text[:5]}, {"type": "text", "text": text[5:]}]):
+        predicted = client.chat.completions.create(
+            **asked, prediction={"type": "content", "content": prediction}, extra_body=lossless
+        )
+        assert predicted.choices[0].message.content == text
+        assert predicted.usage.forwards < plain.usage.forwards, (predicted.usage, plain.usage)
+    with pytest.raises(Exception, match="prediction"):
+        client.chat.completions.create(**asked, prediction={"type": "image", "content": "x"})
