@@ -403,9 +403,7 @@ def keep_answers(start: CachedStart, forward: StaticForward, ledger: RowLedger, 
     """Store the prompt and the first ``count`` answer tokens of each finished ``(batch position,
     ledger row)`` in the prompt cache, for a chat's next turn."""
     for position, row in done:
-        result = ledger.rows[row]
-        answer = result.token_ids + ([result.stop_token_id] if result.stop_token_id is not None else [])
-        start.keep_static_row(forward.cache, position, row, answer, count)
+        start.keep_static_row(forward.cache, position, row, ledger.rows[row].ids_with_stop, count)
 
 
 def compacted_positions(members: list[int], alive: list[int]) -> list[int]:

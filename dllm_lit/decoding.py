@@ -267,7 +267,7 @@ def iterative_generate(
         **kwargs,
     )
     pad = _as_id_list(eos_token_id)[0] if pad_token_id is None else pad_token_id
-    outputs = [row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else []) for row in result.rows]
+    outputs = [row.ids_with_stop for row in result.rows]
     longest = max(len(o) for o in outputs)
     tail = torch.full((len(outputs), longest), pad, dtype=input_ids.dtype)
     for i, o in enumerate(outputs):

@@ -93,7 +93,8 @@ def evaluate(
     try:
         lm = DllmLM(model_name_or_path, trust_remote_code, batch_size, device, dtype, chat_template, **decoding)
         identity = model_identity(model_name_or_path, resolve(model_name_or_path))
-        answering = {"dtype": dtype, "chat_template": chat_template, "trust": trust_remote_code}
+        identity |= {"trust_remote_code": trust_remote_code}  # as batch's fingerprint names the model
+        answering = {"dtype": dtype, "chat_template": chat_template}
         fingerprint = run_fingerprint([], data=answering, decoding=decoding, model=identity)
         if rank == 0 and not resume:
             AnswerLog.clear(parts_dir(results_file))  # an interrupted run's answers, given up (--overwrite)

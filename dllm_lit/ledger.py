@@ -49,6 +49,11 @@ class RowResult:
         return len(self.token_ids) + (self.stop_token_id is not None)
 
     @property
+    def ids_with_stop(self) -> list[int]:
+        """``token_ids`` and then the stop token, if one ended the row."""
+        return self.token_ids + ([self.stop_token_id] if self.stop_token_id is not None else [])
+
+    @property
     def tokens_per_forward(self) -> float:
         return self.num_generated / max(self.forwards, 1)
 

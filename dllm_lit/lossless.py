@@ -353,10 +353,8 @@ def keep_answers(start: CachedStart, batch: RaggedBatch, finished: torch.Tensor,
     holds (its valid columns, in order), so that a chat's next turn computes only the new message."""
     for position in finished.nonzero().squeeze(1).tolist():
         row = int(active[position])
-        result = ledger.rows[row]
-        answer = result.token_ids + ([result.stop_token_id] if result.stop_token_id is not None else [])
         columns = batch.valid[position].bool().nonzero().squeeze(1)
-        start.keep_row(batch.cache, position, columns, start.rows[row] + answer)
+        start.keep_row(batch.cache, position, columns, start.rows[row] + ledger.rows[row].ids_with_stop)
 
 
 def penalized(sampler: RowSampler, logits: PassLogits, draft: torch.Tensor, alternatives: torch.Tensor | None):

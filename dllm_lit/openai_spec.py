@@ -44,7 +44,7 @@ from dllm_lit.openai_api import (
     settings_for,
     usage,
 )
-from dllm_lit.responses_api import ResponseBuilder, ResponseStore, chat_body
+from dllm_lit.responses_api import CONTINUABLE, ResponseBuilder, ResponseStore, chat_body
 from dllm_lit.serve_metrics import RequestMeter, ServeMetrics
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job
@@ -266,7 +266,7 @@ class OpenAIBlockSpec(LitSpec):
     def _keep(self, builder: ResponseBuilder, conversation: list | None) -> None:
         """Store a finished response with its ``conversation`` (None: the request said ``store:
         false``), for ``previous_response_id`` and ``GET``."""
-        if conversation is not None and builder.response["status"] in ("completed", "incomplete"):
+        if conversation is not None and builder.response["status"] in CONTINUABLE:
             self.stored.keep(builder.response, conversation)
 
     def _refused(self, error: OpenAIError) -> JSONResponse:
