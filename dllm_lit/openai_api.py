@@ -396,16 +396,28 @@ def settings_for(base: DecodeSettings, request: CommonRequest) -> DecodeSettings
 
 
 def usage(
-    prompt_tokens: int, completion_tokens: int, forwards: int, settings: dict[str, Any], cached_tokens: int = 0
+    prompt_tokens: int,
+    completion_tokens: int,
+    forwards: int,
+    settings: dict[str, Any],
+    cached_tokens: int = 0,
+    prediction_tokens: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     """OpenAI's usage block plus the decoding statistics and the settings that produced them (with
     several choices: tokens and forwards summed over them, each prompt counted once; ``cached_tokens``:
-    the prompt tokens read from the prompt cache)."""
+    the prompt tokens read from the prompt cache; ``prediction_tokens``: the accepted and rejected
+    tokens of a Predicted Output)."""
+    accepted, rejected = prediction_tokens
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": rejected,
+        },
         "forwards": forwards,
         "tokens_per_forward": round(completion_tokens / max(forwards, 1), 4),
         **settings,

@@ -13,6 +13,7 @@ worker reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import secrets
@@ -44,7 +45,7 @@ from dllm_lit.openai_api import (
     settings_for,
     usage,
 )
-from dllm_lit.responses_api import CONTINUABLE, ResponseBuilder, ResponseStore, chat_body
+from dllm_lit.responses_api import CONTINUABLE, EventLog, ResponseBuilder, ResponseStore, chat_body, starting_after
 from dllm_lit.serve_metrics import RequestMeter, ServeMetrics
 from dllm_lit.settings import DecodeSettings
 from dllm_lit.streaming import Job
@@ -198,11 +199,10 @@ class OpenAIBlockSpec(LitSpec):
         builder = ResponseBuilder(asked, self.model_id, exchange.jobs[0].settings, calls)
         conversation = conversation if asked.store else None  # what a finished response is kept with
         events = self._start(exchange)
-        if exchange.stream:
-            stream = self._response_sse(events, exchange, builder, conversation)
-            return StreamingResponse(stream, media_type="text/event-stream")
         if asked.background:
             return self._background(events, exchange, builder, conversation)
+        if exchange.stream:
+            return self._event_stream(self._response_events(events, exchange, builder, conversation))
         gathered = await self._gather(events, exchange, request)
         if isinstance(gathered, JSONResponse):
             return gathered
@@ -217,16 +217,33 @@ class OpenAIBlockSpec(LitSpec):
             texts[0], finals[0]["finish_reason"], self._entries(exchange, scored[0]), self._usage(exchange, finals)
         )
 
-    def _background(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder, conversation) -> dict:
-        """A ``background`` response: returned at once (``queued``) and kept in the store as it stands
-        while a task of this process gathers its answer (``GET`` polls it, ``POST .../cancel`` stops it)."""
+    def _background(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder, conversation):
+        """A ``background`` response: returned at once (``queued``; streamed: its events as they come)
+        and kept in the store as it stands while a task of this process gathers its answer (``GET``
+        polls it or streams it again, ``POST .../cancel`` stops it); a client that goes away stops
+        nothing."""
         builder.response["status"] = "queued"
-        created = copy.deepcopy(builder.response)
-        self.stored.begin(builder.response, conversation, lambda: self._cancel(exchange, [0]))
-        task = asyncio.ensure_future(self._run_background(events, exchange, builder, conversation))
+        created, log = copy.deepcopy(builder.response), EventLog() if exchange.stream else None
+        self.stored.begin(builder.response, conversation, lambda: self._cancel(exchange, [0]), log)
+        if log is None:
+            gathering = self._run_background(events, exchange, builder, conversation)
+        else:
+            gathering = self._log_background(events, exchange, builder, conversation, log)
+        task = asyncio.ensure_future(gathering)
         self.background.add(task)  # held until it ends (the loop keeps weak references only)
         task.add_done_callback(self.background.discard)
-        return created
+        return created if log is None else self._event_stream(log.read())
+
+    async def _log_background(self, events, exchange: Exchange, builder: ResponseBuilder, conversation, log):
+        """Keep a streamed background response's events in ``log``, and the response as it ended."""
+        try:
+            async for event in self._response_events(events, exchange, builder, None):
+                log.add([event])
+        except Exception as error:  # kept as failed, never in progress for ever
+            log.add(builder.fail(f"Decoding failed: {error}"))
+        finally:
+            log.end()
+            self.stored.end(builder.response, conversation)
 
     async def _run_background(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder, conversation):
         """Gather a background response's answer and keep it as it ended (failed, or cancelled meanwhile)."""
@@ -246,12 +263,16 @@ class OpenAIBlockSpec(LitSpec):
         self.stored.end(builder.response, conversation)
 
     async def stored_response(self, request: Request, response_id: str):
-        """``GET /v1/responses/{id}``: a stored response; ``DELETE``: forget it."""
+        """``GET /v1/responses/{id}``: a stored response (``?stream=true&starting_after=N``: a streamed
+        background one's events after the N-th, then as they come); ``DELETE``: forget it."""
         try:
             self._authorize(request)
             if request.method == "DELETE":
                 return self.stored.delete(response_id)
-            return self.stored.response(response_id)
+            if request.query_params.get("stream", "false").lower() != "true":
+                return self.stored.response(response_id)
+            log = self.stored.log(response_id)
+            return self._event_stream(log.read(starting_after(request.query_params.get("starting_after", "-1"))))
         except OpenAIError as error:
             return JSONResponse(error.body(), error.status)
 
@@ -430,7 +451,8 @@ class OpenAIBlockSpec(LitSpec):
         completion = sum(final["completion_tokens"] for final in finals)
         forwards = sum(final["forwards"] for final in finals)
         cached = sum(final["cached_tokens"] for final in finals) // exchange.n  # each prompt once, as prompt_tokens
-        return usage(exchange.prompt_tokens(), completion, forwards, echoed, cached)
+        predicted = [sum(final[f"{kind}_prediction_tokens"] for final in finals) for kind in ("accepted", "rejected")]
+        return usage(exchange.prompt_tokens(), completion, forwards, echoed, cached, tuple(predicted))
 
     async def _gather(self, events: AsyncIterator, exchange: Exchange, request: Request | None = None):
         """Every choice's ``(texts, finals, scored)``, or the error response; a client that went away
@@ -504,15 +526,26 @@ class OpenAIBlockSpec(LitSpec):
         finally:
             self._cancel(exchange, [index for index in range(count) if index not in finals])
 
-    async def _response_sse(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder, conversation):
-        """The Responses stream: ``event:`` and ``data:`` per event, no ``[DONE]`` (OpenAI's shape), the
-        response stored (:meth:`_keep`) before its last event. A client that goes away cancels the job;
-        an error ends the stream with ``response.failed``."""
+    @staticmethod
+    def _event_stream(events: AsyncIterator[tuple[str, dict]]) -> StreamingResponse:
+        """The Responses stream: ``event:`` and ``data:`` per event, no ``[DONE]`` (OpenAI's shape)."""
+
+        async def lines():
+            async with contextlib.aclosing(events):  # a client that goes away closes them at once
+                async for kind, data in events:
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+        return StreamingResponse(lines(), media_type="text/event-stream")
+
+    async def _response_events(self, events: AsyncIterator, exchange: Exchange, builder: ResponseBuilder, conversation):
+        """The Responses stream's ``(type, data)`` events, the response stored (:meth:`_keep`) before its
+        last event. A reader that goes away cancels the job; an error ends the stream with
+        ``response.failed``."""
         ended = False
         try:
             stream = builder.start()
-            for kind, data in stream:
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+            for event in stream:
+                yield event
             async for _, event in events:
                 ended = "error" in event or "finish_reason" in event
                 if "error" in event:
@@ -523,8 +556,8 @@ class OpenAIBlockSpec(LitSpec):
                     stream = builder.add(event["text"], event.get("finish_reason"), entries, usage)
                     if ended:  # before the client reads the end, so that it may continue the response at once
                         self._keep(builder, conversation)
-                for kind, data in stream:
-                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                for event in stream:
+                    yield event
         finally:
             self._cancel(exchange, [] if ended else [0])
 

@@ -10,7 +10,8 @@ unless ``store`` is false), so that ``previous_response_id`` continues one: its 
 come before the new input (its ``instructions`` do not, as OpenAI's), and ``GET``/``DELETE
 /v1/responses/{id}`` read and remove one. A ``background`` response is kept from the start, as it
 stands (``queued``, ``in_progress``, then how it ended), until ``POST /v1/responses/{id}/cancel`` stops
-it or it ends. ``conversation`` is refused.
+it or it ends; a streamed one keeps its events (:class:`EventLog`), so that ``GET ...?stream=true``
+reads them again from any ``starting_after``. ``conversation`` is refused.
 
 :class:`ResponseBuilder` turns the one answer's text, as it comes, into the Responses stream's events
 and, at the end, the response object; a whole response is the same builder fed the whole text, so
@@ -19,11 +20,12 @@ streamed and non-streamed answers agree.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -170,10 +172,8 @@ def chat_body(body: Any, store: ResponseStore) -> tuple[dict[str, Any], Response
             )
             raise OpenAIError(400, message, name)
     request = validated(ResponsesRequest, body)
-    if request.background and (not request.store or body.get("stream")):
-        message = (
-            "A background response is kept and read with GET /v1/responses/{id}: it needs store true, stream false."
-        )
+    if request.background and not request.store:
+        message = "A background response is kept and read with GET /v1/responses/{id}: it needs store true."
         raise OpenAIError(400, message, "background")
     earlier = store.conversation(request.previous_response_id) if request.previous_response_id else []
     unknown = [name for name in request.include or [] if name != LOGPROBS]
@@ -189,6 +189,52 @@ def chat_body(body: Any, store: ResponseStore) -> tuple[dict[str, Any], Response
     return {name: value for name, value in chat.items() if value is not None}, request, [*earlier, *request.items()]
 
 
+def starting_after(value: str) -> int:
+    """``GET ...?starting_after=N``: the sequence number after which a stream starts again."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -2
+    if number < -1:
+        raise OpenAIError(
+            400, f"starting_after must be a sequence number (0 or more), got {value!r}.", "starting_after"
+        )
+    return number
+
+
+class EventLog:
+    """A streamed background response's events, ``(type, data)`` in ``sequence_number`` order, kept
+    for every reader: the request that started it and later ``GET ...?stream=true`` ones."""
+
+    def __init__(self):
+        self.events: list[tuple[str, dict]] = []
+        self.ended = False
+        self._more = asyncio.Event()
+
+    def add(self, events: list[tuple[str, dict]]) -> None:
+        self.events += events
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._more.set()
+        self._more = asyncio.Event()
+
+    async def read(self, after: int = -1) -> AsyncIterator[tuple[str, dict]]:
+        """The events after sequence number ``after``, then each as it comes, until the last."""
+        at = after + 1
+        while True:
+            while at < len(self.events):
+                yield self.events[at]
+                at += 1
+            if self.ended:
+                return
+            await self._more.wait()
+
+
 class ResponseStore:
     """The responses a later request may continue (``previous_response_id``), read or cancel, the
     ``capacity`` most recent in memory (a restart forgets them, as vLLM's store does): finished ones,
@@ -198,23 +244,30 @@ class ResponseStore:
         self.capacity = capacity
         self.kept: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
         self.stops: dict[str, Callable[[], None]] = {}  # running background responses: what cancels each
+        self.logs: dict[str, EventLog] = {}  # streamed background responses: their events
 
     def keep(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         """Keep a finished response and the conversation (input items) it answered."""
         self.stops.pop(response["id"], None)
         self._add(copy.deepcopy(response), conversation)
 
-    def begin(self, response: dict[str, Any], conversation: list[dict[str, Any]], stop: Callable[[], None]) -> None:
+    def begin(
+        self, response: dict[str, Any], conversation: list, stop: Callable[[], None], log: EventLog | None = None
+    ) -> None:
         """Keep a background response while it runs: the object itself, read as it stands; ``stop``
-        cancels it. It is kept as it ends with :meth:`end`."""
+        cancels it; ``log``: a streamed one's events. It is kept as it ends with :meth:`end`."""
         self.stops[response["id"]] = stop
+        if log is not None:
+            self.logs[response["id"]] = log
         self._add(response, conversation)
 
     def _add(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         self.kept[response["id"]] = (response, conversation)
         self.kept.move_to_end(response["id"])
         while len(self.kept) > self.capacity:
-            self.stops.pop(self.kept.popitem(last=False)[0], None)
+            oldest = self.kept.popitem(last=False)[0]
+            self.stops.pop(oldest, None)
+            self.logs.pop(oldest, None)
 
     def end(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         """Keep a background response as it ended (unless it was deleted meanwhile)."""
@@ -232,6 +285,13 @@ class ResponseStore:
             stop()
             response["status"] = "cancelled"
         return response
+
+    def log(self, response_id: str) -> EventLog:
+        """A background response's events (a 400 for one that was not streamed)."""
+        self.response(response_id)  # a 404 if unknown
+        if response_id not in self.logs:
+            raise OpenAIError(400, "Only a background response created with stream true can be streamed.", "stream")
+        return self.logs[response_id]
 
     def response(self, response_id: str) -> dict[str, Any]:
         if response_id not in self.kept:
@@ -260,6 +320,7 @@ class ResponseStore:
         if stop is not None:
             stop()
         del self.kept[response_id]
+        self.logs.pop(response_id, None)
         return {"id": response_id, "object": "response", "deleted": True}
 
 
@@ -271,7 +332,7 @@ def response_usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
         "input_tokens": prompt,
         "input_tokens_details": usage.pop("prompt_tokens_details"),
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.pop("completion_tokens_details")["reasoning_tokens"]},
         **usage,
     }
 
@@ -318,10 +379,10 @@ class ResponseBuilder:
         }
 
     def start(self) -> list[tuple[str, dict]]:
-        return [
-            self._event("response.created", response=self.response),
-            self._event("response.in_progress", response=self.response),
-        ]
+        """The first events: ``created`` (a background response: ``queued``), then ``in_progress``."""
+        created = self._event("response.created", response=self.response)
+        self.response["status"] = "in_progress"
+        return [created, self._event("response.in_progress", response=self.response)]
 
     def add(
         self, text: str, reason: str | None, logprobs: list[dict], usage: dict | None = None
@@ -417,12 +478,14 @@ class ResponseBuilder:
         return [*events, self._event("response.output_item.done", output_index=place["output_index"], item=item)]
 
     def _finish(self, reason: str, usage: dict | None) -> list[tuple[str, dict]]:
-        cut = reason == "length"
+        """The last events; a cancelled response stays ``cancelled`` and ends as an incomplete one."""
+        cancelled, cut = self.response["status"] == "cancelled", reason == "length"
         events = [] if self.response["output"] else self._text("", [])  # an empty answer is an empty message
-        events += self._close("incomplete" if cut else "completed")
+        events += self._close("incomplete" if cut or cancelled else "completed")
         self.response |= {
-            "status": "incomplete" if cut else "completed",
-            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "status": "cancelled" if cancelled else "incomplete" if cut else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if cut and not cancelled else None,
             "usage": response_usage(usage) if usage else None,
         }
-        return [*events, self._event("response.incomplete" if cut else "response.completed", response=self.response)]
+        kind = "response.incomplete" if cut or cancelled else "response.completed"
+        return [*events, self._event(kind, response=self.response)]

@@ -3,22 +3,23 @@
 :func:`stream_jobs` decodes a list of :class:`Job` with the engine and yields, after each commit,
 one event per job: ``{}`` (nothing new), ``{"text": delta}``, and a last event that adds
 ``finish_reason``, ``completion_tokens``, ``forwards``, ``cached_tokens`` (prompt tokens read from
-the prompt cache) and, for a job with an ``arrival``, ``queued`` (seconds until its batch began),
-or ``{"error": message}`` if decoding failed. With ``settings.logprobs`` an event also carries
-``"logprobs"``: one :class:`~dllm_lit.logprobs.TokenLogprob` per token committed since the last
-event (through the stop string at most; they may run ahead of the text, which holds back partial
-characters), and an ``echo`` job's first event ``"prompt_logprobs"``, its prompt's
+the prompt cache), ``accepted_prediction_tokens`` and ``rejected_prediction_tokens`` (of a job with a
+``prediction``: :func:`prediction_tokens`) and, for a job with an ``arrival``, ``queued`` (seconds
+until its batch began), or ``{"error": message}`` if decoding failed. With ``settings.logprobs`` an
+event also carries ``"logprobs"``: one :class:`~dllm_lit.logprobs.TokenLogprob` per token committed
+since the last event (through the stop string at most; they may run ahead of the text, which holds
+back partial characters), and an ``echo`` job's first event ``"prompt_logprobs"``, its prompt's
 (:func:`~dllm_lit.logprobs.prompt_logprobs`). Jobs whose settings differ at most in ``seed``,
 ``max_new_tokens`` and their ``guided_*`` grammar decode as one batch, each row with its own (a row's
 answer does not depend on its batch, sampled ones included); groups with other differences (or
-another LoRA adapter) run one after the other. The engine
-runs in a helper thread and reports each commit through ``generate_blocks(on_commit=...)``; a job
-whose text reached a stop string, or whose client went away (``is_cancelled``), is stopped there and
-leaves the batch.
+another LoRA adapter) run one after the other. The engine runs in a helper thread and reports each
+commit through ``generate_blocks(on_commit=...)``; a job whose text reached a stop string, or whose
+client went away (``is_cancelled``), is stopped there and leaves the batch.
 """
 
 from __future__ import annotations
 
+import difflib
 import queue
 import threading
 import time
@@ -120,7 +121,7 @@ def _stream_group(model, tokenizer, jobs: list[Job], settings: DecodeSettings, i
             if job.echo
         }
     if jobs[0].prompt_only:  # nothing to decode: each job ends at once
-        yield {row: {"text": "", **ending(job, started, "length", 0, 0, 0)} for row, job in enumerate(jobs)}
+        yield {row: {"text": "", **ending(job, started, "length", [], 0, 0)} for row, job in enumerate(jobs)}
         return
     failure: list[BaseException] = []
     listeners = (on_commit, on_logprobs)
@@ -159,7 +160,8 @@ def _events(jobs: list[Job], texts: list[TextStream], commits: queue.Queue, fail
                 event["text"] += texts[row].finish()
                 reason = "stop" if texts[row].stopped else finish_reason(result.stop_reason)
                 tokens = texts[row].tokens_through_stop() if texts[row].stopped else result.num_generated
-                event.update(ending(jobs[row], started, reason, tokens, result.forwards, result.cached_tokens))
+                answer = result.ids_with_stop[:tokens]
+                event.update(ending(jobs[row], started, reason, answer, result.forwards, result.cached_tokens))
                 open_rows.discard(row)
             item = _next_nowait(commits)
         yield events
@@ -205,10 +207,23 @@ def _decode(model, tokenizer, jobs, settings, listeners, failure: list, commits:
         commits.put(None)
 
 
-def ending(job: Job, started: float, reason: str, tokens: int, forwards: int, cached: int) -> dict:
-    """What a job's last event adds (``started``: when its batch began, for ``queued``)."""
-    end = {"finish_reason": reason, "completion_tokens": tokens, "forwards": forwards, "cached_tokens": cached}
+def ending(job: Job, started: float, reason: str, answer: list[int], forwards: int, cached: int) -> dict:
+    """What a job's last event adds (``answer``: its completion's ids; ``started``: when its batch
+    began, for ``queued``)."""
+    accepted, rejected = prediction_tokens(job.prediction, answer)
+    end = {"finish_reason": reason, "completion_tokens": len(answer), "forwards": forwards, "cached_tokens": cached}
+    end |= {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": rejected}
     return end | ({"queued": max(0.0, started - job.arrival)} if job.arrival is not None else {})
+
+
+def prediction_tokens(prediction: list[int] | None, answer: list[int]) -> tuple[int, int]:
+    """OpenAI's accepted and rejected prediction tokens: the predicted tokens that the answer repeats
+    (in order, as a diff matches them) and the rest; ``(0, 0)`` without a prediction."""
+    if not prediction:
+        return 0, 0
+    matcher = difflib.SequenceMatcher(None, prediction, answer, autojunk=False)
+    accepted = sum(block.size for block in matcher.get_matching_blocks())
+    return accepted, len(prediction) - accepted
 
 
 def own_guide(settings: DecodeSettings) -> dict:

@@ -10,9 +10,9 @@ import warnings
 
 import pytest
 import torch
-from test_lossless import LOSSLESS_MODELS, greedy, with_stop
+from test_lossless import greedy, with_stop
 
-from conftest import EOS, MODELS, ROOT, left_pad, random_prompts
+from conftest import EOS, LOSSLESS_MODELS, MODELS, ROOT, left_pad, random_prompts
 from dllm_lit import generate_blocks
 from dllm_lit.adapters import DraftGate, add_lora
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from test_drafter import with_drafter
-from test_lossless import LOSSLESS_MODELS
 
-from conftest import EOS, VOCAB, left_pad, random_prompts
+from conftest import EOS, LOSSLESS_MODELS, VOCAB, left_pad, model_fixture, random_prompts
 from dllm_lit import generate_blocks
 from dllm_lit.logprobs import TokenLogprob
 
@@ -20,9 +19,7 @@ PROMPTS = [p[:2] + [EOS] + p[2:] for p in random_prompts([6, 1, 11], seed=5)]
 TOP = 3
 
 
-@pytest.fixture(params=sorted(LOSSLESS_MODELS), scope="module")
-def model(request):
-    return LOSSLESS_MODELS[request.param]()
+model = model_fixture(LOSSLESS_MODELS)
 
 
 def run(model, prompts=PROMPTS, **settings):

@@ -11,29 +11,14 @@ import pytest
 import torch
 from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper
 
-from conftest import EOS, MODELS, left_pad, random_prompts
+from conftest import EOS, LOSSLESS_MODELS, MODELS, left_pad, model_fixture, random_prompts
 from dllm_lit import generate_blocks
 from dllm_lit.lossless import PromptLookup, RaggedBatch, WindowSchedule
 
 PROMPTS = random_prompts([5, 11, 2], seed=1)
 
 
-def drafty(name: str, scale: float):
-    """A tiny model whose token embeddings are squeezed towards their mean: its predictions depend
-    mostly on position, so drafts are often right and rows accept different counts per pass."""
-    model = MODELS[name]()
-    with torch.no_grad():
-        weight = model.get_input_embeddings().weight
-        weight.copy_(weight.mean(0, keepdim=True) + scale * (weight - weight.mean(0, keepdim=True)))
-    return model
-
-
-LOSSLESS_MODELS = {**MODELS, "llama-drafty": lambda: drafty("llama", 0.02), "gpt2-drafty": lambda: drafty("gpt2", 0.05)}
-
-
-@pytest.fixture(params=sorted(LOSSLESS_MODELS), scope="module")
-def model(request):
-    return LOSSLESS_MODELS[request.param]()
+model = model_fixture(LOSSLESS_MODELS)
 
 
 WITH_EOS = [p[:2] + [EOS] + p[2:] for p in random_prompts([6, 3, 9], seed=7)]

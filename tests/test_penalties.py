@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from test_drafter import with_drafter
-from test_lossless import LOSSLESS_MODELS
 from transformers.generation.logits_process import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -19,7 +18,7 @@ from transformers.generation.logits_process import (
     SequenceBiasLogitsProcessor,
 )
 
-from conftest import EOS, VOCAB, left_pad, random_prompts
+from conftest import EOS, LOSSLESS_MODELS, VOCAB, left_pad, model_fixture, random_prompts
 from dllm_lit import generate_blocks
 from dllm_lit.penalties import Penalties
 from dllm_lit.settings import DecodeSettings
@@ -76,9 +75,7 @@ def run(model, prompts=PROMPTS, **settings):
     return [row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else []) for row in result.rows]
 
 
-@pytest.fixture(params=sorted(LOSSLESS_MODELS), scope="module")
-def model(request):
-    return LOSSLESS_MODELS[request.param]()
+model = model_fixture(LOSSLESS_MODELS)
 
 
 EXACT_MODES = {

@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 from test_drafter import with_drafter
-from test_lossless import LOSSLESS_MODELS
 
-from conftest import EOS, left_pad, predict_args, random_prompts, write
+from conftest import EOS, LOSSLESS_MODELS, left_pad, model_fixture, predict_args, random_prompts, write
 from dllm_lit import cli, generate_blocks
 from dllm_lit.prompt_cache import ADAPTER, PromptCache, model_prompt_cache, prefix_first
 
@@ -44,9 +43,7 @@ def decode(model, prompts, cache=None, **settings):
     return [(row.token_ids, row.stop_token_id) for row in out.rows], [row.cached_tokens for row in out.rows], sum(fed)
 
 
-@pytest.fixture(params=sorted(LOSSLESS_MODELS), scope="module")
-def model(request):
-    return LOSSLESS_MODELS[request.param]()
+model = model_fixture(LOSSLESS_MODELS)
 
 
 @pytest.mark.parametrize("backend", ["eager", "cuda_graph"])

@@ -12,12 +12,11 @@ import itertools
 
 import pytest
 import torch
-from test_lossless import LOSSLESS_MODELS
 from test_penalties import EXACT_MODES, processors
 from test_penalties import run as answers
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from conftest import EOS, left_pad, random_prompts
+from conftest import EOS, LOSSLESS_MODELS, left_pad, model_fixture, random_prompts
 from dllm_lit import generate_blocks, lossless
 from dllm_lit.sampling import keyed_uniforms
 
@@ -57,9 +56,7 @@ def run(model, prompts=PROMPTS, row_seeds=SEEDS, **settings):
     return answers(model, prompts, row_seeds=row_seeds, **{**SAMPLING, **settings})
 
 
-@pytest.fixture(params=sorted(LOSSLESS_MODELS), scope="module")
-def model(request):
-    return LOSSLESS_MODELS[request.param]()
+model = model_fixture(LOSSLESS_MODELS)
 
 
 @pytest.mark.parametrize("backend", ["eager", "cuda_graph"])

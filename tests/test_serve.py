@@ -26,7 +26,7 @@ from conftest import assert_one_line_error, save_lora, save_without_template, ty
 from dllm_lit import cli, generate_blocks
 from dllm_lit.batch import free_port
 from dllm_lit.models import load_tokenizer
-from dllm_lit.streaming import Job, stream_jobs
+from dllm_lit.streaming import Job, prediction_tokens, stream_jobs
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -763,6 +763,52 @@ def test_a_background_response_is_polled_to_the_plain_one_s_answer_and_a_running
         client.responses.create(model=tiny_dir, input="Go on.", previous_response_id=running.id)
 
 
+@pytest.mark.slow
+def test_a_streamed_background_response_is_read_again_from_any_event_and_cancelled_in_its_stream(
+    client, server, tiny_dir
+):
+    from openai import BadRequestError
+
+    asked = dict(model=tiny_dir, input="What is 2+2?")
+    first, stream = [], client.responses.create(**asked, background=True, stream=True)
+    for event in stream:
+        first.append(event)
+        if event.sequence_number == 3:
+            break
+    stream.close()  # the client went away: the answer goes on
+    created = first[0].response
+    assert (first[0].type, created.status, first[1].response.status) == ("response.created", "queued", "in_progress")
+    rest = list(client.responses.retrieve(created.id, stream=True, starting_after=3))
+    events = first + rest
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    plain = client.responses.create(**asked)
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert (events[-1].response.status, events[-1].response.output_text, text) == (
+        plain.status,
+        plain.output_text,
+        plain.output_text,
+    )
+    again = list(client.responses.retrieve(created.id, stream=True))
+    assert [event.model_dump() for event in again] == [event.model_dump() for event in events], "kept whole"
+    assert client.responses.retrieve(created.id).output_text == plain.output_text
+
+    polled = client.responses.create(**asked, background=True)
+    with pytest.raises(BadRequestError, match="Only a background response created with stream true can be streamed"):
+        list(client.responses.retrieve(polled.id, stream=True))
+    url = f"{server[0]}/v1/responses/{created.id}?stream=true&starting_after=soon"
+    answer = requests.get(url, headers=AUTH)
+    assert answer.status_code == 400 and "starting_after must be a sequence number" in answer.text, answer.text
+
+    long = dict(model=tiny_dir, input="Count.", max_output_tokens=4000, extra_body={"ignore_eos": True})
+    running = client.responses.create(**long, background=True, stream=True)
+    started = next(iter(running)).response
+    assert client.responses.cancel(started.id).status == "cancelled"
+    last = list(running)[-1]
+    assert (last.type, last.response.status) == ("response.incomplete", "cancelled"), last
+    assert 0 < last.response.usage.output_tokens < 4000, "stopped at its next commit"
+    assert until_ended(client, started.id, still=()).status == "cancelled"
+
+
 def until_ended(client, response_id: str, still=("queued", "in_progress"), timeout: float = 60):
     """A background response once it has ended (for ``cancelled``: once its usage is known)."""
     deadline = time.monotonic() + timeout
@@ -784,8 +830,10 @@ def until_ended(client, response_id: str, still=("queued", "in_progress"), timeo
         ({"input": [{"role": "robot", "content": "hi"}]}, "input.0.role"),
         ({"tools": RESPONSE_TOOLS, "tool_choice": {"type": "function", "name": "g"}}, "'g', which is not one of"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
-        ({"background": True, "store": False}, "A background response is kept and read with GET"),
-        ({"background": True, "stream": True}, "it needs store true, stream false."),
+        (
+            {"background": True, "store": False},
+            "A background response is kept and read with GET /v1/responses/{id}: it",
+        ),
     ],
 )
 def test_bad_responses_requests_get_openai_errors(server, tiny_dir, change, fragment):
@@ -1440,6 +1488,28 @@ def test_browser_pages_call_the_server_only_from_the_allowed_origins(allowed, or
         assert answer.headers.get("access-control-allow-origin") == (page if allowed_here else None)
 
 
+def test_an_event_log_gives_each_reader_the_events_after_its_own_and_then_the_new_ones():
+    import asyncio
+
+    from dllm_lit.responses_api import EventLog
+
+    async def readers():
+        log = EventLog()
+        log.add([("a", {}), ("b", {})])
+        early, late = asyncio.ensure_future(collect(log.read())), asyncio.ensure_future(collect(log.read(0)))
+        await asyncio.sleep(0)
+        log.add([("c", {})])
+        await asyncio.sleep(0)
+        log.add([("d", {})])
+        log.end()
+        return await early, await late, await collect(log.read(2))
+
+    async def collect(events):
+        return [kind async for kind, _ in events]
+
+    assert asyncio.run(readers()) == (["a", "b", "c", "d"], ["b", "c", "d"], ["d"])
+
+
 def test_the_response_store_keeps_a_background_response_live_until_it_ends_and_cancels_or_forgets_it():
     from dllm_lit.openai_api import OpenAIError
     from dllm_lit.responses_api import ResponseStore
@@ -1495,6 +1565,11 @@ def test_a_saved_chat_loads_back_and_goes_on_as_if_it_never_left(tiny_dir, tmp_p
 def test_a_predicted_answer_comes_back_the_same_in_fewer_forwards(client, tiny_dir):
     asked = dict(model=tiny_dir, messages=[{"role": "user", "content": "Say it again."}], max_tokens=24)
     lossless = {"lossless": True, "ignore_eos": True}
+    tokenizer = load_tokenizer(tiny_dir)
+
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     plain = client.chat.completions.create(**asked, extra_body=lossless)
     text = plain.choices[0].message.content
     for prediction in (text, [{"type": "text", "text": text[:5]}, {"type": "text", "text": text[5:]}]):
@@ -1503,5 +1578,28 @@ def test_a_predicted_answer_comes_back_the_same_in_fewer_forwards(client, tiny_d
         )
         assert predicted.choices[0].message.content == text
         assert predicted.usage.forwards < plain.usage.forwards, (predicted.usage, plain.usage)
+        details = predicted.usage.completion_tokens_details
+        assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (tokens(text), 0)
+    longer = client.chat.completions.create(
+        **asked, prediction={"type": "content", "content": text + "!!"}, extra_body=lossless
+    )
+    details, added = longer.usage.completion_tokens_details, tokens(text + "!!") - tokens(text)
+    assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (tokens(text), added)
+    details = plain.usage.completion_tokens_details
+    assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (0, 0)
     with pytest.raises(Exception, match="prediction"):
         client.chat.completions.create(**asked, prediction={"type": "image", "content": "x"})
+
+
+@pytest.mark.parametrize(
+    "prediction, answer, counts",
+    [
+        (None, [1, 2], (0, 0)),
+        ([1, 2, 3], [1, 2, 3], (3, 0)),
+        ([1, 2, 3, 4, 5], [1, 2, 9, 4, 5, 6], (4, 1)),  # one token replaced, one added
+        ([7, 1, 2, 3], [1, 2], (2, 2)),  # the answer stopped early
+        ([5, 6], [1, 2, 3], (0, 2)),
+    ],
+)
+def test_prediction_tokens_count_the_predicted_tokens_the_answer_repeats(prediction, answer, counts):
+    assert prediction_tokens(prediction, answer) == counts
