@@ -148,9 +148,9 @@ def generate_blocks(
             such as ``{"guided_json": schema}`` (None: the settings'; ``{}``: unconstrained), so that
             requests with different grammars share one batch (``serve``).
         row_predictions: Each row's predicted answer, token ids (None: none), as OpenAI's Predicted
-            Outputs take it: in lossless mode on the eager backend the answer is drafted from it
-            where it follows it, so an answer that repeats much of it (code being edited) takes
-            fewer forwards; the answer itself does not change. Elsewhere it is not read.
+            Outputs take it: in lossless mode (every backend) the answer is drafted from it where it
+            follows it, so an answer that repeats much of it (code being edited) takes fewer
+            forwards; the answer itself does not change. Block mode does not read it.
         prompt_cache: A :class:`~dllm_lit.prompt_cache.PromptCache` to use in place of the one
             ``prompt_cache_mib`` keeps with the model: the K/V of the longest beginning every prompt
             shares with an earlier call's prompt are reused, not computed again, and these prompts'
@@ -180,7 +180,7 @@ def generate_blocks(
     start = cached_start(model, settings, prompt_cache, prompt_ids, prompt_mask)
     ledger.cached_tokens = start.length if start is not None else 0
     extra = {}
-    if row_predictions is not None and loop is decode_lossless:
+    if row_predictions is not None and settings.lossless:
         if len(row_predictions) != prompt_ids.shape[0]:
             raise ValueError(f"row_predictions needs one prediction (or None) per prompt ({prompt_ids.shape[0]}).")
         extra["predictions"] = [list(prediction) if prediction else None for prediction in row_predictions]

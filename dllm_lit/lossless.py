@@ -38,6 +38,7 @@ from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import attention_bias
 from dllm_lit.ledger import RowLedger
 from dllm_lit.logprobs import token_scores
+from dllm_lit.predicted import PredictedDrafts
 from dllm_lit.prompt_cache import CachedStart, unpadded
 from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DecodeSettings
@@ -202,60 +203,6 @@ class PromptLookup:
         return torch.tensor(padded, dtype=torch.long, device=device).view(len(rows), width)
 
 
-class PredictedDrafts:
-    """Drafts from each row's predicted answer (OpenAI's Predicted Outputs: text the answer is expected
-    to repeat, such as code being edited). The answer is followed through its prediction as through
-    a diff: while its new tokens are the prediction's next ones, the prediction's tokens after them
-    are the draft; where they are not, the answer's last tokens (up to 8, the longest found first) are
-    looked for again from the last place it followed, the nearest first, and the draft goes on from
-    there (none where they are not found). Rows without a prediction draft nothing from here."""
-
-    REALIGN = 8
-
-    def __init__(self, predictions: list[list[int] | None]):
-        self.predictions = [list(prediction or []) for prediction in predictions]
-        self.at: list[int | None] = [0] * len(predictions)  # where the next answer token should be in it
-        self.floor = [0] * len(predictions)  # the furthest place the answer followed it
-        self.seen = [0] * len(predictions)  # answer tokens read so far
-
-    def draft(self, row: int, generated: list[int], size: int) -> list[int]:
-        prediction, at, new = self.predictions[row], self.at[row], generated[self.seen[row] :]
-        if not prediction:
-            return []
-        self.seen[row] = len(generated)
-        if at is not None and prediction[at : at + len(new)] == new:
-            at += len(new)
-        else:
-            at = self._realigned(prediction, generated, self.floor[row])
-        self.at[row] = at
-        if at is None:
-            return []
-        self.floor[row] = at
-        return prediction[at : at + size]
-
-    def _realigned(self, prediction: list[int], generated: list[int], floor: int) -> int | None:
-        """Where, at or after ``floor``, the answer's last tokens end in ``prediction`` (None: nowhere)."""
-        for n in range(min(self.REALIGN, len(generated)), 0, -1):
-            tail = generated[-n:]
-            for end in range(max(floor, n), len(prediction) + 1):
-                if prediction[end - n : end] == tail:
-                    return end
-        return None
-
-    def merged(self, rows: list[int], generated: list[list[int]], draft: torch.Tensor, size: int, fill: int):
-        """``draft`` (``[len(rows), k]``) with each row that has predicted tokens drafting them instead,
-        ``size`` wide when any does."""
-        found = [self.draft(row, generated[row], size) for row in rows]
-        if not any(found):
-            return draft
-        wider = torch.full((draft.shape[0], size - draft.shape[1]), fill, dtype=draft.dtype, device=draft.device)
-        draft = torch.cat([draft, wider], 1)
-        for position, guesses in enumerate(found):
-            if guesses:
-                draft[position] = torch.tensor(guesses + [fill] * (size - len(guesses)), dtype=draft.dtype)
-        return draft
-
-
 class WindowSchedule:
     """The width of the next eager pass (``adaptive_window``): the full window while drafts pay;
     after two wide passes that missed (the rows accepted fewer than 0.5 drafted tokens each on
@@ -301,7 +248,7 @@ def decode_lossless(
 ) -> None:
     """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output
     (picked by ``sampler``); ``start``: the prompt cache's start (:mod:`dllm_lit.prompt_cache`);
-    ``predictions``: each row's expected answer, drafted from (:class:`PredictedDrafts`)."""
+    ``predictions``: each row's expected answer, drafted from (:mod:`dllm_lit.predicted`)."""
     device = prompt_ids.device
     batch = RaggedBatch(model, prompt_ids, prompt_mask, start)
     active = torch.arange(prompt_ids.shape[0], device=device)
@@ -312,10 +259,10 @@ def decode_lossless(
         prompts = unpadded(prompt_ids, prompt_mask)
         lookup = PromptLookup(prompts, settings.prompt_lookup_max, settings.prompt_lookup_min)
     count, top = settings.alternatives, settings.logprobs
-    predicted = PredictedDrafts(predictions) if predictions and settings.width > 1 else None
+    predicted = PredictedDrafts(predictions, settings.width, device) if predictions and settings.width > 1 else None
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     if predicted is not None:
-        draft = predicted.merged(active.tolist(), ledger.tokens, draft, settings.width - 1, fill)
+        draft = predicted.from_lists(active, [ledger.tokens[row] for row in active.tolist()], draft, fill)
     draft, alternatives = forced_draft(sampler, draft, settings.width - 1, fill), None
     while active.numel() > 0:
         logits = penalized(sampler, batch.forward(draft, alternatives), draft, alternatives)
@@ -344,7 +291,7 @@ def decode_lossless(
         if lookup is not None and width == 1:  # the model's own drafts do not pay: look the text up
             draft = lookup.drafts(active.tolist(), ledger.tokens, settings.width - 1, fill, device)
         if predicted is not None:
-            draft = predicted.merged(active.tolist(), ledger.tokens, draft, settings.width - 1, fill)
+            draft = predicted.from_lists(active, [ledger.tokens[row] for row in active.tolist()], draft, fill)
         draft = forced_draft(sampler, draft, settings.width - 1, fill)
 
 

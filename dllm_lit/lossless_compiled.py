@@ -32,6 +32,7 @@ from dllm_lit.lossless import (
     penalized,
     verify_pass,
 )
+from dllm_lit.predicted import PredictedDrafts
 from dllm_lit.prompt_cache import CachedStart
 from dllm_lit.sampling import RowSampler
 from dllm_lit.settings import DecodeSettings
@@ -47,9 +48,11 @@ def decode_lossless_static(
     *,
     fill: int,
     start: CachedStart | None = None,
+    predictions: list[list[int] | None] | None = None,
 ) -> None:
     """Decode left-padded prompts into ``ledger``, exactly the model's own autoregressive output
-    (picked by ``sampler``; ``start``: the prompt cache's, :meth:`~dllm_lit.compiled.StaticForward.prefill`)."""
+    (picked by ``sampler``; ``start``: the prompt cache's, :meth:`~dllm_lit.compiled.StaticForward.prefill`;
+    ``predictions``: each row's expected answer, drafted from (:mod:`dllm_lit.predicted`))."""
     batch, prompt_len = prompt_ids.shape
     device, width = prompt_ids.device, settings.width
     longest = int(ledger.budget.max())
@@ -61,8 +64,12 @@ def decode_lossless_static(
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     top = settings.logprobs
     state = _DeviceRows(ledger.budget, longest + 2 * width, prompt_len - 1, top)
-    fills = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
-    draft = forced_draft(sampler, fills, width - 1, fill)  # fill tokens, but the text a grammar forces
+    predicted = PredictedDrafts(predictions, width, device) if predictions and width > 1 else None
+    rows = torch.arange(batch, device=device)  # the ledger rows of the batch positions
+    draft = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    if predicted is not None:
+        draft = predicted.from_buffer(rows, state.out, state.generated, draft, fill)
+    draft = forced_draft(sampler, draft, width - 1, fill)  # fill tokens, but the text a grammar forces
     logits = forward.prefill(start, prompt_ids, prompt_mask, draft, width, branch)
     lag = device.type == "cuda"
     pending, alternatives = None, None
@@ -78,7 +85,10 @@ def decode_lossless_static(
         scores = pass_scores(logits, tokens, taken, top) if top is not None else None
         last = state.accept(tokens, accepted, ledger.stop_ids, scores)
         sampler.add(tokens, accepted)
-        draft = forced_draft(sampler, next_draft(guesses, accepted.clamp(min=1), fill), width - 1, fill)
+        draft = next_draft(guesses, accepted.clamp(min=1), fill)
+        if predicted is not None:
+            draft = predicted.from_buffer(rows, state.out, state.generated, draft, fill)
+        draft = forced_draft(sampler, draft, width - 1, fill)
         alternatives = None
         if count:
             alternatives = next_alternatives(guess_logits, accepted.clamp(min=1), draft[:, 0], count, fill)
@@ -104,6 +114,7 @@ def decode_lossless_static(
                 alternatives = alternatives[positions] if count else None
                 state.keep(positions)
                 sampler.keep(positions)
+                rows = rows[positions]
         ids = torch.cat([last[:, None], draft] + ([alternatives] if count else []), 1)
         logits = forward(ids, state.start, width, end=end, branch=branch, alternatives=count)
     if start is not None:

@@ -347,9 +347,11 @@ def test_predict_and_the_legacy_flag_run_lossless(tiny_dir, tmp_path):
     assert all(row["tokens_per_forward"] >= 1 for row in read["lossless"])
 
 
+@pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.9, "seed": 5}])
-def test_a_predicted_answer_drafts_the_model_s_own_tokens_in_fewer_forwards(model, sampling):
-    prompts, settings = random_prompts([5, 8, 3], seed=11), {"add_eos_length": 3, "max_new_tokens": 16, **sampling}
+def test_a_predicted_answer_drafts_the_model_s_own_tokens_in_fewer_forwards(model, sampling, backend):
+    settings = {"add_eos_length": 3, "max_new_tokens": 16, "backend": backend, **sampling}
+    prompts = random_prompts([5, 8, 3], seed=11)
     plain = run(model, prompts, **settings)
     answers = [with_stop(row) for row in plain.rows]
     edited = [answer[:5] + [7] + answer[5:] for answer in answers]  # a token slipped in: the rest re-found
