@@ -72,9 +72,7 @@ class PredictedDrafts:
         at = torch.where(follows, at + new, self._realigned(tokens, recent, floor))
         floor = torch.where(at != NONE, at, floor)
         self.at[rows], self.floor[rows], self.seen[rows] = at, floor, generated
-        places = (at.clamp(min=0)[:, None] + torch.arange(self.size, device=tokens.device)).clamp(
-            max=tokens.shape[1] - 1
-        )
+        places = at.clamp(min=0)[:, None] + steps[:, : self.size]  # within the padding: at <= longest
         return torch.where((at != NONE)[:, None], tokens.gather(1, places), NONE)
 
     def _realigned(self, tokens: torch.Tensor, recent: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
