@@ -25,7 +25,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# The edit loop: the unit tests on tiny models (about half a minute).
+# The edit loop: the unit tests on tiny models (about 4 minutes on 2 cores).
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 

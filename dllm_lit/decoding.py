@@ -183,7 +183,8 @@ def generate_blocks(
     if row_predictions is not None and settings.lossless:
         if len(row_predictions) != prompt_ids.shape[0]:
             raise ValueError(f"row_predictions needs one prediction (or None) per prompt ({prompt_ids.shape[0]}).")
-        extra["predictions"] = [list(prediction) if prediction else None for prediction in row_predictions]
+        if any(row_predictions):
+            extra["predictions"] = [list(prediction) if prediction else None for prediction in row_predictions]
     try:
         loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], start=start, **extra)
     except torch.OutOfMemoryError:

@@ -79,7 +79,7 @@ class PredictedDrafts:
         """Per row, where (at or after ``floor``) the answer's last ``n`` tokens end in its prediction,
         for the largest ``n`` up to REALIGN found, the nearest place first; NONE where none is."""
         place = torch.full_like(floor, NONE)
-        for n in range(1, self.REALIGN + 1):  # a longer tail found overrides a shorter one
+        for n in range(1, min(self.REALIGN, tokens.shape[1]) + 1):  # a longer tail found overrides a shorter one
             ends = torch.arange(n, tokens.shape[1] + 1, device=tokens.device)
             match = (tokens.unfold(1, n, 1) == recent[:, None, -n:]).all(2) & (ends[None, :] >= floor[:, None])
             place = torch.where(match.any(1), ends[match.int().argmax(1)], place)

@@ -356,7 +356,7 @@ def test_a_predicted_answer_drafts_the_model_s_own_tokens_in_fewer_forwards(mode
     answers = [with_stop(row) for row in plain.rows]
     edited = [answer[:5] + [7] + answer[5:] for answer in answers]  # a token slipped in: the rest re-found
     forwards = []
-    for predictions in (answers, edited, [answers[0], None, [9, 9, 9]]):
+    for predictions in (answers, edited, [answers[0], None, [9, 9, 9]], [None, [5], None]):
         predicted = run(model, prompts, row_predictions=predictions, **settings)
         assert [with_stop(row) for row in predicted.rows] == answers, "the same answers, whatever predicted"
         forwards.append(predicted.forwards)
