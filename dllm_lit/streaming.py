@@ -20,6 +20,7 @@ client went away (``is_cancelled``), is stopped there and leaves the batch.
 from __future__ import annotations
 
 import difflib
+import os
 import queue
 import threading
 import time
@@ -216,13 +217,22 @@ def ending(job: Job, started: float, reason: str, answer: list[int], forwards: i
     return end | ({"queued": max(0.0, started - job.arrival)} if job.arrival is not None else {})
 
 
+EXACT_DIFF = 1 << 20  # past this many (prediction x answer) token pairs the diff skips popular tokens
+
+
 def prediction_tokens(prediction: list[int] | None, answer: list[int]) -> tuple[int, int]:
     """OpenAI's accepted and rejected prediction tokens: the predicted tokens that the answer repeats
-    (in order, as a diff matches them) and the rest; ``(0, 0)`` without a prediction."""
+    (in order, as a diff matches them) and the rest; ``(0, 0)`` without a prediction. The common
+    beginning and end count at once; a long middle is diffed with difflib's ``autojunk`` (fast; it
+    may count fewer), the count being an estimate there as OpenAI's is."""
     if not prediction:
         return 0, 0
-    matcher = difflib.SequenceMatcher(None, prediction, answer, autojunk=False)
-    accepted = sum(block.size for block in matcher.get_matching_blocks())
+    head = len(os.path.commonprefix([prediction, answer]))
+    rest = min(len(prediction), len(answer)) - head
+    tail = len(os.path.commonprefix([prediction[::-1][:rest], answer[::-1][:rest]]))
+    middle = prediction[head : len(prediction) - tail], answer[head : len(answer) - tail]
+    matcher = difflib.SequenceMatcher(None, *middle, autojunk=len(middle[0]) * len(middle[1]) > EXACT_DIFF)
+    accepted = head + tail + sum(block.size for block in matcher.get_matching_blocks())
     return accepted, len(prediction) - accepted
 
 

@@ -1599,6 +1599,7 @@ def test_a_predicted_answer_comes_back_the_same_in_fewer_forwards(client, tiny_d
         ([1, 2, 3, 4, 5], [1, 2, 9, 4, 5, 6], (4, 1)),  # one token replaced, one added
         ([7, 1, 2, 3], [1, 2], (2, 2)),  # the answer stopped early
         ([5, 6], [1, 2, 3], (0, 2)),
+        ([1] * 3000 + [5] + [2] * 10, [1] * 3000 + [2] * 10, (3010, 1)),  # common ends count at once
     ],
 )
 def test_prediction_tokens_count_the_predicted_tokens_the_answer_repeats(prediction, answer, counts):
