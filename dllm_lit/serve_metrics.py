@@ -5,9 +5,9 @@ Named as vLLM names its own, with the ``dllm_lit:`` prefix, and counted per choi
 finish reason or failed (``error``, ``cancelled``: the client went away), prompt and generated tokens
 (the sums of the responses' ``usage``), prompt tokens read from the prompt cache (vLLM's
 ``prefix_cache_hits``; each prompt once, as ``usage`` counts them), forward passes (tokens per forward is
-``generation_tokens_total / forwards_total``), time to the first token, time in the queue (from the
-request's arrival to its batch's start in the worker) and end-to-end latency, and
-requests refused with an error status before decoding.
+``generation_tokens_total / forwards_total``), Predicted Outputs' accepted and rejected tokens, time
+to the first token, time in the queue (from the request's arrival to its batch's start in the
+worker) and end-to-end latency, and requests refused with an error status before decoding.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ class ServeMetrics:
         )
         self.generation_tokens = Counter("dllm_lit:generation_tokens", "Tokens generated.", registry=registry)
         self.forwards = Counter("dllm_lit:forwards", "Forward passes of the finished choices.", registry=registry)
+        self.prediction_tokens = Counter(
+            "dllm_lit:prediction_tokens",
+            "Predicted Outputs' tokens, accepted (the answer repeats them) or rejected (as usage counts them).",
+            ["kind"],
+            registry=registry,
+        )
         self.first_token = Histogram(
             "dllm_lit:time_to_first_token_seconds",
             "Seconds from a request's arrival to its choice's first committed text.",
@@ -117,6 +123,8 @@ class RequestMeter:
             metrics.generation_tokens.inc(event["completion_tokens"])
             metrics.cached_tokens.inc(event["cached_tokens"] / self.per_prompt)
             metrics.forwards.inc(event["forwards"])
+            for kind in ("accepted", "rejected"):
+                metrics.prediction_tokens.labels(kind).inc(event[f"{kind}_prediction_tokens"])
             metrics.latency.observe(seconds)
             if "queued" in event:
                 metrics.queued.observe(event["queued"])

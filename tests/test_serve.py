@@ -942,7 +942,9 @@ def grown(before: dict, after: dict, name: str, **labels) -> float:
 def test_metrics_count_the_choices_tokens_and_forwards_the_responses_report(server, client, tiny_dir):
     base, _ = server
     before = metrics(base)
-    chat = client.chat.completions.create(model=tiny_dir, messages=[{"role": "user", "content": "Hi"}])
+    chat = client.chat.completions.create(
+        model=tiny_dir, messages=[{"role": "user", "content": "Hi"}], prediction={"type": "content", "content": "Hi!"}
+    )
     many = client.completions.create(model=tiny_dir, prompt=["1+1=", "22+22="], n=2, max_tokens=5, temperature=0.8)
     kwargs = {"stream": True, "stream_options": {"include_usage": True}}
     chunks = list(client.completions.create(model=tiny_dir, prompt="12+34=", max_tokens=3, **kwargs))
@@ -954,6 +956,11 @@ def test_metrics_count_the_choices_tokens_and_forwards_the_responses_report(serv
     counted = {"prompt_tokens": "prompt_tokens", "completion_tokens": "generation_tokens", "forwards": "forwards"}
     for field, name in counted.items():
         assert grown(before, after, f"dllm_lit:{name}_total") == sum(getattr(u, field) for u in usages), name
+    predicted = chat.usage.completion_tokens_details
+    for kind in ("accepted", "rejected"):
+        count = getattr(predicted, f"{kind}_prediction_tokens")
+        assert grown(before, after, "dllm_lit:prediction_tokens_total", kind=kind) == count, kind
+    assert predicted.accepted_prediction_tokens + predicted.rejected_prediction_tokens == 3, "'Hi!': three tokens"
     reasons = [c.finish_reason for c in chat.choices + many.choices] + [chunks[-2].choices[0].finish_reason]
     for reason in set(reasons):
         assert grown(before, after, "dllm_lit:request_success_total", finished_reason=reason) == reasons.count(reason)
