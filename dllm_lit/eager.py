@@ -23,7 +23,7 @@ class CommittedBatch:
     are final (``cached`` leading columns). Without a cache every pass re-encodes everything."""
 
     def __init__(self, model: torch.nn.Module, prompt_ids, prompt_mask, use_cache: bool, start: CachedStart | None):
-        self.model, self.start, self.prompt_cache = model, start, start
+        self.model, self.start, self.prompts_kept = model, start, False
         self.ids, self.mask, self.cached = prompt_ids, prompt_mask, 0
         self.cache = DynamicCache() if use_cache else None
         if start is not None and start.length:  # the prompts' beginning is cached already
@@ -47,9 +47,9 @@ class CommittedBatch:
             use_cache=self.cache is not None,
             **kwargs,
         ).logits[:, -predict:]
-        if self.start is not None:  # the prompts' K/V are in the cache now: keep them for later calls
-            self.start.keep(self.cache)
-            self.start = None
+        if self.start is not None and not self.prompts_kept:  # the prompts' K/V are in the cache now:
+            self.start.keep(self.cache)  # kept for later calls
+            self.prompts_kept = True
         self.cached = self.ids.shape[1]  # the K/V of the block inputs are drafts, not final
         return logits
 
@@ -64,12 +64,12 @@ class CommittedBatch:
     def keep_answers(self, finished: torch.Tensor) -> None:
         """Store each ``finished`` row's prompt and the answer tokens whose K/V are final (all blocks
         but the last, in full after a fixed point) in the prompt cache, for a chat's next turn."""
-        if self.prompt_cache is None or self.cache is None:
+        if self.start is None or self.cache is None:
             return
         for position in finished.nonzero().squeeze(1).tolist():
             mask = self.mask[position, : self.cached].bool()
             tokens = self.ids[position, : self.cached][mask].tolist()
-            self.prompt_cache.keep_row(self.cache, position, mask.nonzero().squeeze(1), tokens)
+            self.start.keep_row(self.cache, position, mask.nonzero().squeeze(1), tokens)
 
     def keep_rows(self, still: torch.Tensor) -> None:
         """Drop every row not listed in ``still`` (finished rows leave the batch and the cache)."""
