@@ -2,7 +2,7 @@
 
 :func:`chat_body` turns a request into the chat completion it amounts to: ``instructions`` and
 ``input`` become the messages (text, earlier ``function_call`` items and their
-``function_call_output``), ``max_output_tokens`` the ``max_tokens``, ``text.format`` the
+``function_call_output``; an ``item_reference`` stands for the stored item with its id), ``max_output_tokens`` the ``max_tokens``, ``text.format`` the
 ``response_format``, the flat function ``tools`` and ``tool_choice`` the chat's nested ones, and
 ``include: ["message.output_text.logprobs"]`` with ``top_logprobs`` the chat's logprobs; dllm_lit's
 and vLLM's own fields pass through. Finished responses are kept in memory (:class:`ResponseStore`,
@@ -156,7 +156,8 @@ def read_item(raw: Any, number: int) -> BaseModel:
     """One ``input`` item (a message when it names no ``type``), or a 400 naming it."""
     kind = raw.get("type", "message") if isinstance(raw, dict) else None
     if kind not in ITEMS:
-        raise OpenAIError(400, f"input.{number} is a message, function_call or function_call_output.", "input")
+        message = f"input.{number} is a message, function_call, function_call_output or item_reference."
+        raise OpenAIError(400, message, "input")
     return validated(ITEMS[kind], raw, f"input.{number}.")
 
 
@@ -175,6 +176,8 @@ def chat_body(body: Any, store: ResponseStore) -> tuple[dict[str, Any], Response
     if request.background and not request.store:
         message = "A background response is kept and read with GET /v1/responses/{id}: it needs store true."
         raise OpenAIError(400, message, "background")
+    if isinstance(request.input, list):  # an ``item_reference`` stands for a stored item
+        request.input = [store.referenced(raw, number) for number, raw in enumerate(request.input)]
     earlier = store.conversation(request.previous_response_id) if request.previous_response_id else []
     unknown = [name for name in request.include or [] if name != LOGPROBS]
     if unknown:
@@ -285,6 +288,18 @@ class ResponseStore:
             stop()
             response["status"] = "cancelled"
         return response
+
+    def referenced(self, raw: Any, number: int) -> Any:
+        """An input item, or for an ``item_reference`` (``{"type": "item_reference", "id": ...}``) the
+        stored input or output item with that id, the most recent response's first; or a 400."""
+        if not isinstance(raw, dict) or raw.get("type") != "item_reference":
+            return raw
+        for response, conversation in reversed(self.kept.values()):
+            for item in [*response["output"], *conversation]:
+                if isinstance(item, dict) and item.get("id") == raw.get("id"):
+                    return item
+        message = f"input.{number}: no stored item has the id {raw.get('id')!r} (a restart forgets them)."
+        raise OpenAIError(400, message, "input")
 
     def log(self, response_id: str) -> EventLog:
         """A background response's events (a 400 for one that was not streamed)."""

@@ -826,7 +826,10 @@ def until_ended(client, response_id: str, still=("queued", "in_progress"), timeo
     [
         ({"conversation": "conv_1"}, "conversation is not supported: continue a response with previous_response_id"),
         ({"include": ["file_search_call.results"]}, "include: 'file_search_call.results' is not supported"),
-        ({"input": [{"type": "image", "url": "x"}]}, "input.0 is a message, function_call or function_call_output."),
+        (
+            {"input": [{"type": "image", "url": "x"}]},
+            "input.0 is a message, function_call, function_call_output or item_reference.",
+        ),
         ({"input": [{"role": "robot", "content": "hi"}]}, "input.0.role"),
         ({"tools": RESPONSE_TOOLS, "tool_choice": {"type": "function", "name": "g"}}, "'g', which is not one of"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
@@ -1493,6 +1496,23 @@ def test_browser_pages_call_the_server_only_from_the_allowed_origins(allowed, or
         allowed_here = page == origin
         assert answer.status_code == (status if allowed_here or allowed is None else 400), (page, answer.text)
         assert answer.headers.get("access-control-allow-origin") == (page if allowed_here else None)
+
+
+def test_an_item_reference_stands_for_the_stored_item_with_its_id():
+    from dllm_lit.openai_api import OpenAIError
+    from dllm_lit.responses_api import ResponseStore, chat_body
+
+    store = ResponseStore()
+    asked = {"type": "message", "id": "msg_1", "role": "user", "content": "What is 1+2?"}
+    call = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "add", "arguments": '{"a": 1}'}
+    store.keep({"id": "resp_1", "status": "completed", "output": [call]}, [asked])
+    answer = {"type": "function_call_output", "call_id": "call_1", "output": "3"}
+    referenced = [{"type": "item_reference", "id": "msg_1"}, {"type": "item_reference", "id": "fc_1"}, answer]
+    chat, _, conversation = chat_body({"model": "m", "input": referenced}, store)
+    assert chat == chat_body({"model": "m", "input": [asked, call, answer]}, store)[0]
+    assert conversation == [asked, call, answer], "kept as the items themselves"
+    with pytest.raises(OpenAIError, match="input.1: no stored item has the id 'fc_2'"):
+        chat_body({"model": "m", "input": [answer, {"type": "item_reference", "id": "fc_2"}]}, store)
 
 
 def test_an_event_log_gives_each_reader_the_events_after_its_own_and_then_the_new_ones():
