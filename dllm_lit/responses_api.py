@@ -2,10 +2,11 @@
 
 :func:`chat_body` turns a request into the chat completion it amounts to: ``instructions`` and
 ``input`` become the messages (text, earlier ``function_call`` items and their
-``function_call_output``; an ``item_reference`` stands for the stored item with its id), ``max_output_tokens`` the ``max_tokens``, ``text.format`` the
-``response_format``, the flat function ``tools`` and ``tool_choice`` the chat's nested ones, and
-``include: ["message.output_text.logprobs"]`` with ``top_logprobs`` the chat's logprobs; dllm_lit's
-and vLLM's own fields pass through. Finished responses are kept in memory (:class:`ResponseStore`,
+``function_call_output``; an ``item_reference`` stands for the stored item with its id),
+``max_output_tokens`` the ``max_tokens``, ``text.format`` the ``response_format``, the flat function
+``tools`` and ``tool_choice`` the chat's nested ones, and ``include:
+["message.output_text.logprobs"]`` with ``top_logprobs`` the chat's logprobs; dllm_lit's and vLLM's
+own fields pass through. Finished responses are kept in memory (:class:`ResponseStore`,
 unless ``store`` is false), so that ``previous_response_id`` continues one: its input and output
 come before the new input (its ``instructions`` do not, as OpenAI's), and ``GET``/``DELETE
 /v1/responses/{id}`` read and remove one. A ``background`` response is kept from the start, as it
