@@ -106,6 +106,7 @@ class OpenAIBlockSpec(LitSpec):
         self.add_endpoint("/v1/responses", self.responses, ["POST"])
         self.add_endpoint("/v1/responses/{response_id}", self.stored_response, ["GET", "DELETE"])
         self.add_endpoint("/v1/responses/{response_id}/cancel", self.cancel_response, ["POST"])
+        self.add_endpoint("/v1/responses/{response_id}/input_items", self.input_items, ["GET"])
         self.add_endpoint("/v1/models", self.models, ["GET"])
         self.add_endpoint("/tokenize", self.tokenize, ["POST"])
         self.add_endpoint("/detokenize", self.detokenize, ["POST"])
@@ -273,6 +274,18 @@ class OpenAIBlockSpec(LitSpec):
                 return self.stored.response(response_id)
             log = self.stored.log(response_id)
             return self._event_stream(log.read(starting_after(request.query_params.get("starting_after", "-1"))))
+        except OpenAIError as error:
+            return JSONResponse(error.body(), error.status)
+
+    async def input_items(self, request: Request, response_id: str):
+        """``GET /v1/responses/{id}/input_items`` (``order``, ``limit``, ``after``): the items it answered."""
+        try:
+            self._authorize(request)
+            query = request.query_params
+            limit = query.get("limit", "20")
+            if not limit.isdigit():
+                raise OpenAIError(400, f"limit must be a count from 1 to 100, got {limit!r}.", "limit")
+            return self.stored.input_items(response_id, query.get("order", "desc"), int(limit), query.get("after"))
         except OpenAIError as error:
             return JSONResponse(error.body(), error.status)
 

@@ -266,6 +266,9 @@ class ResponseStore:
         self._add(response, conversation)
 
     def _add(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        for item in conversation:  # ids for ``input_items`` and ``item_reference``, given once
+            if isinstance(item, dict) and "id" not in item:
+                item["id"] = item_id(ITEM_PREFIXES.get(item.get("type", "message"), "item"))
         self.kept[response["id"]] = (response, conversation)
         self.kept.move_to_end(response["id"])
         while len(self.kept) > self.capacity:
@@ -301,6 +304,23 @@ class ResponseStore:
                     return item
         message = f"input.{number}: no stored item has the id {raw.get('id')!r} (a restart forgets them)."
         raise OpenAIError(400, message, "input")
+
+    def input_items(self, response_id: str, order: str = "desc", limit: int = 20, after: str | None = None) -> dict:
+        """``GET /v1/responses/{id}/input_items``: a page of the items the response answered (its
+        previous response's conversation too), as OpenAI lists them."""
+        if order not in ("asc", "desc") or not 1 <= limit <= 100:
+            raise OpenAIError(400, "input_items takes order asc or desc and a limit from 1 to 100.", "order")
+        self.response(response_id)  # a 404 if unknown
+        items = [listed(item) for item in self.kept[response_id][1]]
+        items = items[::-1] if order == "desc" else items
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise OpenAIError(400, f"after: no input item of {response_id!r} has the id {after!r}.", "after")
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)
+        return {"object": "list", "data": page, "first_id": first, "last_id": last, "has_more": len(items) > limit}
 
     def log(self, response_id: str) -> EventLog:
         """A background response's events (a 400 for one that was not streamed)."""
@@ -351,6 +371,18 @@ def response_usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
         "output_tokens_details": {"reasoning_tokens": usage.pop("completion_tokens_details")["reasoning_tokens"]},
         **usage,
     }
+
+
+ITEM_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def listed(item: dict[str, Any]) -> dict[str, Any]:
+    """A conversation item as OpenAI lists it: a message's text content as a list of text parts."""
+    if item.get("type", "message") != "message" or not isinstance(item.get("content"), str):
+        return item
+    kind = "output_text" if item["role"] == "assistant" else "input_text"
+    part = {"type": kind, "text": item["content"]} | ({"annotations": []} if kind == "output_text" else {})
+    return {"type": "message", "status": "completed", **item, "content": [part]}
 
 
 def item_id(prefix: str) -> str:

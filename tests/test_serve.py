@@ -719,6 +719,8 @@ def test_a_response_continues_a_stored_one_as_the_chat_of_the_whole_conversation
     messages.append({"role": "user", "content": "And 3+3?"})  # the instructions are not carried over, as OpenAI's
     chat = client.chat.completions.create(model=tiny_dir, messages=messages)
     assert second.output_text == chat.choices[0].message.content and second.previous_response_id == first.id
+    listed = client.responses.input_items.list(second.id, order="asc")
+    assert [(item.role, item.content[0].text) for item in listed.data] == [(m["role"], m["content"]) for m in messages]
     client.responses.delete(first.id)
     third = client.responses.create(model=tiny_dir, input="Thanks.", previous_response_id=second.id, store=False)
     messages += [{"role": "assistant", "content": second.output_text}, {"role": "user", "content": "Thanks."}]
@@ -1513,6 +1515,32 @@ def test_an_item_reference_stands_for_the_stored_item_with_its_id():
     assert conversation == [asked, call, answer], "kept as the items themselves"
     with pytest.raises(OpenAIError, match="input.1: no stored item has the id 'fc_2'"):
         chat_body({"model": "m", "input": [answer, {"type": "item_reference", "id": "fc_2"}]}, store)
+
+
+def test_input_items_list_what_a_response_answered_a_page_at_a_time():
+    from dllm_lit.openai_api import OpenAIError
+    from dllm_lit.responses_api import ResponseStore
+
+    store = ResponseStore()
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    conversation = [
+        {"role": "user", "content": "hi"},
+        call,
+        {"type": "function_call_output", "call_id": "c", "output": "1"},
+    ]
+    store.keep({"id": "r", "status": "completed", "output": []}, conversation)
+    whole = store.input_items("r", order="asc")
+    assert [item["type"] for item in whole["data"]] == ["message", "function_call", "function_call_output"]
+    assert whole["data"][0]["content"] == [{"type": "input_text", "text": "hi"}] and not whole["has_more"]
+    ids = [item["id"] for item in whole["data"]]
+    assert len(set(ids)) == 3 and store.input_items("r", order="asc") == whole, "each item's id given once"
+    page = store.input_items("r", limit=2)  # the newest first, as OpenAI's default
+    assert [item["id"] for item in page["data"]] == ids[:0:-1] and page["has_more"] and page["last_id"] == ids[1]
+    rest = store.input_items("r", limit=2, after=page["last_id"])
+    assert [item["id"] for item in rest["data"]] == ids[:1] and not rest["has_more"]
+    for bad in ({"order": "up"}, {"limit": 0}, {"after": "msg_x"}):
+        with pytest.raises(OpenAIError):
+            store.input_items("r", **bad)
 
 
 def test_an_event_log_gives_each_reader_the_events_after_its_own_and_then_the_new_ones():
