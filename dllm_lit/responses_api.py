@@ -377,12 +377,14 @@ ITEM_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output"
 
 
 def listed(item: dict[str, Any]) -> dict[str, Any]:
-    """A conversation item as OpenAI lists it: a message's text content as a list of text parts."""
-    if item.get("type", "message") != "message" or not isinstance(item.get("content"), str):
+    """A conversation item as OpenAI lists it: a message typed, its text content a list of text parts."""
+    if item.get("type", "message") != "message":
         return item
-    kind = "output_text" if item["role"] == "assistant" else "input_text"
-    part = {"type": kind, "text": item["content"]} | ({"annotations": []} if kind == "output_text" else {})
-    return {"type": "message", "status": "completed", **item, "content": [part]}
+    content = item.get("content")
+    if isinstance(content, str):
+        kind = "output_text" if item.get("role") == "assistant" else "input_text"
+        content = [{"type": kind, "text": content} | ({"annotations": []} if kind == "output_text" else {})]
+    return {"type": "message", "status": "completed", **item, "content": content}
 
 
 def item_id(prefix: str) -> str:
