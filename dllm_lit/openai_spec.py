@@ -422,11 +422,19 @@ class OpenAIBlockSpec(LitSpec):
             raise OpenAIError(400, str(error), "messages") from None
 
     def _submit(self, job: Job) -> AsyncIterator:
-        """Queue the job for the worker; return its stream of ``(data, status)``."""
+        """Queue the job for the worker; return its stream of ``(data, status)``, which releases the
+        job's response buffer when it ends (the worker's later events for it are dropped)."""
         queued, event = deque(), asyncio.Event()
         self.response_buffer[job.uid] = ResponseBufferItem(response_queue=queued, event=event)
         self.request_queue.put((self.response_queue_id, job.uid, time.monotonic(), job))
-        return self.data_streamer(queued, event, send_status=True)
+        return self._released(job.uid, self.data_streamer(queued, event, send_status=True))
+
+    async def _released(self, uid: str, stream: AsyncIterator) -> AsyncIterator:
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            self.response_buffer.pop(uid, None)
 
     async def _merged(self, streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, dict]]:
         """``(choice index, event)`` from every job's stream as they come: the worker's non-empty
@@ -435,12 +443,13 @@ class OpenAIBlockSpec(LitSpec):
 
         async def pump(index: int, stream: AsyncIterator) -> None:
             try:
-                async for data, status in stream:
-                    if status == LitAPIStatus.ERROR:
-                        queue.put_nowait((index, {"error": f"Decoding failed: {data}"}))
-                        break
-                    if event := json.loads(data):
-                        queue.put_nowait((index, event))
+                async with contextlib.aclosing(stream):  # its buffer released at once, even after an error
+                    async for data, status in stream:
+                        if status == LitAPIStatus.ERROR:
+                            queue.put_nowait((index, {"error": f"Decoding failed: {data}"}))
+                            break
+                        if event := json.loads(data):
+                            queue.put_nowait((index, event))
             except Exception as error:  # a broken stream ends its choice with an error, never a hang
                 queue.put_nowait((index, {"error": f"Decoding failed: {error}"}))
             finally:

@@ -1543,6 +1543,33 @@ def test_input_items_list_what_a_response_answered_a_page_at_a_time():
             store.input_items("r", **bad)
 
 
+def test_a_job_s_response_buffer_is_released_when_its_stream_ends():
+    import asyncio
+    import queue
+
+    from litserve import LitServer
+    from litserve.utils import LitAPIStatus
+
+    from dllm_lit.openai_spec import OpenAIBlockSpec
+    from dllm_lit.settings import DecodeSettings
+
+    spec = OpenAIBlockSpec.__new__(OpenAIBlockSpec)  # only what _submit reads
+    spec.response_buffer, spec.request_queue, spec.response_queue_id = {}, queue.Queue(), 0
+    spec.data_streamer = LitServer.data_streamer
+
+    async def run(ending):
+        stream = spec._submit(Job("u", [1, 2], DecodeSettings()))
+        item = spec.response_buffer["u"]
+        item.response_queue.extend([('{"text": "a"}', LitAPIStatus.OK), ending])
+        item.event.set()
+        return [event async for event in spec._merged([stream])]
+
+    finished = asyncio.run(run(("", LitAPIStatus.FINISH_STREAMING)))
+    assert finished == [(0, {"text": "a"})] and spec.response_buffer == {}
+    failed = asyncio.run(run(("boom", LitAPIStatus.ERROR)))
+    assert failed[-1] == (0, {"error": "Decoding failed: boom"}) and spec.response_buffer == {}
+
+
 def test_an_event_log_gives_each_reader_the_events_after_its_own_and_then_the_new_ones():
     import asyncio
 
