@@ -254,13 +254,10 @@ class OpenAIBlockSpec(LitSpec):
             gathered = await self._gather(events, exchange)
         except Exception as error:  # kept as failed, never in progress for ever
             gathered = JSONResponse(OpenAIError(500, f"Decoding failed: {error}").body(), 500)
-        cancelled = builder.response["status"] == "cancelled"
-        if isinstance(gathered, JSONResponse):
+        if isinstance(gathered, JSONResponse):  # the builder keeps a cancelled response cancelled
             builder.fail(json.loads(gathered.body)["error"]["message"])
         else:
             self._answer(builder, exchange, gathered)
-        if cancelled:
-            builder.response["status"] = "cancelled"
         self.stored.end(builder.response, conversation)
 
     async def stored_response(self, request: Request, response_id: str):

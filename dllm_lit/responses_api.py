@@ -450,7 +450,9 @@ class ResponseBuilder:
         return events
 
     def fail(self, message: str) -> list[tuple[str, dict]]:
-        self.response |= {"status": "failed", "error": {"code": "server_error", "message": message}}
+        """The failure event; a response cancelled meanwhile stays ``cancelled`` (with the error)."""
+        status = "cancelled" if self.response["status"] == "cancelled" else "failed"
+        self.response |= {"status": status, "error": {"code": "server_error", "message": message}}
         return [self._event("response.failed", response=self.response)]
 
     def _event(self, kind: str, **data: Any) -> tuple[str, dict]:

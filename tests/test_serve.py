@@ -1570,6 +1570,21 @@ def test_a_job_s_response_buffer_is_released_when_its_stream_ends():
     assert failed[-1] == (0, {"error": "Decoding failed: boom"}) and spec.response_buffer == {}
 
 
+def test_a_cancelled_response_that_then_fails_stays_cancelled_with_the_error():
+    from dllm_lit.responses_api import ResponseBuilder, ResponsesRequest
+    from dllm_lit.settings import DecodeSettings
+
+    for status, ended in (("in_progress", "failed"), ("cancelled", "cancelled")):
+        builder = ResponseBuilder(ResponsesRequest(model="m", input="hi"), "m", DecodeSettings(), None)
+        builder.response["status"] = status
+        ((kind, data),) = builder.fail("boom")
+        assert (kind, data["response"]["status"], data["response"]["error"]["message"]) == (
+            "response.failed",
+            ended,
+            "boom",
+        )
+
+
 def test_an_event_log_gives_each_reader_the_events_after_its_own_and_then_the_new_ones():
     import asyncio
 
