@@ -262,7 +262,7 @@ def decode_lossless(
     predicted = PredictedDrafts(predictions, settings.width, device) if predictions and settings.width > 1 else None
     draft = torch.full((active.numel(), settings.width - 1), fill, dtype=prompt_ids.dtype, device=device)
     if predicted is not None:
-        draft = predicted.from_lists(active, [ledger.tokens[row] for row in active.tolist()], draft, fill)
+        draft = predicted.from_lists(active, ledger.tokens, draft, fill)
     draft, alternatives = forced_draft(sampler, draft, settings.width - 1, fill), None
     while active.numel() > 0:
         logits = penalized(sampler, batch.forward(draft, alternatives), draft, alternatives)
@@ -291,7 +291,7 @@ def decode_lossless(
         if lookup is not None and width == 1:  # the model's own drafts do not pay: look the text up
             draft = lookup.drafts(active.tolist(), ledger.tokens, settings.width - 1, fill, device)
         if predicted is not None:
-            draft = predicted.from_lists(active, [ledger.tokens[row] for row in active.tolist()], draft, fill)
+            draft = predicted.from_lists(active, ledger.tokens, draft, fill)
         draft = forced_draft(sampler, draft, settings.width - 1, fill)
 
 

@@ -39,8 +39,9 @@ class PredictedDrafts:
         self.floor = torch.zeros_like(self.at)  # the furthest place the answer followed its prediction
         self.seen = torch.zeros_like(self.at)  # answer tokens read so far
 
-    def from_lists(self, rows: torch.Tensor, answers: list[list[int]], draft: torch.Tensor, fill: int):
-        """:meth:`merged` for answers held as lists (the eager loop's ledger)."""
+    def from_lists(self, rows: torch.Tensor, tokens: list[list[int]], draft: torch.Tensor, fill: int):
+        """:meth:`merged` for answers held as lists (the eager loop's ledger: ``tokens[row]``)."""
+        answers = [tokens[row] for row in rows.tolist()]
         lengths = torch.tensor(list(map(len, answers)), dtype=torch.long, device=draft.device)
         return self.merged(rows, recent_ids(answers, self.span, draft.device), lengths, draft, fill)
 

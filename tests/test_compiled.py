@@ -99,7 +99,7 @@ def test_exact_settings_equal_greedy_generate(model):
     for row, hf in zip(
         run(model, PROMPTS, add_eos_length=7, refine_iter=8, max_new_tokens=30, backend="cuda_graph").rows, expected
     ):
-        ours = row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else [])
+        ours = row.ids_with_stop
         assert ours == hf[: len(ours)]
 
 

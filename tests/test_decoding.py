@@ -54,7 +54,7 @@ def test_exact_settings_equal_greedy_generate(model, width, refine_iter, prompts
     )[:, ids.shape[1] :]
     result = run(model, prompts, add_eos_length=width - 1, refine_iter=refine_iter, max_new_tokens=40)
     for row, hf in zip(result.rows, expected.tolist()):
-        ours = row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else [])
+        ours = row.ids_with_stop
         assert ours == hf[: len(ours)]
         assert len(ours) == 40 or hf[len(ours) - 1] == EOS
 

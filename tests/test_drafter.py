@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from test_lossless import greedy, with_stop
+from test_lossless import greedy
 
 from conftest import EOS, LOSSLESS_MODELS, MODELS, ROOT, left_pad, random_prompts
 from dllm_lit import generate_blocks
@@ -81,7 +81,7 @@ def test_lossless_with_a_draft_adapter_equals_the_base_models_greedy_generate(na
     base, drafter = with_drafter(name, 0.5)
     for prompts in (PROMPTS[:1], PROMPTS):
         result = lossless(drafter, prompts, add_eos_length=width - 1, adaptive_window=True)
-        assert [with_stop(row) for row in result.rows] == greedy(base, prompts, 40)
+        assert [row.ids_with_stop for row in result.rows] == greedy(base, prompts, 40)
         assert all(row.forwards <= row.num_generated for row in result.rows)
     assert lossless(drafter).accepted_per_pass != lossless(base).accepted_per_pass, "the adapter drafts"
 
@@ -90,7 +90,7 @@ def test_alternatives_come_from_the_draft_adapter_and_save_passes():
     base, drafter = with_drafter("llama", 0.5)
     without = lossless(drafter, draft_alternatives=0)
     with_them = lossless(drafter, draft_alternatives=4)
-    assert [with_stop(row) for row in with_them.rows] == greedy(base, PROMPTS, 40)
+    assert [row.ids_with_stop for row in with_them.rows] == greedy(base, PROMPTS, 40)
     assert with_them.forwards < without.forwards
 
 
@@ -105,7 +105,7 @@ def test_the_compiled_path_drafts_with_the_adapter_as_the_eager_loop_does(name, 
         compiled = lossless(drafter, prompts, backend=backend)
         assert compiled.rows == eager.rows
         assert compiled.accepted_per_pass == eager.accepted_per_pass
-    assert [with_stop(row) for row in compiled.rows] == greedy(base, PROMPTS, 40)
+    assert [row.ids_with_stop for row in compiled.rows] == greedy(base, PROMPTS, 40)
     assert compiled.accepted_per_pass != lossless(base, backend=backend).accepted_per_pass, "the adapter drafts"
 
 
@@ -124,7 +124,7 @@ def test_other_modes_decode_the_base_model(mode):
 
 def test_gpt2_models_take_a_draft_adapter_too():
     base, drafter = with_drafter("gpt2", 0.5)
-    assert [with_stop(row) for row in lossless(drafter).rows] == greedy(base, PROMPTS, 40)
+    assert [row.ids_with_stop for row in lossless(drafter).rows] == greedy(base, PROMPTS, 40)
 
 
 def test_a_draft_adapter_trains_on_the_blocks_while_the_base_reads_the_clean_tokens():

@@ -80,7 +80,7 @@ def decode(model, prompts=PROMPTS, **settings) -> list[list[int]]:
     result = generate_blocks(
         model, ids, attention_mask=mask, eos_token_id=EOS, tokenizer=TOKENIZER, max_new_tokens=40, **settings
     )
-    return [row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else []) for row in result.rows]
+    return [row.ids_with_stop for row in result.rows]
 
 
 @pytest.mark.parametrize("backend", ["eager", "cuda_graph"])

@@ -29,10 +29,6 @@ def run(model, prompts, **kwargs):
     return generate_blocks(model, ids, attention_mask=mask, eos_token_id=EOS, lossless=True, **kwargs)
 
 
-def with_stop(row) -> list[int]:
-    return row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else [])
-
-
 def greedy(model, prompts, max_new_tokens: int, stop=(EOS,)) -> list[list[int]]:
     """HF greedy generate, cut after the first stop token."""
     ids, mask = left_pad(prompts)
@@ -59,7 +55,7 @@ BACKENDS = pytest.mark.parametrize("backend", ["eager", "cuda_graph"])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS, WITH_EOS], ids=["batch1", "padded3", "eos-in-prompt"])
 def test_greedy_lossless_equals_generate(model, width, prompts, backend):
     result = run(model, prompts, add_eos_length=width - 1, max_new_tokens=40, backend=backend)
-    assert [with_stop(row) for row in result.rows] == greedy(model, prompts, 40)
+    assert [row.ids_with_stop for row in result.rows] == greedy(model, prompts, 40)
     for row in result.rows:
         assert row.forwards <= row.num_generated, "at least one token per forward"
         if width == 1:
@@ -82,12 +78,12 @@ def test_stop_ids_and_length_cuts_are_exact(model, width, backend):
     stop = plain[0].token_ids[4]
     settings = dict(add_eos_length=width - 1, backend=backend)
     stopped = run(model, PROMPTS, max_new_tokens=30, stop_token_ids=[stop], **settings).rows
-    assert [with_stop(r) for r in stopped] == greedy(model, PROMPTS, 30, stop=(EOS, stop))
+    assert [r.ids_with_stop for r in stopped] == greedy(model, PROMPTS, 30, stop=(EOS, stop))
     assert stopped[0].stop_token_id == stop
     by_length = run(model, PROMPTS, max_new_tokens=100, max_length=17, **settings).rows
     for prompt, row, full in zip(PROMPTS, by_length, plain):
         assert len(prompt) + row.num_generated <= 17
-        assert with_stop(row) == with_stop(full)[: row.num_generated]
+        assert row.ids_with_stop == full.ids_with_stop[: row.num_generated]
         assert row.stop_reason == "eos" or len(prompt) + row.num_generated == 17
     short = run(model, PROMPTS, max_new_tokens=7, **settings).rows
     assert all(r.stop_reason == "eos" or (r.stop_reason, r.num_generated) == ("max_new_tokens", 7) for r in short)
@@ -100,7 +96,7 @@ def test_batched_equals_one_by_one(model, width, backend):
     settings = dict(add_eos_length=width - 1, max_new_tokens=30, backend=backend)
     batched = run(model, prompts, **settings).rows
     alone = [run(model, [p], **settings).rows[0] for p in prompts]
-    assert [with_stop(r) for r in batched] == [with_stop(r) for r in alone]
+    assert [r.ids_with_stop for r in batched] == [r.ids_with_stop for r in alone]
 
 
 def summary(result):
@@ -156,7 +152,7 @@ def test_prompt_lookup_drafts_what_followed_the_latest_earlier_match():
 def test_prompt_lookup_never_changes_the_tokens(model, width):
     settings = dict(add_eos_length=width - 1, max_new_tokens=60, prompt_lookup_max=3, prompt_lookup_min=1)
     result = run(model, PROMPTS, **settings)
-    assert [with_stop(row) for row in result.rows] == greedy(model, PROMPTS, 60)
+    assert [row.ids_with_stop for row in result.rows] == greedy(model, PROMPTS, 60)
 
 
 def test_prompt_lookup_saves_passes_where_the_models_drafts_do_not():
@@ -175,7 +171,7 @@ def test_the_adaptive_window_never_changes_the_tokens(name):
         run(model, PROMPTS, add_eos_length=7, max_new_tokens=60, adaptive_window=on, draft_alternatives=0)
         for on in (False, True)
     )
-    assert [with_stop(r) for r in adaptive.rows] == [with_stop(r) for r in fixed.rows]
+    assert [r.ids_with_stop for r in adaptive.rows] == [r.ids_with_stop for r in fixed.rows]
     if name == "llama":  # drafts are never right: the adaptive window spends one-token passes
         assert adaptive.forwards == fixed.forwards == max(r.num_generated for r in fixed.rows)
 
@@ -192,7 +188,7 @@ def test_alternatives_for_the_first_draft_token_save_passes_and_never_change_the
     without = run(model, PROMPTS, draft_alternatives=0, **settings)
     for count in (1, 5):
         batched = run(model, PROMPTS, draft_alternatives=count, **settings)
-        assert [with_stop(row) for row in batched.rows] == greedy(model, PROMPTS, 60)
+        assert [row.ids_with_stop for row in batched.rows] == greedy(model, PROMPTS, 60)
         alone = [run(model, [prompt], draft_alternatives=count, **settings).rows[0] for prompt in PROMPTS]
         assert batched.rows == alone
         assert sum(row.forwards for row in batched.rows) < sum(row.forwards for row in without.rows)
@@ -353,12 +349,12 @@ def test_a_predicted_answer_drafts_the_model_s_own_tokens_in_fewer_forwards(mode
     settings = {"add_eos_length": 3, "max_new_tokens": 16, "backend": backend, **sampling}
     prompts = random_prompts([5, 8, 3], seed=11)
     plain = run(model, prompts, **settings)
-    answers = [with_stop(row) for row in plain.rows]
+    answers = [row.ids_with_stop for row in plain.rows]
     edited = [answer[:5] + [7] + answer[5:] for answer in answers]  # a token slipped in: the rest re-found
     forwards = []
     for predictions in (answers, edited, [answers[0], None, [9, 9, 9]], [None, [5], None]):
         predicted = run(model, prompts, row_predictions=predictions, **settings)
-        assert [with_stop(row) for row in predicted.rows] == answers, "the same answers, whatever predicted"
+        assert [row.ids_with_stop for row in predicted.rows] == answers, "the same answers, whatever predicted"
         forwards.append(predicted.forwards)
     assert forwards[0] <= 16 // 4 + 1, "a right prediction: W tokens a pass"
     assert forwards[1] <= forwards[0] + 2, "an edit costs its pass, and the answer finds its place again"

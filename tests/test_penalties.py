@@ -72,7 +72,7 @@ def greedy(model, prompt: list[int], max_new_tokens: int, penalties: dict, **opt
 def run(model, prompts=PROMPTS, **settings):
     ids, mask = left_pad(prompts)
     result = generate_blocks(model, ids, attention_mask=mask, eos_token_id=EOS, max_new_tokens=30, **settings)
-    return [row.token_ids + ([row.stop_token_id] if row.stop_token_id is not None else []) for row in result.rows]
+    return [row.ids_with_stop for row in result.rows]
 
 
 model = model_fixture(LOSSLESS_MODELS)
