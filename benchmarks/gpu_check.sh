@@ -2,7 +2,13 @@
 # Issue 16: the whole Lightning path on CUDA plus bench_gpu, in one device call of about 8 minutes.
 #
 #   PYTHON=.venv/bin/python bash benchmarks/train_smollm2_gpu.sh prepare   # once, here: .gpu/whl
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: -d .gpu/whl transformers==5.18.0
 #   run(carry=[".gpu/whl"], command="OUT=$OUT bash benchmarks/gpu_check.sh", timeout_s=540)
+#
+# transformers 5.18 travels as a wheel: the card's image has 5.17, CI tests 5.18. The default order is
+# "3 1 2 5": the 8B-shape benchmarks first, alone on the GPU (about 5 minutes), then the tiny-model
+# checks of steps 1-2, whose processes run side by side (their tok/s are not measurements), then
+# inductor. Each benchmark runs under `timeout`, so one that hangs leaves time for the rest.
 #
 # 1. predict on a tiny fp32 model with backend cuda_graph under 32-true, bf16-mixed and bf16-true, and
 #    inductor under 32-true: tokens against the eager engine in fp32 (equal in fp32; bf16 reported as
@@ -13,13 +19,14 @@
 # 3. on the 8B shape: bench_forward_profile.py (one forward's kernels by kind), bench_gpu.py (graphs
 #    on the issue's workloads 0 5 6; lossless and HF generate at 512+256, workloads 7 8),
 #    bench_attention.py (one forward, old vs new attention) and bench_hf_generate.py (why generate
-#    read 16.8 tok/s); inductor only at workload 0.
+#    read 16.8 tok/s);
+# 5. inductor at workload 0 (bench_gpu.py --modes inductor).
 # 4. (issue 13) the SmolLM2-shape LoRA training step (the draft adapter's layout, rows of 300 tokens with
 #    a 40-token prompt: the longest batch of the distilled rows) at batch 64, 128 and 256: ms, operators
 #    and peak GiB. Pick the largest batch whose step costs well
 #    under its share (the step was bound by operators dispatched at 64) and fits: BATCH=... below.
 # CHECK_ACCEL=cpu runs steps 1-2 on the CPU (bf16 steps skipped) to check the script itself;
-# CHECK_STEPS picks the steps and their order (default "1 2 3"; next session: "4 3").
+# CHECK_STEPS picks the steps and their order (default "3 1 2 5").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -35,76 +42,81 @@ log() { echo "== $*" | tee -a "$OUT/summary.md"; }
 
 "$PY" -c "from dllm_lit.tiny import save_tiny_model; save_tiny_model('$WORK/tiny', initializer_range=0.3)"
 printf 'What is 2+2?\nName a color.\nx\nCount to ten, slowly and carefully.\n' > "$WORK/prompts.txt"
-predict() {  # predict OUTPUT EXTRA...
-  local out="$1"; shift
-  "$PY" -m dllm_lit.cli predict --model.model_name_or_path "$WORK/tiny" --data.prompts_file "$WORK/prompts.txt" \
-    --model.add_eos_length 7 --model.max_new_tokens 64 --writer.output_file "$out" "$@" 2>"$out.err" >/dev/null
-  local rc=$?
-  grep -h "tok/s" "$out.err" | tee -a "$OUT/summary.md"
-  return $rc
-}
-step1() {  # predict on the accelerator: compiled against eager, three precisions
-log "1. predict on $ACCEL: compiled backend against the eager engine in fp32"
-for mode in block lossless; do
-  predict "$WORK/eager-$mode.jsonl" --trainer.accelerator "$ACCEL" --model.lossless "$([ $mode = lossless ] && echo true || echo false)" \
-    || log "eager fp32 $mode FAILED: $(tail -1 "$WORK/eager-$mode.jsonl.err")"
-done
-runs="cuda_graph:32-true inductor:32-true"  # inductor's dynamic shapes have never run on a card: fp32 only
-[ "$ACCEL" = gpu ] && runs="cuda_graph:32-true cuda_graph:bf16-mixed cuda_graph:bf16-true inductor:32-true"
-for run in $runs; do
-  backend="${run%%:*}" precision="${run#*:}"
-  for mode in block lossless; do
-    out="$WORK/$backend-$precision-$mode.jsonl"
-    lossless=$([ $mode = lossless ] && echo true || echo false)
-    if predict "$out" --trainer.accelerator "$ACCEL" --trainer.precision "$precision" --model.backend "$backend" \
-        --model.lossless "$lossless"; then
-      grep -h "inductor: compiled" "$out.err" | tee -a "$OUT/summary.md"
-      "$PY" - "$WORK/eager-$mode.jsonl" "$out" "$backend $mode $precision" <<'PYEOF' | tee -a "$OUT/summary.md"
-import json, sys
-def read(path):
-    with open(path) as f:
-        return [json.loads(line)["response"] for line in f]
-a, b = read(sys.argv[1]), read(sys.argv[2])
-print(f"{sys.argv[3]}: {sum(x == y for x, y in zip(a, b))}/{len(a)} responses equal to the eager engine in fp32")
-PYEOF
-    else
-      log "predict $backend $precision $mode FAILED: $(tail -1 "$out.err")"
-    fi
-  done
-done
-log "1b. the prompt cache on cuda_graph: prompts that share a beginning, one by one, against eager without it"
 sed 's/^/You are a patient teacher; answer briefly and carefully. /' "$WORK/prompts.txt" > "$WORK/shared.txt"
-for mode in block lossless; do
-  lossless=$([ $mode = lossless ] && echo true || echo false)
-  shared=(--trainer.accelerator "$ACCEL" --model.lossless "$lossless" --data.prompts_file "$WORK/shared.txt" --data.batch_size 1)
-  predict "$WORK/shared-eager-$mode.jsonl" "${shared[@]}" || log "shared eager $mode FAILED"
-  if predict "$WORK/shared-cached-$mode.jsonl" "${shared[@]}" --model.backend cuda_graph --model.prompt_cache_mib 64; then
-    "$PY" - "$WORK/shared-eager-$mode.jsonl" "$WORK/shared-cached-$mode.jsonl" "$mode" <<'PYEOF' | tee -a "$OUT/summary.md"
+if [ "$ACCEL" = gpu ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.md"
+fi
+"$PY" -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/summary.md"
+
+predict() {  # predict OUTPUT EXTRA...: in the background; OUTPUT.rc holds its exit status
+  local out="$1"; shift
+  ( "$PY" -m dllm_lit.cli predict --model.model_name_or_path "$WORK/tiny" --data.prompts_file "$WORK/prompts.txt" \
+      --model.add_eos_length 7 --model.max_new_tokens 64 --writer.output_file "$out" "$@" 2>"$out.err" >/dev/null
+    echo $? >"$out.rc" ) &
+}
+compare() {  # compare REFERENCE OUTPUT LABEL: responses equal, the summary line, cached prompt tokens
+  local ref="$1" out="$2" label="$3"
+  if [ "$(cat "$ref.rc")" != 0 ] || [ "$(cat "$out.rc")" != 0 ]; then
+    log "$label FAILED: $(tail -1 "$ref.err") / $(tail -1 "$out.err")"
+    tail -n 15 "$ref.err" "$out.err" >>"$OUT/errors.log"
+    return
+  fi
+  grep -h "tok/s\|inductor: compiled" "$out.err" | tee -a "$OUT/summary.md"
+  "$PY" - "$ref" "$out" "$label" <<'PYEOF' | tee -a "$OUT/summary.md"
 import json, sys
 def read(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
 a, b = read(sys.argv[1]), read(sys.argv[2])
 same = sum(x["response"] == y["response"] for x, y in zip(a, b))
-print(f"cuda_graph {sys.argv[3]} with the prompt cache: {same}/{len(a)} responses equal to eager without it, "
-      f"cached prompt tokens {[row['cached_tokens'] for row in b]}")
+cached = [row.get("cached_tokens", 0) for row in b]
+print(f"{sys.argv[3]}: {same}/{len(a)} responses equal to the reference, cached prompt tokens {cached}")
 PYEOF
-  else
-    log "cached cuda_graph $mode FAILED: $(tail -1 "$WORK/shared-cached-$mode.jsonl.err")"
-  fi
+}
+
+step1() {  # predict on the accelerator: compiled against eager in fp32, three precisions, the prompt cache
+log "1. predict on $ACCEL: the compiled backend against the eager engine in fp32 (reference); 1b. the prompt cache"
+runs="cuda_graph:32-true inductor:32-true"  # inductor's dynamic shapes have never run on a card: fp32 only
+[ "$ACCEL" = gpu ] && runs="cuda_graph:32-true cuda_graph:bf16-mixed cuda_graph:bf16-true inductor:32-true"
+for mode in block lossless; do
+  lossless=$([ $mode = lossless ] && echo true || echo false)
+  predict "$WORK/eager-$mode.jsonl" --trainer.accelerator "$ACCEL" --model.lossless "$lossless"
+  for run in $runs; do
+    predict "$WORK/${run/:/-}-$mode.jsonl" --trainer.accelerator "$ACCEL" --trainer.precision "${run#*:}" \
+      --model.backend "${run%%:*}" --model.lossless "$lossless"
+  done
+  # 1b: prompts that share a beginning, one by one, cuda_graph with the prompt cache against eager without it
+  shared=(--trainer.accelerator "$ACCEL" --model.lossless "$lossless" --data.prompts_file "$WORK/shared.txt" --data.batch_size 1)
+  predict "$WORK/shared-eager-$mode.jsonl" "${shared[@]}"
+  predict "$WORK/shared-cached-$mode.jsonl" "${shared[@]}" --model.backend cuda_graph --model.prompt_cache_mib 64
+done
+wait
+for mode in block lossless; do
+  for run in $runs; do
+    compare "$WORK/eager-$mode.jsonl" "$WORK/${run/:/-}-$mode.jsonl" "${run/:/ } $mode"
+  done
+  compare "$WORK/shared-eager-$mode.jsonl" "$WORK/shared-cached-$mode.jsonl" "cuda_graph prompt cache $mode"
 done
 }
 
-step2() {  # a few fit steps of the tiny model under fsdp and ddp
+step2() {  # a few fit steps of the tiny model under fsdp and ddp, side by side
 log "2. fit on $ACCEL under fsdp and ddp (tiny model, 30 steps)"
 "$PY" -m dllm_lit.tasks addition --out "$WORK/add" --train 512 --val 8 >/dev/null
+port=29611
 for strategy in fsdp ddp; do
-  run="$WORK/fit-$strategy"
-  if "$PY" -m dllm_lit.cli fit --config configs/train_tiny.yaml --model.model_name_or_path "$WORK/tiny" \
+  run="$WORK/fit-$strategy" port=$((port + 1))
+  ( MASTER_PORT=$port "$PY" -m dllm_lit.cli fit --config configs/train_tiny.yaml --model.model_name_or_path "$WORK/tiny" \
       --data.train_file "$WORK/add/train.jsonl" --data.val_file "$WORK/add/val.jsonl" --data.batch_size 32 \
       --trainer.accelerator "$ACCEL" --trainer.devices 1 --trainer.strategy "$strategy" --trainer.max_steps 30 \
       --trainer.val_check_interval 15 --trainer.log_every_n_steps 5 --trainer.logger.init_args.save_dir "$run/logs" \
-      --trainer.callbacks.init_args.output_dir "$run/export" >"$run.log" 2>&1; then
+      --trainer.callbacks.init_args.output_dir "$run/export" >"$run.log" 2>&1
+    echo $? >"$run.rc" ) &
+done
+wait
+for strategy in fsdp ddp; do
+  run="$WORK/fit-$strategy"
+  if [ "$(cat "$run.rc")" = 0 ]; then
     "$PY" - "$run" <<'PYEOF' | tee -a "$OUT/summary.md"
 import csv, pathlib, sys
 run = pathlib.Path(sys.argv[1])
@@ -116,32 +128,40 @@ print(f"{run.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, checkpoints {len(c
 PYEOF
   else
     log "fit $strategy FAILED: $(tail -3 "$run.log")"
+    tail -n 30 "$run.log" >>"$OUT/errors.log"
   fi
 done
+}
 
+bench() {  # bench SECONDS NAME SCRIPT ARGS...: one benchmark under a time limit, its table to $OUT/NAME.md
+  local limit="$1" name="$2"; shift 2
+  timeout "$limit" "$PY" "$@" 2>>"$OUT/errors.log" | tee -a "$OUT/$name.md"
+  local rc="${PIPESTATUS[0]}"
+  [ "$rc" = 0 ] || log "$name: $* stopped with status $rc (124: its $limit s ran out)"
 }
 
 step3() {  # the 8B-shape benchmarks, on a GPU only
   [ "$ACCEL" = gpu ] || return 0
   log "3. 8B shape: bench_forward_profile.py, bench_gpu.py, bench_hf_generate.py, bench_attention.py"
-  "$PY" benchmarks/bench_forward_profile.py 2>"$OUT/bench_profile.err" | tee "$OUT/bench_profile.md"
-  # Not yet measured first (2026-11-27 measured 0 5 6 alone): W = 1 against HF generate, and why generate is slow.
-  "$PY" benchmarks/bench_gpu.py --modes compiled lossless hf --workloads 7 8 --repeats 3 2>"$OUT/bench_gpu.err" \
-    | tee "$OUT/bench_gpu.md"
-  "$PY" benchmarks/bench_hf_generate.py --new-tokens 64 --repeats 2 2>"$OUT/bench_hf.err" | tee "$OUT/bench_hf.md"
-  "$PY" benchmarks/bench_gpu.py --modes compiled --workloads 0 5 6 --repeats 3 2>>"$OUT/bench_gpu.err" \
-    | tee -a "$OUT/bench_gpu.md"
-  "$PY" benchmarks/bench_attention.py 2>"$OUT/bench_attention.err" | tee "$OUT/bench_attention.md"
-  "$PY" benchmarks/bench_gpu.py --modes inductor --workloads 0 --repeats 3 2>>"$OUT/bench_gpu.err" \
-    | tee -a "$OUT/bench_gpu.md"
+  bench 60 bench_profile benchmarks/bench_forward_profile.py
+  bench 120 bench_gpu benchmarks/bench_gpu.py --modes compiled --workloads 0 5 6 --repeats 3
+  bench 120 bench_gpu benchmarks/bench_gpu.py --modes compiled lossless hf --workloads 7 8 --repeats 2
+  bench 60 bench_hf benchmarks/bench_hf_generate.py --new-tokens 64 --repeats 2
+  bench 60 bench_attention benchmarks/bench_attention.py
 }
 
 step4() {  # issue 13's training step at the real size: ms, operators and peak memory per layout
   [ "$ACCEL" = gpu ] || return 0
   log "4. SmolLM2-shape LoRA training step (bench_train_step.py), bf16 autocast"
   "$PY" benchmarks/bench_train_step.py --shape smollm2 --device cuda --dtype bfloat16 --length 300 --prompt 40 \
-    --repeats 3 --layouts draft --batch-sizes 64 128 256 2>>"$OUT/bench_train_step.err" | tee -a "$OUT/bench_train_step.md"
+    --repeats 3 --layouts draft --batch-sizes 64 128 256 2>>"$OUT/errors.log" | tee -a "$OUT/bench_train_step.md"
 }
 
-for step in ${CHECK_STEPS:-1 2 3}; do "step$step"; done
+step5() {  # inductor at workload 0, on a GPU only
+  [ "$ACCEL" = gpu ] || return 0
+  log "5. inductor at workload 0"
+  bench 150 bench_gpu benchmarks/bench_gpu.py --modes inductor --workloads 0 --repeats 3
+}
+
+for step in ${CHECK_STEPS:-3 1 2 5}; do "step$step"; done
 cat "$OUT/summary.md"
