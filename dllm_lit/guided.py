@@ -23,6 +23,8 @@ BITS = torch.arange(32, dtype=torch.int32)
 
 def grammar_of(settings: DecodeSettings) -> str | None:
     """The llguidance grammar of the ``guided_*`` setting, or None without one."""
+    if all(getattr(settings, name) is None for name in GUIDED):
+        return None  # llguidance is imported only where a grammar is asked for
     from llguidance import LLMatcher
 
     if settings.guided_json is not None:
