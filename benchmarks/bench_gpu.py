@@ -23,6 +23,7 @@ import copy
 import os
 import statistics
 import sys
+import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -124,7 +125,7 @@ def replay_ms(model, device: torch.device, batch: int, repeats: int = 20) -> dic
         return {}
     by_width: dict = {}
     static.start.fill_(0)  # write at the first slots: every width fits the cache there
-    for (width, _keep, span), (graph, _ids, _logits) in sorted(static.graphs.items()):
+    for (width, _keep, span, *_branches), (graph, _ids, _logits) in sorted(static.graphs.items()):
         times = []
         for _ in range(repeats):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -277,14 +278,18 @@ def main() -> None:
         seed = torch.Generator(device).manual_seed(batch * 100003 + prompt_len)
         ids = torch.randint(3, vocab, (batch, prompt_len), device=device, generator=seed)
         label = f"b{batch} {prompt_len}+{new} blk{width} R{refine_iter}"
-        for mode, seconds, forwards, same in time_workload(model, ids, workload, args, hf_runs):
-            print(
-                f"| {label} | {mode} | {batch * new / seconds:.1f} | {forwards} | {1e3 * seconds / forwards:.2f} | "
-                f"{floor_of(batch * width):.2f} | {100 * same:.1f} % |",
-                flush=True,
-            )
-        if device.type == "cuda" and "compiled" in args.modes:
-            graph_ms[label] = replay_ms(model, device, batch)  # the compiled engine's graphs for this workload
+        try:  # device time is scarce: a workload that fails is reported, and the next one still runs
+            for mode, seconds, forwards, same in time_workload(model, ids, workload, args, hf_runs):
+                print(
+                    f"| {label} | {mode} | {batch * new / seconds:.1f} | {forwards} | "
+                    f"{1e3 * seconds / forwards:.2f} | {floor_of(batch * width):.2f} | {100 * same:.1f} % |",
+                    flush=True,
+                )
+            if device.type == "cuda" and "compiled" in args.modes:
+                graph_ms[label] = replay_ms(model, device, batch)  # the compiled engine's graphs for this workload
+        except Exception as error:  # noqa: BLE001 - printed in the table, the traceback on stderr
+            traceback.print_exc()
+            print(f"| {label} | FAILED: {type(error).__name__}: {error} | | | | | |", flush=True)
     if graph_ms:
         print(
             "\nCompiled engine, one CUDA-graph replay (median of 20), ms by input width at the shortest and "

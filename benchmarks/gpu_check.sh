@@ -11,15 +11,15 @@
 # and inductor. Each benchmark runs under `timeout`, so one that hangs leaves time for the rest.
 #
 # 1. predict on a tiny fp32 model with backend cuda_graph under 32-true, bf16-mixed and bf16-true, and
-#    inductor under 32-true: tokens against the eager engine in fp32 (equal in fp32; bf16 reported as
-#    a share), the summary line's tok/s, inductor's compiles; then (1b) cuda_graph with the prompt
+#    inductor under 32-true: responses against the eager engine in the same precision, the summary
+#    line's tok/s, inductor's compiles; then (1b) cuda_graph with the prompt
 #    cache on prompts that share a beginning, against eager without it;
 # 2. a few `dllm_lit fit` steps of the tiny model under --trainer.strategy fsdp (one process) and
 #    ddp: loss going down, a checkpoint saved and exported;
-# 3. on the 8B shape: bench_forward_profile.py (one forward's kernels by kind), bench_gpu.py (graphs
-#    on the issue's workloads 0 5 6; lossless and HF generate at 512+256, workloads 7 8),
-#    bench_attention.py (one forward, old vs new attention) and bench_hf_generate.py (why generate
-#    read 16.8 tok/s);
+# 3. on the 8B shape: bench_gpu.py (graphs on the issue's workloads 0 5 6; lossless and HF generate at
+#    512+256, workloads 7 8);
+# 6. why: bench_forward_profile.py (one forward's kernels by kind), bench_attention.py (one forward,
+#    old vs new attention) and bench_hf_generate.py (why generate read 16.8 tok/s);
 # 5. inductor at workload 0 (bench_gpu.py --modes inductor).
 # 4. (issue 13) the SmolLM2-shape LoRA training step (the draft adapter's layout, rows of 300 tokens with
 #    a 40-token prompt: the longest batch of the distilled rows) at batch 64, 128 and 256: ms, operators
@@ -75,13 +75,17 @@ print(f"{sys.argv[3]}: {same}/{len(a)} responses equal to the reference, cached 
 PYEOF
 }
 
-step1() {  # predict on the accelerator: compiled against eager in fp32, three precisions, the prompt cache
-log "1. predict on $ACCEL: the compiled backend against the eager engine in fp32 (reference); 1b. the prompt cache"
+step1() {  # predict on the accelerator: compiled against eager in each precision, the prompt cache
+log "1. predict on $ACCEL: the compiled backend against the eager engine in the same precision; 1b. the prompt cache"
 runs="cuda_graph:32-true inductor:32-true"  # inductor's dynamic shapes have never run on a card: fp32 only
 [ "$ACCEL" = gpu ] && runs="cuda_graph:32-true cuda_graph:bf16-mixed cuda_graph:bf16-true inductor:32-true"
+precisions=$(for run in $runs; do echo "${run#*:}"; done | sort -u)
 for mode in block lossless; do
   lossless=$([ $mode = lossless ] && echo true || echo false)
-  predict "$WORK/eager-$mode.jsonl" --trainer.accelerator "$ACCEL" --model.lossless "$lossless"
+  for precision in $precisions; do  # the references: the eager engine in each precision
+    predict "$WORK/eager-$precision-$mode.jsonl" --trainer.accelerator "$ACCEL" --trainer.precision "$precision" \
+      --model.lossless "$lossless"
+  done
   for run in $runs; do
     predict "$WORK/${run/:/-}-$mode.jsonl" --trainer.accelerator "$ACCEL" --trainer.precision "${run#*:}" \
       --model.backend "${run%%:*}" --model.lossless "$lossless"
@@ -94,7 +98,7 @@ done
 wait
 for mode in block lossless; do
   for run in $runs; do
-    compare "$WORK/eager-$mode.jsonl" "$WORK/${run/:/-}-$mode.jsonl" "${run/:/ } $mode"
+    compare "$WORK/eager-${run#*:}-$mode.jsonl" "$WORK/${run/:/-}-$mode.jsonl" "${run/:/ } $mode"
   done
   compare "$WORK/shared-eager-$mode.jsonl" "$WORK/shared-cached-$mode.jsonl" "cuda_graph prompt cache $mode"
 done
@@ -152,7 +156,7 @@ step6() {  # why: one forward's kernels, attention old vs new, why HF generate i
   log "6. 8B shape: bench_forward_profile.py, bench_attention.py, bench_hf_generate.py"
   bench 60 bench_profile benchmarks/bench_forward_profile.py
   bench 60 bench_attention benchmarks/bench_attention.py
-  bench 120 bench_hf benchmarks/bench_hf_generate.py --new-tokens 64 --repeats 2
+  bench 180 bench_hf benchmarks/bench_hf_generate.py --new-tokens 64 --repeats 2
 }
 
 step4() {  # issue 13's training step at the real size: ms, operators and peak memory per layout

@@ -61,8 +61,9 @@ class RowSlotLayer(StaticLayer):
             self.lazy_initialization(key_states, value_states)
         cols = self.start[:, None] + torch.arange(key_states.shape[-2], device=self.device)
         index = cols[:, None, :, None]
-        self.keys.scatter_(2, index.expand_as(key_states), key_states)
-        self.values.scatter_(2, index.expand_as(value_states), value_states)
+        # Under autocast K (rotated in fp32) and V (a bf16 projection) differ: the cache keeps K's dtype.
+        self.keys.scatter_(2, index.expand_as(key_states), key_states.to(self.keys.dtype))
+        self.values.scatter_(2, index.expand_as(value_states), value_states.to(self.values.dtype))
         return self.keys[:, :, : self.span], self.values[:, :, : self.span]
 
 

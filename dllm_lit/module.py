@@ -11,6 +11,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torchmetrics import MeanMetric
 from transformers import get_cosine_schedule_with_warmup
 
@@ -375,6 +376,15 @@ class BlockRefineLM(L.LightningModule):
     def _trainable_shapes(self) -> dict[str, torch.Size]:
         """Name -> shape of every parameter that trains (the adapter's alone under LoRA)."""
         return {name: parameter.shape for name, parameter in self.named_parameters() if parameter.requires_grad}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by norm under FSDP as well: the norm over every shard, through FSDP's own
+        ``clip_grad_norm_`` (Lightning's FSDP precision refuses ``gradient_clip_algorithm='norm'``)."""
+        sharded = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(sharded, FSDP):
+            sharded.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # only the adapter under LoRA

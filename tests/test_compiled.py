@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
 import pytest
+import torch
 
 from conftest import EOS, MODELS, left_pad, random_prompts
 from dllm_lit import generate_blocks
@@ -34,6 +36,21 @@ def test_compiled_equals_eager(model, width, refine_iter, batch):
     assert summary(run(model, PROMPTS[:batch], backend="cuda_graph", **settings)) == summary(
         run(model, PROMPTS[:batch], **settings)
     )
+
+
+@pytest.mark.parametrize("lossless", [False, True], ids=["block", "lossless"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_compiled_equals_eager_in_bf16(model, precision, lossless):
+    """Lightning's two bf16 precisions. Under ``bf16-mixed`` (fp32 weights, autocast) K (rotated in
+    fp32) and V (a bf16 projection) reach the static cache in different dtypes: this crashed on an H200."""
+    settings = dict(add_eos_length=7, refine_iter=2, max_new_tokens=30)
+    if lossless:  # the compiled loop keeps the whole window: compare forwards with the eager loop's whole one
+        settings.update(lossless=True, adaptive_window=False)
+    if precision == "bf16-true":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        expected = summary(run(model, PROMPTS, **settings))
+        assert summary(run(model, PROMPTS, backend="cuda_graph", **settings)) == expected
 
 
 def test_rows_that_stop_at_different_times(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from conftest import EOS, MODELS, ROOT, assert_one_line_error, run_dllm_lit
 from dllm_lit.answers import extract_answer, is_correct
@@ -789,3 +791,27 @@ def test_an_adapter_on_an_aliased_base_exports_without_peft_looking_for_the_base
         save_hf(module, tmp_path / "exported")
     saved = json.loads((tmp_path / "exported/adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == "smollm2" and (tmp_path / "exported/adapter_model.safetensors").is_file()
+
+
+def test_gradients_are_clipped_by_norm_under_fsdp(tiny_dir, monkeypatch):
+    """Lightning's FSDP precision refuses clipping by norm; the module clips through FSDP's own
+    ``clip_grad_norm_``: the same gradients as ``clip_grad_norm_`` on the unwrapped model."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        module = BlockRefineLM(model_name_or_path=tiny_dir)
+        module.configure_model()
+        plain = copy.deepcopy(module.model)
+        sharded = FullyShardedDataParallel(module.model, device_id=torch.device("cpu"), use_orig_params=True)
+        ids = torch.randint(3, 50, (2, 9))
+        for network in (plain, sharded):
+            network(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.01)
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=sharded))
+        module.configure_gradient_clipping(None, 0.01, "norm")
+        clipped = {name.replace("_fsdp_wrapped_module.", ""): p.grad for name, p in sharded.named_parameters()}
+        for name, parameter in plain.named_parameters():
+            torch.testing.assert_close(clipped[name], parameter.grad)
+    finally:
+        torch.distributed.destroy_process_group()
