@@ -2,10 +2,11 @@
 # Issue 16: the whole Lightning path on CUDA plus bench_gpu, in one device call of about 8 minutes.
 #
 #   PYTHON=.venv/bin/python bash benchmarks/train_smollm2_gpu.sh prepare   # once, here: .gpu/whl
-#   .venv/bin/python -m pip download --no-deps --only-binary=:all: -d .gpu/whl transformers==5.18.0
-#   run(carry=[".gpu/whl"], command="OUT=$OUT bash benchmarks/gpu_check.sh", timeout_s=540)
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: -d .gpu/extra transformers==5.18.0
+#   run(carry=[".gpu/whl", ".gpu/extra"], command="OUT=$OUT bash benchmarks/gpu_check.sh", timeout_s=540)
 #
-# transformers 5.18 travels as a wheel: the card's image has 5.17, CI tests 5.18. The default order is
+# transformers 5.18 travels as a wheel (.gpu/extra: the training script's calls have no room for it):
+# the card's image has 5.17, CI tests 5.18. The default order is
 # "3 1 2 6 5": the 8B-shape engine benchmarks first, alone on the GPU, then the tiny-model checks of
 # steps 1-2, whose processes run side by side (their tok/s are not measurements), then the profiles
 # and inductor. Each benchmark runs under `timeout`, so one that hangs leaves time for the rest.
@@ -36,7 +37,7 @@ WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/.gpu/site:$PWD" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DLLM_LIT_CACHE="$WORK/cache"
 if [ -d .gpu/whl ] && [ ! -d .gpu/site/jsonargparse ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/whl/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target .gpu/site .gpu/whl/*.whl $(ls .gpu/extra/*.whl 2>/dev/null)
 fi
 log() { echo "== $*" | tee -a "$OUT/summary.md"; }
 
