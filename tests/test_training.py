@@ -17,6 +17,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from conftest import EOS, MODELS, ROOT, assert_one_line_error, run_dllm_lit
 from dllm_lit.answers import extract_answer, is_correct
+from dllm_lit.batch import free_port
 from dllm_lit.checkpoints import CheckpointError
 from dllm_lit.data import PromptError, SFTDataset
 from dllm_lit.export import HFExport, export_checkpoint, save_hf
@@ -797,7 +798,7 @@ def test_gradients_are_clipped_by_norm_under_fsdp(tiny_dir, monkeypatch):
     """Lightning's FSDP precision refuses clipping by norm; the module clips through FSDP's own
     ``clip_grad_norm_``: the same gradients as ``clip_grad_norm_`` on the unwrapped model."""
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     try:
         module = BlockRefineLM(model_name_or_path=tiny_dir)
