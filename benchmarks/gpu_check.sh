@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16: the whole Lightning path on CUDA plus bench_gpu, in one device call of about 8 minutes.
 #
-#   PYTHON=.venv/bin/python bash benchmarks/train_smollm2_gpu.sh prepare   # once, here: .gpu/whl
-#   .venv/bin/python -m pip download --no-deps --only-binary=:all: -d .gpu/extra transformers==5.18.0
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh prepare   # once, here: .gpu/whl, .gpu/extra
 #   run(carry=[".gpu/whl", ".gpu/extra"], command="OUT=$OUT bash benchmarks/gpu_check.sh", timeout_s=540)
 #
 # transformers 5.18 travels as a wheel (.gpu/extra: the training script's calls have no room for it):
@@ -31,6 +30,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
+if [ "${1:-}" = prepare ]; then  # here: the wheels the card's image lacks, and the transformers CI tests
+  PYTHON="$PY" bash benchmarks/train_smollm2_gpu.sh wheels || exit
+  exec "$PY" -m pip download -q --no-deps --only-binary=:all: -d .gpu/extra "transformers==5.18.0"
+fi
 ACCEL="${CHECK_ACCEL:-gpu}"
 OUT="${OUT:-outputs/gpu_check}"
 WORK="$(mktemp -d)"

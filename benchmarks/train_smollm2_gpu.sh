@@ -52,12 +52,15 @@ LIMIT="${LIMIT:-32}" ARITH="${ARITH:-32}" NEW="${NEW:-256}" FROM="${FROM:-smollm
 export PYTHONPATH="$PWD/$GPU/site:$PWD" DLLM_LIT_CACHE="$PWD/$GPU/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 case "${1:-}" in
-prepare)
+wheels)  # the packages the card's image lacks (gpu_check.sh prepare uses them too)
   mkdir -p "$GPU/whl"
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d "$GPU/whl" \
     "jsonargparse[signatures]==4.53.0" docstring-parser typeshed-client "gguf==0.19.0" \
     "math-verify==0.9.0" "latex2sympy2_extended" "antlr4-python3-runtime==4.13.2"
+  ;;
+prepare)
+  bash "$0" wheels
   gguf=$("$PY" -c "from dllm_lit.models import embedded_gguf; print(embedded_gguf())")
   rm -f "$GPU"/gguf.*
   split -b 47M "$gguf" "$GPU/gguf."
