@@ -337,7 +337,9 @@ def test_precision_sets_the_weight_dtype(tiny_dir, precision, dtype):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, dllm_lit):
+def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, dllm_lit, dllm_lit_here):
+    """The one-process run is this process; the two-process runs (predict, the legacy front end) are
+    the commands."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS + ["one more", "and the seventh"]) + "\n")
     common = [
@@ -348,7 +350,7 @@ def test_two_cpu_processes_equal_one(tiny_dir, tmp_path, dllm_lit):
         "--trainer.accelerator=cpu",
         *GEN,
     ]
-    one = dllm_lit([*common, f"--writer.output_file={tmp_path / 'one.jsonl'}"], tmp_path)
+    one = dllm_lit_here([*common, f"--writer.output_file={tmp_path / 'one.jsonl'}"], tmp_path)
     assert one.returncode == 0, one.stderr
     two = dllm_lit(
         [*common, "--trainer.devices=2", "--trainer.strategy=ddp", f"--writer.output_file={tmp_path / 'two.jsonl'}"],

@@ -200,16 +200,17 @@ SAMPLED = ["--model.temperature=1.2", "--model.seed=5"]
     [(7, 2, []), (1, 2, []), (3, 16, []), (7, 3, SAMPLED)],
     ids=["uneven", "one-rank-empty", "big-batch", "sampled"],
 )
-def test_two_processes_match_one(tiny_dir, tmp_path, count, batch, sampling, dllm_lit):
-    """Also when sampling: prompt i samples with seed + i, whichever process and batch it lands in."""
+def test_two_processes_match_one(tiny_dir, tmp_path, count, batch, sampling, dllm_lit, dllm_lit_here):
+    """Also when sampling: prompt i samples with seed + i, whichever process and batch it lands in.
+    The one-process run is this process (seconds sooner); the two-process one is the command."""
     prompts = write(tmp_path / "p.txt", "".join(f"q{i} {'y' * i}\n" for i in range(count)))
     outputs = {}
-    for devices in (1, 2):
+    for devices, run in ((1, dllm_lit_here), (2, dllm_lit)):
         out = tmp_path / f"out{devices}.jsonl"
         ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"] if devices == 2 else []
         args = [*predict_args(tiny_dir, out, prompts, *FAST, *sampling, f"--data.batch_size={batch}")]
         args.append("--trainer.accelerator=cpu")
-        done = dllm_lit([*args, *ddp], tmp_path)
+        done = run([*args, *ddp], tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
         outputs[devices] = out.read_text()
     assert outputs[1] == outputs[2]
