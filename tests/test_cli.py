@@ -540,7 +540,7 @@ def test_legacy_flags_keep_prompts_as_written_and_take_device(tiny_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_the_legacy_front_end_keeps_stdout_for_results(tiny_dir, tmp_path, dllm_lit, dllm_lit_here):
+def test_the_legacy_front_end_keeps_stdout_for_results(tiny_dir, tmp_path, dllm_lit):
     done = dllm_lit(
         ["--model_path", tiny_dir, "--prompt", "hi", "--add_eos_length", "3", "--max_new_tokens", "8"],
         tmp_path,
@@ -549,7 +549,7 @@ def test_the_legacy_front_end_keeps_stdout_for_results(tiny_dir, tmp_path, dllm_
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(RULE) and "Predicting" not in done.stdout
     assert all(line.startswith(("Predicting", "[dllm_lit]")) for line in done.stderr.splitlines()), done.stderr
-    trusted = dllm_lit_here(
+    trusted = dllm_lit(
         ["--model_path", tiny_dir, "--prompt", "hi", "--max_new_tokens", "4", "--trust_remote_code"],
         tmp_path,
         module="dllm_lit.demo",
