@@ -166,8 +166,8 @@ step6() {  # why: one forward's kernels, attention old vs new, why HF generate i
 step4() {  # issue 13's training step at the real size: ms, operators and peak memory per layout
   [ "$ACCEL" = gpu ] || return 0
   log "4. SmolLM2-shape LoRA training step (bench_train_step.py), bf16 autocast"
-  "$PY" benchmarks/bench_train_step.py --shape smollm2 --device cuda --dtype bfloat16 --length 300 --prompt 40 \
-    --repeats 3 --layouts draft --batch-sizes 64 128 256 2>>"$OUT/errors.log" | tee -a "$OUT/bench_train_step.md"
+  bench 300 bench_train_step benchmarks/bench_train_step.py --shape smollm2 --device cuda --dtype bfloat16 \
+    --length 300 --prompt 40 --repeats 3 --layouts draft --batch-sizes 64 128 256
 }
 
 step5() {  # inductor at workload 0, on a GPU only
