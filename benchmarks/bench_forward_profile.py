@@ -6,8 +6,9 @@
 Profiles one ``StaticForward`` pass (``width`` tokens ending at slot ``used``) run eagerly, sums the
 kernels' device time by kind (matrix products, attention, copies, the rest: norms, rotary, activations,
 casts), then times the same pass replayed as a CUDA graph. The replay minus the kernels' sum is the
-time between kernels. The same pass with the model's own RMSNorm code (``fuse_norms = False``) is
-measured beside it. On a CPU the operators' own CPU time stands in for kernel time.
+time between kernels. The same pass with the model's own RMSNorm code (``fuse_norms = False``) and with
+separate q/k/v and gate/up products (``fuse_projections = False``) is measured beside it. On a CPU the
+operators' own CPU time stands in for kernel time, and the "replay" is the eager pass.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ KINDS = {
     "matrix products": re.compile(r"gemm|gemv|nvjet|cutlass|cublas|xmma|splitk|aten::(mm|addmm|bmm|linear)$", re.I),
     "attention": re.compile(r"fmha|flash|attention|efficient|softmax", re.I),
     "copies": re.compile(r"memcpy|memset|copy_|aten::cat$|index_put|index_copy", re.I),
+}
+
+
+VARIANTS = {  # name -> the StaticForward fusion it switches off
+    "the engine's pass": None,
+    "the model's own RMSNorm code": "fuse_norms",
+    "separate q/k/v and gate/up products": "fuse_projections",
 }
 
 
@@ -94,19 +102,24 @@ def main() -> None:
     _params, floor_of = roofline(model, args)
     print(f"\n`{' '.join(sys.argv)}`  \n{device_name(device)}, torch {torch.__version__}, {args.shape}, {args.dtype}")
     forwards = {}
-    for fuse in (True, False):  # the engine's pass, and the same with the model's own RMSNorm code
-        forwards[fuse] = StaticForward(model, args.batch, args.cache_len)
-        forwards[fuse].fuse_norms = fuse
-        forwards[fuse].reset(torch.ones(args.batch, 1, dtype=torch.long, device=device))
+    for name, unfused in VARIANTS.items():  # the engine's pass, and the same with one fusion left out
+        forwards[name] = StaticForward(model, args.batch, args.cache_len)
+        if unfused:
+            setattr(forwards[name], unfused, False)
+        forwards[name].reset(torch.ones(args.batch, 1, dtype=torch.long, device=device))
     for width in args.widths:
         ids = torch.randint(3, model.config.vocab_size, (args.batch, width), device=device)
-        (times, replay), (own_times, own_replay) = (measure(forwards[f], ids, args.used - width) for f in (True, False))
-        floor = floor_of(args.batch * width)
-        print(f"\nwidth {width}, {args.used} slots used, batch {args.batch}: floor {floor:.2f} ms")
+        measured = {name: measure(forward, ids, args.used - width) for name, forward in forwards.items()}
+        (times, replay), *others = measured.values()
+        print(
+            f"\nwidth {width}, {args.used} slots used, batch {args.batch}: floor {floor_of(args.batch * width):.2f} ms"
+        )
         print_breakdown(times, replay, args.top)
-        fused, own = (sum(count for count, _us in t.values()) for t in (times, own_times))
-        print(f"\nwith the model's own RMSNorm code: {own} kernels against {fused}, ", end="")
-        print(f"replay {own_replay:.2f} ms against {replay:.2f} ({own_replay / replay:.2f}x)")
+        kernels = sum(count for count, _us in times.values())
+        for name, (other_times, other_replay) in list(measured.items())[1:]:
+            other = sum(count for count, _us in other_times.values())
+            print(f"\nwith {name}: {other} kernels against {kernels}, ", end="")
+            print(f"replay {other_replay:.2f} ms against {replay:.2f} ({other_replay / replay:.2f}x)")
 
 
 if __name__ == "__main__":

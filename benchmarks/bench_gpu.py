@@ -45,6 +45,14 @@ SHAPES = {
         num_key_value_heads=8,
         vocab_size=128256,
     ),
+    "135m": dict(  # SmolLM2-135M's shape: the embedded model, for CPU runs
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    ),
     "tiny": dict(
         hidden_size=64,
         intermediate_size=128,

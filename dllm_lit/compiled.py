@@ -33,6 +33,7 @@ from dllm_lit.adapters import draft_gate
 from dllm_lit.attention import grouped_attention
 from dllm_lit.ledger import RowLedger
 from dllm_lit.norms import fused_norms
+from dllm_lit.projections import fuse_weights, fused_projections
 from dllm_lit.prompt_cache import CachedStart
 from dllm_lit.sampling import RowSampler, block_positions
 from dllm_lit.settings import DecodeSettings
@@ -44,6 +45,11 @@ def cached_forward(model: torch.nn.Module, batch: int) -> StaticForward | None:
     """The :class:`StaticForward` (static cache and captured graphs) the compiled path keeps for
     ``model`` and ``batch`` rows between calls, or ``None``."""
     return _FORWARDS_BY_MODEL.get(model, {}).get(batch)
+
+
+def autocast_of(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device`` now, or ``None`` outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 class RowSlotLayer(StaticLayer):
@@ -75,7 +81,9 @@ class StaticForward:
     multiple of :attr:`span_step` (one captured graph per width and span), or the whole cache under
     ``inductor`` (one compiled program per width). Grouped K/V heads are read once
     (:mod:`dllm_lit.attention`), and, outside ``inductor``, Llama-style RMSNorms run as one call each
-    (:mod:`dllm_lit.norms`; :attr:`fuse_norms`, read when a pass runs or is captured).
+    (:mod:`dllm_lit.norms`; :attr:`fuse_norms`) and sibling projections (q/k/v, gate/up) as one
+    matrix product each, with one rotary embedding over q and k (:mod:`dllm_lit.projections`;
+    :attr:`fuse_projections`); both are read when a pass runs or is captured.
 
     ``branch``: the last ``branch`` tokens of ``ids`` are fed a second time, after ``ids``, as a
     lossless draft branch: at the same positions, read through the model's draft adapter
@@ -90,6 +98,7 @@ class StaticForward:
 
     span_step = 128
     fuse_norms = True
+    fuse_projections: bool | None = None  # None: where passes are CUDA graphs (on a CPU: 1-8 % slower)
     compile_announced = False  # said once per process: inductor compiles (``_fused``)
     compile_seconds = 0.0  # spent in inductor's compiles by this process (the predict summary subtracts it)
     programs = 64  # inductor programs a process may compile (2-3 per width) before dynamo runs eagerly
@@ -99,6 +108,7 @@ class StaticForward:
         parameter = next(model.parameters())
         self.weights = parameter.data_ptr()  # graphs read the weights where they were at capture
         self.device, self.dtype = parameter.device, parameter.dtype
+        self.autocast = autocast_of(self.device)  # the cache's dtype and the graphs' casts depend on it
         self.batch, self.cache_len = batch, cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
         if any(type(layer) is not StaticLayer for layer in self.cache.layers):
@@ -112,6 +122,8 @@ class StaticForward:
         self.valid = torch.ones(batch, cache_len, dtype=torch.bool, device=self.device)
         self.pad = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.use_graphs = self.device.type == "cuda"
+        if self.use_graphs:
+            fuse_weights(model)  # before any capture: graphs read the weights where they were then
         self.inductor = inductor
         self.fused = None  # torch.compile(self._run), built at the first graph-eligible call
         self.graphs: dict[tuple[int, ...], tuple] = {}  # (width, keep, span, branch) -> (graph, ids input, logits)
@@ -120,11 +132,13 @@ class StaticForward:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
-        """Reuse the model's cache and graphs for ``batch`` rows when the settings match; caches of
-        other batch sizes with the same settings are kept (the compiled path shrinks its batch)."""
+        """Reuse the model's cache and graphs for ``batch`` rows when the settings (and the autocast
+        state) match; caches of other batch sizes with the same settings are kept (the compiled path
+        shrinks its batch)."""
         family = _FORWARDS_BY_MODEL.pop(model, {})
-        settings = (cache_len, inductor, next(model.parameters()).data_ptr())
-        if any((each.cache_len, each.inductor, each.weights) != settings for each in family.values()):
+        parameter = next(model.parameters())
+        settings = (cache_len, inductor, parameter.data_ptr(), autocast_of(parameter.device))
+        if any((each.cache_len, each.inductor, each.weights, each.autocast) != settings for each in family.values()):
             family.clear()  # free the old caches and graphs before allocating new ones
         if batch not in family:
             family[batch] = cls(model, batch, cache_len, inductor)
@@ -299,16 +313,19 @@ class StaticForward:
 
     @contextmanager
     def _patched(self, model: torch.nn.Module, fed: int, branch: int) -> Iterator[None]:
-        """What a pass runs under (a captured graph keeps it): grouped attention, fused norms (not
-        under inductor, which fuses them itself and whose guards would see a new forward per call),
-        and for a draft branch the adapter switched on for the branch's tokens."""
+        """What a pass runs under (a captured graph keeps it): grouped attention, fused norms and
+        projections (not under inductor, whose guards would see new forwards per call), and for a
+        draft branch the adapter switched on for the branch's tokens."""
         gate = nullcontext()
         if branch:
             if (fed, branch) not in self.branch_gates:  # kept: a captured graph reads it at every replay
                 in_branch = torch.arange(fed, device=self.device) >= fed - branch
                 self.branch_gates[fed, branch] = in_branch.to(self.dtype)[None, :, None]
             gate = draft_gate(model).tokens(self.branch_gates[fed, branch])
-        with grouped_attention(model), fused_norms(model, self.fuse_norms and not self.inductor), gate:
+        eager = not self.inductor
+        fuse = self.use_graphs if self.fuse_projections is None else self.fuse_projections
+        norms, projections = fused_norms(model, self.fuse_norms and eager), fused_projections(model, fuse and eager)
+        with grouped_attention(model), norms, projections, gate:
             yield
 
     def _capture(self, model: torch.nn.Module, ids: torch.Tensor, keep: int, span: int, branch: int, alternatives: int):

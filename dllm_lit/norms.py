@@ -3,7 +3,7 @@
 transformers' Llama-style RMSNorm is eight small kernels (cast, square, mean, add, rsqrt, multiply,
 cast, multiply by the weight); in a replayed CUDA graph each still costs a few microseconds, and an
 8B forward has 65 of them. ``torch.nn.functional.rms_norm`` normalises in one call (on CUDA one fused
-kernel; on a CPU the same operations, so the same bits): one call in float32, four in bf16, where
+kernel; on a CPU the same operations, so the same bits): one call in float32, two in bf16, where
 the rounding to bf16 before the weight is kept as Llama does it. :func:`fused_norms` swaps it in
 for the modules whose forward is exactly Llama's (Mistral, Qwen2/3, Phi-3, SmolLM3, ... share it),
 only around :class:`~dllm_lit.compiled.StaticForward`'s own passes; every other forward keeps the
@@ -37,11 +37,12 @@ def is_llama_rms_norm(cls: type) -> bool:
 
 
 def _fused_forward(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Llama's arithmetic: normalise in float32, round to the input's dtype, then scale."""
+    """Llama's arithmetic: normalise in float32, round to the input's dtype, then scale (``F.rms_norm``
+    computes a bf16 or fp16 input in float32 and rounds its output once)."""
     weight, eps = module.weight, module.variance_epsilon
     if hidden_states.dtype == weight.dtype == torch.float32:
         return F.rms_norm(hidden_states, weight.shape, weight, eps)
-    return weight * F.rms_norm(hidden_states.float(), weight.shape, eps=eps).to(hidden_states.dtype)
+    return weight * F.rms_norm(hidden_states, weight.shape, eps=eps)
 
 
 @contextmanager

@@ -40,9 +40,11 @@ def test_compiled_equals_eager(model, width, refine_iter, batch):
 
 @pytest.mark.parametrize("lossless", [False, True], ids=["block", "lossless"])
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_compiled_equals_eager_in_bf16(model, precision, lossless):
+def test_compiled_equals_eager_in_bf16(model, precision, lossless, monkeypatch):
     """Lightning's two bf16 precisions. Under ``bf16-mixed`` (fp32 weights, autocast) K (rotated in
-    fp32) and V (a bf16 projection) reach the static cache in different dtypes: this crashed on an H200."""
+    fp32) and V (a bf16 projection) reach the static cache in different dtypes: this crashed on an H200.
+    The projections are fused as on a GPU."""
+    monkeypatch.setattr(StaticForward, "fuse_projections", True)
     settings = dict(add_eos_length=7, refine_iter=2, max_new_tokens=30)
     if lossless:  # the compiled loop keeps the whole window: compare forwards with the eager loop's whole one
         settings.update(lossless=True, adaptive_window=False)
@@ -51,6 +53,31 @@ def test_compiled_equals_eager_in_bf16(model, precision, lossless):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         expected = summary(run(model, PROMPTS, **settings))
         assert summary(run(model, PROMPTS, backend="cuda_graph", **settings)) == expected
+
+
+def test_a_run_under_autocast_leaves_no_cache_for_a_run_without(model):
+    """The static cache takes its dtype (and a graph its casts) from the first pass: a bf16-mixed run
+    must not hand GPT-2's bf16 cache to a later fp32 run of the same shapes (it crashed)."""
+    settings = dict(add_eos_length=5, refine_iter=2, max_new_tokens=20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run(model, PROMPTS, backend="cuda_graph", **settings)
+    assert summary(run(model, PROMPTS, backend="cuda_graph", **settings)) == summary(run(model, PROMPTS, **settings))
+
+
+@pytest.mark.parametrize("lossless", [False, True], ids=["block", "lossless"])
+def test_fused_projections_give_the_eager_tokens(model, monkeypatch, lossless):
+    """On a GPU the passes multiply q/k/v and gate/up as one product each (forced on here)."""
+    monkeypatch.setattr(StaticForward, "fuse_projections", True)
+    settings = dict(add_eos_length=7, refine_iter=2, max_new_tokens=30)
+    if lossless:
+        settings.update(lossless=True, adaptive_window=False)
+    expected = summary(run(model, PROMPTS, **settings))
+    assert summary(run(model, PROMPTS, backend="cuda_graph", **settings)) == expected
+    if model.config.model_type == "llama":  # GPT-2's q/k/v are one product already
+        attention = model.model.layers[0].self_attn
+        assert (
+            attention.q_proj.weight.untyped_storage().data_ptr() == attention.v_proj.weight.untyped_storage().data_ptr()
+        )
 
 
 def test_rows_that_stop_at_different_times(model):
