@@ -158,7 +158,7 @@ step3() {  # the 8B-shape engine benchmarks (the issue's targets), on a GPU only
 step6() {  # why: one forward's kernels, attention old vs new, why HF generate is slow
   [ "$ACCEL" = gpu ] || return 0
   log "6. 8B shape: bench_forward_profile.py, bench_attention.py, bench_hf_generate.py"
-  bench 60 bench_profile benchmarks/bench_forward_profile.py
+  bench 90 bench_profile benchmarks/bench_forward_profile.py --widths 1 127 255
   bench 60 bench_attention benchmarks/bench_attention.py
   bench 180 bench_hf benchmarks/bench_hf_generate.py --new-tokens 64 --repeats 2
 }

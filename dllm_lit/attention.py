@@ -4,8 +4,9 @@ With an explicit mask, transformers' SDPA path copies every K/V head once per qu
 (``repeat_kv``), because PyTorch's fused kernels take ``enable_gqa`` only without a mask. Here the query
 heads of a group are stacked along the sequence axis instead (``[batch, kv_heads, group * q_len,
 head_dim]``) and the mask is repeated to match, so each K/V head is read once by one SDPA call: the
-same products, on any SDPA kernel. :class:`~dllm_lit.compiled.StaticForward` selects it for its own
-forwards only (:func:`grouped_attention`); every other forward of the model keeps its implementation.
+same products, on any SDPA kernel; the repeated mask is made once a pass, not once a layer.
+:class:`~dllm_lit.compiled.StaticForward` selects it for its own forwards only (:func:`grouped_attention`);
+every other forward of the model keeps its implementation.
 :func:`attention_bias` turns a boolean 4D mask into what SDPA or eager attention takes (the training
 blocks and the lossless draft branch).
 """
@@ -44,9 +45,27 @@ def grouped_sdpa(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, heads, length, dim = query.shape
     stacked = query.reshape(batch, key.shape[1], group * length, dim)  # head kv*g + j -> rows j*q ..
-    mask = attention_mask[:, :, :, : key.shape[2]].repeat(1, 1, group, 1)
+    mask = stacked_mask(attention_mask, group, key.shape[2])
     out = F.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+_LAST_MASK: list = []  # [(mask, group, slots, stacked)]: the last one made, until the block ends
+
+
+def stacked_mask(attention_mask: torch.Tensor, group: int, slots: int) -> torch.Tensor:
+    """``attention_mask`` cut to ``slots`` columns and repeated for ``group`` stacked query heads. Every
+    layer of a pass gets the same mask, so it is made once a pass (a copy per layer otherwise; under
+    ``torch.compile``, which would guard on the kept one, once per layer)."""
+    if torch.compiler.is_compiling():
+        return attention_mask[:, :, :, :slots].repeat(1, 1, group, 1)
+    if _LAST_MASK:
+        mask, last_group, last_slots, stacked = _LAST_MASK[0]
+        if mask is attention_mask and (last_group, last_slots) == (group, slots):
+            return stacked
+    stacked = attention_mask[:, :, :, :slots].repeat(1, 1, group, 1)
+    _LAST_MASK[:] = [(attention_mask, group, slots, stacked)]
+    return stacked
 
 
 AttentionInterface.register(NAME, grouped_sdpa)
@@ -63,6 +82,7 @@ def grouped_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = own
+        _LAST_MASK.clear()
 
 
 def attention_bias(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:

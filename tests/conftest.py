@@ -12,10 +12,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dllm_lit.tiny import tiny_gpt2, tiny_llama
 
@@ -30,6 +32,18 @@ MODELS = {
     ),
     "gpt2": lambda seed=0: tiny_gpt2(VOCAB, initializer_range=0.3, seed=seed),
 }
+
+
+class OpCounts(TorchDispatchMode):
+    """How many times each aten operator runs inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def drafty(name: str, scale: float):

@@ -3,15 +3,12 @@ weights that still train, save and reload, and only plain linear layers fused.""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama import modeling_llama
 
-from conftest import VOCAB
+from conftest import VOCAB, OpCounts
 from dllm_lit import projections
 from dllm_lit.tiny import tiny_llama
 
@@ -42,21 +39,6 @@ def storages(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
-class OpCounts(TorchDispatchMode):
-    """How many times each aten operator runs inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def products(self) -> int:
-        return self.counts["linear"]
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_projections_give_the_models_own_logits(name, dtype):
@@ -71,7 +53,10 @@ def test_fused_projections_give_the_models_own_logits(name, dtype):
         again = model(input_ids=IDS).logits
     layers = model.config.num_hidden_layers
     assert len(groups) == 2 * layers
-    assert (fused_ops.products(), own_ops.products()) == (4 * layers + 1, 7 * layers + 1)  # +1: the output head
+    assert (fused_ops.counts["linear"], own_ops.counts["linear"]) == (
+        4 * layers + 1,
+        7 * layers + 1,
+    )  # +1: the output head
     assert (fused_ops.counts["neg"], own_ops.counts["neg"]) == (layers, 2 * layers)  # q and k rotated at once
     assert torch.equal(ours, own) and torch.equal(again, own)
     assert storages(model) == size  # the modules' weights are views of the fused matrices
