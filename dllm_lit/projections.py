@@ -41,6 +41,9 @@ class Group:
         self.input: torch.Tensor | None = None  # the input of the product below, while a pass runs
         self.outputs: tuple[torch.Tensor, ...] = ()
 
+    def matrices(self) -> list[torch.Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
     def intact(self) -> bool:
         """Whether the members still read this group's matrix (``model.to`` and loads replace it)."""
         return all(
@@ -69,8 +72,9 @@ def _concatenate(members: list[torch.nn.Linear], name: str) -> torch.Tensor:
     return whole
 
 
-def _owns_its_tensors(module: torch.nn.Module) -> bool:
-    """A plain, hook-free linear layer whose weight and bias are whole tensors of their own."""
+def _owns_its_tensors(module: torch.nn.Module, ours: set[int]) -> bool:
+    """A plain, hook-free linear layer whose weight and bias are whole tensors of their own (or
+    slices of a matrix this module laid out: storages ``ours``)."""
     if type(module) is not torch.nn.Linear or module._forward_hooks or module._forward_pre_hooks:
         return False
     if hasattr(module, "_hf_hook"):  # accelerate offloading moves weights in a hook
@@ -80,15 +84,15 @@ def _owns_its_tensors(module: torch.nn.Module) -> bool:
         type(t.data) is torch.Tensor
         and t.device.type != "meta"
         and t.is_contiguous()
-        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        and (t.untyped_storage().nbytes() == t.numel() * t.element_size() or t.untyped_storage().data_ptr() in ours)
         for t in tensors
     )
 
 
-def _fusable(members: list[torch.nn.Module]) -> bool:
+def _fusable(members: list[torch.nn.Module], ours: set[int]) -> bool:
     first = members[0]
     return (
-        all(_owns_its_tensors(member) for member in members)
+        all(_owns_its_tensors(member, ours) for member in members)
         and all(member.in_features == first.in_features for member in members)
         and all((member.bias is None) == (first.bias is None) for member in members)
         and len({(member.weight.device, member.weight.dtype) for member in members}) == 1
@@ -99,17 +103,22 @@ _GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its
 
 
 def fuse_weights(model: torch.nn.Module) -> list[Group]:
-    """Lay out ``model``'s sibling projections as fused groups (once; again if their weights were
-    replaced since) and return the groups."""
+    """Lay out ``model``'s sibling projections as fused groups (once; a group again if its weights
+    were replaced since: the others stay where captured graphs read them) and return the groups."""
     groups = _GROUPS.get(model)
     if groups is not None and all(group.intact() for group in groups):
         return groups
-    groups = []
+    earlier, groups = groups or [], []
+    kept = {tuple(map(id, group.members)): group for group in earlier if group.intact()}
+    ours = {whole.untyped_storage().data_ptr() for group in earlier for whole in group.matrices()}
     for module in model.modules():
         for names in GROUPS:
             members = [getattr(module, name, None) for name in names]
-            if all(isinstance(member, torch.nn.Module) for member in members) and _fusable(members):
-                groups.append(Group(module, members))
+            if all(isinstance(member, torch.nn.Module) for member in members):
+                group = kept.get(tuple(map(id, members)))
+                if group is None and _fusable(members, ours):
+                    group = Group(module, members)
+                groups += [group] if group is not None else []
     _GROUPS[model] = groups
     return groups
 

@@ -90,6 +90,12 @@ def test_weights_replaced_since_are_fused_again():
         with projections.fused_projections(model):
             assert torch.equal(model(input_ids=IDS).logits, own)
     assert projections.fuse_weights(model) is not first
+    groups = projections.fuse_weights(model)
+    attention = model.model.layers[0].self_attn
+    attention.k_proj.weight = torch.nn.Parameter(attention.k_proj.weight.clone())  # one weight replaced
+    again = projections.fuse_weights(model)
+    assert again[0] is not groups[0] and again[1:] == groups[1:]  # only its group is laid out again
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == attention.q_proj.weight.untyped_storage().data_ptr()
 
 
 def test_only_plain_linear_layers_that_own_their_weights_are_fused():
