@@ -110,14 +110,13 @@ def main() -> None:
         forwards[name].reset(torch.ones(args.batch, 1, dtype=torch.long, device=device))
     for width in args.widths:
         ids = torch.randint(3, model.config.vocab_size, (args.batch, width), device=device)
-        measured = {name: measure(forward, ids, args.used - width) for name, forward in forwards.items()}
-        (times, replay), *others = measured.values()
+        (_engine, (times, replay)), *others = ((n, measure(f, ids, args.used - width)) for n, f in forwards.items())
         print(
             f"\nwidth {width}, {args.used} slots used, batch {args.batch}: floor {floor_of(args.batch * width):.2f} ms"
         )
         print_breakdown(times, replay, args.top)
         kernels = sum(count for count, _us in times.values())
-        for name, (other_times, other_replay) in list(measured.items())[1:]:
+        for name, (other_times, other_replay) in others:
             other = sum(count for count, _us in other_times.values())
             print(f"\nwith {name}: {other} kernels against {kernels}, ", end="")
             print(f"replay {other_replay:.2f} ms against {replay:.2f} ({other_replay / replay:.2f}x)")

@@ -98,7 +98,7 @@ class StaticForward:
 
     span_step = 128
     fuse_norms = True
-    fuse_projections: bool | None = None  # None: where passes are CUDA graphs (on a CPU: 1-8 % slower)
+    fuse_projections: bool | None = None  # None: where passes are CUDA graphs (on a CPU: 0-12 % slower)
     compile_announced = False  # said once per process: inductor compiles (``_fused``)
     compile_seconds = 0.0  # spent in inductor's compiles by this process (the predict summary subtracts it)
     programs = 64  # inductor programs a process may compile (2-3 per width) before dynamo runs eagerly

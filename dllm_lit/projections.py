@@ -36,8 +36,8 @@ class Group:
         self.owner = owner  # the attention or MLP module that calls the members
         self.members = members
         self.sizes = [member.out_features for member in members]
-        self.weight = _concatenate(members, "weight")
-        self.bias = _concatenate(members, "bias") if members[0].bias is not None else None
+        self.weight = _concatenate(members, "weight", self.sizes)
+        self.bias = _concatenate(members, "bias", self.sizes) if members[0].bias is not None else None
         self.input: torch.Tensor | None = None  # the input of the product below, while a pass runs
         self.outputs: tuple[torch.Tensor, ...] = ()
 
@@ -61,13 +61,13 @@ class Group:
         return self.outputs[index]
 
 
-def _concatenate(members: list[torch.nn.Linear], name: str) -> torch.Tensor:
+def _concatenate(members: list[torch.nn.Linear], name: str, sizes: list[int]) -> torch.Tensor:
     """One tensor holding the members' ``name`` parameters, which become views of it."""
     tensors = [getattr(member, name).detach() for member in members]
     # Made as the parameters were: normal ones stay usable for training (inside inference mode too).
     with torch.inference_mode(tensors[0].is_inference()), torch.no_grad():
         whole = torch.cat(tensors)
-    for member, view in zip(members, whole.split([member.out_features for member in members])):
+    for member, view in zip(members, whole.split(sizes)):
         getattr(member, name).data = view
     return whole
 
@@ -163,7 +163,7 @@ def fused_projections(model: torch.nn.Module, enabled: bool = True) -> Iterator[
     for group in groups:
         for index, member in enumerate(group.members):
             member.forward = functools.partial(group.output, index)
-    names = {type(group.owner).__module__ for group in groups} if enabled else set()
+    names = {type(group.owner).__module__ for group in groups}
     modules = [sys.modules[name] for name in sorted(names) if _has_llamas_rotary(name)]
     originals = [module.apply_rotary_pos_emb for module in modules]
     for module, original in zip(modules, originals):
