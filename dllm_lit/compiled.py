@@ -52,6 +52,12 @@ def autocast_of(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
+def weights_of(model: torch.nn.Module) -> tuple[int, ...]:
+    """Where ``model``'s parameters and buffers are: a graph reads them there, so a replaced tensor
+    (a new ``Parameter``, a merged adapter, ``model.to``) needs new graphs."""
+    return tuple(tensor.data_ptr() for tensor in (*model.parameters(), *model.buffers()))
+
+
 class RowSlotLayer(StaticLayer):
     """A static cache layer that writes each row's new K/V at that row's own slots ``start[row] ..``
     (rows of a lossless batch accept different counts, so their next tokens sit at different slots)
@@ -106,7 +112,6 @@ class StaticForward:
     def __init__(self, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
         self.model = weakref.ref(model)  # the cache is keyed by the model: do not keep it alive
         parameter = next(model.parameters())
-        self.weights = parameter.data_ptr()  # graphs read the weights where they were at capture
         self.device, self.dtype = parameter.device, parameter.dtype
         self.autocast = autocast_of(self.device)  # the cache's dtype and the graphs' casts depend on it
         self.batch, self.cache_len = batch, cache_len
@@ -124,6 +129,7 @@ class StaticForward:
         self.use_graphs = self.device.type == "cuda"
         if self.use_graphs:
             fuse_weights(model)  # before any capture: graphs read the weights where they were then
+        self.weights = weights_of(model)  # where the graphs read them: other weights need new graphs
         self.inductor = inductor
         self.fused = None  # torch.compile(self._run), built at the first graph-eligible call
         self.graphs: dict[tuple[int, ...], tuple] = {}  # (width, keep, span, branch) -> (graph, ids input, logits)
@@ -132,12 +138,11 @@ class StaticForward:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch: int, cache_len: int, inductor: bool = False):
-        """Reuse the model's cache and graphs for ``batch`` rows when the settings (and the autocast
-        state) match; caches of other batch sizes with the same settings are kept (the compiled path
-        shrinks its batch)."""
+        """Reuse the model's cache and graphs for ``batch`` rows when the settings, the places of its
+        weights (:func:`weights_of`) and the autocast state match; caches of other batch sizes with the
+        same settings are kept (the compiled path shrinks its batch)."""
         family = _FORWARDS_BY_MODEL.pop(model, {})
-        parameter = next(model.parameters())
-        settings = (cache_len, inductor, parameter.data_ptr(), autocast_of(parameter.device))
+        settings = (cache_len, inductor, weights_of(model), autocast_of(next(model.parameters()).device))
         if any((each.cache_len, each.inductor, each.weights, each.autocast) != settings for each in family.values()):
             family.clear()  # free the old caches and graphs before allocating new ones
         if batch not in family:
@@ -369,8 +374,9 @@ def decode_static(
 
     Finished rows stay in the batch (they have no room, so they never block a fixed point) until at
     most half the batch is alive; then, at a block boundary, the alive rows move to a smaller
-    captured batch (a power of two, topped up with finished rows). The block is read by the host
-    once, at its commit.
+    captured batch (a power of two, topped up with finished rows). The host reads a block once, after
+    its last pass, in one copy; where a row goes on, it launches the next block's first pass before it
+    commits the block (stop tests, streaming, logprobs), so the device does not wait for that work.
     """
     batch, prompt_len = prompt_ids.shape
     device, width = prompt_ids.device, settings.width
@@ -380,34 +386,29 @@ def decode_static(
     forward = StaticForward.for_model(model, batch, cache_len, settings.backend == "inductor")
     members = list(range(batch))  # the ledger row at each position of the batch
     alive = list(range(batch))
-    block, settled = None, False
+    fills = torch.full((batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
+    logits = forward.prefill(start, prompt_ids, prompt_mask, fills, width)  # eagerly: its width varies per call
     for index in range(blocks):
         first = prompt_len + index * width  # cache slot of the block's first token
-        if block is not None and len(alive) <= forward.batch // 2:
-            positions = compacted_positions(members, alive)
-            forward, block, members = forward.shrink(positions), block[positions], [members[p] for p in positions]
-            sampler.keep(positions)
-        on = torch.tensor([row in alive for row in members], device=device)
-        room = torch.where(on, ledger.budget[members] - index * width, 0)
-        fills = torch.full((forward.batch, width - 1), fill, dtype=prompt_ids.dtype, device=device)
-        if block is None:  # the prefill: prompt + fills, run eagerly (its width varies per call)
-            logits = forward.prefill(start, prompt_ids, prompt_mask, fills, width)
-        elif settled:  # the last pass fed exactly block[:-1]: its K/V are final
-            logits = forward(torch.cat([block[:, -1:], fills], 1), first - 1, width)
-        else:  # re-feed the whole committed block
-            logits = forward(torch.cat([block, fills], 1), first - width, width)
+        room = torch.tensor([budgets[row] - index * width if row in alive else 0 for row in members])
         at = block_positions(index * width, width, device)
         block, scores = sampler.choose(logits, at)
         ledger.count_forward()
         # As in the eager loop, a block whose rows may add one more token at most has nothing to
         # refine: that token depends on committed tokens alone.
-        refinable = min(width, max(budgets[row] for row in alive) - index * width) > 1
+        refinable = min(width, int(room.max())) > 1
+        where = (first, at)
         block, scores, settled = refine_static(
-            forward, sampler, ledger, settings, block, scores, room, (first, at), refinable
+            forward, sampler, ledger, settings, block, scores, to_device(room, device), where, refinable
         )
         positions = [members.index(row) for row in alive]
-        scores = scores[positions] if scores is not None else None
-        finished = ledger.commit(alive, block[positions], room[positions], scores=scores).tolist()
+        seen, seen_scores, settled = on_host(block, scores, settled)
+        seen, settled = seen[positions], bool(settled)
+        # The last block finishes every row (by budget), and this stop test is the commit's.
+        if not bool(ledger.finishing(seen, room[positions]).all()):
+            logits = next_first_pass(forward, block, fills, first + width, settled)
+        seen_scores = None if scores is None else seen_scores[positions]
+        finished = ledger.commit(alive, seen, room[positions], scores=seen_scores).tolist()
         sampler.add(block)
         if start is not None:  # final K/V: the blocks before this one, and this one's but its last token if settled
             done = [(members.index(row), row) for row, stop in zip(alive, finished) if stop]
@@ -415,6 +416,44 @@ def decode_static(
         alive = [row for row, done in zip(alive, finished) if not done]
         if not alive:
             return
+        if len(alive) <= forward.batch // 2:  # the next pass ran on the whole batch: take its alive rows on
+            positions = compacted_positions(members, alive)
+            forward, members = forward.shrink(positions), [members[p] for p in positions]
+            logits, fills = logits[positions], fills[: len(positions)]
+            sampler.keep(positions)
+
+
+def next_first_pass(
+    forward: StaticForward, block: torch.Tensor, fills: torch.Tensor, first: int, settled: bool
+) -> torch.Tensor:
+    """Launch the first pass of the block at cache slot ``first``, after the committed ``block``:
+    ``block``'s last token and the fills, or, where the block did not settle, the whole block again
+    (its K/V are not final)."""
+    width = block.shape[1]
+    if settled:  # the last refine pass fed exactly block[:-1]: its K/V are final
+        return forward(torch.cat([block[:, -1:], fills], 1), first - 1, width)
+    return forward(torch.cat([block, fills], 1), first - width, width)
+
+
+def on_host(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """``tensors`` (or None) on the host after one wait: on CUDA each is copied into pinned memory
+    without blocking, then the stream is synchronized once (``.tolist()`` would wait once per tensor)."""
+    cuda = [each.device for each in tensors if each is not None and each.device.type == "cuda"]
+    if not cuda:
+        return list(tensors)
+    copies = [None if each is None else torch.empty(each.shape, dtype=each.dtype, pin_memory=True) for each in tensors]
+    for copy, each in zip(copies, tensors):
+        if each is not None:
+            copy.copy_(each, non_blocking=True)
+    torch.cuda.current_stream(cuda[0]).synchronize()
+    return copies
+
+
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host wait (through pinned memory on CUDA)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def keep_answers(start: CachedStart, forward: StaticForward, ledger: RowLedger, done: list[tuple[int, int]], count):
@@ -443,12 +482,12 @@ def refine_static(
     room: torch.Tensor,
     where: tuple[int, torch.Tensor],
     refinable: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Refine passes without a host wait: the fixed-point test runs on device and freezes the block;
     on CUDA the host reads the flag one pass late, so a block that settles costs at most one extra
     pass (same tokens). Takes the drafted block, its scores (None without ``logprobs``) and ``where``
     it is (its first cache slot, its answer positions); returns the block, its scores and whether it
-    settled after at least one refine pass."""
+    settled after at least one refine pass (a device bool: the caller reads it with the block)."""
     start, positions = where
     frozen = torch.zeros((), dtype=torch.bool, device=block.device)
     lag = block.device.type == "cuda"
@@ -474,7 +513,7 @@ def refine_static(
         else:
             pending = HostCopy(frozen)
     ledger.end_block(passes)
-    return block, scores, passes > 0 and bool(frozen)
+    return block, scores, frozen
 
 
 class HostCopy:

@@ -150,6 +150,7 @@ class RowLedger:
         device = prompt_mask.device
         stops = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(eos_ids))
         self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device)
+        self.host_stop_ids = torch.tensor(sorted(stops), dtype=torch.long)
         batch = prompt_mask.shape[0]
         limits = list(row_max_new_tokens or [settings.max_new_tokens] * batch)
         if len(limits) != batch or min(limits) < 1:
@@ -182,6 +183,18 @@ class RowLedger:
     def is_fixed_point(self, refined: torch.Tensor, block: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
         return is_fixed_point(refined, block, self.stop_ids, room)
 
+    def finishing(self, block: torch.Tensor, room: torch.Tensor, limit: torch.Tensor | None = None) -> torch.Tensor:
+        """Per row of a host ``block``: whether it finishes at this commit (a stop token among the tokens
+        it keeps, or no room after them). A listener may still cancel rows that go on."""
+        return self._cut(block, room, limit)[2]
+
+    def _cut(self, block: torch.Tensor, room: torch.Tensor, limit: torch.Tensor | None):
+        """Host ``(hit_stop, kept before the stop, finished)`` per row (see :meth:`commit`)."""
+        limit = torch.full_like(room, block.shape[1]) if limit is None else limit
+        first_stop, keep_len = first_stop_and_kept(block, self.host_stop_ids, torch.minimum(room, limit))
+        hit_stop = first_stop < keep_len
+        return hit_stop, keep_len - hit_stop.long(), hit_stop | (room <= limit)  # the stop token is apart
+
     def commit(
         self,
         rows: list[int],
@@ -192,13 +205,11 @@ class RowLedger:
     ) -> torch.Tensor:
         """Append each row's kept tokens (up to its first stop token, within its room and its
         ``limit``, default the block width) and their ``scores`` (:func:`~dllm_lit.logprobs.token_scores`,
-        with ``settings.logprobs``); record the rows that finish; return which did. The one
-        device-to-host copy of a block."""
-        limit = torch.full_like(room, block.shape[1]) if limit is None else limit
-        first_stop, keep_len = first_stop_and_kept(block, self.stop_ids, torch.minimum(room, limit))
-        hit_stop = first_stop < keep_len
-        finished = hit_stop | (room <= limit)
-        keep_len = keep_len - hit_stop.long()  # the stop token is reported apart from the tokens
+        with ``settings.logprobs``); record the rows that finish; return which did (on ``block``'s
+        device). The block's one copy to the host (none for host tensors)."""
+        device = block.device
+        block, room = block.cpu(), room.cpu()
+        hit_stop, keep_len, finished = self._cut(block, room, None if limit is None else limit.cpu())
         done_rows = finished.tolist()
         row_scores = scores.tolist() if self.logprobs is not None else [None] * len(rows)
         for i, (row, stop, done, n, ids) in enumerate(
@@ -214,7 +225,7 @@ class RowLedger:
                 self.rows[row] = self._finished(row, "cancelled", None)
                 self.on_commit(row, [], self.rows[row])  # every row's listener sees its result once
                 done_rows[i] = True
-        return torch.tensor(done_rows, dtype=torch.bool, device=finished.device)
+        return torch.tensor(done_rows, dtype=torch.bool, device=device)
 
     def _add_logprobs(self, row: int, kept: list[int], scores: list[list[float]] | None) -> None:
         if self.logprobs is None:

@@ -121,6 +121,24 @@ def test_finished_rows_leave_the_batch(model, monkeypatch, lossless):
     assert moves and moves[0][0] == 6 and all(new == count < old for old, new, count in moves), moves
 
 
+def test_the_block_loop_runs_only_the_passes_it_counts(model):
+    """The next block's first pass is launched before the host commits a block, where a row goes on:
+    stops by EOS, stop ids and length are foreseen, so no launched pass goes unused."""
+    passes = []
+    hook = model.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        for settings in (
+            dict(add_eos_length=3, refine_iter=2, max_new_tokens=40),
+            dict(add_eos_length=0, max_new_tokens=25, stop_token_ids=[11, 12]),
+            dict(add_eos_length=5, refine_iter=3, max_new_tokens=100, max_length=24),
+        ):
+            passes.clear()
+            result = run(model, STOPPING, backend="cuda_graph", **settings)
+            assert len(passes) == result.forwards, settings
+    finally:
+        hook.remove()
+
+
 def test_bounded_attention_spans_give_the_same_tokens(model, monkeypatch):
     """Passes attend to the used slots only (rounded up to ``span_step``): many spans, same tokens."""
     monkeypatch.setattr(StaticForward, "span_step", 8)
@@ -163,6 +181,20 @@ def test_cache_is_reused_for_the_same_shapes_and_rebuilt_for_others():
     del model, static
     gc.collect()
     assert alive() is None, "the cache must not keep the model alive"
+
+
+def test_a_replaced_weight_gets_new_graphs():
+    """Graphs read weights where they were at capture: a Parameter replaced after a run (as merging an
+    adapter does), anywhere in the model, must not reach the old graphs."""
+    model = tiny_llama()
+    settings = dict(add_eos_length=7, refine_iter=2, max_new_tokens=20, backend="cuda_graph")
+    before = summary(run(model, PROMPTS, **settings))
+    static = cached_forward(model, 3)
+    down = model.model.layers[-1].mlp.down_proj
+    down.weight = torch.nn.Parameter(3 * down.weight.detach())
+    after = summary(run(model, PROMPTS, **settings))
+    assert cached_forward(model, 3) is not static
+    assert after == summary(run(model, PROMPTS, **{**settings, "backend": "eager"})) and after != before
 
 
 def test_seeded_sampling_repeats_and_top_k_1_is_greedy(model):
