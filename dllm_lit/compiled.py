@@ -67,11 +67,14 @@ class RowSlotLayer(StaticLayer):
         super().__init__(max_cache_len)
         self.start = start  # [batch], shared with the StaticForward that sets it
         self.span = max_cache_len  # set by the StaticForward before each pass
+        self.cols: torch.Tensor | None = None  # the pass's slots [batch, fed], where its StaticForward has them
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        cols = self.start[:, None] + torch.arange(key_states.shape[-2], device=self.device)
+        cols = self.cols
+        if cols is None:
+            cols = self.start[:, None] + torch.arange(key_states.shape[-2], device=self.device)
         index = cols[:, None, :, None]
         # Under autocast K (rotated in fp32) and V (a bf16 projection) differ: the cache keeps K's dtype.
         self.keys.scatter_(2, index.expand_as(key_states), key_states.to(self.keys.dtype))
@@ -235,6 +238,8 @@ class StaticForward:
         see = (causal & self.valid[:, None, :span]) | (slots == cols[:, :, None])  # a pad query sees itself
         bias = torch.zeros(see.shape, dtype=self.dtype, device=self.device)
         bias.masked_fill_(~see, torch.finfo(self.dtype).min)
+        for layer in self.cache.layers:  # their writes go to ``cols``: two kernels a layer fewer
+            layer.cols = None if self.inductor else cols  # (dynamo would trace the attribute as a side effect)
         return model(
             input_ids=ids,
             attention_mask=bias[:, None],

@@ -6,7 +6,7 @@ weights sit in one matrix: :func:`fuse_weights` lays them out that way once (the
 become consecutive views of it, so no memory is added and every other forward reads the same
 numbers), and inside :func:`fused_projections` the group's first call computes one product for all
 and the others take their slices of it. There Llama's rotary embedding, where q and k are two slices
-of one product, also runs once over both (the same arithmetic, half the kernels). Only groups of
+of one product, also runs once over both (the same arithmetic; 4 kernels a layer instead of 10). Only groups of
 plain ``nn.Linear`` modules that own their weights are fused (not LoRA layers, quantized or sharded
 weights, or modules with hooks); the rest keep their own forward.
 :class:`~dllm_lit.compiled.StaticForward` uses it for its own passes only.
@@ -127,20 +127,42 @@ def rotate_adjacent(original, q, k, cos, sin, unsqueeze_dim=1):
     """Llama's ``apply_rotary_pos_emb``, computed once over q's and k's heads where k's follow q's in
     each row of one product (``[batch, heads, length, dim]`` views of ``[batch, length, n]``)."""
     batch, heads, length, dim = q.shape
+    q_strides, k_strides = _strides(q), _strides(k)
     adjacent = (
         unsqueeze_dim == 1
         and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-        and q.stride() == k.stride()
-        and (q.stride(1), q.stride(3)) == (dim, 1)
         and k.storage_offset() == q.storage_offset() + heads * dim
-        and (k.shape[0], k.shape[2]) == (batch, length)
+        and (k.shape[0], k.shape[2], k.shape[3]) == (batch, length, dim)
+        and (q_strides[0], q_strides[2]) == (k_strides[0], k_strides[2])
+        and all(strides[1] in (dim, None) and strides[3] in (1, None) for strides in (q_strides, k_strides))
     )
     if not adjacent:
         return original(q, k, cos, sin, unsqueeze_dim)
     both = q.as_strided((batch, length, heads + k.shape[1], dim), (q.stride(0), q.stride(2), dim, 1))
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    rotated = (both * cos) + (modeling_llama.rotate_half(both) * sin)
+    half = dim // 2  # rotate_half(both) is swapped * [-1 .. -1, 1 .. 1] (torch.roll would copy the strided view)
+    swapped = torch.cat([both[..., half:], both[..., :half]], -1)
+    rotated = (both * cos.unsqueeze(2)) + (swapped * signed_sin(sin).unsqueeze(2))
     return rotated[:, :, :heads].transpose(1, 2), rotated[:, :, heads:].transpose(1, 2)
+
+
+def _strides(tensor: torch.Tensor) -> list[int | None]:
+    """The tensor's strides, None on axes of length one (whose stride means nothing: a view of a
+    one-token product may report any)."""
+    return [stride if size > 1 else None for size, stride in zip(tensor.shape, tensor.stride())]
+
+
+_SIGNED_SIN: list[torch.Tensor] = []  # the pass's sin and its signed copy (every layer gets the same sin)
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, made once a pass: ``rotate_half(x) * sin`` is then ``x``'s
+    halves swapped times ``signed_sin(sin)``, the same products (a sign flip is exact) without
+    rotate_half's ``neg``."""
+    if _SIGNED_SIN and _SIGNED_SIN[0] is sin:
+        return _SIGNED_SIN[1]
+    half = sin.shape[-1] // 2
+    _SIGNED_SIN[:] = [sin, torch.cat([-sin[..., :half], sin[..., half:]], -1)]
+    return _SIGNED_SIN[1]
 
 
 @functools.cache
@@ -173,6 +195,7 @@ def fused_projections(model: torch.nn.Module, enabled: bool = True) -> Iterator[
     finally:
         for module, original in zip(modules, originals):
             module.apply_rotary_pos_emb = original
+        _SIGNED_SIN.clear()
         for group in groups:
             group.input, group.outputs = None, ()
             for member in group.members:

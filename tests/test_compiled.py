@@ -9,9 +9,10 @@ import weakref
 import pytest
 import torch
 
-from conftest import EOS, MODELS, left_pad, random_prompts
+from conftest import EOS, MODELS, OpCounts, left_pad, random_prompts
 from dllm_lit import generate_blocks
 from dllm_lit.compiled import StaticForward, cached_forward
+from dllm_lit.tiny import tiny_llama as llama_of
 
 tiny_llama = MODELS["llama"]
 
@@ -137,6 +138,20 @@ def test_the_block_loop_runs_only_the_passes_it_counts(model):
             assert len(passes) == result.forwards, settings
     finally:
         hook.remove()
+
+
+def test_a_pass_computes_its_cache_slots_once_for_all_layers():
+    """The cache layers write at the slots the pass computed for its mask: no per-layer ``arange``."""
+    aranges = []
+    for layers in (2, 6):
+        model = llama_of(96, layers=layers)  # the forward holds it weakly
+        forward = StaticForward(model, batch=2, cache_len=64)
+        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+        forward(ids, 0, 4, graph=False)  # the cache's first pass allocates it
+        with OpCounts() as ops:
+            forward(ids, 4, 4)
+        aranges.append(ops.counts["arange"])
+    assert aranges[0] == aranges[1], aranges
 
 
 def test_bounded_attention_spans_give_the_same_tokens(model, monkeypatch):

@@ -12,7 +12,7 @@ from conftest import VOCAB, OpCounts
 from dllm_lit import projections
 from dllm_lit.tiny import tiny_llama
 
-IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(0))
 
 
 def tiny_qwen2() -> Qwen2ForCausalLM:
@@ -41,23 +41,26 @@ def storages(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_projections_give_the_models_own_logits(name, dtype):
+@pytest.mark.parametrize("shape", [(2, 9), (1, 1), (3, 1), (1, 5)])  # an axis of one has any stride
+def test_fused_projections_give_the_models_own_logits(name, dtype, shape):
     model = MODELS[name]().to(dtype)
-    size = storages(model)
+    size, ids = storages(model), IDS[: shape[0], : shape[1]]
     with torch.inference_mode():
         with OpCounts() as own_ops:
-            own = model(input_ids=IDS).logits
+            own = model(input_ids=ids).logits
         groups = projections.fuse_weights(model)
         with OpCounts() as fused_ops, projections.fused_projections(model):
-            ours = model(input_ids=IDS).logits
-        again = model(input_ids=IDS).logits
+            ours = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
     layers = model.config.num_hidden_layers
     assert len(groups) == 2 * layers
     assert (fused_ops.counts["linear"], own_ops.counts["linear"]) == (
         4 * layers + 1,
         7 * layers + 1,
     )  # +1: the output head
-    assert (fused_ops.counts["neg"], own_ops.counts["neg"]) == (layers, 2 * layers)  # q and k rotated at once
+    # q and k rotated at once, rotate_half's neg moved into sin (once a pass)
+    assert (fused_ops.counts["neg"], own_ops.counts["neg"]) == (1, 2 * layers)
+    assert own_ops.counts["cat"] - fused_ops.counts["cat"] == layers - 1
     assert torch.equal(ours, own) and torch.equal(again, own)
     assert storages(model) == size  # the modules' weights are views of the fused matrices
     assert not any("forward" in vars(m) for m in model.modules())
