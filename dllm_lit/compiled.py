@@ -380,7 +380,7 @@ def decode_static(
     Finished rows stay in the batch (they have no room, so they never block a fixed point) until at
     most half the batch is alive; then, at a block boundary, the alive rows move to a smaller
     captured batch (a power of two, topped up with finished rows). The host reads a block once, after
-    its last pass, in one copy; where a row goes on, it launches the next block's first pass before it
+    its last pass, with one wait; where a row goes on, it launches the next block's first pass before it
     commits the block (stop tests, streaming, logprobs), so the device does not wait for that work.
     """
     batch, prompt_len = prompt_ids.shape
@@ -441,17 +441,12 @@ def next_first_pass(
 
 
 def on_host(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """``tensors`` (or None) on the host after one wait: on CUDA each is copied into pinned memory
-    without blocking, then the stream is synchronized once (``.tolist()`` would wait once per tensor)."""
-    cuda = [each.device for each in tensors if each is not None and each.device.type == "cuda"]
-    if not cuda:
+    """``tensors`` (or None) on the host: on CUDA all are queued as pinned copies before the first
+    wait (``.tolist()`` would wait for each in turn)."""
+    if not any(each is not None and each.device.type == "cuda" for each in tensors):
         return list(tensors)
-    copies = [None if each is None else torch.empty(each.shape, dtype=each.dtype, pin_memory=True) for each in tensors]
-    for copy, each in zip(copies, tensors):
-        if each is not None:
-            copy.copy_(each, non_blocking=True)
-    torch.cuda.current_stream(cuda[0]).synchronize()
-    return copies
+    copies = [None if each is None else HostCopy(each) for each in tensors]
+    return [None if copy is None else copy.read() for copy in copies]
 
 
 def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
