@@ -7,9 +7,10 @@ Profiles one ``StaticForward`` pass (``width`` tokens ending at slot ``used``) r
 kernels' device time by kind (matrix products, attention, copies, the rest: norms, rotary, activations,
 casts), then times the same pass replayed as a CUDA graph. The replay minus the kernels' sum is the
 time between kernels. The same pass with the model's own RMSNorm code (``fuse_norms = False``) and with
-separate q/k/v and gate/up products (``fuse_projections = False``) is measured beside it (on a CPU
-too, where the engine itself keeps separate products). On a CPU the operators' own CPU time stands
-in for kernel time, and the "replay" is the eager pass.
+separate q/k/v and gate/up products (``fuse_projections = False``), and with neither, is measured
+beside it (on a CPU too, where the engine itself keeps separate products). Each also counts its
+operators that launch a kernel (not views or casts to a tensor's own dtype), per layer. On a CPU
+the operators' own CPU time stands in for kernel time, and the "replay" is the eager pass.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from bench_gpu import SHAPES, add_forward_arguments, add_model_arguments, build, device_name, roofline
 from timing import timed
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dllm_lit.compiled import StaticForward
 
@@ -38,7 +40,25 @@ VARIANTS = {  # name -> the StaticForward settings of the pass
     "the engine's pass": FUSED,
     "the model's own RMSNorm code": {**FUSED, "fuse_norms": False},
     "separate q/k/v and gate/up products, the model's rotary": {**FUSED, "fuse_projections": False},
+    "the model's own RMSNorm, projections and rotary": {"fuse_norms": False, "fuse_projections": False},
 }
+
+
+class Launches(TorchDispatchMode):
+    """Counts the operators that launch a kernel: in-place ones, and those whose output does not share
+    an input's storage (a view or a cast to the dtype a tensor has launches nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        inputs = {arg.untyped_storage().data_ptr() for arg in args if isinstance(arg, torch.Tensor)}
+        aliased = isinstance(first, torch.Tensor) and first.untyped_storage().data_ptr() in inputs
+        self.count += func.overloadpacket.__name__.endswith("_") or not aliased
+        return out
 
 
 def kind_of(name: str) -> str:
@@ -76,8 +96,9 @@ def print_breakdown(times: dict[str, list[float]], replay_ms: float, top: int) -
     print("\nslowest by name (count, ms): " + "; ".join(f"{n[:70]} ({c}, {us / 1e3:.2f})" for n, (c, us) in slowest))
 
 
-def measure(static: StaticForward, ids: torch.Tensor, start: int) -> tuple[dict[str, list[float]], float]:
-    """The kernels of one eager pass, and the median ms of its graph replay."""
+def measure(static: StaticForward, ids: torch.Tensor, start: int) -> tuple[dict[str, list[float]], float, int]:
+    """The kernels of one eager pass, the median ms of its graph replay, and its operators that launch
+    kernels."""
     device, width = ids.device, ids.shape[1]
     for _ in range(3):  # warm up: cuBLAS heuristics, allocator, the graph's capture
         static(ids, start, width, graph=False)
@@ -88,7 +109,9 @@ def measure(static: StaticForward, ids: torch.Tensor, start: int) -> tuple[dict[
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     replay, _ = timed(lambda: static(ids, start, width), 20, device=device)
-    return kernel_times(prof, device), replay * 1e3
+    with Launches() as launches:
+        static(ids, start, width, graph=False)
+    return kernel_times(prof, device), replay * 1e3, launches.count
 
 
 @torch.inference_mode()
@@ -110,16 +133,20 @@ def main() -> None:
         forwards[name].reset(torch.ones(args.batch, 1, dtype=torch.long, device=device))
     for width in args.widths:
         ids = torch.randint(3, model.config.vocab_size, (args.batch, width), device=device)
-        (_engine, (times, replay)), *others = ((n, measure(f, ids, args.used - width)) for n, f in forwards.items())
+        (_engine, (times, replay, launches)), *others = (
+            (n, measure(f, ids, args.used - width)) for n, f in forwards.items()
+        )
         print(
             f"\nwidth {width}, {args.used} slots used, batch {args.batch}: floor {floor_of(args.batch * width):.2f} ms"
         )
         print_breakdown(times, replay, args.top)
-        kernels = sum(count for count, _us in times.values())
-        for name, (other_times, other_replay) in others:
+        kernels, layers = sum(count for count, _us in times.values()), model.config.num_hidden_layers
+        print(f"\noperators that launch kernels: {launches} ({launches / layers:.1f} a layer)")
+        for name, (other_times, other_replay, other_launches) in others:
             other = sum(count for count, _us in other_times.values())
             print(f"\nwith {name}: {other} kernels against {kernels}, ", end="")
-            print(f"replay {other_replay:.2f} ms against {replay:.2f} ({other_replay / replay:.2f}x)")
+            print(f"replay {other_replay:.2f} ms against {replay:.2f} ({other_replay / replay:.2f}x), ", end="")
+            print(f"{other_launches / layers:.1f} launching operators a layer against {launches / layers:.1f}")
 
 
 if __name__ == "__main__":
