@@ -18,9 +18,9 @@
 #    ddp: loss going down, a checkpoint saved and exported;
 # 3. on the 8B shape: bench_gpu.py (graphs on the issue's workloads 0 5 6; lossless and HF generate at
 #    512+256, workloads 7 8);
-# 6. why: bench_forward_profile.py (one forward's kernels by kind), bench_attention.py (one forward,
-#    old vs new attention) and bench_hf_generate.py (why generate read 16.8 tok/s);
-# 5. inductor at workload 0 (bench_gpu.py --modes inductor).
+# 6. why: bench_forward_profile.py (one forward's kernels by kind, each fusion left out beside it; batch 1
+#    and batch 8) and bench_hf_generate.py (W = 1 against HF generate, with and without a static cache);
+# 5. inductor at workload 0 and at W = 1, workload 8 (bench_gpu.py --modes inductor).
 # 4. (issue 13) the SmolLM2-shape LoRA training step (the draft adapter's layout, rows of 300 tokens with
 #    a 40-token prompt: the longest batch of the distilled rows) at batch 64, 128 and 256: ms, operators
 #    and peak GiB. Pick the largest batch whose step costs well
@@ -155,11 +155,11 @@ step3() {  # the 8B-shape engine benchmarks (the issue's targets), on a GPU only
   bench 150 bench_gpu benchmarks/bench_gpu.py --modes compiled lossless hf --workloads 7 8 --repeats 2
 }
 
-step6() {  # why: one forward's kernels, attention old vs new, why HF generate is slow
+step6() {  # why: one forward's kernels (batch 1 and 8), W = 1 against HF generate in one process
   [ "$ACCEL" = gpu ] || return 0
-  log "6. 8B shape: bench_forward_profile.py, bench_attention.py, bench_hf_generate.py"
-  bench 90 bench_profile benchmarks/bench_forward_profile.py --widths 1 127 255
-  bench 60 bench_attention benchmarks/bench_attention.py
+  log "6. 8B shape: bench_forward_profile.py (batch 1, batch 8), bench_hf_generate.py"
+  bench 120 bench_profile benchmarks/bench_forward_profile.py --widths 1 127 255
+  bench 75 bench_profile benchmarks/bench_forward_profile.py --batch 8 --widths 127 255
   bench 180 bench_hf benchmarks/bench_hf_generate.py --new-tokens 64 --repeats 2
 }
 
@@ -170,10 +170,11 @@ step4() {  # issue 13's training step at the real size: ms, operators and peak m
     --length 300 --prompt 40 --repeats 3 --layouts draft --batch-sizes 64 128 256
 }
 
-step5() {  # inductor at workload 0, on a GPU only
+step5() {  # inductor at workload 0 and at W = 1 (workload 8), on a GPU only; last: it may run out of time
   [ "$ACCEL" = gpu ] || return 0
-  log "5. inductor at workload 0"
+  log "5. inductor at workloads 0 and 8"
   bench 150 bench_gpu benchmarks/bench_gpu.py --modes inductor --workloads 0 --repeats 3
+  bench 120 bench_gpu benchmarks/bench_gpu.py --modes inductor --workloads 8 --repeats 2
 }
 
 for step in ${CHECK_STEPS:-3 1 2 6 5}; do "step$step"; done
