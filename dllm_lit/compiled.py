@@ -523,7 +523,7 @@ class HostCopy:
         self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
         self.host.copy_(values, non_blocking=True)
         self.done = torch.cuda.Event()
-        self.done.record()
+        self.done.record(torch.cuda.current_stream(values.device))  # the copy's stream, whichever GPU is current
 
     def read(self) -> torch.Tensor:
         """Wait for the copy (queued one pass ago, so the GPU stays busy) and return the values."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -185,8 +186,11 @@ def generate_blocks(
             raise ValueError(f"row_predictions needs one prediction (or None) per prompt ({prompt_ids.shape[0]}).")
         if any(row_predictions):
             extra["predictions"] = [list(prediction) if prediction else None for prediction in row_predictions]
+    # The model's GPU is the current one: graphs are captured, and host copies waited for, on its streams.
+    current = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
     try:
-        loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], start=start, **extra)
+        with current:
+            loop(model, prompt_ids, prompt_mask, settings, ledger, sampler, fill=eos_ids[0], start=start, **extra)
     except torch.OutOfMemoryError:
         forget(model)  # a retry (predict splits the batch) gets the kept prompts' memory back
         raise
