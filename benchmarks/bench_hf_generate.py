@@ -6,12 +6,12 @@
 Issue 16 found ``generate`` at 16.8 tok/s inside bench_gpu.py where a plain eager ``generate`` of the
 same shape had read 38.5 tok/s; in the same bench_gpu run it read 59.6 ms/token with 1024 new tokens
 and 21.0 with 256 (prompt 512 both). This times, in one process and on the same inputs, greedy
-autoregressive decoding five ways: a bare loop (one forward over a ``DynamicCache`` and an argmax
+autoregressive decoding six ways: a bare loop (one forward over a ``DynamicCache`` and an argmax
 per token, no per-step host sync); ``generate``; ``generate`` with a static cache; and the engine at
 width 1, eager and compiled, in block mode (the host reads each token, then launches the next pass
 before it commits) and in lossless mode (the host reads one pass late). Then the ms of each
-``generate`` step (a logits-processor clock): with ``max_new_tokens`` 128, with 1024 but stopped after 128 (does the setting matter?), and a whole
-1024-token run by quarter (does the position?). Last, the operators that take the most host time
+``generate`` step (a logits-processor clock): with ``max_new_tokens`` 128, with 1024 but stopped
+after 128 (does the setting matter?), and a whole 1024-token run by quarter (does the position?). Last, the operators that take the most host time
 in a few profiled steps.
 """
 
