@@ -11,8 +11,8 @@ per token, no per-step host sync); ``generate``; ``generate`` with a static cach
 width 1, eager and compiled, in block mode (the host reads each token, then launches the next pass
 before it commits) and in lossless mode (the host reads one pass late). Then the ms of each
 ``generate`` step (a logits-processor clock): with ``max_new_tokens`` 128, with 1024 but stopped
-after 128 (does the setting matter?), and a whole 1024-token run by quarter (does the position?). Last, the operators that take the most host time
-in a few profiled steps.
+after 128 (does the setting matter?), and a whole 1024-token run by quarter (does the position?).
+Last, the operators that take the most host time in a few profiled steps.
 """
 
 from __future__ import annotations
