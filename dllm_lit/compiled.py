@@ -408,7 +408,7 @@ def decode_static(
         )
         positions = [members.index(row) for row in alive]
         seen, seen_scores, settled = on_host(block, scores, settled)
-        seen, settled = seen[positions], bool(settled)
+        seen, settled = seen[positions], settled is not None and bool(settled)
         # The last block finishes every row (by budget), and this stop test is the commit's.
         if not bool(ledger.finishing(seen, room[positions]).all()):
             logits = next_first_pass(forward, block, fills, first + width, settled)
@@ -482,12 +482,13 @@ def refine_static(
     room: torch.Tensor,
     where: tuple[int, torch.Tensor],
     refinable: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Refine passes without a host wait: the fixed-point test runs on device and freezes the block;
     on CUDA the host reads the flag one pass late, so a block that settles costs at most one extra
     pass (same tokens). Takes the drafted block, its scores (None without ``logprobs``) and ``where``
     it is (its first cache slot, its answer positions); returns the block, its scores and whether it
-    settled after at least one refine pass (a device bool: the caller reads it with the block)."""
+    settled after at least one refine pass (a device bool the caller reads with the block; None
+    without a refine pass)."""
     start, positions = where
     frozen = torch.zeros((), dtype=torch.bool, device=block.device)
     lag = block.device.type == "cuda"
@@ -513,7 +514,7 @@ def refine_static(
         else:
             pending = HostCopy(frozen)
     ledger.end_block(passes)
-    return block, scores, frozen
+    return block, scores, frozen if passes else None
 
 
 class HostCopy:
