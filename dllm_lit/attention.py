@@ -13,7 +13,7 @@ blocks and the lossless draft branch).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -50,22 +50,37 @@ def grouped_sdpa(
     return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
-_LAST_MASK: list = []  # [(mask, group, slots, stacked)]: the last one made, until the block ends
+class PassMemo:
+    """The last tensor made from a ``source`` tensor (by identity) and a few settings. Every layer of
+    a pass gets the same mask and the same rotary sin, so what is derived from them is made once a
+    pass; :meth:`clear` when the block that swaps in its user ends (the kept tensors go with it)."""
+
+    def __init__(self):
+        self.last: tuple | None = None  # (source, settings, made)
+
+    def get(self, source: torch.Tensor, make: Callable[[], torch.Tensor], *settings) -> torch.Tensor:
+        if self.last is not None and self.last[0] is source and self.last[1] == settings:
+            return self.last[2]
+        made = make()
+        self.last = (source, settings, made)
+        return made
+
+    def clear(self) -> None:
+        self.last = None
+
+
+_STACKED_MASKS = PassMemo()
 
 
 def stacked_mask(attention_mask: torch.Tensor, group: int, slots: int) -> torch.Tensor:
-    """``attention_mask`` cut to ``slots`` columns and repeated for ``group`` stacked query heads. Every
-    layer of a pass gets the same mask, so it is made once a pass (a copy per layer otherwise; under
-    ``torch.compile``, which would guard on the kept one, once per layer)."""
-    if torch.compiler.is_compiling():
+    """``attention_mask`` cut to ``slots`` columns and repeated for ``group`` stacked query heads, once
+    a pass (a copy per layer otherwise; under ``torch.compile``, which would guard on the kept one,
+    once per layer)."""
+
+    def make() -> torch.Tensor:
         return attention_mask[:, :, :, :slots].repeat(1, 1, group, 1)
-    if _LAST_MASK:
-        mask, last_group, last_slots, stacked = _LAST_MASK[0]
-        if mask is attention_mask and (last_group, last_slots) == (group, slots):
-            return stacked
-    stacked = attention_mask[:, :, :, :slots].repeat(1, 1, group, 1)
-    _LAST_MASK[:] = [(attention_mask, group, slots, stacked)]
-    return stacked
+
+    return make() if torch.compiler.is_compiling() else _STACKED_MASKS.get(attention_mask, make, group, slots)
 
 
 AttentionInterface.register(NAME, grouped_sdpa)
@@ -82,7 +97,7 @@ def grouped_attention(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = own
-        _LAST_MASK.clear()
+        _STACKED_MASKS.clear()
 
 
 def attention_bias(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:

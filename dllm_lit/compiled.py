@@ -408,12 +408,12 @@ def decode_static(
         )
         positions = [members.index(row) for row in alive]
         seen, seen_scores, settled = on_host(block, scores, settled)
-        seen, settled = seen[positions], settled is not None and bool(settled)
+        seen, seen_room, settled = seen[positions], room[positions], settled is not None and bool(settled)
         # The last block finishes every row (by budget), and this stop test is the commit's.
-        if not bool(ledger.finishing(seen, room[positions]).all()):
+        if not bool(ledger.finishing(seen, seen_room).all()):
             logits = next_first_pass(forward, block, fills, first + width, settled)
         seen_scores = None if scores is None else seen_scores[positions]
-        finished = ledger.commit(alive, seen, room[positions], scores=seen_scores).tolist()
+        finished = ledger.commit(alive, seen, seen_room, scores=seen_scores).tolist()
         sampler.add(block)
         if start is not None:  # final K/V: the blocks before this one, and this one's but its last token if settled
             done = [(members.index(row), row) for row, stop in zip(alive, finished) if stop]

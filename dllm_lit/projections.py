@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama import modeling_llama
 
+from dllm_lit.attention import PassMemo
+
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling projections that read the same input, in the order a Llama-style forward calls them."""
 
@@ -151,18 +153,15 @@ def _strides(tensor: torch.Tensor) -> list[int | None]:
     return [stride if size > 1 else None for size, stride in zip(tensor.shape, tensor.stride())]
 
 
-_SIGNED_SIN: list[torch.Tensor] = []  # the pass's sin and its signed copy (every layer gets the same sin)
+_SIGNED_SINS = PassMemo()
 
 
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """``sin`` with its first half negated, made once a pass: ``rotate_half(x) * sin`` is then ``x``'s
     halves swapped times ``signed_sin(sin)``, the same products (a sign flip is exact) without
     rotate_half's ``neg``."""
-    if _SIGNED_SIN and _SIGNED_SIN[0] is sin:
-        return _SIGNED_SIN[1]
     half = sin.shape[-1] // 2
-    _SIGNED_SIN[:] = [sin, torch.cat([-sin[..., :half], sin[..., half:]], -1)]
-    return _SIGNED_SIN[1]
+    return _SIGNED_SINS.get(sin, lambda: torch.cat([-sin[..., :half], sin[..., half:]], -1))
 
 
 @functools.cache
@@ -195,7 +194,7 @@ def fused_projections(model: torch.nn.Module, enabled: bool = True) -> Iterator[
     finally:
         for module, original in zip(modules, originals):
             module.apply_rotary_pos_emb = original
-        _SIGNED_SIN.clear()
+        _SIGNED_SINS.clear()
         for group in groups:
             group.input, group.outputs = None, ()
             for member in group.members:
