@@ -86,16 +86,17 @@ runs="cuda_graph:32-true inductor:32-true"  # inductor's dynamic shapes have nev
 precisions=$(for run in $runs; do echo "${run#*:}"; done | sort -u)
 for mode in block lossless; do
   lossless=$([ $mode = lossless ] && echo true || echo false)
-  for precision in $precisions; do  # the references: the eager engine in each precision
+  for precision in $precisions; do  # the references: the eager engine in each precision, with the
+    # compiled path's full window (the adaptive one's one-token passes round bf16 logits differently)
     predict "$WORK/eager-$precision-$mode.jsonl" --trainer.accelerator "$ACCEL" --trainer.precision "$precision" \
-      --model.lossless "$lossless"
+      --model.lossless "$lossless" --model.adaptive_window false
   done
   for run in $runs; do
     predict "$WORK/${run/:/-}-$mode.jsonl" --trainer.accelerator "$ACCEL" --trainer.precision "${run#*:}" \
       --model.backend "${run%%:*}" --model.lossless "$lossless"
   done
   # 1b: prompts that share a beginning, one by one, cuda_graph with the prompt cache against eager without it
-  shared=(--trainer.accelerator "$ACCEL" --model.lossless "$lossless" --data.prompts_file "$WORK/shared.txt" --data.batch_size 1)
+  shared=(--trainer.accelerator "$ACCEL" --model.lossless "$lossless" --model.adaptive_window false --data.prompts_file "$WORK/shared.txt" --data.batch_size 1)
   predict "$WORK/shared-eager-$mode.jsonl" "${shared[@]}"
   predict "$WORK/shared-cached-$mode.jsonl" "${shared[@]}" --model.backend cuda_graph --model.prompt_cache_mib 64
 done
