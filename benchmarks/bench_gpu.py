@@ -13,7 +13,8 @@ Prints tok/s, forwards, ms per forward against the roofline floor
 and the share of tokens that match the eager engine (random bf16 weights give near-tied logits,
 so one rounding difference changes all later tokens: the fp32 check printed first is the
 correctness evidence). EOS is ignored as a stop so every run makes the same number of tokens.
-After the table, the compiled engine's graphs are replayed alone: ms per forward by input width.
+After the table, the compiled engine's graphs are replayed alone: ms per forward by input width, and
+ms of its eager prefill (the prompt and the first block's fills).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import copy
 import os
 import statistics
 import sys
+import time
 import traceback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -144,6 +146,25 @@ def replay_ms(model, device: torch.device, batch: int, repeats: int = 20) -> dic
             times.append(begin.elapsed_time(end))
         by_width.setdefault(width, []).append((span, statistics.median(times)))
     return {width: (spans[0][1], spans[-1][1]) for width, spans in by_width.items()}
+
+
+@torch.inference_mode()
+def prefill_ms(model, ids: torch.Tensor, width: int, repeats: int = 5) -> tuple[float, float]:
+    """Median ms of the compiled engine's eager prefill (the prompt and ``width - 1`` fills, as a run
+    starts): ``(until its kernels finish, until the host returns)``. Where the two are close, the
+    prefill is bound by the host's launches, not by the device."""
+    static = cached_forward(model, ids.shape[0])
+    fills = torch.full((ids.shape[0], width - 1), 2, device=ids.device)
+    sync = torch.cuda.synchronize if ids.device.type == "cuda" else lambda _device: None
+    done, returned = [], []
+    for _ in range(repeats):
+        sync(ids.device)
+        began = time.perf_counter()
+        static.prefill(None, ids, torch.ones_like(ids), fills, width)
+        returned.append(time.perf_counter() - began)
+        sync(ids.device)
+        done.append(time.perf_counter() - began)
+    return 1e3 * statistics.median(done), 1e3 * statistics.median(returned)
 
 
 def floor_ms(params: int, weight_bytes: int, tokens: int, peak_tflops: float, bandwidth_tbs: float) -> float:
@@ -281,6 +302,7 @@ def main() -> None:
     model.generate(warm, max_new_tokens=4, do_sample=False, pad_token_id=0)
     hf_runs: dict = {}
     graph_ms: dict = {}
+    prefills: dict = {}
     for workload in [WORKLOADS[i] for i in args.workloads] if args.workloads else WORKLOADS:
         batch, prompt_len, new, width, refine_iter = workload
         seed = torch.Generator(device).manual_seed(batch * 100003 + prompt_len)
@@ -295,13 +317,14 @@ def main() -> None:
                 )
             if device.type == "cuda" and "compiled" in args.modes:
                 graph_ms[label] = replay_ms(model, device, batch)  # the compiled engine's graphs for this workload
+                prefills[label] = prefill_ms(model, ids, width)
         except Exception as error:  # noqa: BLE001 - printed in the table, the traceback on stderr
             traceback.print_exc()
             print(f"| {label} | FAILED: {type(error).__name__}: {error} | | | | | |", flush=True)
     if graph_ms:
         print(
             "\nCompiled engine, one CUDA-graph replay (median of 20), ms by input width at the shortest and "
-            "the longest attention span captured (floor in brackets):\n"
+            "the longest attention span captured (floor in brackets), and the eager prefill's:\n"
         )
         for label, by_width in graph_ms.items():
             batch = int(label.split()[0][1:])
@@ -309,6 +332,8 @@ def main() -> None:
                 f"{width} tok: {short:.2f}-{long:.2f} ({floor_of(batch * width):.2f})"
                 for width, (short, long) in by_width.items()
             ]
+            done, returned = prefills[label]
+            cells.append(f"eager prefill {done:.2f} (the host returns after {returned:.2f})")
             print(f"- {label}: " + ", ".join(cells), flush=True)
 
 
