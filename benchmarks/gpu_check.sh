@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Issue 16: the whole Lightning path on CUDA plus bench_gpu, in one device call of about 8 minutes.
+# Issue 16: the whole Lightning path on CUDA plus the engine's GPU benchmarks. On an H200 (2026-12-04)
+# it took two device calls back to back, 353 s and 409 s of a 900 s lease (the machine's start ~35 s):
 #
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh prepare   # once, here: .gpu/whl, .gpu/extra
-#   run(carry=[".gpu/whl", ".gpu/extra"], command="OUT=$OUT bash benchmarks/gpu_check.sh", timeout_s=540)
+#   run(carry=[".gpu/whl", ".gpu/extra"], command='OUT=$OUT CHECK_STEPS="3 1 2" bash benchmarks/gpu_check.sh', timeout_s=400)
+#   run(carry=[".gpu/whl", ".gpu/extra"], command='OUT=$OUT CHECK_STEPS="6 5" bash benchmarks/gpu_check.sh', timeout_s=420)
 #
 # transformers 5.18 travels as a wheel (.gpu/extra: the training script's calls have no room for it):
 # the card's image has 5.17, CI tests 5.18. The default order is
