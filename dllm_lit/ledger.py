@@ -149,8 +149,8 @@ class RowLedger:
     ):
         device = prompt_mask.device
         stops = set(settings.stop_token_ids) | (set() if settings.ignore_eos else set(eos_ids))
-        self.stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device)
-        self.host_stop_ids = torch.tensor(sorted(stops), dtype=torch.long)
+        self.host_stop_ids = torch.tensor(sorted(stops), dtype=torch.long)  # for commits (on host tensors)
+        self.stop_ids = self.host_stop_ids.to(device)  # for fixed-point tests on the device
         batch = prompt_mask.shape[0]
         limits = list(row_max_new_tokens or [settings.max_new_tokens] * batch)
         if len(limits) != batch or min(limits) < 1:
